@@ -1,0 +1,155 @@
+"""The training engine: one ES step = ask -> score every member -> shape -> tell.
+
+``Engine`` owns the weights, the step counter and nothing else: everything a later step
+needs is (weights, step, config), which is exactly what a checkpoint holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from intes import es
+from intes.errors import ConfigError
+from intes.kernels import get_backend
+from intes.kernels.base import Backend
+from intes.models import MODELS, build_model
+from intes.models.base import Ops, init_params, make_noise, prepare
+
+MAX_SEQ_LEN = 1 << 16  # per-token |log-likelihood| < 2^15 (1/256 bit), so T * 2^15 < 2^31
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "rwkv"
+    vocab_size: int = 256
+    dim: int = 128
+    layers: int = 2
+
+    def validate(self) -> None:
+        if self.kind not in MODELS:
+            raise ConfigError(f"unknown model {self.kind!r}; choose one of {sorted(MODELS)}")
+        if not 8 <= self.dim <= 4096 or self.dim % 8:
+            raise ConfigError(f"dim must be a multiple of 8 in 8..4096, got {self.dim}")
+        if not 1 <= self.layers <= 64:
+            raise ConfigError(f"layers must be in 1..64, got {self.layers}")
+        if not 2 <= self.vocab_size <= 1 << 15:
+            raise ConfigError(f"vocab size must be in 2..32768, got {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole definition of a run: same config + seed + data -> same weights, anywhere."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    es: es.ESConfig = field(default_factory=es.ESConfig)
+    seq_len: int = 64  # tokens scored per member per step
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.es.validate()
+        if not 1 <= self.seq_len <= MAX_SEQ_LEN:
+            raise ConfigError(f"seq len must be in 1..{MAX_SEQ_LEN}, got {self.seq_len}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in 0..2^32-1, got {self.seed}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(model=ModelConfig(**d["model"]), es=es.ESConfig(**d["es"]),
+                   seq_len=d["seq_len"], seed=d["seed"])
+
+
+def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np.ndarray:
+    """Summed int32 log2-likelihood (1/256 bit) of windows[:, 1:] given windows[:, :-1].
+
+    The recurrent state of a row is reset where its input token is 0 (document separator).
+    """
+    rows, length = windows.shape
+    state = model.init_state(rows) if state is None else state
+    total = np.zeros(rows, dtype=np.int32)
+    for t in range(length - 1):
+        tokens = windows[:, t]
+        boundary = tokens == 0
+        if boundary.any():
+            for arr in state.values():
+                arr[boundary] = 0
+        logits, state = model.forward(ops, tokens, state)
+        total += ops.backend.log_likelihood(logits, windows[:, t + 1])
+    return total
+
+
+class Engine:
+    """Weights + step + config; ``step(windows)`` runs one full ES step on member windows."""
+
+    def __init__(self, config: TrainConfig, backend: str | Backend = "auto",
+                 params: dict[str, np.ndarray] | None = None, step: int = 0):
+        config.validate()
+        self.config = config
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        m = config.model
+        self.model = build_model(m.kind, m.vocab_size, m.dim, m.layers)
+        self.specs = self.model.specs
+        self.params = params if params is not None else init_params(self.specs, config.seed)
+        self.step_index = step
+        self._prepared = None
+
+    @property
+    def prepared(self) -> dict:
+        if self._prepared is None:
+            self._prepared = prepare(self.backend, self.specs, self.params)
+        return self._prepared
+
+    def member_ops(self, pair_start: int, pair_stop: int) -> Ops:
+        """Ops for members 2*pair_start .. 2*pair_stop-1 at the current step."""
+        cfg = self.config
+        noise = make_noise(self.specs, cfg.seed, self.step_index,
+                           np.arange(pair_start, pair_stop), cfg.es.rank, cfg.es.noise_reuse)
+        return Ops(self.backend, self.specs, self.params, noise, cfg.es.sigma_shift,
+                   self.prepared)
+
+    def evaluate_members(self, windows: np.ndarray, pair_start: int, pair_stop: int) -> np.ndarray:
+        """Fitness (int32) of members 2*pair_start .. 2*pair_stop-1 on their windows rows."""
+        ops = self.member_ops(pair_start, pair_stop)
+        return score(self.model, ops, windows[2 * pair_start:2 * pair_stop])
+
+    def population_fitness(self, windows: np.ndarray, chunk_pairs: int | None = None) -> np.ndarray:
+        """Fitness of every member, evaluated in chunks of pairs (same bits for any chunking)."""
+        pairs = self.config.es.pairs
+        chunk = chunk_pairs or pairs
+        parts = [self.evaluate_members(windows, p, min(p + chunk, pairs))
+                 for p in range(0, pairs, chunk)]
+        return np.concatenate(parts)
+
+    def apply_fitness(self, raw: np.ndarray) -> np.ndarray:
+        """Shape member fitness, update the weights from seeds, advance the step."""
+        cfg = self.config
+        shaped = es.shape_fitness(raw, cfg.es.fitness)
+        self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
+                              shaped, cfg.es)
+        self._prepared = None
+        self.step_index += 1
+        return shaped
+
+    def step(self, windows: np.ndarray, chunk_pairs: int | None = None) -> np.ndarray:
+        """One ES step on (population, seq_len + 1) windows; returns member fitness."""
+        raw = self.population_fitness(windows, chunk_pairs)
+        self.apply_fitness(raw)
+        return raw
+
+    def inference_ops(self) -> Ops:
+        return Ops(self.backend, self.specs, self.params, None, self.config.es.sigma_shift,
+                   self.prepared)
+
+    def log_likelihood(self, windows: np.ndarray) -> np.ndarray:
+        """Unperturbed summed log2-likelihood per row (int32, 1/256 bit)."""
+        return score(self.model, self.inference_ops(), windows)
+
+
+def member_windows(sequences: np.ndarray, group_size: int) -> np.ndarray:
+    """Repeat each sequence for the group of members that reads it."""
+    return np.repeat(sequences, group_size, axis=0)

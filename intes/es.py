@@ -1,0 +1,104 @@
+"""Evolution strategies over integer weights: ask (who is evaluated on what), tell (update).
+
+The update never stores noise, gradients or optimizer state: it regenerates every pair's
+factors from (seed, step, pair, tensor) and reduces them with the shaped integer fitness,
+Z = sum_p f_p A_p B_p^T, then moves each weight by +-1 where |Z| passes a z-test threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from intes.errors import ConfigError
+from intes.kernels.base import Backend
+from intes.models.base import ParamSpec, make_noise
+from intes.noise import NOISE_MAX, NOISE_VARIANCE_X2_32
+
+FITNESS_KINDS = ("sign", "normalized")
+NORMALIZED_MAX = 15  # |f| bound of the normalized shaping, used in the update's int32 bound
+
+
+@dataclass(frozen=True)
+class ESConfig:
+    """Everything that defines the ES search; saved in checkpoints and checked on resume."""
+
+    population: int = 256  # N, even: pairs (2p, 2p+1) share noise with opposite sign
+    group_size: int = 2  # members that read the same sequence (a multiple of 2)
+    rank: int = 1  # r of each perturbation A B^T
+    sigma_shift: int = 4  # noise scale 2^-sigma_shift beyond the x16 fixed point
+    noise_reuse: int = 1  # redraw noise every k steps
+    fitness: str = "sign"  # pair shaping: sign of the difference, or normalized integer
+    alpha_final_log2: int = 4  # update fraction decays from 1 to 2^-this ...
+    alpha_steps: int = 1000  # ... over this many steps
+
+    def validate(self) -> None:
+        n, g = self.population, self.group_size
+        if n < 2 or n % 2:
+            raise ConfigError(f"population must be a positive even number, got {n}")
+        if g < 2 or g % 2 or n % g:
+            raise ConfigError(f"group size must be even and divide the population ({n}), got {g}")
+        if not 1 <= self.rank <= 16:
+            raise ConfigError(f"rank must be in 1..16, got {self.rank}")
+        if not 0 <= self.sigma_shift <= 12:
+            raise ConfigError(f"sigma shift must be in 0..12, got {self.sigma_shift}")
+        if self.noise_reuse < 1:
+            raise ConfigError(f"noise reuse must be >= 1, got {self.noise_reuse}")
+        if self.fitness not in FITNESS_KINDS:
+            raise ConfigError(f"fitness must be one of {FITNESS_KINDS}, got {self.fitness!r}")
+        fmax = 1 if self.fitness == "sign" else NORMALIZED_MAX
+        # |Z| <= (N/2) * fmax * r * NOISE_MAX^2 must fit int32.
+        if (n // 2) * fmax * self.rank * NOISE_MAX**2 >= 2**31:
+            raise ConfigError(f"population x rank too large for int32 updates ({n} x {self.rank})")
+
+    @property
+    def pairs(self) -> int:
+        return self.population // 2
+
+
+def shape_fitness(raw: np.ndarray, kind: str = "sign") -> np.ndarray:
+    """Per-pair integer fitness f_p from member fitness (rows 2p, 2p+1): int32 (P,)."""
+    diff = raw[0::2].astype(np.int64) - raw[1::2].astype(np.int64)
+    if kind == "sign":
+        return np.sign(diff).astype(np.int32)
+    scale = max(int(np.abs(diff).sum()) // len(diff), 1)  # mean |difference|
+    mag = np.minimum((np.abs(diff) * 4 + scale // 2) // scale, NORMALIZED_MAX)  # 4 = one mean
+    return (np.sign(diff) * mag).astype(np.int32)
+
+
+def alpha(step: int, cfg: ESConfig) -> float:
+    """Share of weights allowed to move (the z-test's alpha): 1 -> 2^-alpha_final_log2."""
+    progress = min(step / max(cfg.alpha_steps, 1), 1.0)
+    return 1.0 / ((2.0**cfg.alpha_final_log2 - 1.0) * progress + 1.0)
+
+
+def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]:
+    """Integer |Z| thresholds (matrices, vectors) of a two-sided z-test at this step's alpha.
+
+    Under the null (fitness independent of noise) Z_ij has variance sum(f^2) * r * E[v^2]^2
+    for low-rank tensors and sum(f^2) * E[v^2] for vectors; E[v^2] is the noise's exact
+    second moment. A schedule is computed once per step, so floats are allowed here.
+    """
+    z = NormalDist().inv_cdf(1.0 - alpha(step, cfg) / 2.0) if alpha(step, cfg) < 1.0 else 0.0
+    sumsq = int(np.sum(fitness.astype(np.int64) ** 2))
+    var = NOISE_VARIANCE_X2_32 / 2.0**32
+    return (math.floor(z * math.sqrt(sumsq * cfg.rank) * var),
+            math.floor(z * math.sqrt(sumsq * var)))
+
+
+def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray], seed: int,
+         step: int, fitness: np.ndarray, cfg: ESConfig) -> dict[str, np.ndarray]:
+    """New weights from (seed, step, shaped fitness) alone: noise is regenerated, not stored."""
+    thr_matrix, thr_vector = thresholds(step, fitness, cfg)
+    pairs = np.arange(len(fitness))
+    noise = make_noise(specs, seed, step, pairs, cfg.rank, cfg.noise_reuse)
+    new = {}
+    for s in specs:
+        if s.kind == "vector":
+            new[s.name] = backend.update_vector(params[s.name], noise[s.name], fitness, thr_vector)
+        else:
+            new[s.name] = backend.update_matrix(params[s.name], noise[s.name], fitness, thr_matrix)
+    return new

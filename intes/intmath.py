@@ -1,0 +1,173 @@
+"""Integer primitives shared by every backend: saturation, rounding shifts, lookup tables.
+
+Conventions (DESIGN.md section 3):
+- int8 values live in [-127, 127]; -128 never appears, so negation is always safe.
+- Weights, activations and noise are fixed point "value x 16" (``FRAC_BITS`` = 4).
+- Logits are log2-probabilities in units of 1/16 bit; log-likelihoods are int32 in units of
+  1/256 bit (``LL_FRAC_BITS``), so a pair's fitness difference rarely ties.
+
+Lookup tables are built once at import with Python's ``decimal`` (exact, platform independent
+software arithmetic), never with libm floats, so every machine gets the same table bits.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal, getcontext
+
+import numpy as np
+
+INT8_MAX = 127
+FRAC_BITS = 4
+LOGIT_FRAC_BITS = 4
+LL_FRAC_BITS = 8
+EXP2_FRAC_BITS = 16  # softmax terms are 2^16 * 2^(-d/16)
+MAX_VOCAB = 1 << 15  # sum of V terms <= 2^15 * 2^16 = 2^31 - fits int32 only below this
+
+getcontext().prec = 40
+_LN2 = Decimal(2).ln()
+
+
+def _round(d: Decimal) -> int:
+    return int(d.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def _exp2(x: Decimal) -> Decimal:
+    return (x * _LN2).exp()
+
+
+def _log2(x: Decimal) -> Decimal:
+    return x.ln() / _LN2
+
+
+def sat8(x: np.ndarray) -> np.ndarray:
+    """Saturate to int8 in [-127, 127]."""
+    return np.clip(x, -INT8_MAX, INT8_MAX).astype(np.int8)
+
+
+def rshift_round(x: np.ndarray, shift: int) -> np.ndarray:
+    """Right shift rounding half up; the caller guarantees x + 2^(shift-1) fits its dtype."""
+    if shift <= 0:
+        return x
+    return (x + (1 << (shift - 1))) >> shift
+
+
+def div_trunc(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Integer division rounding toward zero (den > 0): symmetric, and C/Triton/CUDA native."""
+    q = np.abs(num) // den
+    return np.where(num < 0, -q, q).astype(num.dtype)
+
+
+def fan_in_shift(fan_in: int) -> int:
+    """Shift that rescales an int32 dot product of two x16 values over fan_in terms.
+
+    Dividing by 16 * sqrt(fan_in) keeps unit-variance activations at unit variance; the sqrt
+    is rounded up to a power of two so the rescale is a shift.
+    """
+    return FRAC_BITS + ((fan_in - 1).bit_length() + 1) // 2
+
+
+# exp2 of a logit below the max: index d = max - logit in [0, 254].
+EXP2_TABLE = np.array(
+    [_round(_exp2(Decimal(-d) / 16) * (1 << EXP2_FRAC_BITS)) for d in range(255)], dtype=np.int32
+)
+# log2(1 + m/256) * 256 for the 8 mantissa bits after the leading one.
+LOG2_MANTISSA = np.array(
+    [_round(_log2(1 + Decimal(m) / 256) * 256) for m in range(256)], dtype=np.int32
+)
+# sigmoid(x / 16) * 128 over int8 x (index x + 127): a gate in [0, 128] applied as (g * v) >> 7.
+SIGMOID_TABLE = np.array(
+    [_round(128 / (1 + (Decimal(-x) / 16).exp())) for x in range(-127, 128)], dtype=np.int32
+)
+# exp2(k / 32 + 4) over int8 k (index k + 127): WKV weights in [1, 251], so e * v fits 2^15.
+WKV_EXP_TABLE = np.array(
+    [max(1, _round(_exp2(Decimal(k) / 32 + 4))) for k in range(-127, 128)], dtype=np.int32
+)
+# relu(x)^2 >> 7 over int8 x (index x + 127): RWKV channel-mix activation, result in [0, 126].
+RELU_SQ_TABLE = np.array([(max(x, 0) ** 2) >> 7 for x in range(-127, 128)], dtype=np.int32)
+
+
+def lut(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Look up an int8 input in a 255-entry table indexed by x + 127."""
+    return table[x.astype(np.int32) + INT8_MAX]
+
+
+def log2_fixed(s: np.ndarray) -> np.ndarray:
+    """log2(s) * 256 for int32 s >= 1: leading-one position plus an 8-bit mantissa table."""
+    s = s.astype(np.int64)
+    e = np.zeros(s.shape, dtype=np.int64)
+    for k in (16, 8, 4, 2, 1):
+        big = (s >> (e + k)) > 0
+        e = e + np.where(big, k, 0)
+    mant = np.where(e >= 8, s >> np.maximum(e - 8, 0), s << np.maximum(8 - e, 0)) & 255
+    return (e * 256 + LOG2_MANTISSA[mant]).astype(np.int32)
+
+
+def log_likelihood(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log2 p(target) in 1/256 bit (int32, <= 0) from int8 logits in 1/16 bit.
+
+    log-sum-exp via EXP2_TABLE relative to the row max: each term <= 2^16 and there are at
+    most MAX_VOCAB of them, so the int32 sum cannot overflow; it is >= 2^16 (the max's term).
+    """
+    z = logits.astype(np.int32)
+    m = z.max(axis=1)
+    total = EXP2_TABLE[m[:, None] - z].sum(axis=1, dtype=np.int32)
+    lse = log2_fixed(total) - EXP2_FRAC_BITS * 256  # >= 0
+    target = np.take_along_axis(z, targets.astype(np.intp)[:, None], axis=1)[:, 0]
+    return ((target - m) << (LL_FRAC_BITS - LOGIT_FRAC_BITS)) - lse
+
+
+def norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Integer layer norm: x * weight / mean|x|, so mean |output| ~ weight (x16 fixed point).
+
+    |x * weight| <= 127 * 127 and sum |x| <= d * 127: both fit int32 for any d < 2^24.
+    """
+    x32 = x.astype(np.int32)
+    d = x.shape[-1]
+    mean_abs = np.maximum(np.abs(x32).sum(axis=-1, keepdims=True) // d, 1)
+    return sat8(div_trunc(x32 * weight.astype(np.int32), mean_abs))
+
+
+def sat_add(*terms: np.ndarray) -> np.ndarray:
+    """Saturating sum of int8 terms (accumulated in int32, where it cannot overflow)."""
+    total = terms[0].astype(np.int32)
+    for t in terms[1:]:
+        total = total + t
+    return sat8(total)
+
+
+def token_mix(x: np.ndarray, prev: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """x + (prev - x) * mu / 128: RWKV's learned per-channel token shift (|.| <= 254 * 127)."""
+    x32 = x.astype(np.int32)
+    return sat8(x32 + (((prev.astype(np.int32) - x32) * mu) >> 7))
+
+
+def gate(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """g * v / 128 for a gate g in [0, 128] from SIGMOID_TABLE."""
+    return sat8((g * v.astype(np.int32)) >> 7)
+
+
+def wkv_step(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray, decay: np.ndarray):
+    """One step of the integer WKV recurrence; returns (wkv int8, num, den), states int32.
+
+    num <- num * w / 256 + e^k v and den <- den * w / 256 + e^k, with w = 128 + decay in
+    [1, 255] and e^k = WKV_EXP_TABLE[k] in [1, 251]. |e^k v| < 2^15, so by induction
+    |num| <= 2^23 (the decay removes at least |num| / 256 >= 2^15 at that bound) and
+    |num * w| < 2^31; den <= 2^16. wkv = num / den is a decayed, e^k-weighted mean of v.
+    """
+    w = decay.astype(np.int32) + 128
+    e = lut(WKV_EXP_TABLE, k)
+    num = ((num * w) >> 8) + e * v.astype(np.int32)
+    den = ((den * w) >> 8) + e
+    return sat8(div_trunc(num, den)), num, den
+
+
+def gru_blend(h: np.ndarray, f: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """h + (f + 127) / 256 * (target - h): a gated step from h toward target, stays in range."""
+    h32 = h.astype(np.int32)
+    return (h32 + (((f.astype(np.int32) + 127) * (target.astype(np.int32) - h32)) >> 8)).astype(
+        np.int8
+    )
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0).astype(np.int8)

@@ -1,0 +1,54 @@
+"""The small interface every backend implements; the numpy reference defines its semantics.
+
+Rows of an activation matrix are population members ordered pair-major: rows 2p and 2p+1 are
+the antithetic members of pair p (+noise and -noise). A ``LowRank`` holds one pair's factors
+per row pair, so one perturbed linear layer is ONE shared base product over all rows plus a
+rank-r correction per row: ((x_m @ B_p) >> 4) @ A_p^T >> sigma_shift, negated for odd rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Per-pair factors of a rank-r perturbation A B^T: a (P, out, r), b (P, in, r), int8."""
+
+    a: np.ndarray
+    b: np.ndarray
+
+
+class Backend(Protocol):
+    """What a model and the ES core may ask of a backend. Every result is integer."""
+
+    name: str
+
+    def prepare(self, w: np.ndarray) -> Any:
+        """Backend-specific form of a weight matrix, made once per step (after an update)."""
+
+    def linear(
+        self, x: np.ndarray, w: Any, shift: int, noise: LowRank | None, sigma_shift: int
+    ) -> np.ndarray:
+        """int8 (N, out) = sat8(rshift_round(x @ W^T + member correction, shift))."""
+
+    def embed(
+        self, table: np.ndarray, tokens: np.ndarray, noise: LowRank | None, sigma_shift: int
+    ) -> np.ndarray:
+        """int8 (N, d) rows of the table plus each member's rank-r perturbation of them."""
+
+    def log_likelihood(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """int32 (N,) log2 p(target) in 1/256 bit."""
+
+    def update_matrix(
+        self, w: np.ndarray, noise: LowRank, fitness: np.ndarray, threshold: int
+    ) -> np.ndarray:
+        """W +- 1 where |sum_p f_p A_p B_p^T| > threshold, saturated to [-127, 127]."""
+
+    def update_vector(
+        self, v: np.ndarray, noise: np.ndarray, fitness: np.ndarray, threshold: int
+    ) -> np.ndarray:
+        """v +- 1 where |sum_p f_p e_p| > threshold, saturated to [-127, 127]."""

@@ -1,0 +1,75 @@
+"""The numpy reference backend: plain integer numpy that defines every op's exact answer.
+
+Bounds (checked by ``intes.config`` and by property tests with all-extreme inputs):
+- base product: |x @ W^T| <= in * 127^2 < 2^31 for in <= 2^17.
+- correction: |x @ B| >> 4 <= in * 127 * NOISE_MAX / 16, times |A| <= NOISE_MAX, r terms;
+  ``max_correction(in, r)`` plus the base bound stays below 2^31 (see intes.config).
+- update: |sum_p f_p (A_p B_p^T)_ij| <= sum |f_p| * r * NOISE_MAX^2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from intes.intmath import FRAC_BITS, log_likelihood, rshift_round, sat8
+from intes.kernels.base import LowRank
+
+
+def lowrank_correction(x: np.ndarray, noise: LowRank, sigma_shift: int) -> np.ndarray:
+    """int32 (N, out): each member's ((x_m B_p) >> 4) A_p^T >> sigma_shift, sign by parity."""
+    pairs, cols, rank = noise.b.shape
+    xp = x.reshape(pairs, 2, cols).astype(np.int32)
+    xb = np.einsum("pmi,pir->pmr", xp, noise.b.astype(np.int32)) >> FRAC_BITS
+    corr = np.einsum("pmr,por->pmo", xb, noise.a.astype(np.int32)) >> sigma_shift
+    corr[:, 1, :] *= -1
+    return corr.reshape(pairs * 2, -1)
+
+
+def lowrank_sum(noise: LowRank, fitness: np.ndarray) -> np.ndarray:
+    """Z = sum_p f_p A_p B_p^T as ONE integer product (A^T diag(f)) B, shape (out, in)."""
+    pairs, rows, rank = noise.a.shape
+    af = noise.a.astype(np.int32) * fitness.astype(np.int32)[:, None, None]
+    a2 = af.transpose(1, 0, 2).reshape(rows, pairs * rank)
+    b2 = noise.b.astype(np.int32).transpose(0, 2, 1).reshape(pairs * rank, -1)
+    return a2 @ b2
+
+
+def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
+    """Move each weight one step toward sign(z) where |z| > threshold, saturating."""
+    move = np.where(np.abs(z) > threshold, np.sign(z), 0)
+    return sat8(w.astype(np.int32) + move)
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def prepare(self, w: np.ndarray) -> np.ndarray:
+        return w
+
+    def linear(self, x, w, shift, noise, sigma_shift):
+        acc = x.astype(np.int32) @ w.T.astype(np.int32)
+        if noise is not None:
+            acc += lowrank_correction(x, noise, sigma_shift)
+        return sat8(rshift_round(acc, shift))
+
+    def embed(self, table, tokens, noise, sigma_shift):
+        rows = table[tokens].astype(np.int32)
+        if noise is not None:
+            pairs, _, rank = noise.a.shape
+            tok = tokens.reshape(pairs, 2)
+            a_rows = noise.a[np.arange(pairs)[:, None], tok]  # (P, 2, r)
+            corr = np.einsum("pmr,pdr->pmd", a_rows.astype(np.int32),
+                             noise.b.astype(np.int32)) >> (FRAC_BITS + sigma_shift)
+            corr[:, 1, :] *= -1
+            rows += corr.reshape(pairs * 2, -1)
+        return sat8(rows)
+
+    def log_likelihood(self, logits, targets):
+        return log_likelihood(logits, targets)
+
+    def update_matrix(self, w, noise, fitness, threshold):
+        return step_by_sign(w, lowrank_sum(noise, fitness), threshold)
+
+    def update_vector(self, v, noise, fitness, threshold):
+        z = fitness.astype(np.int32) @ noise.astype(np.int32)
+        return step_by_sign(v, z, threshold)

@@ -1,0 +1,111 @@
+"""What every integer LM shares: parameter specs, deterministic init, the per-step op view.
+
+A model is a list of ``ParamSpec`` plus a ``forward`` over one token for all rows. It never
+sees noise or backends directly: it calls ``Ops``, which binds the backend, the weights and
+(during ES) each member's perturbation for one step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from intes import noise as nz
+from intes.intmath import fan_in_shift, rshift_round, sat8
+from intes.kernels.base import Backend, LowRank
+
+Kind = Literal["matrix", "embedding", "vector"]
+INIT_STEP = 0xFFFFFFFF  # the hash's step field for initialization, never an ES step
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor: int8, of this shape, perturbed and updated according to kind."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: Kind
+    init: int | tuple[int, int] | None = None  # None: N(0,1) x16; int: constant; (lo, hi): ramp
+
+    @property
+    def shift(self) -> int:
+        """Rescale shift of a matrix's product (fan-in is the last axis)."""
+        return fan_in_shift(self.shape[-1])
+
+
+def init_params(specs: list[ParamSpec], seed: int) -> dict[str, np.ndarray]:
+    """Deterministic int8 initial weights from the counter-based hash (no RNG state)."""
+    params = {}
+    for tid, spec in enumerate(specs):
+        size = int(np.prod(spec.shape))
+        if spec.init is None:
+            key = nz.stream_key(seed, INIT_STEP, np.zeros(1, dtype=np.int64), tid)
+            value = nz.gaussian_int8(nz.hash_u32(key, size))[0]
+        elif isinstance(spec.init, int):
+            value = np.full(size, spec.init, dtype=np.int8)
+        else:
+            lo, hi = spec.init
+            value = (lo + (np.arange(size) * (hi - lo)) // max(size - 1, 1)).astype(np.int8)
+        params[spec.name] = value.reshape(spec.shape).astype(np.int8)
+    return params
+
+
+class Ops:
+    """The ops a model calls for one ES step (or for plain inference when noise is None).
+
+    ``noise`` maps matrix/embedding names to ``LowRank`` and vector names to int8 (P, n)
+    noise; vectors are materialized per member once here, not per token.
+    """
+
+    def __init__(self, backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray],
+                 noise: dict | None = None, sigma_shift: int = 4, prepared: dict | None = None):
+        self.backend = backend
+        self.sigma_shift = sigma_shift
+        self.params = params
+        self.noise = noise or {}
+        self.shifts = {s.name: s.shift for s in specs}
+        self.prepared = prepared if prepared is not None else prepare(backend, specs, params)
+        self.vectors = {}
+        for s in specs:
+            if s.kind != "vector":
+                continue
+            v = params[s.name]
+            e = self.noise.get(s.name)
+            if e is None:
+                self.vectors[s.name] = v[None, :]
+            else:
+                delta = rshift_round(e.astype(np.int32), sigma_shift)  # (P, n)
+                both = np.stack([v + delta, v - delta], axis=1)  # rows 2p, 2p+1
+                self.vectors[s.name] = sat8(both.reshape(-1, v.shape[0]))
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        return self.backend.linear(x, self.prepared[name], self.shifts[name],
+                                   self.noise.get(name), self.sigma_shift)
+
+    def embed(self, name: str, tokens: np.ndarray) -> np.ndarray:
+        return self.backend.embed(self.params[name], tokens, self.noise.get(name),
+                                  self.sigma_shift)
+
+    def vec(self, name: str) -> np.ndarray:
+        return self.vectors[name]
+
+
+def prepare(backend: Backend, specs: list[ParamSpec], params: dict) -> dict:
+    """Backend forms of the matrices, made once per set of weights."""
+    return {s.name: backend.prepare(params[s.name]) for s in specs if s.kind == "matrix"}
+
+
+def make_noise(specs: list[ParamSpec], seed: int, step: int, pairs: np.ndarray, rank: int,
+               noise_reuse: int = 1) -> dict:
+    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone."""
+    hstep = nz.effective_step(step, noise_reuse)
+    out = {}
+    for tid, s in enumerate(specs):
+        if s.kind == "vector":
+            out[s.name] = nz.vector_noise(seed, hstep, pairs, tid, s.shape[0])
+        else:
+            a, b = nz.lowrank_factors(seed, hstep, pairs, tid, s.shape[0], s.shape[1], rank)
+            out[s.name] = LowRank(a, b)
+    return out

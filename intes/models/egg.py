@@ -1,0 +1,61 @@
+"""The EGGROLL paper's int8 minGRU language model ("EGG"), for like-for-like comparison.
+
+Per layer and token: integer layer norm -> GRU-like cell whose gate and candidate are plain
+saturating sums of int8 products (saturation is the nonlinearity, as in the paper) ->
+clipped residual -> norm -> ReLU MLP (4x) -> clipped residual. State: one int8 vector per layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from intes import intmath as im
+from intes.models.base import Ops, ParamSpec
+
+
+class EGG:
+    kind = "egg"
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, hidden_mult: int = 4):
+        self.vocab_size, self.dim, self.layers = vocab_size, dim, layers
+        self.hidden = hidden_mult * dim
+        d, h = dim, self.hidden
+        specs = [ParamSpec("emb", (vocab_size, d), "embedding")]
+        for i in range(layers):
+            p = f"blocks.{i}."
+            specs += [
+                ParamSpec(p + "ln1", (d,), "vector", 16),
+                ParamSpec(p + "gru.wf", (d, d), "matrix"),
+                ParamSpec(p + "gru.uf", (d, d), "matrix"),
+                ParamSpec(p + "gru.bf", (d,), "vector", 0),
+                ParamSpec(p + "gru.wh", (d, d), "matrix"),
+                ParamSpec(p + "gru.uh", (d, d), "matrix"),
+                ParamSpec(p + "gru.bh", (d,), "vector", 0),
+                ParamSpec(p + "ln2", (d,), "vector", 16),
+                ParamSpec(p + "mlp.w1", (h, d), "matrix"),
+                ParamSpec(p + "mlp.w2", (d, h), "matrix"),
+            ]
+        specs += [ParamSpec("ln_out", (d,), "vector", 16), ParamSpec("head", (vocab_size, d),
+                                                                      "matrix")]
+        self.specs = specs
+
+    def init_state(self, rows: int) -> dict[str, np.ndarray]:
+        return {f"{i}.h": np.zeros((rows, self.dim), dtype=np.int8) for i in range(self.layers)}
+
+    def forward(self, ops: Ops, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        """Logits (rows, vocab) int8 in 1/16 bit for one token per row; updates state."""
+        x = ops.embed("emb", tokens)
+        for i in range(self.layers):
+            p, h = f"blocks.{i}.", state[f"{i}.h"]
+            xn = im.norm(x, ops.vec(p + "ln1"))
+            f = im.sat_add(ops.linear(p + "gru.wf", xn), ops.linear(p + "gru.uf", h),
+                           ops.vec(p + "gru.bf"))
+            gated = im.gru_blend(np.zeros_like(h), f, h)  # (f + 127) / 256 * h
+            cand = im.sat_add(ops.linear(p + "gru.wh", xn), ops.linear(p + "gru.uh", gated),
+                              ops.vec(p + "gru.bh"))
+            h = im.gru_blend(h, f, cand)
+            state[f"{i}.h"] = h
+            x = im.sat_add(x, h)
+            xn = im.norm(x, ops.vec(p + "ln2"))
+            x = im.sat_add(x, ops.linear(p + "mlp.w2", im.relu(ops.linear(p + "mlp.w1", xn))))
+        return ops.linear("head", im.norm(x, ops.vec("ln_out"))), state

@@ -1,0 +1,81 @@
+"""Integer RWKV-style LM: token shift, decaying WKV time mixing, squared-ReLU channel mixing.
+
+Per layer and token: x (int8) -> norm -> learned per-channel token shift -> k, v, r (int8)
+-> WKV recurrence (int32 numerator/denominator, per-channel learned decay) gated by
+sigmoid(r) -> output projection -> saturating residual; then channel mixing: token shift ->
+relu(k)^2 -> value projection gated by sigmoid(r) -> saturating residual.
+State per layer: the previous token's normed input for each mixer (int8) and num/den (int32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from intes import intmath as im
+from intes.models.base import Ops, ParamSpec
+
+
+class RWKV:
+    kind = "rwkv"
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, hidden_mult: int = 4):
+        self.vocab_size, self.dim, self.layers = vocab_size, dim, layers
+        self.hidden = hidden_mult * dim
+        d, h = dim, self.hidden
+        specs = [ParamSpec("emb", (vocab_size, d), "embedding")]
+        for i in range(layers):
+            p = f"blocks.{i}."
+            specs += [
+                ParamSpec(p + "ln1", (d,), "vector", 16),
+                ParamSpec(p + "att.mix_k", (d,), "vector", (16, 112)),
+                ParamSpec(p + "att.mix_v", (d,), "vector", (8, 96)),
+                ParamSpec(p + "att.mix_r", (d,), "vector", (32, 64)),
+                ParamSpec(p + "att.decay", (d,), "vector", (-64, 126)),
+                ParamSpec(p + "att.wk", (d, d), "matrix"),
+                ParamSpec(p + "att.wv", (d, d), "matrix"),
+                ParamSpec(p + "att.wr", (d, d), "matrix"),
+                ParamSpec(p + "att.wo", (d, d), "matrix"),
+                ParamSpec(p + "ln2", (d,), "vector", 16),
+                ParamSpec(p + "ffn.mix_k", (d,), "vector", (16, 112)),
+                ParamSpec(p + "ffn.mix_r", (d,), "vector", (16, 112)),
+                ParamSpec(p + "ffn.wk", (h, d), "matrix"),
+                ParamSpec(p + "ffn.wv", (d, h), "matrix"),
+                ParamSpec(p + "ffn.wr", (d, d), "matrix"),
+            ]
+        specs += [ParamSpec("ln_out", (d,), "vector", 16), ParamSpec("head", (vocab_size, d),
+                                                                      "matrix")]
+        self.specs = specs
+
+    def init_state(self, rows: int) -> dict[str, np.ndarray]:
+        state = {}
+        for i in range(self.layers):
+            for name, dtype in (("att_prev", np.int8), ("ffn_prev", np.int8),
+                                ("num", np.int32), ("den", np.int32)):
+                state[f"{i}.{name}"] = np.zeros((rows, self.dim), dtype=dtype)
+        return state
+
+    def forward(self, ops: Ops, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        """Logits (rows, vocab) int8 in 1/16 bit for one token per row; updates state."""
+        x = ops.embed("emb", tokens)
+        for i in range(self.layers):
+            p, s = f"blocks.{i}.", f"{i}."
+            xn = im.norm(x, ops.vec(p + "ln1"))
+            prev = state[s + "att_prev"]
+            k = ops.linear(p + "att.wk", im.token_mix(xn, prev, ops.vec(p + "att.mix_k")))
+            v = ops.linear(p + "att.wv", im.token_mix(xn, prev, ops.vec(p + "att.mix_v")))
+            r = ops.linear(p + "att.wr", im.token_mix(xn, prev, ops.vec(p + "att.mix_r")))
+            wkv, state[s + "num"], state[s + "den"] = im.wkv_step(
+                state[s + "num"], state[s + "den"], k, v, ops.vec(p + "att.decay"))
+            state[s + "att_prev"] = xn
+            att = ops.linear(p + "att.wo", im.gate(im.lut(im.SIGMOID_TABLE, r), wkv))
+            x = im.sat_add(x, att)
+
+            xn = im.norm(x, ops.vec(p + "ln2"))
+            prev = state[s + "ffn_prev"]
+            k = ops.linear(p + "ffn.wk", im.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")))
+            kk = im.lut(im.RELU_SQ_TABLE, k).astype(np.int8)
+            r = ops.linear(p + "ffn.wr", im.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
+            state[s + "ffn_prev"] = xn
+            ffn = im.gate(im.lut(im.SIGMOID_TABLE, r), ops.linear(p + "ffn.wv", kk))
+            x = im.sat_add(x, ffn)
+        return ops.linear("head", im.norm(x, ops.vec("ln_out"))), state
