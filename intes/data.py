@@ -1,0 +1,536 @@
+"""Corpora -> token arrays: reading text, tokenizers, the train/valid split, batching windows.
+
+A corpus is a list of UTF-8 documents. Each document becomes ``[SEPARATOR] + tokens(doc)``, so a
+split is one flat token array that starts with a separator. Byte tokens are the raw UTF-8 bytes
+(vocab 256; byte 0 never occurs in accepted text, so token 0 is free to be the separator). BPE
+tokens come from a byte-level ``tokenizers`` BPE whose special token ``<sep>`` has id 0.
+
+Train/valid split: by file, ``crc32(relative posix path) % valid_fraction == 0`` goes to valid,
+so the split is the same on every machine and no file leaks into both. A single file (or a set of
+files whose crc split leaves a side empty) is split by position instead: the last
+``1/valid_fraction`` of its bytes, cut at a character boundary, is valid. Bits per byte needs the
+number of raw bytes each split encodes; separators encode none.
+
+Window offsets come from the project's counter-based hash (``intes.noise``), so the batch of a
+step is a pure function of (seed, step) and resuming needs no data-loader state.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from intes.checkpoint import atomic_directory, existing_version
+from intes.errors import DataError
+from intes.noise import hash_u32, stream_key
+
+SEPARATOR = 0
+SEPARATOR_TOKEN = "<sep>"
+BYTE_VOCAB = 256
+MIN_BPE_VOCAB = BYTE_VOCAB + 1  # the byte alphabet plus <sep>
+STORE_FORMAT = "intes-tokens-1"
+STORE_CHUNK = 1 << 20
+WINDOW_TENSOR_ID = 0xDA7A  # keeps window offsets apart from every weight's noise stream
+DENSE_BIGRAM_MAX_VOCAB = 4096  # V^2 int64 counts = 128 MiB at this size; sparse above
+_MAGIC = re.compile(r"[*?\[]")
+_SKIP_STDLIB_DIRS = frozenset({"site-packages", "dist-packages"})
+_BPE_SPEC = re.compile(r"bpe:(\d+)")
+_TOKENIZER_HELP = "use 'bytes', 'bpe:VOCAB' (VOCAB >= 257) or a tokenizer .json file"
+
+Document = tuple[str, bytes]  # (relative posix path, raw UTF-8 bytes)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Tokenized train and valid splits plus what is needed to report bits per byte."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    vocab_size: int
+    train_bytes: int
+    valid_bytes: int
+    tokenizer: str
+    source: str
+
+    def bytes_per_token(self, split: str) -> float:
+        """Raw UTF-8 bytes per token of ``split`` ("train" or "valid"); for reporting only."""
+        if split not in ("train", "valid"):
+            raise ValueError(f"split must be 'train' or 'valid', not {split!r}")
+        tokens, n_bytes = (
+            (self.train, self.train_bytes) if split == "train" else (self.valid, self.valid_bytes)
+        )
+        return n_bytes / max(1, len(tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    if vocab_size <= BYTE_VOCAB:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+@lru_cache(maxsize=4)
+def _bpe(tokenizer_json: str) -> Tokenizer:
+    """A parsed tokenizer; literal "<sep>" in text stays text instead of becoming a separator."""
+    try:
+        tok = Tokenizer.from_str(tokenizer_json)
+    except Exception as err:
+        raise DataError(f"tokenizer JSON cannot be parsed ({err}); {_TOKENIZER_HELP}") from None
+    if tok.token_to_id(SEPARATOR_TOKEN) != SEPARATOR:
+        raise DataError(f"tokenizer has no '{SEPARATOR_TOKEN}' token with id 0; {_TOKENIZER_HELP}")
+    tok.encode_special_tokens = True
+    return tok
+
+
+def _vocab_size(tokenizer: str) -> int:
+    return BYTE_VOCAB if tokenizer == "bytes" else _bpe(tokenizer).get_vocab_size()
+
+
+def _check_tokenizer(tokenizer: str) -> None:
+    if tokenizer != "bytes" and not tokenizer.lstrip().startswith("{"):
+        raise DataError(f"cannot encode with tokenizer {tokenizer[:40]!r}; {_TOKENIZER_HELP}")
+
+
+def encode(text: str, tokenizer: str) -> np.ndarray:
+    """Token ids of ``text`` under ``tokenizer`` ("bytes" or a tokenizers JSON string)."""
+    _check_tokenizer(tokenizer)
+    if tokenizer == "bytes":
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+    tok = _bpe(tokenizer)
+    return np.asarray(tok.encode(text).ids, dtype=_token_dtype(tok.get_vocab_size()))
+
+
+def decode(tokens: np.ndarray | list[int], tokenizer: str) -> str:
+    """Text of ``tokens``; never raises, so sampling can print whatever a model emits.
+
+    Invalid UTF-8 becomes U+FFFD; ids outside the vocab become U+FFFD (bytes) or are dropped
+    (BPE). The separator decodes as "\\x00" (bytes) or "<sep>" (BPE).
+    """
+    _check_tokenizer(tokenizer)
+    ids = np.asarray(tokens, dtype=np.int64).ravel()
+    if tokenizer == "bytes":
+        ids = np.where((ids < 0) | (ids >= BYTE_VOCAB), 0xFF, ids)  # 0xFF is never valid UTF-8
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+    tok = _bpe(tokenizer)
+    ids = ids[(ids >= 0) & (ids < tok.get_vocab_size())]
+    return tok.decode(ids.tolist(), skip_special_tokens=False)
+
+
+def _train_bpe(docs: list[bytes], vocab_size: int) -> str:
+    """Train a byte-level BPE on ``docs``; returns its JSON. May stop below ``vocab_size``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SEPARATOR_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((d.decode("utf-8") for d in docs), trainer, length=len(docs))
+    return tok.to_str()
+
+
+def _resolve_tokenizer(spec: str, train_docs: list[bytes]) -> str:
+    """Turn a user spec into a tokenizer string ("bytes" or JSON), training BPE if asked."""
+    spec = spec.strip()
+    if spec == "bytes":
+        return spec
+    if spec.startswith("bpe:"):
+        match = _BPE_SPEC.fullmatch(spec)
+        if match is None or int(match.group(1)) < MIN_BPE_VOCAB:
+            raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
+        return _train_bpe(train_docs, int(match.group(1)))
+    if spec.startswith("{"):
+        _bpe(spec)
+        return spec
+    if spec.endswith(".json") and Path(spec).expanduser().is_file():
+        text = Path(spec).expanduser().read_text(encoding="utf-8")
+        _bpe(text)
+        return text
+    raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
+
+
+def _tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:
+    """One flat array: a separator before every document."""
+    if not docs:
+        return np.zeros(0, dtype=_token_dtype(_vocab_size(tokenizer)))
+    if tokenizer == "bytes":
+        joined = b"\0" + b"\0".join(docs)
+        return np.frombuffer(joined, dtype=np.uint8).copy()
+    tok = _bpe(tokenizer)
+    encoded = tok.encode_batch([d.decode("utf-8") for d in docs])
+    out = np.empty(sum(len(e.ids) + 1 for e in encoded), dtype=_token_dtype(tok.get_vocab_size()))
+    pos = 0
+    for e in encoded:
+        out[pos] = SEPARATOR
+        out[pos + 1 : pos + 1 + len(e.ids)] = e.ids
+        pos += len(e.ids) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reading documents
+
+
+def _is_text(raw: bytes) -> bool:
+    """Accepted text: valid UTF-8 without NUL (NUL is the byte separator)."""
+    if b"\0" in raw:
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _walk(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    """Regular files under ``root``, hidden entries and ``skip_dirs`` pruned, sorted by rel path."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip_dirs and not d.startswith(".")]
+        found += [Path(dirpath, f) for f in files if not f.startswith(".")]
+    found = [p for p in found if p.is_file()]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files() -> list[Path]:
+    """The running Python's stdlib ``*.py`` files, sorted by relative posix path."""
+    return [p for p in _walk(_stdlib_root(), _SKIP_STDLIB_DIRS) if p.suffix == ".py"]
+
+
+def _read_documents(files: list[Path], base: Path) -> list[Document]:
+    """Non-empty text files as documents keyed by path relative to ``base``; others skipped."""
+    docs = []
+    for path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        if raw and _is_text(raw):
+            docs.append((Path(os.path.relpath(path, base)).as_posix(), raw))
+    return docs
+
+
+def _describe(name: str, docs: list[Document]) -> str:
+    megabytes = sum(len(raw) for _, raw in docs) / 1e6
+    return f"{name} ({len(docs)} files, {megabytes:.1f} MB)"
+
+
+def _single_file(path: Path) -> list[Document]:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    if not _is_text(raw):
+        raise DataError(f"{path} looks binary (not UTF-8 text); give a text file")
+    return [(path.name, raw)]
+
+
+def _glob_base(pattern: str) -> Path:
+    """The pattern's leading directories without wildcards: relative paths start there."""
+    parts = Path(pattern).parts[:-1]
+    static = []
+    for part in parts:
+        if _MAGIC.search(part):
+            break
+        static.append(part)
+    return Path(*static) if static else Path(".")
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """Files matching ``pattern``; a matched directory contributes all files under it."""
+    files: list[Path] = []
+    for match in map(Path, sorted(set(glob.glob(pattern, recursive=True)))):
+        if match.is_dir():
+            files += _walk(match)
+        elif match.is_file():
+            files.append(match)
+    return files
+
+
+def _gather(data: str | os.PathLike | None) -> tuple[list[Document], str]:
+    """Documents and a human description of where they came from."""
+    if data is None:
+        docs = _read_documents(default_corpus_files(), _stdlib_root())
+        return docs, _describe("python stdlib", docs)
+    text = os.fspath(data)
+    if not text.strip():
+        raise DataError("empty data path; give a text file, a directory, a glob or a .zarr store")
+    path = Path(text).expanduser()
+    if path.is_file():
+        docs = _single_file(path)
+        return docs, f"{path} ({len(docs[0][1]) / 1e6:.1f} MB)"
+    if path.is_dir():
+        docs = _read_documents(_walk(path), path)
+        if not docs:
+            raise DataError(f"{path} holds no non-empty UTF-8 text files")
+        return docs, _describe(str(path), docs)
+    if _MAGIC.search(text):
+        pattern = os.path.expanduser(text)
+        files = _glob_files(pattern)
+        if not files:
+            raise DataError(f"no files match {text!r}")
+        docs = _read_documents(files, _glob_base(pattern))
+        if not docs:
+            raise DataError(f"no non-empty UTF-8 text file matches {text!r}")
+        return docs, _describe(repr(text), docs)
+    raise DataError(
+        f"{path} does not exist; give a text file, a directory, a glob or a .zarr store"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting
+
+
+def _split_by_file(docs: list[Document], valid_fraction: int) -> tuple[list[bytes], list[bytes]]:
+    train, valid = [], []
+    for rel, raw in docs:
+        in_valid = zlib.crc32(rel.encode("utf-8", "surrogateescape")) % valid_fraction == 0
+        (valid if in_valid else train).append(raw)
+    return train, valid
+
+
+def _char_boundary(raw: bytes, cut: int) -> int:
+    """Move ``cut`` forward past UTF-8 continuation bytes so both halves stay valid text."""
+    while cut < len(raw) and raw[cut] & 0xC0 == 0x80:
+        cut += 1
+    return cut
+
+
+def _split_by_position(docs: list[bytes], valid_fraction: int) -> tuple[list[bytes], list[bytes]]:
+    """The last 1/valid_fraction of the concatenated bytes (at least one byte) is valid."""
+    total = sum(map(len, docs))
+    cut = total - max(1, total // valid_fraction)
+    train, valid, pos = [], [], 0
+    for raw in docs:
+        if pos + len(raw) <= cut:
+            train.append(raw)
+        elif pos >= cut:
+            valid.append(raw)
+        else:
+            inner = _char_boundary(raw, cut - pos)
+            train.append(raw[:inner])
+            valid.append(raw[inner:])
+        pos += len(raw)
+    return [d for d in train if d], [d for d in valid if d]
+
+
+def _split(docs: list[Document], valid_fraction: int) -> tuple[list[bytes], list[bytes]]:
+    if len(docs) > 1:
+        train, valid = _split_by_file(docs, valid_fraction)
+        if train and valid:
+            return train, valid
+    return _split_by_position([raw for _, raw in docs], valid_fraction)
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora and token stores
+
+
+def _is_store(path: Path) -> bool:
+    """A ``.zarr`` path, or any directory with zarr metadata (a store made under another name)."""
+    found = existing_version(path)
+    return found is not None and (path.suffix == ".zarr" or (found / "zarr.json").is_file())
+
+
+def _checked_split(name: str, tokens: np.ndarray, vocab_size: int, path: Path) -> np.ndarray:
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise DataError(f"token store {path} is corrupted: '{name}' is not a 1-D integer array")
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise DataError(f"token store {path} is corrupted: '{name}' has ids outside the vocab")
+    return tokens
+
+
+def _read_store(path: Path, src: Path) -> Corpus:
+    group = zarr.open_group(src, mode="r")
+    attrs = dict(group.attrs)
+    if attrs.get("format") != STORE_FORMAT:
+        raise DataError(f"{path} is not an intes token store; make one with `intes data prepare`")
+    vocab_size = int(attrs["vocab_size"])
+    train, valid = (np.asarray(group[name][...]) for name in ("train", "valid"))
+    return Corpus(
+        train=_checked_split("train", train, vocab_size, path),
+        valid=_checked_split("valid", valid, vocab_size, path),
+        vocab_size=vocab_size,
+        train_bytes=int(attrs["train_bytes"]),
+        valid_bytes=int(attrs["valid_bytes"]),
+        tokenizer=str(attrs["tokenizer"]),
+        source=str(attrs["source"]),
+    )
+
+
+def _load_store(path: Path) -> Corpus:
+    """A corpus saved by ``prepare_store``; any damage becomes one DataError line."""
+    src = existing_version(path)
+    try:
+        return _read_store(path, src)
+    except DataError:
+        raise
+    except Exception as err:  # zarr/json/numpy failures on damaged or foreign stores
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"{path} is not a readable intes token store ({type(err).__name__}: {first}); "
+            "re-create it with `intes data prepare`"
+        ) from None
+
+
+def _store_corpus(path: Path, tokenizer: str) -> Corpus:
+    corpus = _load_store(path)
+    if tokenizer not in ("bytes", corpus.tokenizer):
+        raise DataError(f"{path} is already tokenized; drop the tokenizer option to use it")
+    return corpus
+
+
+def _check_sizes(train: np.ndarray, valid: np.ndarray, source: str) -> None:
+    if min(len(train), len(valid)) < 2:
+        raise DataError(
+            f"{source} is too small: train has {len(train)} tokens and valid {len(valid)}, "
+            "need at least 2 in each; give more text"
+        )
+
+
+def load_corpus(
+    data: str | os.PathLike | None = None, tokenizer: str = "bytes", valid_fraction: int = 20
+) -> Corpus:
+    """Load and tokenize a corpus: None (python stdlib), a file, directory, glob or .zarr store.
+
+    ``tokenizer`` is "bytes", "bpe:VOCAB" (trained here on the train split), a tokenizers JSON
+    string or a path to one. A store keeps its own tokenizer and split.
+    """
+    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, int):
+        raise DataError(f"valid_fraction must be an integer >= 2, not {valid_fraction!r}")
+    if valid_fraction < 2:
+        raise DataError(f"valid_fraction must be an integer >= 2, not {valid_fraction}")
+    if data is not None and _is_store(Path(data).expanduser()):
+        return _store_corpus(Path(data).expanduser(), tokenizer)
+    docs, source = _gather(data)
+    if not any(raw.strip() for _, raw in docs):
+        raise DataError(f"{source} is empty (no text besides whitespace); give a text corpus")
+    train_docs, valid_docs = _split(docs, valid_fraction)
+    tokenizer = _resolve_tokenizer(tokenizer, train_docs)
+    train, valid = _tokenize(train_docs, tokenizer), _tokenize(valid_docs, tokenizer)
+    _check_sizes(train, valid, source)
+    return Corpus(
+        train=train,
+        valid=valid,
+        vocab_size=_vocab_size(tokenizer),
+        train_bytes=sum(map(len, train_docs)),
+        valid_bytes=sum(map(len, valid_docs)),
+        tokenizer=tokenizer,
+        source=source,
+    )
+
+
+def _write_store(corpus: Corpus, out: Path) -> None:
+    attrs = {
+        "format": STORE_FORMAT,
+        "tokenizer": corpus.tokenizer,
+        "vocab_size": corpus.vocab_size,
+        "train_bytes": corpus.train_bytes,
+        "valid_bytes": corpus.valid_bytes,
+        "source": corpus.source,
+    }
+    with atomic_directory(out) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=attrs)
+        for name in ("train", "valid"):
+            tokens = getattr(corpus, name)
+            group.create_array(name, data=tokens, chunks=(min(STORE_CHUNK, len(tokens)),))
+
+
+def prepare_store(data: str | os.PathLike | None, out: Path, tokenizer: str = "bytes") -> Corpus:
+    """Tokenize ``data`` once and save it as a zarr token store at ``out`` (atomically)."""
+    corpus = load_corpus(data, tokenizer)
+    _write_store(corpus, Path(out).expanduser())
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    return tokens[starts[:, None] + np.arange(length + 1)].astype(np.int32)
+
+
+def sample_windows(tokens: np.ndarray, seed: int, step: int, n_seq: int, length: int) -> np.ndarray:
+    """(n_seq, length + 1) int32 windows at offsets hashed from (seed, step, i): no loader state."""
+    n_positions = len(tokens) - length
+    if n_positions < 1:
+        raise DataError(
+            f"split has {len(tokens)} tokens, a window needs {length + 1}; "
+            "use a shorter sequence length or more data"
+        )
+    if n_positions >= 1 << 32:
+        raise DataError(f"split has {len(tokens)} tokens; at most 2^32 are supported")
+    keys = stream_key(seed, step, np.arange(n_seq), tensor_id=WINDOW_TENSOR_ID)
+    h = hash_u32(keys, 1)[:, 0].astype(np.uint64)
+    starts = (h * np.uint64(n_positions)) >> np.uint64(32)  # < n_positions, no overflow
+    return _windows(tokens, starts.astype(np.int64), length)
+
+
+def eval_streams(tokens: np.ndarray, n_streams: int, length: int) -> np.ndarray:
+    """(n_streams, length + 1) int32 non-overlapping windows spread evenly over ``tokens``."""
+    need = n_streams * (length + 1)
+    if len(tokens) < need:
+        raise DataError(
+            f"valid split has {len(tokens)} tokens, {n_streams} eval streams of {length} + 1 "
+            f"tokens need {need}; use fewer streams, a shorter length or more data"
+        )
+    slack = len(tokens) - (length + 1)
+    starts = np.arange(n_streams, dtype=np.int64) * slack // max(1, n_streams - 1)
+    return _windows(tokens, starts, length)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference figures
+
+
+def _pair_counts(train: np.ndarray, prev: np.ndarray, nxt: np.ndarray, vocab: int) -> np.ndarray:
+    """How often each (prev, nxt) pair occurs in ``train``: dense bincount or sorted codes."""
+    queries = prev * vocab + nxt
+    if vocab <= DENSE_BIGRAM_MAX_VOCAB:  # codes < 2^24: int32 halves the memory traffic
+        t = train.astype(np.int32)
+        return np.bincount(t[:-1] * vocab + t[1:], minlength=vocab * vocab)[queries]
+    t = train.astype(np.int64)
+    uniq, counts = np.unique(t[:-1] * vocab + t[1:], return_counts=True)
+    idx = np.minimum(np.searchsorted(uniq, queries), len(uniq) - 1)
+    return np.where(uniq[idx] == queries, counts[idx], 0)
+
+
+def ngram_bits_per_byte(corpus: Corpus) -> tuple[float, float]:
+    """Unigram and bigram bits per byte of valid under add-one smoothed train counts.
+
+    Reporting only (floats). Both score the same targets, valid[1:], so they compare with each
+    other and with a model evaluated on next-token prediction; bits per token are converted with
+    the valid split's bytes per token. Large vocabularies use a sort-based sparse bigram count.
+    """
+    vocab, train = corpus.vocab_size, corpus.train
+    valid = corpus.valid.astype(np.int64)
+    prev, nxt = valid[:-1], valid[1:]
+    uni = np.bincount(train, minlength=vocab)
+    uni_bits = -(np.log2(uni[nxt] + 1.0) - np.log2(len(train) + vocab)).sum()
+    ctx = uni.copy()
+    ctx[train[-1]] -= 1  # contexts are train[:-1]
+    pairs = _pair_counts(train, prev, nxt, vocab)
+    bi_bits = -(np.log2(pairs + 1.0) - np.log2(ctx[prev] + float(vocab))).sum()
+    per_token = 1.0 / (len(nxt) * corpus.bytes_per_token("valid"))
+    return float(uni_bits * per_token), float(bi_bits * per_token)

@@ -1,0 +1,230 @@
+"""Checkpoints: exact round trips, deterministic bytes, atomic swaps, one-line corruption errors."""
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from intes.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    old_sibling,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from intes.errors import CheckpointError
+
+NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,6}(\.[0-9a-z_]{1,4}){0,3}", fullmatch=True)
+ARRAYS = hnp.arrays(
+    dtype=st.sampled_from([np.int8, np.int32, np.uint8, np.int64, np.int16]),
+    shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
+)
+META = st.dictionaries(
+    st.text(min_size=1, max_size=8),
+    st.one_of(st.integers(-(2**62), 2**62), st.text(max_size=8), st.booleans(), st.none()),
+    max_size=4,
+)
+
+
+def _model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "emb": rng.integers(-127, 128, (16, 8), dtype=np.int8),
+        "blocks.0.att.wk": rng.integers(-127, 128, (8, 8), dtype=np.int8),
+        "blocks.0.ln.bias": rng.integers(-(2**31), 2**31, (8,), dtype=np.int32),
+        "zeros": np.zeros((4, 4), dtype=np.int8),
+    }
+
+
+def _data_files(store: Path) -> dict[str, str]:
+    """sha256 of every non-JSON file, by relative path."""
+    return {
+        p.relative_to(store).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and p.suffix != ".json"
+    }
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays=st.dictionaries(NAMES, ARRAYS, min_size=1, max_size=4), meta=META)
+def test_round_trip(arrays, meta):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT_NAME
+        save_checkpoint(path, arrays, meta)
+        loaded, loaded_meta = load_checkpoint(path)
+    _assert_same(arrays, loaded)
+    assert loaded_meta == meta
+
+
+def test_same_arrays_give_byte_identical_data_files(tmp_path):
+    arrays = _model()
+    save_checkpoint(tmp_path / "a.zarr", arrays, {"step": 1, "time": 123.5})
+    reordered = dict(reversed(list(arrays.items())))
+    save_checkpoint(tmp_path / "b.zarr", reordered, {"step": 1, "time": 999.0})
+    first, second = _data_files(tmp_path / "a.zarr"), _data_files(tmp_path / "b.zarr")
+    assert first == second and len(first) == len(arrays)
+
+
+def test_chunk_holds_raw_array_bytes(tmp_path):
+    arrays = _model()
+    save_checkpoint(tmp_path / "c.zarr", arrays, {})
+    chunk = tmp_path / "c.zarr" / "blocks.0.att.wk" / "c" / "0" / "0"
+    assert chunk.read_bytes() == arrays["blocks.0.att.wk"].tobytes()
+
+
+def test_big_endian_input_is_stored_little_endian(tmp_path):
+    arrays = {"w": np.arange(-3, 3, dtype=">i4")}
+    save_checkpoint(tmp_path / "c.zarr", arrays, {})
+    loaded = load_checkpoint(tmp_path / "c.zarr")[0]["w"]
+    assert loaded.dtype == np.dtype("<i4") and list(loaded) == list(range(-3, 3))
+
+
+def test_meta_is_plain_json(tmp_path):
+    meta = {"step": np.int64(7), "shape": (2, 3), "config": {"lr": 0.5, "name": "x"}}
+    save_checkpoint(tmp_path / "c.zarr", _model(), meta)
+    _, loaded = load_checkpoint(tmp_path / "c.zarr")
+    assert loaded == {"step": 7, "shape": [2, 3], "config": {"lr": 0.5, "name": "x"}}
+
+
+@pytest.mark.parametrize("meta", [{"x": float("nan")}, {"x": object()}])
+def test_bad_meta_is_refused_before_writing(tmp_path, meta):
+    with pytest.raises(CheckpointError, match="not plain JSON"):
+        save_checkpoint(tmp_path / "c.zarr", _model(), meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "zarr.json", "a b", "é"])
+def test_unsafe_names_are_refused(tmp_path, name):
+    with pytest.raises(CheckpointError, match="cannot save array"):
+        save_checkpoint(tmp_path / "c.zarr", {name: np.zeros(2, np.int8)}, {})
+
+
+def test_names_differing_in_case_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="differ only in case"):
+        save_checkpoint(tmp_path / "c.zarr", {"W": np.zeros(1), "w": np.zeros(1)}, {})
+
+
+def test_non_numeric_arrays_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="dtype"):
+        save_checkpoint(tmp_path / "c.zarr", {"s": np.array(["a"])}, {})
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    save_checkpoint(path, _model(), {"step": 3})
+    return path
+
+
+def _flip_byte(path: Path, offset: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_chunk_byte_fails_checksum(saved):
+    _flip_byte(saved / "emb" / "c" / "0" / "0", 5)
+    with pytest.raises(CheckpointError, match="'emb' fails its checksum"):
+        load_checkpoint(saved)
+
+
+def test_all_zero_array_is_checked_too(saved):
+    _flip_byte(saved / "zeros" / "c" / "0" / "0")
+    with pytest.raises(CheckpointError, match="'zeros' fails its checksum"):
+        load_checkpoint(saved)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: (s / "emb" / "c" / "0" / "0").write_bytes(b"garbage"),
+        lambda s: (s / "emb" / "zarr.json").write_bytes(b"\x00{not json"),
+        lambda s: (s / "zarr.json").write_bytes(b"garbage"),
+        lambda s: (s / "zarr.json").write_text('{"zarr_format": 3}'),
+    ],
+    ids=["truncated-chunk", "array-metadata", "group-metadata", "group-without-attrs"],
+)
+def test_garbage_files_give_one_line_error(saved, damage):
+    damage(saved)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(saved)
+    assert "\n" not in str(info.value) and str(saved) in str(info.value)
+
+
+def test_missing_array_is_reported(saved):
+    shutil.rmtree(saved / "blocks.0.att.wk")
+    with pytest.raises(CheckpointError, match="'blocks.0.att.wk' is missing"):
+        load_checkpoint(saved)
+
+
+def test_foreign_store_is_refused(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "x.zarr", mode="w", attributes={"format": "other"})
+    with pytest.raises(CheckpointError, match="not an intes checkpoint"):
+        load_checkpoint(tmp_path / "x.zarr")
+
+
+def test_missing_checkpoint_is_reported(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "none.zarr")
+
+
+def test_leftover_tmp_dir_does_not_hide_last_good(saved):
+    partial = saved.parent / f".{saved.name}.tmp-99999"
+    partial.mkdir()
+    (partial / "zarr.json").write_text("{")
+    arrays, meta = load_checkpoint(saved)
+    _assert_same(arrays, _model())
+    assert meta == {"step": 3}
+
+
+def test_killed_mid_swap_loads_old_then_recovers(saved):
+    saved.rename(old_sibling(saved))  # writer died between the two renames
+    assert load_checkpoint(saved)[1] == {"step": 3}
+    assert resolve_checkpoint(saved.parent) == saved
+    save_checkpoint(saved, _model(1), {"step": 4})
+    assert load_checkpoint(saved)[1] == {"step": 4}
+    assert not old_sibling(saved).exists()
+
+
+def test_overwrite_leaves_no_siblings(saved):
+    save_checkpoint(saved, _model(1), {"step": 4})
+    _assert_same(load_checkpoint(saved)[0], _model(1))
+    assert sorted(p.name for p in saved.parent.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_failed_write_keeps_previous_checkpoint(saved, monkeypatch):
+    import intes.checkpoint as ckpt
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "_write_array", explode)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(saved, _model(1), {"step": 4})
+    _assert_same(load_checkpoint(saved)[0], _model())
+    assert sorted(p.name for p in saved.parent.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_resolve_checkpoint(saved, tmp_path):
+    assert resolve_checkpoint(saved.parent) == saved
+    assert resolve_checkpoint(str(saved)) == saved
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointError, match="run directory"):
+        resolve_checkpoint(tmp_path / "empty_run")

@@ -1,0 +1,360 @@
+"""Corpora, splits, token stores, batch windows and n-gram reference figures."""
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import intes.data as data
+from intes.data import (
+    Corpus,
+    decode,
+    default_corpus_files,
+    encode,
+    eval_streams,
+    load_corpus,
+    ngram_bits_per_byte,
+    prepare_store,
+    sample_windows,
+)
+from intes.errors import DataError
+
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + 'é✓'\n\n" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def stdlib() -> Corpus:
+    return load_corpus()
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def _docs(tokens: np.ndarray) -> list[bytes]:
+    """Documents of a byte-token split (each one follows a separator)."""
+    assert tokens[0] == 0
+    return tokens.tobytes().split(b"\0")[1:]
+
+
+# --- default corpus ---------------------------------------------------------------------------
+
+
+def test_default_files_are_stdlib_sources_in_order():
+    files = default_corpus_files()
+    assert len(files) > 500 and all(p.suffix == ".py" for p in files)
+    assert not any({"site-packages", "dist-packages"} & set(p.parts) for p in files)
+    assert files == default_corpus_files()
+
+
+def test_default_corpus_split_by_file(stdlib):
+    assert stdlib.vocab_size == 256 and stdlib.tokenizer == "bytes"
+    assert stdlib.train.dtype == np.uint8 and stdlib.valid.dtype == np.uint8
+    assert stdlib.source.startswith("python stdlib (") and "MB)" in stdlib.source
+    for tokens, n_bytes in ((stdlib.train, stdlib.train_bytes), (stdlib.valid, stdlib.valid_bytes)):
+        assert tokens[0] == 0 and n_bytes > 100_000
+        docs = _docs(tokens)
+        assert all(docs) and n_bytes == len(tokens) - len(docs)
+    assert 0.01 < stdlib.valid_bytes / stdlib.train_bytes < 0.15
+
+
+def test_default_corpus_is_deterministic(stdlib):
+    again = load_corpus()
+    np.testing.assert_array_equal(again.train, stdlib.train)
+    np.testing.assert_array_equal(again.valid, stdlib.valid)
+
+
+def test_ngram_figures_on_default_corpus(stdlib):
+    unigram, bigram = ngram_bits_per_byte(stdlib)
+    assert math.isfinite(unigram) and math.isfinite(bigram)
+    assert 8 > unigram >= bigram > 1
+
+
+# --- text files, directories, globs -------------------------------------------------------------
+
+
+def test_single_file_split_by_position(tmp_path):
+    text = "abcdefghij" * 100
+    corpus = load_corpus(str(_write(tmp_path / "a.txt", text)))
+    assert corpus.valid_bytes == 50 and corpus.train_bytes == 950
+    assert _docs(corpus.train) == [text[:950].encode()]
+    assert _docs(corpus.valid) == [text[950:].encode()]
+    assert corpus.bytes_per_token("valid") == pytest.approx(50 / 51)
+
+
+def test_positional_cut_keeps_characters_whole(tmp_path):
+    corpus = load_corpus(_write(tmp_path / "u.txt", "é✓" * 101), valid_fraction=3)
+    halves = [b"".join(_docs(t)).decode("utf-8") for t in (corpus.train, corpus.valid)]
+    assert "".join(halves) == "é✓" * 101 and all(halves)
+
+
+def _tree(root: Path, n: int = 40) -> dict[str, bytes]:
+    files = {f"pkg/m{i}.txt" if i % 2 else f"m{i}.txt": f"doc {i}\n".encode() * 3 for i in range(n)}
+    for rel, raw in files.items():
+        _write(root / rel, raw)
+    _write(root / "blob.bin", bytes(range(256)))
+    _write(root / "bad.txt", b"\xff\xfe not utf-8")
+    _write(root / "empty.txt", b"")
+    _write(root / ".hidden" / "x.txt", "hidden")
+    return files
+
+
+def _expected_split(files: dict[str, bytes], valid_fraction: int = 20) -> tuple[list, list]:
+    order = sorted(files)
+    valid = [files[r] for r in order if zlib.crc32(r.encode()) % valid_fraction == 0]
+    train = [files[r] for r in order if zlib.crc32(r.encode()) % valid_fraction != 0]
+    return train, valid
+
+
+def test_directory_split_by_crc32_of_relative_path(tmp_path):
+    files = _tree(tmp_path / "d")
+    train, valid = _expected_split(files)
+    assert train and valid  # the chosen names exercise both sides
+    corpus = load_corpus(str(tmp_path / "d"))
+    assert _docs(corpus.train) == train and _docs(corpus.valid) == valid
+    assert f"({len(files)} files," in corpus.source
+
+
+def test_glob_matches_like_directory(tmp_path):
+    files = _tree(tmp_path / "d")
+    corpus = load_corpus(str(tmp_path / "d" / "**" / "*.txt"))
+    direct = load_corpus(tmp_path / "d")
+    np.testing.assert_array_equal(corpus.train, direct.train)
+    np.testing.assert_array_equal(corpus.valid, direct.valid)
+    assert f"({len(files)} files," in corpus.source
+
+
+def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
+    files = {"m1.txt": b"x" * 300, "pkg/m3.txt": b"y" * 100}  # both crc32 % 20 != 0
+    assert not _expected_split(files)[1]
+    for rel, raw in files.items():
+        _write(tmp_path / rel, raw)
+    corpus = load_corpus(tmp_path)
+    assert _docs(corpus.train) == [b"x" * 300, b"y" * 80] and _docs(corpus.valid) == [b"y" * 20]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: "", "empty data path"),
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: p / "nothing*.txt", "no files match"),
+        (lambda p: _write(p / "e.txt", ""), "is empty"),
+        (lambda p: _write(p / "w.txt", " \n\t\n"), "is empty"),
+        (lambda p: _write(p / "b.bin", b"ab\0cd"), "looks binary"),
+        (lambda p: _write(p / "l.txt", "é".encode("latin-1")), "looks binary"),
+        (lambda p: _write(p / "t.txt", "a"), "too small"),
+        (lambda p: _write(p / "d" / "b.bin", b"\0\1").parent, "no non-empty UTF-8 text"),
+        (lambda p: _write(p / "g" / "b.bin", b"\0\1").parent / "*.bin", "no non-empty UTF-8"),
+    ],
+    ids=[
+        "blank",
+        "missing",
+        "glob",
+        "empty",
+        "whitespace",
+        "nul",
+        "latin1",
+        "tiny",
+        "dir",
+        "glob-bin",
+    ],
+)
+def test_bad_data_gives_one_line_error(tmp_path, make, message):
+    with pytest.raises(DataError, match=message) as info:
+        load_corpus(str(make(tmp_path)))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["bpe:abc", "bpe:256", "bpe:", "words", '{"not": "a tokenizer"}'])
+def test_bad_tokenizer_spec(tmp_path, spec):
+    with pytest.raises(DataError, match="tokenizer"):
+        load_corpus(_write(tmp_path / "a.txt", TEXT), tokenizer=spec)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 2.5, True])
+def test_bad_valid_fraction(fraction):
+    with pytest.raises(DataError, match="valid_fraction"):
+        load_corpus(valid_fraction=fraction)
+
+
+# --- token stores -------------------------------------------------------------------------------
+
+
+def test_store_round_trip(tmp_path):
+    made = prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "tokens.zarr")
+    loaded = load_corpus(str(tmp_path / "tokens.zarr"))
+    assert loaded.source == made.source and loaded.vocab_size == made.vocab_size
+    assert (loaded.train_bytes, loaded.valid_bytes) == (made.train_bytes, made.valid_bytes)
+    for a, b in ((loaded.train, made.train), (loaded.valid, made.valid)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "a.txt"] == ["tokens.zarr"]
+
+
+def test_store_is_found_without_suffix_and_replaced_atomically(tmp_path):
+    out = tmp_path / "store"
+    prepare_store(_write(tmp_path / "a.txt", TEXT), out)
+    second = prepare_store(_write(tmp_path / "b.txt", TEXT * 2), out)
+    assert load_corpus(out).train_bytes == second.train_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "store"]
+
+
+def test_store_keeps_its_tokenizer(tmp_path):
+    prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "t.zarr")
+    with pytest.raises(DataError, match="already tokenized"):
+        load_corpus(tmp_path / "t.zarr", tokenizer="bpe:300")
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "t.zarr")
+    return tmp_path / "t.zarr"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: (s / "zarr.json").write_text("{broken"),
+        lambda s: next((s / "train" / "c").iterdir()).write_bytes(b"garbage"),
+        lambda s: (s / "valid" / "zarr.json").unlink(),
+    ],
+    ids=["group-metadata", "chunk", "missing-array"],
+)
+def test_broken_store(store, damage):
+    damage(store)
+    with pytest.raises(DataError, match="not a readable intes token store") as info:
+        load_corpus(store)
+    assert "\n" not in str(info.value)
+
+
+def test_foreign_zarr_store(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "x.zarr", mode="w", attributes={"format": "something-else"})
+    with pytest.raises(DataError, match="not an intes token store"):
+        load_corpus(tmp_path / "x.zarr")
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text())
+def test_bytes_encode_decode_round_trip(text):
+    tokens = encode(text, "bytes")
+    assert tokens.dtype == np.uint8 and decode(tokens, "bytes") == text
+
+
+def test_decode_never_raises():
+    assert decode(np.array([0xC3, 0x28, 300, -1]), "bytes") == "\ufffd(\ufffd\ufffd"
+
+
+def test_bpe_store_round_trip(tmp_path):
+    made = prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "b.zarr", "bpe:300")
+    corpus = load_corpus(tmp_path / "b.zarr")
+    assert corpus.tokenizer == made.tokenizer and 257 <= corpus.vocab_size <= 300
+    assert corpus.train.dtype == np.uint16 and corpus.train[0] == 0 and corpus.valid[0] == 0
+    assert len(corpus.train) < corpus.train_bytes  # merges happened
+    for text in (TEXT, "héllo <sep> wörld\t\n\U0001f600", "x"):
+        tokens = encode(text, corpus.tokenizer)
+        assert 0 not in tokens and decode(tokens, corpus.tokenizer) == text
+    assert TEXT.endswith(decode(corpus.valid[1:], corpus.tokenizer))
+
+
+def test_bpe_training_is_deterministic(tmp_path):
+    path = _write(tmp_path / "a.txt", TEXT)
+    assert load_corpus(path, "bpe:280").tokenizer == load_corpus(path, "bpe:280").tokenizer
+
+
+def test_bpe_tokenizer_file_is_accepted(tmp_path):
+    path = _write(tmp_path / "a.txt", TEXT)
+    trained = load_corpus(path, "bpe:280")
+    spec = _write(tmp_path / "tok.json", trained.tokenizer)
+    np.testing.assert_array_equal(load_corpus(path, str(spec)).train, trained.train)
+
+
+# --- windows ------------------------------------------------------------------------------------
+
+
+def test_sample_windows_are_deterministic_slices():
+    tokens = np.arange(1000, dtype=np.int32) % 251
+    w = sample_windows(tokens, seed=7, step=3, n_seq=16, length=32)
+    assert w.shape == (16, 33) and w.dtype == np.int32
+    np.testing.assert_array_equal(w, sample_windows(tokens, 7, 3, 16, 32))
+    assert not np.array_equal(w, sample_windows(tokens, 7, 4, 16, 32))
+    assert not np.array_equal(w, sample_windows(tokens, 8, 3, 16, 32))
+    np.testing.assert_array_equal(w[:4], sample_windows(tokens, 7, 3, 4, 32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    step=st.integers(0, 2**31),
+    n_seq=st.integers(0, 20),
+    length=st.integers(0, 40),
+    extra=st.integers(0, 300),
+)
+def test_sample_windows_stay_in_range(seed, step, n_seq, length, extra):
+    tokens = np.arange(length + 1 + extra, dtype=np.int64)
+    w = sample_windows(tokens, seed, step, n_seq, length)
+    assert w.shape == (n_seq, length + 1)
+    assert np.all(np.diff(w, axis=1) == 1)  # contiguous windows of the split
+    assert np.all(w[:, 0] >= 0) and np.all(w[:, -1] < len(tokens))
+
+
+def test_sample_windows_cover_the_split():
+    starts = sample_windows(np.arange(100), seed=1, step=0, n_seq=5000, length=9)[:, 0]
+    assert set(starts) == set(range(91))
+
+
+def test_sample_windows_too_short():
+    with pytest.raises(DataError, match="needs 11"):
+        sample_windows(np.arange(10), 0, 0, 1, 10)
+
+
+def test_eval_streams_are_evenly_spaced():
+    tokens = np.arange(1000)
+    w = eval_streams(tokens, n_streams=4, length=99)
+    assert w.dtype == np.int32
+    assert list(w[:, 0]) == [0, 300, 600, 900] and w[-1, -1] == 999
+    np.testing.assert_array_equal(eval_streams(tokens, 1, 9), tokens[None, :10])
+
+
+def test_eval_streams_too_short():
+    with pytest.raises(DataError, match="need 400"):
+        eval_streams(np.arange(399), n_streams=4, length=99)
+
+
+# --- n-grams ------------------------------------------------------------------------------------
+
+
+def test_sparse_bigram_matches_dense(tmp_path, monkeypatch):
+    corpus = load_corpus(_write(tmp_path / "a.txt", TEXT))
+    dense = ngram_bits_per_byte(corpus)
+    monkeypatch.setattr(data, "DENSE_BIGRAM_MAX_VOCAB", 0)
+    assert ngram_bits_per_byte(corpus) == pytest.approx(dense, rel=1e-12)
+
+
+def test_ngram_matches_hand_count():
+    corpus = Corpus(
+        train=np.array([0, 1, 1, 2], np.uint8),
+        valid=np.array([0, 1, 2], np.uint8),
+        vocab_size=3,
+        train_bytes=3,
+        valid_bytes=2,
+        tokenizer="bytes",
+        source="hand",
+    )
+    # targets 1, 2; unigram counts (1, 2, 1) + 1 over 4 + 3; bigram 0->1: (1+1)/(1+3), 1->2: 2/5
+    unigram = -(math.log2(3 / 7) + math.log2(2 / 7)) / 2 / (2 / 3)
+    bigram = -(math.log2(2 / 4) + math.log2(2 / 5)) / 2 / (2 / 3)
+    assert ngram_bits_per_byte(corpus) == pytest.approx((unigram, bigram))
