@@ -12,6 +12,7 @@ import numpy as np
 
 from intes import es
 from intes.errors import ConfigError
+from intes.intmath import MAX_VOCAB
 from intes.kernels import get_backend
 from intes.kernels.base import Backend
 from intes.models import MODELS, build_model
@@ -34,8 +35,8 @@ class ModelConfig:
             raise ConfigError(f"dim must be a multiple of 8 in 8..4096, got {self.dim}")
         if not 1 <= self.layers <= 64:
             raise ConfigError(f"layers must be in 1..64, got {self.layers}")
-        if not 2 <= self.vocab_size <= 1 << 15:
-            raise ConfigError(f"vocab size must be in 2..32768, got {self.vocab_size}")
+        if not 2 <= self.vocab_size < MAX_VOCAB:
+            raise ConfigError(f"vocab size must be in 2..{MAX_VOCAB - 1}, got {self.vocab_size}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class Engine:
         """Ops for members 2*pair_start .. 2*pair_stop-1 at the current step."""
         cfg = self.config
         noise = make_noise(self.specs, cfg.seed, self.step_index,
-                           np.arange(pair_start, pair_stop), cfg.es.rank, cfg.es.noise_reuse)
+                           np.arange(pair_start, pair_stop), cfg.es.rank, cfg.es.noise_reuse,
+                           self.backend)
         return Ops(self.backend, self.specs, self.params, noise, cfg.es.sigma_shift,
                    self.prepared)
 

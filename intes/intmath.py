@@ -21,7 +21,7 @@ FRAC_BITS = 4
 LOGIT_FRAC_BITS = 4
 LL_FRAC_BITS = 8
 EXP2_FRAC_BITS = 16  # softmax terms are 2^16 * 2^(-d/16)
-MAX_VOCAB = 1 << 15  # sum of V terms <= 2^15 * 2^16 = 2^31 - fits int32 only below this
+MAX_VOCAB = 1 << 15  # vocab < this: the sum of V terms <= 2^16 each stays below 2^31
 
 getcontext().prec = 40
 _LN2 = Decimal(2).ln()
@@ -106,7 +106,7 @@ def log_likelihood(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log2 p(target) in 1/256 bit (int32, <= 0) from int8 logits in 1/16 bit.
 
     log-sum-exp via EXP2_TABLE relative to the row max: each term <= 2^16 and there are at
-    most MAX_VOCAB of them, so the int32 sum cannot overflow; it is >= 2^16 (the max's term).
+    fewer than MAX_VOCAB of them, so the int32 sum cannot overflow; it is >= 2^16 (the max's term).
     """
     z = logits.astype(np.int32)
     m = z.max(axis=1)

@@ -1,0 +1,249 @@
+"""The cuda backend: Triton tensor-core kernels and CuPy RawKernels behind the Backend interface.
+
+Which kernel does what: ``intes.kernels.triton`` runs everything that is a GEMM (the perturbed
+linear layer, the matrix update) and ``intes.kernels.cupy`` everything else (noise, embedding,
+log-likelihood, the vector update). Tensors are torch tensors on the device and pass to CuPy
+and back by DLPack, without copies; all kernels run on the default stream, in order.
+
+Noise never crosses the bus. ``noise_source`` (the hook ``intes.models.base.make_noise``
+calls) hands out ``KeyedFactor``s: the per-pair stream keys of ``intes.noise`` and nothing
+else. The kernels make the factors from them:
+
+- ``noise_mode="cached"`` (default): hashed once per (tensor, population chunk) into device
+  memory on first use, then read by every token of the step (DESIGN.md section 2);
+- ``noise_mode="kernel"``: hashed inside the linear kernel at every call; nothing is stored,
+  but every token pays the hash again.
+
+Embeddings always hash in their kernel (a step reads only the factor rows of its tokens),
+and the update hashes each matrix's factors once, just before its GEMM. Vector noise is made
+on the device and copied to the host, where ``Ops`` perturbs the vectors.
+
+The Backend interface takes and returns numpy arrays, so activations cross the bus once per
+op; ``benchmarks/bench_gpu.py`` times the device-resident kernels themselves.
+
+Nothing here imports torch, triton or cupy at module import: ``unavailable_reason()`` says
+in one line why the backend cannot run, and ``CudaBackend(device="cpu",
+kernels=emulated_kernels())`` runs the same code on a CPU (Triton's interpreter, a g++ build of
+the CUDA source) for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from intes import noise as nz
+from intes.kernels.base import LowRank
+
+NOISE_MODES = ("cached", "kernel")
+_REQUIREMENTS = (("torch", "torch"), ("triton", "triton"), ("cupy", "cupy-cuda12x"))
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None if the cuda backend can run here, else one line saying why not. Never raises."""
+    try:
+        return _probe()
+    except Exception as err:  # a broken install must read as "unavailable", not crash
+        text = str(err).strip().splitlines()
+        return f"cuda backend unavailable: {type(err).__name__}: {text[0] if text else ''}"
+
+
+def _probe() -> str | None:
+    for module, package in _REQUIREMENTS:  # cheap checks first: no import yet
+        if importlib.util.find_spec(module) is None:
+            return f"cuda backend unavailable: {module} not installed (pip install {package})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cuda backend unavailable: no CUDA GPU (torch.cuda.is_available() is False)"
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        return "cuda backend unavailable: cupy sees no CUDA device"
+    return None
+
+
+def device_kernels() -> Any:
+    """The CuPy kernels, allocating from torch's caching allocator.
+
+    One memory pool for both libraries, so neither hoards memory the other needs; this is
+    process-wide (CuPy has one allocator), and set by every CudaBackend on a GPU.
+    """
+    import cupy
+    import torch
+
+    from intes.kernels.cupy import cupy_kernels
+
+    def allocate(size: int) -> cupy.cuda.MemoryPointer:
+        block = torch.empty(size, dtype=torch.uint8, device="cuda")
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, block), 0)
+
+    cupy.cuda.set_allocator(allocate)
+    return cupy_kernels()
+
+
+@dataclass(frozen=True, eq=False)
+class KeyedFactor:
+    """One low-rank factor (P, n, r) known only by its pairs' stream keys.
+
+    A LowRank holds two over the same keys, as ``intes.noise.lowrank_factors`` splits a
+    pair's stream: A (out, r) is values 0 .. out * r - 1, B (in, r) the in * r values after.
+    """
+
+    keys: Any  # torch int32 (P,) on the device: the bits of the uint32 keys
+    n: int
+    rank: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.keys), self.n, self.rank
+
+
+class CudaNoise:
+    """``intes.noise``'s generators for one CudaBackend: same bits, made on the device."""
+
+    def __init__(self, backend: CudaBackend):
+        self._backend = backend
+
+    def lowrank_factors(self, seed: int, step: int, pairs: np.ndarray, tensor_id: int,
+                        rows: int, cols: int, rank: int) -> tuple[KeyedFactor, KeyedFactor]:
+        keys = self._backend.device_keys(seed, step, pairs, tensor_id)
+        return KeyedFactor(keys, rows, rank), KeyedFactor(keys, cols, rank)
+
+    def vector_noise(self, seed: int, step: int, pairs: np.ndarray, tensor_id: int,
+                     size: int) -> np.ndarray:
+        be = self._backend
+        keys = be.device_keys(seed, step, pairs, tensor_id)
+        return be.host(be.kernels.noise_values(be.xp(keys), size))
+
+
+class CudaBackend:
+    """Backend on one CUDA device (or, for tests, on the CPU with interpreted kernels)."""
+
+    name = "cuda"
+
+    def __init__(self, noise_mode: str = "cached", device: str = "cuda", kernels: Any = None):
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        import torch
+
+        from intes.kernels import triton as tk
+
+        self._torch, self._tk = torch, tk
+        self.noise_mode = noise_mode
+        self.device = torch.device(device)
+        self.kernels = kernels if kernels is not None else device_kernels()
+        self.noise_source = CudaNoise(self)
+        self._cached: dict[int, Any] = {}  # id(KeyedFactor A) -> its DeviceNoise, see _noise
+
+    # -------------------------------------------------------------- moving arrays
+
+    def to_device(self, a: np.ndarray, dtype: type = np.int8) -> Any:
+        """A torch tensor on the device holding a (C-contiguous, this dtype)."""
+        host = np.require(a, dtype=dtype, requirements=("C", "W"))
+        return self._torch.from_numpy(host).to(self.device)
+
+    def host(self, t: Any) -> np.ndarray:
+        """A numpy copy of a torch tensor or a kernels array (DLPack, then one copy)."""
+        if not isinstance(t, self._torch.Tensor):
+            t = self._torch.from_dlpack(t)
+        return t.cpu().numpy()
+
+    def xp(self, t: Any) -> Any:
+        """The kernels' array (cupy; numpy when emulated) viewing the same memory as t."""
+        return self.kernels.xp.from_dlpack(t)
+
+    def tensor(self, arr: Any) -> Any:
+        """The torch tensor viewing the same memory as a kernels array."""
+        return self._torch.from_dlpack(arr)
+
+    def device_keys(self, seed: int, step: int, pairs: np.ndarray, tensor_id: int) -> Any:
+        """intes.noise.stream_key as int32 bits on the device."""
+        return self.to_device(nz.stream_key(seed, step, pairs, tensor_id).view(np.int32),
+                              np.int32)
+
+    # -------------------------------------------------------------- noise forms
+
+    def _factor(self, f: Any) -> Any:
+        return f if isinstance(f, self._torch.Tensor) else self.to_device(f)
+
+    def _hashed(self, noise: LowRank) -> tuple[Any, Any]:
+        """Device factors (a, b) of keyed noise, hashed now (views of one buffer)."""
+        a, b = noise.a, noise.b
+        vals = self.kernels.lowrank_factors(self.xp(a.keys), a.n, b.n, a.rank)
+        return self.tensor(vals[0]), self.tensor(vals[1])
+
+    def _noise(self, noise: LowRank | None, n_out: int) -> Any:
+        """The DeviceNoise the linear kernels read: keys, cached device factors, or uploads.
+
+        Host factors (an explicit ``LowRank(a, b)`` of numpy arrays, as tests make) are
+        uploaded at every call; the Engine's noise comes from ``noise_source`` and never is.
+        """
+        tk = self._tk
+        if noise is None:
+            return None
+        a = noise.a
+        if not isinstance(a, KeyedFactor):
+            return tk.DeviceNoise(a.shape[2], a=self._factor(a), b=self._factor(noise.b))
+        if a.n != n_out:
+            raise ValueError(f"noise made for {a.n} outputs used for {n_out}")
+        if self.noise_mode == "kernel":
+            return tk.DeviceNoise(a.rank, keys=a.keys)
+        if id(a) not in self._cached:  # one hash per chunk and tensor, dropped with the noise
+            fa, fb = self._hashed(noise)
+            self._cached[id(a)] = tk.DeviceNoise(a.rank, a=fa, b=fb)
+            weakref.finalize(a, self._cached.pop, id(a), None)
+        return self._cached[id(a)]
+
+    def _loaded(self, noise: LowRank) -> tuple[Any, Any]:
+        """Device factors for the update: keyed noise is hashed once, just for this GEMM."""
+        if isinstance(noise.a, KeyedFactor):
+            return self._hashed(noise)
+        return self._factor(noise.a), self._factor(noise.b)
+
+    # -------------------------------------------------------------- the Backend interface
+
+    def prepare(self, w: np.ndarray) -> Any:
+        return self.to_device(w)
+
+    def linear(self, x, w, shift, noise, sigma_shift):
+        dev_noise = self._noise(noise, w.shape[0])
+        return self.host(self._tk.linear(self.to_device(x), w, shift, dev_noise, sigma_shift))
+
+    def embed(self, table, tokens, noise, sigma_shift):
+        kw: dict[str, Any] = {}
+        if noise is not None:
+            pairs, rows, rank = noise.a.shape
+            if 2 * pairs != len(tokens) or rows != len(table):
+                raise ValueError(f"noise of {pairs} pairs x {rows} rows used for "
+                                 f"{len(tokens)} tokens of a {len(table)}-row table")
+            if isinstance(noise.a, KeyedFactor):
+                kw = {"keys": self.xp(noise.a.keys), "rank": rank}
+            else:
+                kw = {"factors": (self.xp(self._factor(noise.a)), self.xp(self._factor(noise.b)))}
+        out = self.kernels.embed(self.xp(self.to_device(table)),
+                                 self.xp(self.to_device(tokens, np.int32)), sigma_shift, **kw)
+        return self.host(out)
+
+    def log_likelihood(self, logits, targets):
+        out = self.kernels.log_likelihood(self.xp(self.to_device(logits)),
+                                          self.xp(self.to_device(targets, np.int32)))
+        return self.host(out)
+
+    def update_matrix(self, w, noise, fitness, threshold):
+        a, b = self._loaded(noise)
+        out = self._tk.update_matrix(self.to_device(w), a, b, self.to_device(fitness, np.int32),
+                                     int(threshold))
+        return self.host(out)
+
+    def update_vector(self, v, noise, fitness, threshold):
+        k = self.kernels
+        out = k.update_vector(self.xp(self.to_device(v)), self.xp(self.to_device(noise)),
+                              self.xp(self.to_device(fitness, np.int32)), int(threshold))
+        return self.host(out)

@@ -1,0 +1,270 @@
+"""The Triton kernels of the cuda backend, checked bit for bit on a CPU.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on numpy, but the variable
+must be set before a kernel is decorated and it would turn every later Triton kernel of the
+process into an interpreted one (test_cuda_backend.py needs compiled ones on a GPU). So the
+checks run in ONE child process (this file run as a script, with the variable set); each
+pytest item below reports one check of it. This process imports the kernels too, compiled
+(decorating runs nothing). The child also runs the whole ``CudaBackend`` (its CUDA C kernels
+built by g++, see ``intes.kernels.cupy.emulated_kernels``) through two ES steps of a tiny
+Engine. HYPOTHESIS_PROFILE=dev searches harder, as for the other tests.
+
+Independently, the kernels are compiled ahead of time for an H100 (sm_90), which checks they
+lower to int8 tensor-core instructions and fit its shared memory, without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from intes import noise as nz
+from intes.kernels.base import LowRank
+from intes.kernels.reference import ReferenceBackend
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+tl = triton.language
+tk = importlib.import_module("intes.kernels.triton")  # interpreted only in the child
+
+CHECKS: dict[str, Callable[[], None]] = {}
+SM90_SHARED_BYTES = 232448  # an H100's shared memory per block (227 KiB)
+_DEV = os.environ.get("HYPOTHESIS_PROFILE") == "dev"
+_examples = settings(max_examples=60 if _DEV else 8, deadline=None, derandomize=not _DEV,
+                     database=None)
+
+
+def check(fn: Callable[[], None]) -> Callable[[], None]:
+    """Register a check that the interpreter child runs."""
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _int8(rng: np.random.Generator, shape: tuple[int, ...], extreme: bool) -> np.ndarray:
+    """int8 values in [-127, 127], or only +-127 (the bounds' worst case)."""
+    if extreme:
+        return (rng.choice([-127, 127], size=shape)).astype(np.int8)
+    return rng.integers(-127, 128, size=shape).astype(np.int8)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@triton.jit
+def _probe_kernel(keys_ptr, mixed_ptr, hashed_ptr, values_ptr, pairs, n,
+                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """mix32(key), the raw stream hash and the noise values of tk, for each key and index."""
+    ps = tl.arange(0, BLOCK_P)
+    idx = tl.arange(0, BLOCK_N)
+    key = tl.load(keys_ptr + ps, mask=ps < pairs, other=0).to(tl.uint32, bitcast=True)
+    tl.store(mixed_ptr + ps, tk.mix32(key).to(tl.int32, bitcast=True), mask=ps < pairs)
+    h = tk.mix32(key[:, None] ^ tk.mix32(idx.to(tl.uint32) * 0x9E3779B9 + 1)[None, :])
+    offs = ps[:, None] * n + idx[None, :]
+    mask = (ps < pairs)[:, None] & (idx < n)[None, :]
+    tl.store(hashed_ptr + offs, h.to(tl.int32, bitcast=True), mask=mask)
+    vals = tk.noise_value(key[:, None], idx.to(tl.uint32)[None, :])
+    tl.store(values_ptr + offs, vals.to(tl.int8), mask=mask)
+
+
+def _hash_probe(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mix32(keys), hash_u32(keys, n), gaussian values) as Triton computes them (n <= 512)."""
+    pairs = len(keys)
+    mixed = torch.empty(pairs, dtype=torch.int32)
+    hashed = torch.empty((pairs, n), dtype=torch.int32)
+    values = torch.empty((pairs, n), dtype=torch.int8)
+    _probe_kernel[(1,)](_t(keys.view(np.int32)), mixed, hashed, values, pairs, n,
+                        BLOCK_P=8, BLOCK_N=512)
+    return mixed.numpy().view(np.uint32), hashed.numpy().view(np.uint32), values.numpy()
+
+
+# ---------------------------------------------------------------- checks (child process)
+
+
+@check
+@_examples
+@given(seed=st.integers(0, 2**32 - 1), step=st.integers(0, 2**32 - 1),
+       tensor_id=st.integers(0, 500), pairs=st.integers(1, 5), n=st.integers(1, 300))
+def hash_matches_intes_noise(seed: int, step: int, tensor_id: int, pairs: int, n: int) -> None:
+    """mix32, the stream hash and gaussian_int8 in Triton give intes.noise's bits."""
+    keys = nz.stream_key(seed, step, np.arange(pairs), tensor_id)
+    mixed, hashed, values = _hash_probe(keys, n)
+    assert np.array_equal(mixed, nz.mix32(keys))
+    assert np.array_equal(hashed, nz.hash_u32(keys, n))
+    assert np.array_equal(values, nz.gaussian_int8(nz.hash_u32(keys, n)))
+
+
+@check
+@_examples
+@given(pairs=st.integers(2, 4), n_in=st.integers(16, 32), n_out=st.integers(16, 32),
+       rank=st.integers(1, 2), shift=st.integers(0, 10), sigma=st.integers(0, 6),
+       mode=st.sampled_from(["none", "hashed", "loaded", "explicit"]), extreme=st.booleans(),
+       odd=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def linear_matches_reference(pairs: int, n_in: int, n_out: int, rank: int, shift: int,
+                             sigma: int, mode: str, extreme: bool, odd: bool, seed: int) -> None:
+    """tk.linear == ReferenceBackend.linear: no noise, hashed in kernel, or loaded factors."""
+    rng = np.random.default_rng(seed)
+    rows = 2 * pairs - (odd and mode == "none")  # odd row counts only without noise
+    x, w = _int8(rng, (rows, n_in), extreme), _int8(rng, (n_out, n_in), extreme)
+    noise, dev = None, None
+    if mode != "none":
+        a, b = nz.lowrank_factors(seed, 3, np.arange(pairs), 5, n_out, n_in, rank)
+        if mode == "explicit":  # any int8 factors, not just the hash's range
+            a, b = _int8(rng, a.shape, extreme), _int8(rng, b.shape, extreme)
+        noise = LowRank(a, b)
+        keys = nz.stream_key(seed, 3, np.arange(pairs), 5).view(np.int32)
+        dev = (tk.DeviceNoise(rank, keys=_t(keys)) if mode == "hashed"
+               else tk.DeviceNoise(rank, a=_t(a), b=_t(b)))
+    want = ReferenceBackend().linear(x, w, shift, noise, sigma)
+    got = tk.linear(_t(x), _t(w), shift, dev, sigma).numpy()
+    assert np.array_equal(got, want)
+
+
+@check
+@_examples
+@given(pairs=st.integers(1, 6), rows=st.integers(1, 40), cols=st.integers(1, 40),
+       rank=st.integers(1, 2), fit=st.sampled_from(["sign", "normalized", "wide"]),
+       threshold=st.integers(-1, 3000), explicit=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def update_matches_reference(pairs: int, rows: int, cols: int, rank: int, fit: str,
+                             threshold: int, explicit: bool, seed: int) -> None:
+    """tk.update_matrix == ReferenceBackend.update_matrix for any int32 fitness."""
+    rng = np.random.default_rng(seed)
+    w = _int8(rng, (rows, cols), False)
+    w[0, :] = 127  # saturation at both ends
+    w[-1, :] = -127
+    a, b = nz.lowrank_factors(seed, 1, np.arange(pairs), 2, rows, cols, rank)
+    if explicit:
+        a, b = _int8(rng, a.shape, False), _int8(rng, b.shape, False)
+    bound = {"sign": 1, "normalized": 15, "wide": 1 << 13}[fit]  # 6 * 2^13 * 2 * 127^2 < 2^31
+    f = rng.integers(-bound, bound + 1, size=pairs).astype(np.int32)
+    want = ReferenceBackend().update_matrix(w, LowRank(a, b), f, threshold)
+    got = tk.update_matrix(_t(w), _t(a), _t(b), _t(f), threshold).numpy()
+    assert np.array_equal(got, want)
+
+
+@check
+def cuda_backend_two_es_steps_match_reference() -> None:
+    """The whole CudaBackend on a CPU: two ES steps of a tiny Engine, every op, same bits."""
+    if shutil.which("g++") is None:
+        raise _Skip("no g++ to build the CPU emulation of the CUDA kernels")
+    from intes import es
+    from intes.engine import Engine, ModelConfig, TrainConfig
+    from intes.kernels.cuda import CudaBackend
+    from intes.kernels.cupy import emulated_kernels
+
+    kernels = emulated_kernels()
+    for mode, kind in (("cached", "rwkv"), ("kernel", "egg")):
+        cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=8, layers=1),
+                          es=es.ESConfig(population=4, rank=2, fitness="normalized"),
+                          seq_len=2, seed=11)
+        ref = Engine(cfg, backend=ReferenceBackend())
+        gpu = Engine(cfg, backend=CudaBackend(mode, device="cpu", kernels=kernels))
+        rng = np.random.default_rng(0)
+        for _ in range(2):
+            windows = rng.integers(0, 16, size=(4, 3))
+            assert np.array_equal(gpu.step(windows), ref.step(windows)), (mode, kind)
+            for name, value in ref.params.items():
+                assert np.array_equal(gpu.params[name], value), (mode, kind, name)
+
+
+class _Skip(Exception):
+    """A check that cannot run here (reported as a pytest skip)."""
+
+
+def _run_checks() -> dict[str, str]:
+    """Run every check: name -> "ok", "skip: why" or the failure's traceback."""
+    report = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            report[name] = "ok"
+        except _Skip as why:
+            report[name] = f"skip: {why}"
+        except Exception:
+            report[name] = traceback.format_exc()
+    return report
+
+
+# ---------------------------------------------------------------- pytest side (parent process)
+
+
+@pytest.fixture(scope="module")
+def child() -> subprocess.Popen:
+    """The interpreter child, started once and early so compiles below overlap with it."""
+    root = str(Path(__file__).resolve().parents[1])  # intes importable, installed or not
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def report(child: subprocess.Popen) -> dict[str, str]:
+    out, err = child.communicate(timeout=600)
+    lines = out.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        pytest.fail(f"interpreter child failed (exit {child.returncode}):\n{err[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def _compile_sm90(kernel, constexprs: dict) -> tuple[str, int]:
+    """PTX and shared-memory bytes of a Triton kernel for an H100, with its first config."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    pointers = {"x_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*i8", "a_ptr": "*i8", "b_ptr": "*i8",
+                "xb_ptr": "*i32", "keys_ptr": "*i32", "f_ptr": "*i32"}
+    config = kernel.configs[0]
+    consts = {**constexprs, **config.kwargs}
+    fn = kernel.fn
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compiled.asm["ptx"], compiled.metadata.shared
+
+
+@pytest.mark.parametrize("name,constexprs,tensor_cores", [
+    ("_linear_kernel", {"RANK": 2, "NOISE": 1}, True),
+    ("_xb_kernel", {"RANK": 2, "HASHED": True}, False),
+    ("_update_kernel", {"RANK": 2}, True),
+])
+def test_kernel_compiles_for_h100(child, name: str, constexprs: dict, tensor_cores: bool) -> None:
+    """Each kernel lowers for sm_90: int8 tensor-core MMAs where it multiplies, fits smem."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: kernels are not compilable")
+    from intes.kernels import triton as tk
+
+    ptx, shared = _compile_sm90(getattr(tk, name), constexprs)
+    assert shared <= SM90_SHARED_BYTES
+    mma = [line for line in ptx.splitlines() if "mma" in line and ".s8.s8" in line]
+    assert bool(mma) == tensor_cores, mma[:2]
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_interpreted(report: dict[str, str], name: str) -> None:
+    """One check of the interpreter child (see the check's docstring)."""
+    result = report[name]
+    if result.startswith("skip: "):
+        pytest.skip(result[6:])
+    assert result == "ok", result
+
+
+if __name__ == "__main__":  # the interpreter child: the parent set TRITON_INTERPRET=1
+    print(json.dumps(_run_checks()))
