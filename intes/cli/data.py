@@ -1,0 +1,36 @@
+"""``intes data prepare``: tokenize a corpus once into a zarr token store for pretraining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from intes.checkpoint import existing_version
+from intes.data import prepare_store
+from intes.errors import DataError
+
+
+@click.group()
+def data() -> None:
+    """Prepare corpora for pretraining."""
+
+
+@data.command()
+@click.argument("path", required=False)
+@click.option("--out", required=True, metavar="STORE.zarr", help="Token store to create")
+@click.option("--tokenizer", default="bytes", show_default=True,
+              help="bytes, bpe:VOCAB (trained on the train split) or a tokenizers .json")
+def prepare(path: str | None, out: str, tokenizer: str) -> None:
+    """Tokenize PATH (file, directory or glob; default: Python stdlib) into STORE.zarr.
+
+    Pass the store to `intes pretrain --data STORE.zarr`: it carries its tokenizer and split.
+    """
+    store = Path(out).expanduser()
+    if existing_version(store) is not None:
+        raise DataError(f"{store} already exists; remove it or choose another --out")
+    corpus = prepare_store(path, store, tokenizer)
+    kind = "bytes" if corpus.tokenizer == "bytes" else "BPE"
+    click.echo(f"wrote {store}: {len(corpus.train):,} train + {len(corpus.valid):,} valid "
+               f"tokens ({corpus.train_bytes:,} + {corpus.valid_bytes:,} bytes of text), "
+               f"vocab {corpus.vocab_size} ({kind}), from {corpus.source}")

@@ -1,0 +1,110 @@
+"""``intes eval``, ``intes sample`` and ``intes info``: read a checkpoint, report or generate.
+
+CHECKPOINT is a run directory or a .zarr checkpoint. A damaged checkpoint fails its checksums
+in ``load_checkpoint`` and is reported in one line.
+"""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+
+from intes.checkpoint import load_checkpoint, resolve_checkpoint
+from intes.data import decode, encode, load_corpus, ngram_bits_per_byte
+from intes.errors import DataError
+from intes.kernels import BACKENDS, available
+from intes.sampling import generate
+from intes.trainer import (
+    EVAL_LEN,
+    EVAL_STREAMS,
+    checkpoint_config,
+    eval_shape,
+    load_engine,
+    validation_bpb,
+)
+
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
+                              show_default=True)
+
+
+def describe_tokenizer(tokenizer: str, vocab_size: int) -> str:
+    return "bytes" if tokenizer == "bytes" else f"BPE, vocab {vocab_size}"
+
+
+@click.command("eval")
+@click.argument("checkpoint")
+@click.option("--data", default=None, metavar="PATH",
+              help="Corpus whose validation split to score  [default: the run's own data]")
+@click.option("--streams", type=click.IntRange(min=1), default=EVAL_STREAMS, show_default=True,
+              help="Validation windows (fewer if the split is too small)")
+@click.option("--length", type=click.IntRange(min=1), default=EVAL_LEN, show_default=True,
+              help="Tokens scored per window")
+@backend_option
+def evaluate(checkpoint: str, data: str | None, streams: int, length: int, backend: str) -> None:
+    """Validation bits per byte of a checkpoint (same streams as training reports)."""
+    engine, meta = load_engine(checkpoint, backend)
+    corpus = load_corpus(data if data is not None else meta.get("data"),
+                         tokenizer=meta["tokenizer"])
+    if corpus.vocab_size != engine.config.model.vocab_size:
+        raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
+                        f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
+    streams, length = eval_shape(len(corpus.valid), streams, length)
+    bpb = validation_bpb(engine, corpus, streams, length)
+    unigram, bigram = ngram_bits_per_byte(corpus)
+    click.echo(f"validation bits per byte: {bpb:.4f} (step {engine.step_index}, {streams} x "
+               f"{length} tokens of {corpus.source}; unigram {unigram:.4f}, bigram "
+               f"{bigram:.4f})")
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.option("--prompt", default="", help="Text to continue")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=200,
+              show_default=True, help="How many tokens to generate")
+@click.option("--greedy/--sample", default=False, show_default=True,
+              help="Most likely token, or an integer-only random draw")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--temperature-shift", type=click.IntRange(-8, 8), default=0, show_default=True,
+              help="Sample at temperature 2^SHIFT (negative: sharper)")
+@backend_option
+def sample(checkpoint: str, prompt: str, n_tokens: int, greedy: bool, seed: int,
+           temperature_shift: int, backend: str) -> None:
+    """Print PROMPT and the model's continuation of it."""
+    engine, meta = load_engine(checkpoint, backend)
+    tokenizer = meta["tokenizer"]
+    prompt_tokens = encode(prompt, tokenizer).astype(np.int32)
+    continuation = generate(engine, prompt_tokens, n_tokens, greedy=greedy, seed=seed,
+                            temperature_shift=temperature_shift)
+    text = decode(np.concatenate([prompt_tokens, continuation]), tokenizer)
+    click.echo(text.replace("\0", "\n"))
+
+
+@click.command()
+@click.argument("checkpoint")
+def info(checkpoint: str) -> None:
+    """What a checkpoint holds: config, step, size, data, last validation bpb, backends."""
+    store = resolve_checkpoint(checkpoint)
+    arrays, meta = load_checkpoint(store)
+    config = checkpoint_config(meta, store)
+    m, es = config.model, config.es
+    n_params = sum(int(a.size) for a in arrays.values())
+    n_bytes = sum(int(a.nbytes) for a in arrays.values())
+    val = meta.get("val_bpb")
+    backends = ", ".join(name if why is None else f"{name} (no: {why})"
+                         for name, why in available().items())
+    lines = [
+        f"checkpoint: {store}",
+        f"step: {meta.get('step')}",
+        f"model: {m.kind}, dim {m.dim}, {m.layers} layers, vocab {m.vocab_size}",
+        f"parameters: {n_params:,} ({n_bytes:,} bytes)",
+        f"es: population {es.population}, group size {es.group_size}, rank {es.rank}, "
+        f"sigma shift {es.sigma_shift}, noise reuse {es.noise_reuse}, fitness {es.fitness}, "
+        f"alpha 1 -> 2^-{es.alpha_final_log2} over {es.alpha_steps} steps",
+        f"seq len: {config.seq_len}, seed: {config.seed}",
+        f"tokenizer: {describe_tokenizer(meta['tokenizer'], meta['vocab_size'])}",
+        f"data: {meta.get('source')}" + (f" [{meta['data']}]" if meta.get("data") else ""),
+        f"last validation: {'-' if val is None else f'{val:.4f} bits per byte'}",
+        f"intes version: {meta.get('intes_version', 'unknown')}",
+        f"backends: {backends}",
+    ]
+    click.echo("\n".join(lines))

@@ -1,0 +1,495 @@
+"""The pretraining run loop: data -> ES steps -> metrics, evaluation, plot and checkpoints.
+
+A run directory holds ``checkpoint.zarr`` (weights + step + config, nothing else),
+``metrics.jsonl`` (one line per step and per evaluation) and ``loss.png``. The batch of a step
+is a pure function of (seed, step), so the step index is the whole data position and resuming
+from a checkpoint continues bit-exactly where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from intes.checkpoint import (
+    CHECKPOINT_NAME,
+    existing_version,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from intes.data import Corpus, eval_streams, ngram_bits_per_byte, sample_windows
+from intes.engine import Engine, TrainConfig, member_windows
+from intes.errors import CheckpointError, ConfigError
+from intes.intmath import LL_FRAC_BITS
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
+EVAL_STREAMS, EVAL_LEN = 32, 256  # default validation subset: 8k tokens, a second or so
+EVAL_TIME_SHARE = 0.05  # automatic evaluation keeps eval (+ plot + checkpoint) under ~5% of time
+
+FitnessFn = Callable[[Engine, np.ndarray], np.ndarray]
+StopSync = Callable[[bool], bool]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How long and how observably to train; none of it changes the weights a step produces."""
+
+    out: Path
+    steps: int | None = None  # total step count to reach (a resumed run counts from 0 too)
+    time_limit: float | None = None  # minutes of training in this invocation
+    eval_every: int | None = None  # steps; None: as often as keeps eval under EVAL_TIME_SHARE
+    eval_streams: int = EVAL_STREAMS  # validation subset: streams x eval_len tokens (shrunk to
+    eval_len: int = EVAL_LEN  # fit the valid split)
+    checkpoint_every: int | None = None  # steps; None: at every evaluation
+    resume: bool = False
+    chunk_pairs: int | None = None  # evaluate the population this many pairs at a time
+    progress: bool = True
+    data: str | None = None  # where the corpus came from (None: the default corpus)
+
+    def validate(self) -> None:
+        if self.steps is None and self.time_limit is None:
+            raise ConfigError("give a step count or a time limit (or both)")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.time_limit is not None and not (self.time_limit > 0 and math.isfinite(
+                self.time_limit)):
+            raise ConfigError(f"time limit must be a positive number of minutes, got "
+                              f"{self.time_limit}")
+        for name in ("eval_every", "checkpoint_every", "chunk_pairs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+        if self.eval_streams < 1 or self.eval_len < 1:
+            raise ConfigError(f"eval streams and length must be >= 1, got {self.eval_streams} "
+                              f"x {self.eval_len}")
+
+
+def intes_version() -> str:
+    try:
+        return metadata.version("intes")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# validation bits per byte
+
+
+def eval_shape(n_tokens: int, streams: int, length: int) -> tuple[int, int]:
+    """The asked-for (streams, length) shrunk until it fits a valid split of n_tokens."""
+    length = min(length, n_tokens - 1)
+    return max(1, min(streams, n_tokens // (length + 1))), length
+
+
+def validation_bpb(engine: Engine, corpus: Corpus, streams: int, length: int) -> float:
+    """Unperturbed bits per byte of evenly spread valid windows (floats for reporting only).
+
+    The model scores streams x length tokens; each token stands for the valid split's mean
+    bytes per token, the same conversion the n-gram reference lines use.
+    """
+    windows = eval_streams(corpus.valid, streams, length)
+    bits = -int(engine.log_likelihood(windows).astype(np.int64).sum()) / (1 << LL_FRAC_BITS)
+    return bits / (streams * length * corpus.bytes_per_token("valid"))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints of runs
+
+
+def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
+             val_bpb: float | None) -> dict:
+    """Everything besides the weights that a resume, eval or sample needs."""
+    return {
+        "config": config.to_dict(),
+        "step": step,
+        "seed": config.seed,
+        "tokenizer": corpus.tokenizer,
+        "vocab_size": corpus.vocab_size,
+        "data": data,
+        "source": corpus.source,
+        "val_bpb": val_bpb,
+        "intes_version": intes_version(),
+    }
+
+
+def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with; a foreign or damaged one is one line."""
+    missing = [key for key in RUN_META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (its metadata "
+                              f"lacks {', '.join(missing)})")
+    try:
+        return TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (bad config: "
+                              f"{err})") from None
+
+
+def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
+    """The engine (weights, step, config) of a run directory or .zarr checkpoint, and its meta."""
+    store = resolve_checkpoint(path)
+    arrays, meta = load_checkpoint(store)
+    config = checkpoint_config(meta, store)
+    config.validate()
+    engine = Engine(config, backend, params=arrays, step=int(meta.get("step", 0)))
+    _check_params(engine, arrays, store)
+    return engine, meta
+
+
+def _check_params(engine: Engine, arrays: dict[str, np.ndarray], store: Path) -> None:
+    """Refuse weights that do not fit the model the config describes."""
+    for spec in engine.specs:
+        a = arrays.get(spec.name)
+        if a is None or a.shape != spec.shape or a.dtype != np.int8:
+            found = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+            raise CheckpointError(f"checkpoint {store} does not match its config: {spec.name!r} "
+                                  f"is {found}, expected int8{list(spec.shape)}")
+
+
+def _first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, object, object]:
+    """The first (dotted field, ours, theirs) where two nested config dicts differ, else ()."""
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return ()
+
+
+def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path) -> None:
+    """A resume must continue the same run: same config, same tokens. One line if not."""
+    found = _first_difference(config.to_dict(), meta.get("config", {}))
+    if found:
+        field, ours, theirs = found
+        raise CheckpointError(f"cannot resume {store}: {field} is {ours!r} here but {theirs!r} "
+                              "in the checkpoint; keep the checkpoint's setting or use another "
+                              "--out")
+    if corpus.tokenizer != meta.get("tokenizer") or corpus.vocab_size != meta.get("vocab_size"):
+        raise CheckpointError(f"cannot resume {store}: the data is tokenized differently (vocab "
+                              f"{corpus.vocab_size}, checkpoint {meta.get('vocab_size')}); "
+                              "resume on the checkpoint's data")
+
+
+def _start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str,
+                  is_main: bool) -> Engine:
+    """A fresh or resumed engine after every check that can fail; creates nothing on disk.
+
+    Only the main worker checks that a fresh run's directory is free: the others could see
+    the files the main worker has started writing.
+    """
+    config.validate()
+    if config.model.vocab_size != corpus.vocab_size:
+        raise ConfigError(f"the model's vocab size {config.model.vocab_size} does not match "
+                          f"the data's {corpus.vocab_size}: is the data tokenized differently?")
+    sample_windows(corpus.train, config.seed, 0, 1, config.seq_len)  # raises if T does not fit
+    out = Path(options.out)
+    store = out / CHECKPOINT_NAME
+    if not options.resume:
+        if is_main and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CheckpointError(f"{out} already exists and is not an empty directory; use "
+                                  "--resume to continue its run, or another --out")
+        return Engine(config, backend)
+    if existing_version(store) is None:
+        raise CheckpointError(f"no checkpoint at {store} to resume; drop --resume to start")
+    arrays, meta = load_checkpoint(store)
+    check_resumable(config, corpus, meta, store)
+    engine = Engine(config, backend, params=arrays, step=int(meta["step"]))
+    _check_params(engine, arrays, store)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLog:
+    """metrics.jsonl, plus the evaluations so far for the plot.
+
+    On resume, records past the checkpoint's step (from an interrupted tail) are dropped so the
+    log reads as one uninterrupted run, and elapsed time continues from the last kept record.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        kept = self._kept(resume_step) if resume_step is not None else []
+        self._rewrite(kept)
+        self.evals = [r for r in kept if r["event"] == "eval"]
+        self.elapsed_offset = max((r["elapsed_s"] for r in kept), default=0.0)
+        self.file = path.open("a", encoding="utf-8")
+
+    def _kept(self, step: int) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: drop it
+                continue
+        return [r for r in records if r.get("step", step + 1) < step
+                or (r.get("event") == "step" and r["step"] == step)]
+
+    def _rewrite(self, records: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if record["event"] == "eval":
+            self.evals.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+class _Run:
+    """One invocation of pretraining; owns the clock, the log and the last consistent state."""
+
+    def __init__(self, engine: Engine, corpus: Corpus, options: RunOptions, fitness_fn: FitnessFn,
+                 is_main: bool, sync_stop: StopSync | None):
+        self.engine, self.corpus, self.options = engine, corpus, options
+        self.fitness_fn, self.is_main, self.sync_stop = fitness_fn, is_main, sync_stop
+        self.out = Path(options.out)
+        self.start_step = engine.step_index
+        self.snapshot = (engine.params, engine.step_index)  # consistent (weights, step) pair
+        self.eval_shape = eval_shape(len(corpus.valid), options.eval_streams, options.eval_len)
+        self.val_bpb: float | None = None
+        self.start_bpb: float | None = None
+        self.saved_step = engine.step_index if options.resume else -1  # already on disk
+        self.eval_cost = 0.0
+        self.last_eval_end = 0.0
+        self.step_rate: list[float] = []
+        self.log: MetricsLog | None = None
+        self.bar: tqdm | None = None
+        self.references = (math.nan, math.nan)
+        self.t0 = time.monotonic()
+
+    # -- output --------------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+    def elapsed(self) -> float:
+        offset = self.log.elapsed_offset if self.log else 0.0
+        return offset + time.monotonic() - self.t0
+
+    # -- phases --------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.out / METRICS_NAME,
+                              self.start_step if self.options.resume else None)
+        self.references = ngram_bits_per_byte(self.corpus)
+        self.warm_up()
+        cfg, c = self.engine.config, self.corpus
+        n_params = sum(int(p.size) for p in self.engine.params.values())
+        self.say(f"data: {c.source}: {len(c.train):,} train / {len(c.valid):,} valid tokens, "
+                 f"vocab {c.vocab_size}")
+        self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x {cfg.model.layers} layers, "
+                 f"{n_params:,} int8 params; population {cfg.es.population} (group "
+                 f"{cfg.es.group_size}, rank {cfg.es.rank}), seq len {cfg.seq_len}, backend "
+                 f"{self.engine.backend.name}")
+        self.say(f"valid reference: unigram {self.references[0]:.4f} bpb, bigram "
+                 f"{self.references[1]:.4f} bpb")
+        verb = "resuming" if self.options.resume else "starting"
+        self.say(f"{verb} at step {self.start_step} -> {self.out}")
+
+    def evaluate(self) -> None:
+        """Validation bpb + metrics line + plot (+ checkpoint when none is scheduled)."""
+        if not self.is_main:
+            return
+        began = time.monotonic()
+        self.val_bpb = validation_bpb(self.engine, self.corpus, *self.eval_shape)
+        step = self.engine.step_index
+        if self.start_bpb is None:
+            self.start_bpb = self.val_bpb
+            streams, length = self.eval_shape
+            self.say(f"step {step}: validation {self.val_bpb:.4f} bpb ({streams} x {length} "
+                     "tokens)")
+        self.log.write({"event": "eval", "step": step, "val_bpb": self.val_bpb,
+                        "elapsed_s": round(self.elapsed(), 3)})
+        self.plot()
+        if self.options.checkpoint_every is None:
+            self.checkpoint()
+        self.eval_cost = time.monotonic() - began
+        self.last_eval_end = time.monotonic()
+
+    def warm_up(self) -> None:
+        """Pay one-time costs (JIT compilation, the matplotlib import) before the first timed
+        evaluation, whose cost sets the automatic evaluation interval."""
+        from intes import plot  # noqa: F401
+
+        validation_bpb(self.engine, self.corpus, 1, 1)
+
+    def plot(self) -> None:
+        from intes.plot import plot_validation
+
+        plot_validation(self.log.evals, self.references, self.out / PLOT_NAME)
+
+    def checkpoint(self) -> None:
+        """Save the last consistent (weights, step); never twice for the same step."""
+        params, step = self.snapshot
+        if not self.is_main or step == self.saved_step:
+            return
+        meta = run_meta(self.engine.config, step, self.corpus, self.options.data, self.val_bpb)
+        save_checkpoint(self.out / CHECKPOINT_NAME, dict(params), meta)
+        self.saved_step = step
+
+    def train_step(self) -> None:
+        cfg, engine = self.engine.config, self.engine
+        began = time.monotonic()
+        n_seq = cfg.es.population // cfg.es.group_size
+        windows = member_windows(
+            sample_windows(self.corpus.train, cfg.seed, engine.step_index, n_seq, cfg.seq_len),
+            cfg.es.group_size)
+        raw = self.fitness_fn(engine, windows)
+        engine.apply_fitness(raw)
+        self.snapshot = (engine.params, engine.step_index)
+        took = max(time.monotonic() - began, 1e-9)
+        tokens_per_s = cfg.es.population * cfg.seq_len / took  # ES tokens: every member's
+        fitness = float(raw.mean()) / (1 << LL_FRAC_BITS) / cfg.seq_len
+        self.step_rate.append(tokens_per_s)
+        if self.log:
+            self.log.write({"event": "step", "step": engine.step_index,
+                            "tokens_per_s": round(tokens_per_s, 1), "fitness": round(fitness, 5),
+                            "elapsed_s": round(self.elapsed(), 3)})
+        if self.bar is not None:
+            val = "-" if self.val_bpb is None else f"{self.val_bpb:.4f}"
+            self.bar.set_postfix_str(f"{tokens_per_s:,.0f} tok/s, fitness {fitness:.3f} "
+                                     f"bit/tok, val {val} bpb", refresh=False)
+            self.bar.update(1)
+
+    def eval_due(self, step: int) -> bool:
+        if self.options.eval_every is not None:
+            return step % self.options.eval_every == 0
+        return time.monotonic() - self.last_eval_end >= self.eval_cost / EVAL_TIME_SHARE
+
+    def out_of_time(self, began: float) -> bool:
+        limit = self.options.time_limit
+        if limit is None:
+            return False
+        over = time.monotonic() - began >= limit * 60
+        return self.sync_stop(over) if self.sync_stop is not None else over
+
+    def loop(self) -> str:
+        """Train until the step count or the time limit; returns which one stopped it."""
+        began = time.monotonic()
+        steps = self.options.steps
+        every_ckpt = self.options.checkpoint_every
+        while steps is None or self.engine.step_index < steps:
+            self.train_step()
+            step = self.engine.step_index
+            if (steps is None or step < steps) and self.eval_due(step):
+                self.evaluate()
+            if every_ckpt is not None and step % every_ckpt == 0:
+                self.checkpoint()
+            if self.out_of_time(began):
+                return "time limit"
+        return "steps"
+
+    def run(self) -> dict:
+        steps = self.options.steps
+        if steps is not None and self.start_step >= steps:
+            self.say(f"already at step {self.start_step} (asked for {steps}); raise --steps to "
+                     "train further")
+            return self.summary("steps")
+        self.open()
+        try:
+            self.evaluate()
+            self.bar = self._progress_bar()
+            stopped = self.loop()
+            self.close_bar()
+            if not self.log or self.log.evals[-1]["step"] != self.engine.step_index:
+                self.evaluate()
+            self.checkpoint()
+        except KeyboardInterrupt:
+            self.close_bar()
+            self.checkpoint()
+            self.say(f"interrupted: checkpoint at step {self.snapshot[1]} in {self.out}; "
+                     f"continue with: intes pretrain --out {self.out} --resume")
+            raise
+        finally:
+            self.close_bar()
+            if self.log:
+                self.log.close()
+        return self.report(stopped)
+
+    def report(self, stopped: str) -> dict:
+        summary = self.summary(stopped)
+        if summary["val_bpb"] is not None:
+            self.say(f"done ({stopped}): step {summary['step']}, validation "
+                     f"{summary['val_bpb']:.4f} bpb (start {summary['start_val_bpb']:.4f}, "
+                     f"unigram {self.references[0]:.4f}, bigram {self.references[1]:.4f}), "
+                     f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['elapsed_s']:.1f} s "
+                     f"-> {self.out}")
+        return summary
+
+    def _progress_bar(self) -> tqdm | None:
+        if not (self.is_main and self.options.progress):
+            return None
+        return tqdm(total=self.options.steps, initial=self.start_step, unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def summary(self, stopped: str) -> dict:
+        rates = self.step_rate
+        return {
+            "out": str(self.out),
+            "step": self.engine.step_index,
+            "steps_run": self.engine.step_index - self.start_step,
+            "stopped_by": stopped,
+            "elapsed_s": time.monotonic() - self.t0,
+            "tokens_per_s": float(np.median(rates)) if rates else 0.0,
+            "val_bpb": self.val_bpb,
+            "start_val_bpb": self.start_bpb,
+            "unigram_bpb": self.references[0],
+            "bigram_bpb": self.references[1],
+        }
+
+
+def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str = "auto",
+             fitness_fn: FitnessFn | None = None, is_main: bool = True,
+             sync_stop: StopSync | None = None) -> dict:
+    """Train ``config`` on ``corpus`` into ``options.out``; returns a summary dict.
+
+    Every check that can fail runs before anything is written. ``fitness_fn(engine, windows)``
+    returns every member's int32 fitness (default: the engine's own chunked evaluation); a
+    distributed runner evaluates its shard there and all-gathers, passes ``is_main`` only on
+    rank 0 (the only one that evaluates, prints and writes) and ``sync_stop`` to combine the
+    ranks' time-limit flags so that all stop after the same step.
+    """
+    options.validate()
+    engine = _start_engine(config, corpus, options, backend, is_main)
+    if fitness_fn is None:
+        def fitness_fn(eng: Engine, windows: np.ndarray) -> np.ndarray:
+            return eng.population_fitness(windows, options.chunk_pairs)
+    return _Run(engine, corpus, options, fitness_fn, is_main, sync_stop).run()

@@ -1,0 +1,264 @@
+"""The ``intes`` command line as a user meets it: runs, resume, eval/sample/info, bad input.
+
+Every bad input must give one ``error:`` line and a non-zero exit, never a traceback, and must
+leave what is on disk as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import intes.cli
+from intes.checkpoint import CHECKPOINT_NAME
+from intes.cli import cli, main
+from intes.errors import DataError
+
+TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",
+        "--seed", "5", "--eval-streams", "4", "--eval-len", "32", "--backend", "reference",
+        "--no-progress"]
+FAST_EVAL = ["--streams", "4", "--length", "32", "--backend", "reference"]
+PRETRAIN_MODULE = importlib.import_module("intes.cli.pretrain")  # the attribute is the command
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, exit_code: int = 1) -> None:
+    """One ``error:`` line on stderr, the expected status, no traceback anywhere."""
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def digest(run: Path) -> str:
+    """sha256 of a checkpoint's array files (zarr metadata left out), as the acceptance check."""
+    store = run / CHECKPOINT_NAME
+    h = hashlib.sha256()
+    for p in sorted(q for q in store.rglob("*") if q.is_file() and not q.name.endswith(".json")):
+        h.update(p.relative_to(store).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    words = "def return self value import class for while if else print none true".split()
+    lines = (" ".join(words[(i * 5 + j * j + i // 3) % len(words)] for j in range(10))
+             for i in range(360))
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, text_file) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "a"
+    result = invoke("pretrain", *TINY, "--data", text_file, "--steps", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("pretrain", "eval", "sample", "info", "data"):
+        assert name in result.output
+
+
+def test_pretrain_writes_checkpoint_metrics_and_plot(run_dir):
+    assert (run_dir / CHECKPOINT_NAME / "zarr.json").is_file()
+    assert (run_dir / "metrics.jsonl").stat().st_size > 0
+    assert (run_dir / "loss.png").stat().st_size > 0
+
+
+def test_two_steps_then_resume_equals_four_steps(run_dir, text_file, tmp_path):
+    out = tmp_path / "b"
+    assert invoke("pretrain", *TINY, "--data", text_file, "--steps", 2, "--out", out).exit_code == 0
+    result = invoke("pretrain", "--steps", 4, "--out", out, "--resume", "--backend", "reference",
+                    "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 2" in result.output
+    assert digest(out) == digest(run_dir)
+
+
+def test_eval_prints_bits_per_byte(run_dir, text_file):
+    for target in (run_dir, run_dir / CHECKPOINT_NAME):
+        result = invoke("eval", target, *FAST_EVAL)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("validation bits per byte: ")
+        assert "step 4" in result.output
+    explicit = invoke("eval", run_dir, "--data", text_file, *FAST_EVAL)
+    assert explicit.output.split("(")[0] == result.output.split("(")[0]
+
+
+def test_sample_continues_the_prompt_reproducibly(run_dir):
+    args = ("sample", run_dir, "--prompt", "def ", "--tokens", 8, "--seed", 3, "--backend",
+            "reference")
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("def ") and first.output == second.output
+    greedy = invoke(*args, "--greedy")
+    assert greedy.exit_code == 0 and greedy.output.startswith("def ")
+
+
+def test_info_describes_the_checkpoint(run_dir):
+    result = invoke("info", run_dir)
+    assert result.exit_code == 0, result.output
+    for needle in ("step: 4", "dim 16", "parameters: ", "tokenizer: bytes", "small.txt",
+                   "bits per byte", "backends: reference"):
+        assert needle in result.output
+
+
+def test_data_prepare_makes_a_store_pretrain_can_use(text_file, tmp_path):
+    store = tmp_path / "tokens.zarr"
+    result = invoke("data", "prepare", text_file, "--out", store)
+    assert result.exit_code == 0, result.output
+    assert "train" in result.output and "vocab 256" in result.output
+    run = invoke("pretrain", *TINY, "--data", store, "--steps", 1, "--out", tmp_path / "r")
+    assert run.exit_code == 0, run.output
+    before = snapshot(store)
+    assert_user_error(invoke("data", "prepare", text_file, "--out", store))
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("bad", [["--population", "15"], ["--dim", "-4"], ["--group-size", "3"],
+                                 ["--steps", "0"], ["--data", "MISSING"], ["--data", "EMPTY"],
+                                 ["--data", "BINARY"], ["--seq-len", "60000"]])
+def test_bad_pretrain_input_is_one_line_and_writes_nothing(bad, text_file, tmp_path):
+    files = {"MISSING": tmp_path / "nope.txt", "EMPTY": tmp_path / "empty.txt",
+             "BINARY": tmp_path / "blob.bin"}
+    files["EMPTY"].write_bytes(b"")
+    files["BINARY"].write_bytes(bytes(range(256)) * 8)
+    args = [str(files.get(a, a)) for a in bad]
+    data = [] if "--data" in bad else ["--data", text_file]
+    out = tmp_path / "run"
+    result = invoke("pretrain", *TINY, *data, "--steps", 1, *args, "--out", out)
+    assert_user_error(result)
+    assert not out.exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    result = invoke("pretrain", "--model", "transformer", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_existing_run_without_resume_is_refused_untouched(run_copy, text_file):
+    before = snapshot(run_copy)
+    result = invoke("pretrain", *TINY, "--data", text_file, "--steps", 2, "--out", run_copy)
+    assert_user_error(result)
+    assert "--resume" in result.stderr
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("flag", [["--dim", "32"], ["--seed", "6"], ["--fitness", "normalized"]])
+def test_resume_with_another_config_is_refused_untouched(run_copy, flag):
+    before = snapshot(run_copy)
+    result = invoke("pretrain", "--steps", 6, "--out", run_copy, "--resume", *flag)
+    assert_user_error(result)
+    assert "checkpoint" in result.stderr
+    assert snapshot(run_copy) == before
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    assert_user_error(invoke("pretrain", "--steps", 2, "--resume"))
+    assert_user_error(invoke("pretrain", "--steps", 2, "--resume", "--out", tmp_path / "none"))
+
+
+def test_corrupted_checkpoint_is_one_line(run_copy):
+    chunk = sorted(p for p in (run_copy / CHECKPOINT_NAME).rglob("*")
+                   if p.is_file() and not p.name.endswith(".json"))[0]
+    chunk.write_bytes(b"garbage\n")
+    for args in (["eval", run_copy], ["sample", run_copy, "--tokens", 2], ["info", run_copy],
+                 ["pretrain", "--out", run_copy, "--resume", "--steps", 6]):
+        result = invoke(*args)
+        assert_user_error(result)
+        assert "corrupted" in result.stderr
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    for command in ("eval", "sample", "info"):
+        assert_user_error(invoke(command, tmp_path / "nothing"))
+
+
+def test_main_maps_outcomes_to_exit_codes(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ok:
+        main(["--help"])
+    assert ok.value.code == 0
+    with pytest.raises(SystemExit) as bad:
+        main(["pretrain", "--population", "15"])
+    assert bad.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: population must be a positive even " \
+                                              "number, got 15"
+    with pytest.raises(SystemExit) as usage:
+        main(["pretrain", "--no-such-flag"])
+    assert usage.value.code == 2
+    monkeypatch.setattr(PRETRAIN_MODULE, "load_corpus", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--steps", "1"])
+    assert stop.value.code == 130
+
+
+def test_a_command_whose_dependency_is_missing_reports_it(monkeypatch, tmp_path):
+    (tmp_path / "intes_broken_cmd.py").write_text("import intes_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(intes.cli.LAZY_COMMANDS, "broken", "intes_broken_cmd")
+    assert "broken" in invoke("--help").output
+    result = invoke("broken", "--anything")
+    assert_user_error(result)
+    assert "intes_no_such_dependency" in result.stderr
+    assert invoke("info", "--help").exit_code == 0
+
+
+def test_errors_raised_in_commands_are_caught_by_the_group(monkeypatch):
+    def fail(*args, **kwargs):
+        raise DataError("the corpus is gone")
+
+    monkeypatch.setattr(PRETRAIN_MODULE, "load_corpus", fail)
+    result = invoke("pretrain", "--steps", 1)
+    assert_user_error(result)
+    assert result.stderr.strip() == "error: the corpus is gone"
+
+
+def console_script() -> str | None:
+    beside = Path(sys.executable).with_name("intes")
+    return str(beside) if beside.exists() else shutil.which("intes")
+
+
+@pytest.mark.skipif(console_script() is None, reason="the intes console script is not installed")
+def test_console_script_smoke(tmp_path):
+    exe = console_script()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0 and "pretrain" in ok.stdout
+    bad = subprocess.run([exe, "pretrain", "--dim", "-4", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("error: dim must be")
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,223 @@
+"""The run loop: bit-exact resume at any split point, interrupts, limits, metrics and plot.
+
+Tiny configs on a small generated text keep every run well under a second of training.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from intes.data import load_corpus
+from intes.engine import Engine, ModelConfig, TrainConfig
+from intes.errors import CheckpointError, ConfigError
+from intes.es import ESConfig
+from intes.sampling import draw, generate, token_weights
+from intes.trainer import METRICS_NAME, PLOT_NAME, RunOptions, eval_shape, pretrain
+
+K = 5  # steps of the reference run
+WORDS = "the quick brown fox jumps over a lazy dog while seven odd wizards quietly hex it".split()
+
+
+def small_text() -> str:
+    """~20 KB of varied, deterministic text: enough for train and valid windows."""
+    lines = (" ".join(WORDS[(i * 7 + j * j * 3 + i // 5) % len(WORDS)] for j in range(11))
+             for i in range(360))
+    return "\n".join(lines) + "\n"
+
+
+@cache
+def corpus():
+    path = Path(tempfile.mkdtemp(prefix="intes-trainer-")) / "small.txt"
+    path.write_text(small_text(), encoding="utf-8")
+    return load_corpus(str(path))
+
+
+def tiny_config(seed: int = 3) -> TrainConfig:
+    return TrainConfig(model=ModelConfig(kind="rwkv", vocab_size=256, dim=16, layers=1),
+                       es=ESConfig(population=8, group_size=2), seq_len=8, seed=seed)
+
+
+def options(out: Path, steps: int, **kw) -> RunOptions:
+    return RunOptions(out=out, steps=steps, eval_streams=4, eval_len=32, progress=False, **kw)
+
+
+def run(out: Path, steps: int, config: TrainConfig | None = None, **kw) -> dict:
+    return pretrain(config or tiny_config(), corpus(), options(out, steps, **kw),
+                    backend="reference")
+
+
+def weights(out: Path) -> dict[str, np.ndarray]:
+    return load_checkpoint(out / CHECKPOINT_NAME)[0]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@cache
+def straight_run() -> tuple[Path, dict[str, np.ndarray]]:
+    out = Path(tempfile.mkdtemp(prefix="intes-straight-")) / "run"
+    run(out, K)
+    return out, weights(out)
+
+
+@settings(max_examples=4, deadline=None)
+@given(split=st.integers(1, K - 1), chunk=st.sampled_from([None, 1, 3]))
+def test_resume_at_any_step_is_bit_exact(split, chunk):
+    _, expected = straight_run()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        run(out, split)
+        summary = run(out, K, resume=True, chunk_pairs=chunk)
+        assert summary["step"] == K and summary["steps_run"] == K - split
+        assert same_weights(weights(out), expected)
+
+
+def test_checkpoint_holds_weights_and_run_metadata():
+    out, params = straight_run()
+    arrays, meta = load_checkpoint(out / CHECKPOINT_NAME)
+    assert all(a.dtype == np.int8 for a in arrays.values())
+    assert meta["step"] == K and meta["config"] == tiny_config().to_dict()
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
+    assert meta["val_bpb"] > 0 and meta["seed"] == 3
+
+
+def test_metrics_and_plot_are_written():
+    out, _ = straight_run()
+    records = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in steps] == list(range(1, K + 1))
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == K
+    assert all(r["fitness"] < 0 and r["tokens_per_s"] > 0 for r in steps)
+    assert all(np.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in evals)
+    assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_keeps_one_uninterrupted_log(tmp_path):
+    run(tmp_path, 2, eval_every=1)
+    run(tmp_path, 4, resume=True, eval_every=1)
+    records = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    evals = [r["step"] for r in records if r["event"] == "eval"]
+    assert evals == [0, 1, 2, 3, 4]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)
+
+
+def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path):
+    def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
+        if engine.step_index == 3:
+            raise KeyboardInterrupt
+        return engine.population_fitness(windows)
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(), corpus(), options(tmp_path, K), backend="reference",
+                 fitness_fn=interrupted)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 3
+    run(tmp_path, K, resume=True)
+    assert same_weights(weights(tmp_path), straight_run()[1])
+
+
+def test_time_limit_stops_and_checkpoints(tmp_path):
+    summary = pretrain(tiny_config(), corpus(),
+                       replace(options(tmp_path, 1000), time_limit=1e-9), backend="reference")
+    assert summary["stopped_by"] == "time limit" and summary["step"] == 1
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 1
+
+
+def test_workers_other_than_main_write_nothing_and_agree_on_stopping(tmp_path):
+    votes = []
+
+    def sync_stop(over: bool) -> bool:
+        votes.append(over)
+        return len(votes) == 2  # another worker ran out of time
+
+    out = tmp_path / "run"
+    summary = pretrain(tiny_config(), corpus(), replace(options(out, K), time_limit=60.0),
+                       backend="reference", is_main=False, sync_stop=sync_stop)
+    assert summary["step"] == 2 and not out.exists()
+
+
+def test_fresh_run_refuses_an_existing_run_and_touches_nothing(tmp_path):
+    run(tmp_path, 1)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="--resume"):
+        run(tmp_path, 2)
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_resume_refuses_another_config_naming_the_field(tmp_path):
+    run(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="es.rank"):
+        run(tmp_path, 2, config=replace(tiny_config(), es=replace(tiny_config().es, rank=2)),
+            resume=True)
+
+
+@pytest.mark.parametrize("kw", [dict(steps=0), dict(eval_every=0), dict(eval_streams=0),
+                                dict(steps=None), dict(time_limit=-1.0)])
+def test_bad_options_are_refused_before_writing(tmp_path, kw):
+    opts = replace(options(tmp_path / "run", 2), **kw)
+    with pytest.raises(ConfigError):
+        pretrain(tiny_config(), corpus(), opts, backend="reference")
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_must_match_the_data(tmp_path):
+    config = replace(tiny_config(), model=replace(tiny_config().model, vocab_size=300))
+    with pytest.raises(ConfigError, match="vocab"):
+        run(tmp_path / "run", 1, config=config)
+
+
+@pytest.mark.parametrize("n, asked, expected", [(10_000, (32, 256), (32, 256)),
+                                                (1000, (32, 256), (3, 256)),
+                                                (100, (32, 256), (1, 99))])
+def test_eval_shape_fits_the_valid_split(n, asked, expected):
+    streams, length = eval_shape(n, *asked)
+    assert (streams, length) == expected and streams * (length + 1) <= n
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_sampling_is_a_pure_function_of_seed():
+    engine = Engine(tiny_config(), "reference")
+    prompt = np.frombuffer(b"the quick", dtype=np.uint8)
+    a, b = generate(engine, prompt, 12, seed=5), generate(engine, prompt, 12, seed=5)
+    assert a.dtype == np.int32 and len(a) == 12 and np.array_equal(a, b)
+    assert np.all((a >= 0) & (a < 256))
+
+
+def test_greedy_follows_the_argmax():
+    engine = Engine(tiny_config(), "reference")
+    first = generate(engine, [116, 104], 1, greedy=True)[0]
+    logits = None
+    state = engine.model.init_state(1)
+    for token in (0, 116, 104):
+        logits, state = engine.model.forward(engine.inference_ops(), np.array([token]), state)
+    assert first == int(np.argmax(logits[0]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(logits=st.lists(st.integers(-127, 127), min_size=2, max_size=40),
+       shift=st.integers(-3, 3), seed=st.integers(0, 2**32 - 1), position=st.integers(0, 999))
+def test_draws_only_tokens_with_weight(logits, shift, seed, position):
+    w = token_weights(np.array(logits, dtype=np.int8), shift)
+    assert w.max() == 1 << 16 and w.min() >= 0
+    assert w[draw(w, seed, position)] > 0
+
+
+def test_draws_follow_the_weights():
+    w = np.array([3 << 16, 1 << 16, 0], dtype=np.int64)
+    picks = np.bincount([draw(w, 1, p) for p in range(2000)], minlength=3)
+    assert picks[2] == 0 and 0.70 < picks[0] / 2000 < 0.80
