@@ -1,0 +1,338 @@
+"""Float Hugging Face causal LMs fine-tuned by the same low-rank ES core as the integer engine.
+
+Every selected linear layer (``nn.Linear``, and GPT-2's ``Conv1D`` whose weight is stored
+transposed) gets a member-aware side path during evaluation::
+
+    y = x W^T + sigma * s_m * (x B_p) A_p^T        member m = 2p or 2p+1, s_m = +1 / -1
+
+The factors A_p, B_p come from ``intes.noise.lowrank_factors`` keyed by
+(seed, step, pair, tensor_id), with tensor_id the index of the layer in the sorted list of
+selected layer names; the int8 values are divided by 16, so they are ~N(0, 1). The batch of one
+``generate()`` is members x prompts (member-major), so the whole population shares every base
+matmul and only the rank-r side path differs per member. The side path lives in forward hooks
+that exist only inside ``LowRankAdapter.perturbed``: base weights are never written while
+members are evaluated, so unlike the perturb / generate / restore loop of "Evolution
+Strategies at Scale" nothing drifts, even in bf16.
+
+The update is rebuilt from seeds alone (no stored noise, no optimizer state)::
+
+    W += lr / (N * sigma) * sum_m f_m s_m A_p B_p^T
+
+with f the shaped rewards, computed per layer as one float32 matmul (A^T diag(c)) B over the
+pairs (c_p = f_2p - f_2p+1) and cast back to the weight's dtype. ``lr`` multiplies the
+textbook ES gradient estimate (hence the 1/sigma), so it does not change meaning when sigma
+does. "Evolution Strategies at Scale" absorbs sigma into its step size alpha (5e-4 with
+sigma 1e-3); the same update here is ``lr = alpha * sigma``, hence the default lr of 5e-7.
+Taking lr = 5e-4 literally would move each weight by ~0.1 per step and wreck a pretrained model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.pytorch_utils import Conv1D
+
+from intes.errors import ConfigError, DataError, IntesError
+from intes.noise import lowrank_factors, member_signs
+
+RewardFn = Callable[[str, str], float]
+SHAPINGS = ("zscore", "rank", "sign")
+NOISE_UNIT = 16.0  # int8 noise is N(0, 1) in x16 fixed point; a power of two, so /16 is exact
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or a Conv1D (whose weight is (in, out))."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of weight tensors owned by more than one module (e.g. an lm_head tied to wte)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[str, nn.Module]]:
+    """The perturbed layers, sorted by name (the order defines each layer's tensor_id).
+
+    A tied weight (GPT-2's lm_head shares the input embedding) is skipped: the side path would
+    only perturb its output role, while the update would also move the embedding.
+    """
+    pattern = re.compile(target_modules) if target_modules else None
+    tied = _shared_weights(model)
+    layers = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | Conv1D) and id(m.weight) not in tied
+        and (pattern is None or pattern.search(name))
+    ]
+    if not layers:
+        which = f" matching {target_modules!r}" if target_modules else ""
+        raise ConfigError(f"the model has no (untied) Linear layers{which} to perturb")
+    return sorted(layers, key=lambda item: item[0])
+
+
+def shape_rewards(rewards: np.ndarray, kind: str) -> np.ndarray:
+    """Per-member shaped fitness f (float64, N) from per-member rewards.
+
+    zscore: (r - mean) / std; rank: centred ranks in [-0.5, 0.5] (ties share their average
+    rank); sign: +1 for the better member of its antithetic pair, -1 for the worse, 0 on a tie.
+    Ties must give equal fitness: otherwise a pair whose two members scored the same would
+    still push the weights along its (uninformative) noise direction.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    if kind == "zscore":
+        if np.ptp(r) == 0:  # exact ties: no signal (a rounding-level std would blow it up)
+            return np.zeros_like(r)
+        return (r - r.mean()) / r.std()
+    if kind == "rank":
+        order = np.argsort(r, kind="stable")
+        ranks = np.empty(len(r))
+        ranks[order] = np.arange(len(r))
+        _, inverse = np.unique(r, return_inverse=True)
+        ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+        return ranks / max(len(r) - 1, 1) - 0.5
+    if kind == "sign":
+        d = np.sign(r[0::2] - r[1::2])
+        return np.stack([d, -d], axis=1).reshape(-1)
+    raise ConfigError(f"shaping must be one of {SHAPINGS}, got {kind!r}")
+
+
+def pair_coefficients(fitness: np.ndarray) -> np.ndarray:
+    """c_p = sum over pair p's members of f_m * s_m: the weight of A_p B_p^T in the update."""
+    f = np.asarray(fitness, dtype=np.float64)
+    signed = f * member_signs(np.arange(len(f)))
+    return signed.reshape(-1, 2).sum(axis=1)
+
+
+def _side_path(a: torch.Tensor, b: torch.Tensor) -> Callable:
+    """A forward hook adding (x B_m) (sigma s_m A_m)^T to each member's rows, in float32.
+
+    a: (M, out, r) already scaled by sigma * s_m; b: (M, in, r). The batch must be
+    member-major with the same number of rows per member, so one reshape groups the rows and
+    two batched matmuls (rank r in the middle) cover all members.
+    """
+    members = a.shape[0]
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if x.shape[0] % members:
+            raise ValueError(f"batch of {x.shape[0]} rows is not {members} members x prompts")
+        xs = x.reshape(members, -1, x.shape[-1]).float()
+        delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
+        return (output.float() + delta.reshape(output.shape)).to(output.dtype)
+
+    return hook
+
+
+class LowRankAdapter:
+    """Member-aware rank-r perturbations of a model's linear layers, and the seeded update."""
+
+    def __init__(self, model: nn.Module, sigma: float, rank: int, seed: int,
+                 target_modules: str | None = None) -> None:
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ConfigError(f"sigma must be a positive number, got {sigma}")
+        if not 1 <= rank <= 64:
+            raise ConfigError(f"rank must be in 1..64, got {rank}")
+        self.model = model
+        self.sigma = float(sigma)
+        self.rank = rank
+        self.seed = seed
+        self.layers = select_layers(model, target_modules)
+
+    @property
+    def names(self) -> list[str]:
+        """Selected layer names; position = tensor_id in the noise key."""
+        return [name for name, _ in self.layers]
+
+    def factors(self, step: int, pairs: np.ndarray, tensor_id: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 factors A (P, out, r), B (P, in, r) of one layer, on that layer's device."""
+        module = self.layers[tensor_id][1]
+        out_dim, in_dim = layer_dims(module)
+        a, b = lowrank_factors(self.seed, step, pairs, tensor_id, out_dim, in_dim, self.rank)
+        dev = module.weight.device
+        return (torch.from_numpy(a).to(dev, torch.float32) / NOISE_UNIT,
+                torch.from_numpy(b).to(dev, torch.float32) / NOISE_UNIT)
+
+    @contextmanager
+    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
+        """Inside, a forward over a member-major batch evaluates each listed member's weights.
+
+        Row block i of every batch belongs to ``members[i]``; the hooks are removed on exit, so
+        the model is the plain base model outside this context.
+        """
+        members = np.asarray(members, dtype=np.int64)
+        pairs, inverse = np.unique(members // 2, return_inverse=True)
+        signs = torch.from_numpy(member_signs(members).astype(np.float32)) * self.sigma
+        handles = []
+        try:
+            for tid, (_, module) in enumerate(self.layers):
+                a, b = self.factors(step, pairs, tid)
+                idx = torch.from_numpy(inverse).to(a.device)
+                a_m = a[idx] * signs.to(a.device)[:, None, None]
+                handles.append(module.register_forward_hook(_side_path(a_m, b[idx])))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def update(self, step: int, fitness: np.ndarray, lr: float) -> None:
+        """W += lr / (N sigma) * sum_m f_m s_m A_p B_p^T, the factors regenerated from seeds."""
+        coef = pair_coefficients(fitness)
+        pairs = np.arange(len(coef))
+        scale = lr / (len(fitness) * self.sigma)
+        for tid, (_, module) in enumerate(self.layers):
+            a, b = self.factors(step, pairs, tid)
+            c = torch.as_tensor(coef, dtype=torch.float32, device=a.device)
+            out_dim, in_dim = a.shape[1], b.shape[1]
+            a_cat = (a * c[:, None, None]).permute(1, 0, 2).reshape(out_dim, -1)
+            b_cat = b.permute(1, 0, 2).reshape(in_dim, -1)
+            delta = a_cat @ b_cat.T  # (out, in): one matmul over all pairs and ranks
+            w = module.weight
+            w.copy_((w.float() + scale * (delta.T if isinstance(module, Conv1D) else delta))
+                    .to(w.dtype))
+
+
+def _check_reward(value: object, prompt: str, name: str) -> float:
+    """A reward must be a finite real number; anything else is the user's bug, named once."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"reward function {name} returned {value!r} for prompt "
+                          f"{prompt[:40]!r}; it must return a finite number")
+    return float(value)
+
+
+class ESFineTuner:
+    """Fine-tune a causal LM with antithetic low-rank ES on a text reward.
+
+    ``reward_fn(prompt, completion) -> float`` scores one greedy completion (the text after
+    the prompt, special tokens removed). It is called per item rather than per batch so a
+    reward is a plain function of its own inputs; its cost is small next to generation.
+    A member's fitness is its mean reward over the prompts of the step. Decoding is greedy,
+    as in "Evolution Strategies at Scale", so a reward difference reflects the weights, not
+    sampling noise.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, reward_fn: RewardFn, population: int = 8,
+                 sigma: float = 1e-3, lr: float = 5e-7, rank: int = 1, seed: int = 0,
+                 shaping: str = "zscore", max_new_tokens: int = 64,
+                 target_modules: str | None = None, member_chunk: int | None = None) -> None:
+        if population < 2 or population % 2:
+            raise ConfigError(f"population must be a positive even number, got {population}")
+        if shaping not in SHAPINGS:
+            raise ConfigError(f"shaping must be one of {SHAPINGS}, got {shaping!r}")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if member_chunk is not None and member_chunk < 1:
+            raise ConfigError(f"member_chunk must be >= 1, got {member_chunk}")
+        if not math.isfinite(lr):
+            raise ConfigError(f"lr must be a finite number, got {lr}")
+        self.model = model.eval()  # dropout off: a member's reward must depend on its weights
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.population = population
+        self.lr = lr
+        self.shaping = shaping
+        self.member_chunk = member_chunk or population
+        self.adapter = LowRankAdapter(model, sigma, rank, seed, target_modules)
+        self.step_index = 0
+        self.generation = self._generation_config(max_new_tokens)
+
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy decoding; a tokenizer without a pad token pads with its eos token."""
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ConfigError("the tokenizer has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt batch (decoder-only generation continues from the right edge)."""
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = side
+        dev = self.model.get_input_embeddings().weight.device
+        return {key: enc[key].to(dev) for key in ("input_ids", "attention_mask")}
+
+    def _complete(self, enc: dict[str, torch.Tensor], members: np.ndarray) -> list[str]:
+        """Completions of every prompt for each member, member-major, in one generate()."""
+        batch = {key: value.repeat(len(members), 1) for key, value in enc.items()}
+        with self.adapter.perturbed(self.step_index, members):
+            out = self.model.generate(**batch, generation_config=self.generation)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def evaluate(self, prompts: Sequence[str]) -> np.ndarray:
+        """Rewards (population, prompts) of every member at the current step; weights untouched.
+
+        Members go through generate() member_chunk at a time; on CUDA out-of-memory the chunk
+        is halved (and kept halved) until it fits.
+        """
+        prompts = list(prompts)
+        if not prompts:
+            raise DataError("no prompts to evaluate")
+        enc = self._encode(prompts)
+        name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
+        rewards = np.empty((self.population, len(prompts)))
+        start = 0
+        while start < self.population:
+            members = np.arange(start, min(start + self.member_chunk, self.population))
+            try:
+                texts = self._complete(enc, members)
+            except torch.cuda.OutOfMemoryError:
+                if len(members) == 1:
+                    raise IntesError("out of memory with one member per forward; use fewer "
+                                     "prompts per step or fewer new tokens") from None
+                self.member_chunk = len(members) // 2
+                torch.cuda.empty_cache()
+                continue
+            for i, text in enumerate(texts):
+                row, col = divmod(i, len(prompts))
+                rewards[start + row, col] = self._reward(prompts[col], text, name)
+            start += len(members)
+        return rewards
+
+    def _reward(self, prompt: str, completion: str, name: str) -> float:
+        """Call the user's reward, turning any failure into one clear line."""
+        try:
+            value = self.reward_fn(prompt, completion)
+        except Exception as exc:  # any failure of user code is reported as the user's
+            msg = " ".join(str(exc).split())
+            raise ConfigError(f"reward function {name} raised {type(exc).__name__}: {msg}") from exc
+        return _check_reward(value, prompt, name)
+
+    def step(self, prompts: Sequence[str]) -> dict[str, float]:
+        """One ES step: evaluate the population on the prompts, then update from seeds."""
+        t0 = time.perf_counter()
+        fitness = self.evaluate(prompts).mean(axis=1)
+        self.adapter.update(self.step_index, shape_rewards(fitness, self.shaping), self.lr)
+        metrics = {"step": self.step_index, "reward_mean": float(fitness.mean()),
+                   "reward_max": float(fitness.max()), "reward_min": float(fitness.min()),
+                   "time_s": time.perf_counter() - t0}
+        self.step_index += 1
+        return metrics
+
+    def save(self, path: str | Path) -> None:
+        """save_pretrained of the model and tokenizer: a plain HF checkpoint, no intes needed."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)

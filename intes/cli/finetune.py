@@ -1,0 +1,202 @@
+"""`intes finetune`: ES fine-tuning of a local Hugging Face causal LM on a text reward.
+
+Only parses arguments, loads things and calls ``intes.adapters.hf.ESFineTuner``. Everything is
+written to a temporary folder next to --out and renamed into place at the end, so an
+interrupted or failed run never leaves a half-written model. torch and transformers are
+imported inside the functions that need them, so `intes --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from intes.errors import ConfigError, DataError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message squeezed onto one line (errors are printed as one line)."""
+    return " ".join(str(exc).split())[:limit]
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """Non-empty lines of the prompts file (trailing whitespace and newlines removed)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read prompts file {path}: {exc}") from None
+    lines = [line.rstrip("\r\n") for line in text.splitlines()]
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise DataError(f"prompts file {path} has no prompts (one per line)")
+    return lines
+
+
+def _import_reward(spec: str):
+    """The callable named by 'package.module:function' or 'path/to/file.py:function'."""
+    module_name, colon, attr = spec.rpartition(":")
+    if not colon or not module_name or not attr:
+        raise ConfigError(f"--reward must look like module:function, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            loader = importlib.util.spec_from_file_location("intes_user_reward", module_name)
+            if loader is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # a console script's path lacks the cwd
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module failed to import: say so in one line
+        raise ConfigError(f"cannot import reward module {module_name!r}: "
+                          f"{type(exc).__name__}: {_one_line(exc)}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _load_model(path: Path, dtype: str, device: str):
+    """Tokenizer and causal LM from a save_pretrained folder, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_dir():
+        raise DataError(f"model path {path} is not a folder made by save_pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    except Exception as exc:  # whatever is wrong with the folder, the user must fix the folder
+        raise DataError(f"cannot load a causal LM and tokenizer from {path}: "
+                        f"{type(exc).__name__}: {_one_line(exc)}") from None
+    return model.to(device), tokenizer
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    """Reward per step: population mean with the min..max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.fill_between(steps, [h["reward_min"] for h in history], [h["reward_max"] for h in history],
+                    alpha=0.25, label="population min..max")
+    ax.plot(steps, [h["reward_mean"] for h in history], label="population mean")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("ES step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that already holds files (checked before any slow work)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder")
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh temporary folder beside --out, renamed onto it once everything is written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the final folder's mode
+    return tmp
+
+
+@click.command("finetune")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Folder made by save_pretrained (model + tokenizer); loaded offline.")
+@click.option("--task", type=str, help="Built-in reward: conciseness or countdown.")
+@click.option("--reward", "reward_spec", type=str,
+              help="Own reward module:function or file.py:function: f(prompt, completion)->float.")
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(path_type=Path),
+              help="Text file, one prompt per line (conciseness: prompt<TAB>target).")
+@click.option("--population", default=8, show_default=True, help="Members per step (even).")
+@click.option("--sigma", default=1e-3, show_default=True, help="Perturbation scale.")
+@click.option("--lr", default=5e-7, show_default=True,
+              help="Step of W += lr/(N sigma) sum f_m eps_m; the paper's alpha times sigma.")
+@click.option("--rank", default=1, show_default=True, help="Rank of each perturbation.")
+@click.option("--shaping", type=click.Choice(["zscore", "rank", "sign"]), default="zscore",
+              show_default=True, help="Fitness shaping.")
+@click.option("--steps", default=100, show_default=True, help="ES steps.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="New tokens per prompt.")
+@click.option("--seed", default=0, show_default=True, help="Noise seed.")
+@click.option("--target-modules", default=None, help="Regex over layer names to perturb (all).")
+@click.option("--member-chunk", default=None, type=int,
+              help="Members per generate() call (default: the whole population).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="New folder for the fine-tuned model, metrics.jsonl and reward.png.")
+def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompts_path: Path,
+             population: int, sigma: float, lr: float, rank: int, shaping: str, steps: int,
+             max_new_tokens: int, seed: int, target_modules: str | None,
+             member_chunk: int | None, dtype: str, device: str | None, out: Path) -> None:
+    """Fine-tune a Hugging Face causal LM with low-rank evolution strategies."""
+    if (task is None) == (reward_spec is None):
+        raise ConfigError("give exactly one of --task NAME or --reward module:function")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    _check_out(out)
+    from intes.adapters.tasks import load_task
+
+    lines = _read_prompts(prompts_path)
+    if task is not None:
+        prompts, reward_fn = load_task(task, lines)
+    else:
+        prompts, reward_fn = lines, _import_reward(reward_spec)
+    history = _train(model_path, prompts, reward_fn, dtype, device, steps, out, dict(
+        population=population, sigma=sigma, lr=lr, rank=rank, seed=seed, shaping=shaping,
+        max_new_tokens=max_new_tokens, target_modules=target_modules, member_chunk=member_chunk))
+    first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
+    click.echo(f"saved {out}: mean reward {first:.4g} -> {last:.4g} over {len(history)} steps")
+
+
+def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: str | None,
+           steps: int, out: Path, es_args: dict) -> list[dict]:
+    """Run the ES steps with a progress bar, then write model, metrics and plot atomically."""
+    import torch
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from intes.adapters.hf import ESFineTuner
+
+    hf_logging.set_verbosity_error()  # keep the terminal to our progress bar and errors
+    hf_logging.disable_progress_bar()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_model(model_path, dtype, device)
+    tuner = ESFineTuner(model, tokenizer, reward_fn, **es_args)
+    tmp = _staging_dir(out)
+    try:
+        history = []
+        with tqdm(range(steps), desc="finetune", unit="step") as bar:
+            for _ in bar:
+                history.append(tuner.step(prompts))
+                bar.set_postfix(reward=f"{history[-1]['reward_mean']:.4g}")
+        tuner.save(tmp)
+        with open(tmp / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        _plot(history, tmp / "reward.png")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return history
+

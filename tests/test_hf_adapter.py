@@ -1,0 +1,442 @@
+"""The float HF adapter: shared batched side path == explicit perturbation, no drift, seeded
+update == stored-noise update, learning on a toy reward, the built-in tasks and `finetune`.
+
+Models are tiny Llama / GPT-2 built from configs with a BPE tokenizer trained here: no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from click.testing import CliRunner  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from intes.adapters.hf import (  # noqa: E402
+    ESFineTuner,
+    LowRankAdapter,
+    layer_dims,
+    shape_rewards,
+)
+from intes.adapters.tasks import conciseness, countdown, countdown_score, load_task  # noqa: E402
+from intes.cli.finetune import finetune  # noqa: E402
+from intes.errors import ConfigError, DataError, IntesError  # noqa: E402
+from intes.noise import lowrank_factors, member_signs  # noqa: E402
+
+PROMPTS = ["the quick brown", "lazy dog", "over the", "jumps"]
+ARCHS = ["llama", "gpt2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded, and a 2-core machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"])
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")
+
+
+def build(arch: str, tok: PreTrainedTokenizerFast, dtype=None) -> torch.nn.Module:
+    """A tiny random model, the same weights for the same arch (fixed torch seed)."""
+    torch.manual_seed(0)
+    ids = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=4, **ids))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                           **ids))
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def weights(model: torch.nn.Module) -> dict[str, bytes]:
+    """Every tensor of the state dict as raw bytes: equality is bitwise, whatever the dtype."""
+    return {k: v.detach().contiguous().view(torch.uint8).numpy().tobytes()
+            for k, v in model.state_dict().items()}
+
+
+def zero_reward(prompt: str, completion: str) -> float:
+    return 0.0
+
+
+# ---------------------------------------------------------------- side path and update
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_evaluation_leaves_base_weights_bitwise_unchanged(tokenizer, arch, dtype):
+    model = build(arch, tokenizer, dtype)
+    before = weights(model)
+    tuner = ESFineTuner(model, tokenizer, lambda p, c: len(c), population=6, sigma=0.05,
+                        max_new_tokens=4, member_chunk=4)
+    rewards = tuner.evaluate(PROMPTS)
+    assert rewards.shape == (6, len(PROMPTS))
+    assert weights(model) == before
+    assert not any(m._forward_hooks for m in model.modules())  # the side path is gone
+
+
+def test_layer_selection(tokenizer):
+    llama = LowRankAdapter(build("llama", tokenizer), sigma=0.1, rank=1, seed=0)
+    linear = [n for n, m in build("llama", tokenizer).named_modules()
+              if isinstance(m, torch.nn.Linear)]
+    assert llama.names == sorted(linear)  # all by default; tensor_id = sorted position
+    gpt2 = LowRankAdapter(build("gpt2", tokenizer), sigma=0.1, rank=1, seed=0)
+    assert "lm_head" not in gpt2.names  # tied to the input embedding
+    assert all(isinstance(m, Conv1D) for _, m in gpt2.layers)
+    attn = LowRankAdapter(build("llama", tokenizer), 0.1, 1, 0, target_modules=r"self_attn")
+    assert len(attn.names) == 8 and all("self_attn" in n for n in attn.names)
+
+
+def explicitly_perturbed(model, adapter, step: int, member: int) -> torch.nn.Module:
+    """A copy whose weights hold sigma * s_m * A_p B_p^T, the factors straight from noise.py."""
+    twin = copy.deepcopy(model)
+    modules = dict(twin.named_modules())
+    sign = float(member_signs(np.array([member]))[0])
+    for tid, name in enumerate(sorted(adapter.names)):
+        module = modules[name]
+        out_dim, in_dim = layer_dims(module)
+        a, b = lowrank_factors(adapter.seed, step, np.array([member // 2]), tid, out_dim, in_dim,
+                               adapter.rank)
+        eps = torch.from_numpy(a[0] / 16.0 @ (b[0] / 16.0).T).float()
+        with torch.no_grad():
+            module.weight += adapter.sigma * sign * (eps.T if isinstance(module, Conv1D) else eps)
+    return twin
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@settings(max_examples=6, deadline=None)
+@given(members=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+       step=st.integers(0, 2**20), rank=st.integers(1, 3))
+def test_batched_side_path_equals_explicit_perturbation(tokenizer, arch, members, step, rank):
+    model = build(arch, tokenizer)
+    adapter = LowRankAdapter(model, sigma=0.05, rank=rank, seed=11)
+    ids = torch.randint(3, tokenizer.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(ids).logits
+        with adapter.perturbed(step, members):
+            batched = model(ids.repeat(len(members), 1)).logits.view(len(members), *base.shape)
+        for i, member in enumerate(members):
+            expected = explicitly_perturbed(model, adapter, step, member)(ids).logits
+            torch.testing.assert_close(batched[i], expected, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(batched[i], base, atol=1e-3)  # the perturbation is felt
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_update_from_seeds_equals_update_from_stored_factors(tokenizer, arch, data):
+    population = 2 * data.draw(st.integers(1, 5))
+    fitness = np.array(data.draw(st.lists(st.floats(-3, 3), min_size=population,
+                                          max_size=population)))
+    step, rank, lr = data.draw(st.integers(0, 1000)), data.draw(st.integers(1, 3)), 1e-3
+    model = build(arch, tokenizer)
+    adapter = LowRankAdapter(model, sigma=0.02, rank=rank, seed=5)
+    before = {n: m.weight.detach().double().clone() for n, m in adapter.layers}
+    adapter.update(step, fitness, lr)
+    signs = member_signs(np.arange(population))
+    for tid, (name, module) in enumerate(adapter.layers):
+        out_dim, in_dim = layer_dims(module)
+        a, b = lowrank_factors(5, step, np.arange(population) // 2, tid, out_dim, in_dim, rank)
+        stored = sum(fitness[m] * signs[m] * (a[m] / 16.0) @ (b[m] / 16.0).T
+                     for m in range(population))  # one explicit term per member, float64
+        delta = torch.from_numpy(lr / (population * 0.02) * stored)
+        expected = before[name] + (delta.T if isinstance(module, Conv1D) else delta)
+        torch.testing.assert_close(module.weight.double(), expected, rtol=0, atol=2e-6)
+
+
+def test_same_seed_same_weights_and_tied_rewards_change_nothing(tokenizer):
+    def run(seed: int) -> dict[str, bytes]:
+        model = build("llama", tokenizer)
+        tuner = ESFineTuner(model, tokenizer, lambda p, c: c.count("o"), population=4,
+                            sigma=0.05, lr=1e-3, seed=seed, max_new_tokens=6)
+        for _ in range(3):
+            tuner.step(PROMPTS[:2])
+        return weights(model)
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+    model = build("gpt2", tokenizer)
+    before = weights(model)
+    ESFineTuner(model, tokenizer, zero_reward, population=4, max_new_tokens=2).step(PROMPTS)
+    assert weights(model) == before  # no signal, no move, bit for bit
+
+
+def test_member_chunks_give_the_same_completions(tokenizer):
+    def completions(chunk: int | None) -> list[str]:
+        seen: list[str] = []
+        tuner = ESFineTuner(build("llama", tokenizer), tokenizer,
+                            lambda p, c: seen.append(c) or 0.0, population=6, sigma=0.05,
+                            max_new_tokens=6, member_chunk=chunk)
+        tuner.evaluate(PROMPTS)
+        return seen
+
+    assert completions(None) == completions(3) == completions(1)
+
+
+def test_out_of_memory_halves_the_member_chunk(tokenizer, monkeypatch):
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, lambda p, c: len(c), population=8,
+                        sigma=0.05, max_new_tokens=3)
+    expected = tuner.evaluate(PROMPTS)
+    complete = tuner._complete
+
+    def small_memory(enc, members):
+        if len(members) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return complete(enc, members)
+
+    monkeypatch.setattr(tuner, "_complete", small_memory)
+    np.testing.assert_array_equal(tuner.evaluate(PROMPTS), expected)
+    assert tuner.member_chunk == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mean_reward_rises_on_a_toy_reward(tokenizer, arch):
+    target = tokenizer.convert_tokens_to_ids("Ġfox")
+
+    def fox_share(prompt: str, completion: str) -> float:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return sum(i == target for i in ids) / 8
+
+    tuner = ESFineTuner(build(arch, tokenizer), tokenizer, fox_share, population=16,
+                        sigma=0.02, lr=1e-3, max_new_tokens=8, seed=0)
+    history = [tuner.step(PROMPTS)["reward_mean"] for _ in range(30)]
+    assert np.mean(history[-5:]) > np.mean(history[:5]) + 0.25, history
+
+
+def test_bf16_steps_update_in_bf16(tokenizer):
+    model = build("llama", tokenizer, torch.bfloat16)
+    before = weights(model)
+    tuner = ESFineTuner(model, tokenizer, lambda p, c: c.count(" "), population=4, sigma=0.05,
+                        lr=1e-2, max_new_tokens=6, shaping="rank")
+    metrics = [tuner.step(PROMPTS) for _ in range(2)]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert weights(model) != before
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=12).map(
+    lambda r: r + r[:1] if len(r) % 2 else r))
+def test_shaping_is_centred_tie_aware_and_antithetic(rewards):
+    r = np.array(rewards)
+    for kind in ("zscore", "rank", "sign"):
+        f = shape_rewards(r, kind)
+        assert f.shape == r.shape and np.all(np.isfinite(f))
+        assert abs(f.sum()) < 1e-6 * len(f)
+        for i, j in zip(*np.nonzero(r[:, None] == r[None, :]), strict=True):
+            if kind != "sign":
+                assert f[i] == f[j]  # equal rewards, equal fitness
+    rank = shape_rewards(r, "rank")
+    assert rank.min() >= -0.5 and rank.max() <= 0.5
+    sign = shape_rewards(r, "sign")
+    np.testing.assert_array_equal(sign[0::2], -sign[1::2])
+    np.testing.assert_array_equal(sign[0::2], np.sign(r[0::2] - r[1::2]))
+
+
+# ---------------------------------------------------------------- bad input through the API
+
+
+@pytest.mark.parametrize("value", ["abc", None, math.nan, math.inf, [1.0]])
+def test_reward_returning_a_non_number_is_one_clear_error(tokenizer, value):
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, lambda p, c: value, population=2,
+                        max_new_tokens=2)
+    with pytest.raises(ConfigError, match="must return a finite number") as err:
+        tuner.step(PROMPTS)
+    assert "\n" not in str(err.value)
+
+
+def test_reward_that_raises_is_one_clear_error(tokenizer):
+    def broken(prompt: str, completion: str) -> float:
+        raise KeyError("no\nsuch key")
+
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, broken, population=2,
+                        max_new_tokens=2)
+    before = weights(tuner.model)
+    with pytest.raises(ConfigError, match="reward function broken raised KeyError") as err:
+        tuner.step(PROMPTS)
+    assert "\n" not in str(err.value)
+    assert weights(tuner.model) == before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(population=3), "even"),
+    (dict(shaping="softmax"), "shaping"),
+    (dict(sigma=0.0), "sigma"),
+    (dict(rank=0), "rank"),
+    (dict(target_modules="no_such_layer"), "no .*Linear layers"),
+])
+def test_bad_configuration(tokenizer, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ESFineTuner(build("llama", tokenizer), tokenizer, zero_reward, **kwargs)
+
+
+def test_model_without_linear_layers(tokenizer):
+    with pytest.raises(ConfigError, match="no .*Linear layers"):
+        ESFineTuner(torch.nn.Sequential(torch.nn.Embedding(10, 4)), tokenizer, zero_reward)
+
+
+def test_no_prompts(tokenizer):
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2)
+    with pytest.raises(DataError):
+        tuner.step([])
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def test_conciseness_targets_and_default():
+    prompts, reward = conciseness(["Name a primary colour\tRed", "Say hi"])
+    assert prompts == ["Name a primary colour", "Say hi"]
+    assert reward(prompts[0], " Blue ") == -1
+    assert reward(prompts[0], "Red") == 0
+    assert reward(prompts[1], "x" * 10) == 0 and reward(prompts[1], "") == -10
+
+
+@pytest.mark.parametrize("answer, score", [
+    ("19 + 36 + 55 - 45", 0.0),  # 45 is not given
+    ("(55 - 36) * 7 / 19 = 7", 0.5 * (1 - 58 / 65)),  # valid, value 7, partial credit
+    ("<answer>55 + 19 - 36 + 7*4</answer>", 0.0),  # 4 not given
+    ("55 + 7 + 19 - 36 - 7", 0.0),  # 7 used twice
+    ("<answer>36 + 55 - 19 - 7</answer> wait", 1.0),  # 65
+    ("36+55-19-7", 1.0),
+    ("36 + 55 - 19 - 7 = 65\nmore text", 1.0),
+    ("__import__('os').system('true')", 0.0),
+    ("55 / (36 - 36)", 0.0),
+    ("2 ** 10", 0.0),
+    ("-19 + 36", 0.0),  # unary minus is not allowed
+    ("", 0.0),
+    ("the answer is 65", 0.0),
+])
+def test_countdown_scores(answer, score):
+    assert countdown_score([19, 36, 55, 7], 65, answer) == pytest.approx(score)
+
+
+@given(st.text(alphabet="0123456789+-*/() =<>answer\n", max_size=80))
+def test_countdown_never_raises_and_stays_in_range(text):
+    assert 0.0 <= countdown_score([3, 5, 7, 11], 24, text) <= 1.0
+
+
+def test_countdown_prompt_parsing():
+    prompts, reward = countdown(["Using 3 5 7 reach 22"])
+    assert reward(prompts[0], "3 * 5 + 7") == 1.0
+    with pytest.raises(DataError, match="line 1"):
+        countdown(["no numbers here"])
+    with pytest.raises(ConfigError, match="conciseness, countdown"):
+        load_task("no-such-task", ["x"])
+
+
+# ---------------------------------------------------------------- the finetune command
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    """A save_pretrained folder with a tiny Llama, and a prompts file."""
+    root = tmp_path_factory.mktemp("hf")
+    build("llama", tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "prompts.txt").write_text("the quick brown\nlazy dog\n")
+    return root
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(finetune, [str(a) for a in args])
+
+
+def test_finetune_writes_model_metrics_and_plot(saved, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("--model", saved / "model", "--task", "conciseness", "--prompts",
+                    saved / "prompts.txt", "--population", 4, "--steps", 2,
+                    "--max-new-tokens", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1]
+    assert (out / "reward.png").stat().st_size > 0
+    AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("form", ["file.py:function", "module:function"])
+def test_finetune_with_a_reward_function(saved, tmp_path, monkeypatch, form):
+    (tmp_path / "short_reward.py").write_text(
+        "def short(prompt, completion):\n    return -len(completion)\n")
+    monkeypatch.chdir(tmp_path)  # module:function is found in the working directory
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "short_reward", raising=False)
+    module = tmp_path / "short_reward.py" if form.startswith("file") else "short_reward"
+    spec = f"{module}:short"
+    result = invoke("--model", saved / "model", "--reward", spec, "--prompts",
+                    saved / "prompts.txt", "--population", 2, "--steps", 1,
+                    "--max-new-tokens", 2, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("unknown task", ConfigError, "unknown task"),
+    ("empty prompts", DataError, "no prompts"),
+    ("missing model", DataError, "model path"),
+    ("raising reward", ConfigError, "raised ZeroDivisionError"),
+    ("nan reward", ConfigError, "finite number"),
+    ("bad reward spec", ConfigError, "module:function"),
+    ("task and reward", ConfigError, "exactly one"),
+    ("out not empty", ConfigError, "not empty"),
+])
+def test_finetune_bad_input_is_one_line(saved, tmp_path, case, error, match):
+    (tmp_path / "r.py").write_text("def div(p, c):\n    return 1 / 0\n"
+                                   "def nan(p, c):\n    return float('nan')\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    args = {"--model": saved / "model", "--task": "conciseness",
+            "--prompts": saved / "prompts.txt", "--out": tmp_path / "out"}
+    args.update({
+        "unknown task": {"--task": "no-such-task"},
+        "empty prompts": {"--prompts": tmp_path / "empty.txt"},
+        "missing model": {"--model": tmp_path / "nowhere"},
+        "raising reward": {"--task": None, "--reward": f"{tmp_path / 'r.py'}:div"},
+        "nan reward": {"--task": None, "--reward": f"{tmp_path / 'r.py'}:nan"},
+        "bad reward spec": {"--task": None, "--reward": "no_colon"},
+        "task and reward": {"--reward": f"{tmp_path / 'r.py'}:div"},
+        "out not empty": {"--out": tmp_path / "full"},
+    }[case])
+    argv = [x for k, v in args.items() if v is not None for x in (k, v)]
+    result = invoke(*argv, "--population", 2, "--steps", 1, "--max-new-tokens", 2)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, error), result.output
+    assert isinstance(result.exception, IntesError) and "\n" not in str(result.exception)
+    assert re.search(match, str(result.exception))
+    assert not (tmp_path / "out").exists()
