@@ -94,7 +94,7 @@ def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray]
     """New weights from (seed, step, shaped fitness) alone: noise is regenerated, not stored."""
     thr_matrix, thr_vector = thresholds(step, fitness, cfg)
     pairs = np.arange(len(fitness))
-    noise = make_noise(specs, seed, step, pairs, cfg.rank, cfg.noise_reuse)
+    noise = make_noise(specs, seed, step, pairs, cfg.rank, cfg.noise_reuse, backend)
     new = {}
     for s in specs:
         if s.kind == "vector":

@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from intes import intmath
 from intes import noise as nz
 from intes.intmath import fan_in_shift, rshift_round, sat8
 from intes.kernels.base import Backend, LowRank
@@ -56,12 +57,14 @@ class Ops:
     """The ops a model calls for one ES step (or for plain inference when noise is None).
 
     ``noise`` maps matrix/embedding names to ``LowRank`` and vector names to int8 (P, n)
-    noise; vectors are materialized per member once here, not per token.
+    noise; vectors are materialized per member once here, not per token. ``ew`` holds the
+    elementwise ops (intes.intmath's names and bits), fused by backends that have their own.
     """
 
     def __init__(self, backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray],
                  noise: dict | None = None, sigma_shift: int = 4, prepared: dict | None = None):
         self.backend = backend
+        self.ew = getattr(backend, "ew", intmath)
         self.sigma_shift = sigma_shift
         self.params = params
         self.noise = noise or {}
@@ -98,14 +101,19 @@ def prepare(backend: Backend, specs: list[ParamSpec], params: dict) -> dict:
 
 
 def make_noise(specs: list[ParamSpec], seed: int, step: int, pairs: np.ndarray, rank: int,
-               noise_reuse: int = 1) -> dict:
-    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone."""
+               noise_reuse: int = 1, backend: Backend | None = None) -> dict:
+    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone.
+
+    A backend may bring a faster generator of the same bits (``noise_source``, with
+    intes.noise's ``lowrank_factors`` and ``vector_noise``).
+    """
+    gen = getattr(backend, "noise_source", nz)
     hstep = nz.effective_step(step, noise_reuse)
     out = {}
     for tid, s in enumerate(specs):
         if s.kind == "vector":
-            out[s.name] = nz.vector_noise(seed, hstep, pairs, tid, s.shape[0])
+            out[s.name] = gen.vector_noise(seed, hstep, pairs, tid, s.shape[0])
         else:
-            a, b = nz.lowrank_factors(seed, hstep, pairs, tid, s.shape[0], s.shape[1], rank)
+            a, b = gen.lowrank_factors(seed, hstep, pairs, tid, s.shape[0], s.shape[1], rank)
             out[s.name] = LowRank(a, b)
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from intes import intmath as im
 from intes.models.base import Ops, ParamSpec
 
 
@@ -44,18 +43,19 @@ class EGG:
 
     def forward(self, ops: Ops, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         """Logits (rows, vocab) int8 in 1/16 bit for one token per row; updates state."""
+        ew = ops.ew  # the backend's elementwise ops (intmath's, fused where it has them)
         x = ops.embed("emb", tokens)
         for i in range(self.layers):
             p, h = f"blocks.{i}.", state[f"{i}.h"]
-            xn = im.norm(x, ops.vec(p + "ln1"))
-            f = im.sat_add(ops.linear(p + "gru.wf", xn), ops.linear(p + "gru.uf", h),
+            xn = ew.norm(x, ops.vec(p + "ln1"))
+            f = ew.sat_add(ops.linear(p + "gru.wf", xn), ops.linear(p + "gru.uf", h),
                            ops.vec(p + "gru.bf"))
-            gated = im.gru_blend(np.zeros_like(h), f, h)  # (f + 127) / 256 * h
-            cand = im.sat_add(ops.linear(p + "gru.wh", xn), ops.linear(p + "gru.uh", gated),
+            gated = ew.gru_blend(np.zeros_like(h), f, h)  # (f + 127) / 256 * h
+            cand = ew.sat_add(ops.linear(p + "gru.wh", xn), ops.linear(p + "gru.uh", gated),
                               ops.vec(p + "gru.bh"))
-            h = im.gru_blend(h, f, cand)
+            h = ew.gru_blend(h, f, cand)
             state[f"{i}.h"] = h
-            x = im.sat_add(x, h)
-            xn = im.norm(x, ops.vec(p + "ln2"))
-            x = im.sat_add(x, ops.linear(p + "mlp.w2", im.relu(ops.linear(p + "mlp.w1", xn))))
-        return ops.linear("head", im.norm(x, ops.vec("ln_out"))), state
+            x = ew.sat_add(x, h)
+            xn = ew.norm(x, ops.vec(p + "ln2"))
+            x = ew.sat_add(x, ops.linear(p + "mlp.w2", ew.relu(ops.linear(p + "mlp.w1", xn))))
+        return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state

@@ -56,26 +56,27 @@ class RWKV:
 
     def forward(self, ops: Ops, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         """Logits (rows, vocab) int8 in 1/16 bit for one token per row; updates state."""
+        ew = ops.ew  # the backend's elementwise ops (intmath's, fused where it has them)
         x = ops.embed("emb", tokens)
         for i in range(self.layers):
             p, s = f"blocks.{i}.", f"{i}."
-            xn = im.norm(x, ops.vec(p + "ln1"))
+            xn = ew.norm(x, ops.vec(p + "ln1"))
             prev = state[s + "att_prev"]
-            k = ops.linear(p + "att.wk", im.token_mix(xn, prev, ops.vec(p + "att.mix_k")))
-            v = ops.linear(p + "att.wv", im.token_mix(xn, prev, ops.vec(p + "att.mix_v")))
-            r = ops.linear(p + "att.wr", im.token_mix(xn, prev, ops.vec(p + "att.mix_r")))
-            wkv, state[s + "num"], state[s + "den"] = im.wkv_step(
+            k = ops.linear(p + "att.wk", ew.token_mix(xn, prev, ops.vec(p + "att.mix_k")))
+            v = ops.linear(p + "att.wv", ew.token_mix(xn, prev, ops.vec(p + "att.mix_v")))
+            r = ops.linear(p + "att.wr", ew.token_mix(xn, prev, ops.vec(p + "att.mix_r")))
+            wkv, state[s + "num"], state[s + "den"] = ew.wkv_step(
                 state[s + "num"], state[s + "den"], k, v, ops.vec(p + "att.decay"))
             state[s + "att_prev"] = xn
-            att = ops.linear(p + "att.wo", im.gate(im.lut(im.SIGMOID_TABLE, r), wkv))
-            x = im.sat_add(x, att)
+            att = ops.linear(p + "att.wo", ew.gate(ew.lut(im.SIGMOID_TABLE, r), wkv))
+            x = ew.sat_add(x, att)
 
-            xn = im.norm(x, ops.vec(p + "ln2"))
+            xn = ew.norm(x, ops.vec(p + "ln2"))
             prev = state[s + "ffn_prev"]
-            k = ops.linear(p + "ffn.wk", im.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")))
-            kk = im.lut(im.RELU_SQ_TABLE, k).astype(np.int8)
-            r = ops.linear(p + "ffn.wr", im.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
+            k = ops.linear(p + "ffn.wk", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")))
+            kk = ew.lut(im.RELU_SQ_TABLE, k).astype(np.int8)
+            r = ops.linear(p + "ffn.wr", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
             state[s + "ffn_prev"] = xn
-            ffn = im.gate(im.lut(im.SIGMOID_TABLE, r), ops.linear(p + "ffn.wv", kk))
-            x = im.sat_add(x, ffn)
-        return ops.linear("head", im.norm(x, ops.vec("ln_out"))), state
+            ffn = ew.gate(ew.lut(im.SIGMOID_TABLE, r), ops.linear(p + "ffn.wv", kk))
+            x = ew.sat_add(x, ffn)
+        return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state

@@ -1,0 +1,282 @@
+"""Throughput of one ES step against plain inference and against naive full-rank ES.
+
+Every figure is tokens per second = members x seq_len / seconds, best of ``repeats`` timed
+runs after one untimed warm-up (numba compiles there). The three ways of spending the same
+compute on the same N members and T tokens:
+
+- es: ``Engine.step`` (noise, forward of all N members with a shared base product per
+  layer, fitness, shaped update from seeds), timed as its two halves to report the update's
+  share;
+- inference: ``Engine.log_likelihood`` on the same N streams (forward + scoring, no noise,
+  no update), i.e. what ``intes eval`` does;
+- naive: full-rank ES, each member's perturbation E_m = A_m B_m^T materialized into its own
+  copy of the weights and evaluated on its own (batch 1), with the same backend. Timed on a
+  few members and extrapolated to N, plus the same update.
+
+``gemm_gflops`` is this machine's float32 GEMM at the model's base-product shapes (FLOP-weighted
+over its layers), ``base_product_gflops`` what the shared base product reached inside the ES
+step (int8 -> float32 conversion and K-chunks included), for backends that expose
+``base_product``.
+
+On a shared machine other processes stretch any one run, so ES, inference and bare GEMM runs
+are interleaved and the best of each counts; the JSON also gives CPU seconds and the load
+average before and after, to judge how disturbed the figures were.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
+from intes.es import ESConfig
+from intes.intmath import FRAC_BITS, rshift_round, sat8
+from intes.kernels import get_backend
+from intes.kernels.base import Backend
+from intes.models.base import Ops, make_noise, prepare
+
+VOCAB = 256
+NAIVE_MEMBERS = 4  # members timed (per repeat) for the naive baseline; its cost is per member
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (or what platform knows elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(load_before: float) -> dict:
+    """Cores, CPU model and the 1-minute load average before and after the measurement: on a
+    shared machine the load says how much the figures were disturbed."""
+    return {"cores": os.cpu_count(), "cpu_model": cpu_model(),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+class Clock:
+    """Wall-clock and process CPU seconds of one run.
+
+    Wall time is what the figures use. CPU time is reported beside it because on a shared
+    machine other processes stretch wall time but not, for a single-threaded backend, CPU time.
+    """
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` wall-clock runs: the least disturbed by other load."""
+    best = float("inf")
+    for _ in range(repeats):
+        with Clock() as clock:
+            fn()
+        best = min(best, clock.wall)
+    return best
+
+
+def make_engine(model: str, dim: int, layers: int, population: int, seq_len: int, rank: int,
+                backend: Backend) -> Engine:
+    cfg = TrainConfig(model=ModelConfig(kind=model, vocab_size=VOCAB, dim=dim, layers=layers),
+                      es=ESConfig(population=population, rank=rank), seq_len=seq_len)
+    return Engine(cfg, backend=backend)
+
+
+def bench_windows(engine: Engine) -> np.ndarray:
+    """(N, T + 1) member windows of fixed random tokens in 1..255 (0 would reset the state)."""
+    cfg = engine.config
+    groups = cfg.es.population // cfg.es.group_size
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(1, VOCAB, size=(groups, cfg.seq_len + 1), dtype=np.int32)
+    return member_windows(seqs, cfg.es.group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# base product: what BLAS can do at these shapes, and what the ES step got from it
+
+
+def matrix_shapes(engine: Engine) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer called once per token."""
+    return [s.shape for s in engine.specs if s.kind == "matrix"]
+
+
+class GemmSuite:
+    """One token's base products as bare float32 GEMMs, (N, in) @ (in, out) for each layer."""
+
+    PASSES = 5  # passes per call; the fastest counts
+
+    def __init__(self, engine: Engine) -> None:
+        rows = engine.config.es.population
+        rng = np.random.default_rng(1)
+        self.operands = []
+        for out_dim, in_dim in matrix_shapes(engine):
+            self.operands.append((rng.integers(-127, 128, (rows, in_dim)).astype(np.float32),
+                                  rng.integers(-127, 128, (in_dim, out_dim)).astype(np.float32),
+                                  np.empty((rows, out_dim), dtype=np.float32)))
+        self.flops = sum(2.0 * x.size * wt.shape[1] for x, wt, _ in self.operands)
+
+    def _pass(self) -> None:
+        for x, wt, y in self.operands:
+            np.matmul(x, wt, out=y)
+
+    def __call__(self) -> float:
+        """Seconds of the fastest of PASSES passes over all layers."""
+        return best_time(self._pass, self.PASSES)
+
+
+class BaseProductTimer:
+    """Wraps a backend's ``base_product`` to add up its seconds and FLOPs."""
+
+    def __init__(self, backend) -> None:
+        self.seconds, self.flops = 0.0, 0.0
+        self._inner = backend.base_product
+        backend.base_product = self
+
+    def __call__(self, x: np.ndarray, w) -> np.ndarray:
+        with Clock() as clock:
+            base = self._inner(x, w)
+        self.seconds += clock.wall
+        self.flops += 2.0 * x.shape[0] * x.shape[1] * base.shape[-1]
+        return base
+
+    def reset(self) -> None:
+        self.seconds, self.flops = 0.0, 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the three measurements
+
+
+def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
+              timer: BaseProductTimer | None) -> tuple[dict, dict, float]:
+    """Best ES step, best inference pass and best bare-GEMM pass, interleaved so all three
+    meet the same machine load (on a shared machine it changes within seconds).
+
+    The ES step is split into forward+fitness and update, and carries its base-product time.
+    Returns (es, inference, gemm GFLOP/s).
+    """
+    es, inference = None, None
+    gemm = GemmSuite(engine)
+    gemm_s = float("inf")
+    for _ in range(repeats):
+        if timer:
+            timer.reset()
+        with Clock() as step:
+            raw = engine.population_fitness(windows)
+            with Clock() as update:
+                engine.apply_fitness(raw)
+        run = {"wall": step.wall, "cpu": step.cpu, "update_s": update.wall,
+               "base_s": timer.seconds if timer else None,
+               "base_flops": timer.flops if timer else None}
+        es = run if es is None or run["wall"] < es["wall"] else es
+        with Clock() as infer:
+            engine.log_likelihood(windows)
+        run = {"wall": infer.wall, "cpu": infer.cpu}
+        inference = run if inference is None or run["wall"] < inference["wall"] else inference
+        gemm_s = min(gemm_s, gemm())
+    return es, inference, gemm.flops / gemm_s / 1e9
+
+
+def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
+    """One member's full-rank perturbed weights: W + sign * (A_p B_p^T >> (4 + sigma))."""
+    cfg = engine.config
+    pair, sign = member // 2, 1 - 2 * (member % 2)
+    noise = make_noise(engine.specs, cfg.seed, engine.step_index, np.array([pair]),
+                       cfg.es.rank, cfg.es.noise_reuse, engine.backend)
+    params = {}
+    for s in engine.specs:
+        w = engine.params[s.name].astype(np.int32)
+        if s.kind == "vector":
+            delta = rshift_round(noise[s.name][0].astype(np.int32), cfg.es.sigma_shift)
+        else:
+            a, b = noise[s.name].a[0].astype(np.int32), noise[s.name].b[0].astype(np.int32)
+            delta = (a @ b.T) >> (FRAC_BITS + cfg.es.sigma_shift)
+        params[s.name] = sat8(w + sign * delta)
+    return params
+
+
+def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
+                         repeats: int) -> float:
+    """Seconds to materialize, prepare and evaluate one member on its own window: the mean
+    over ``members`` members, best of ``repeats`` like the other figures."""
+    cfg = engine.config
+
+    def one(m: int) -> None:
+        params = member_params(engine, m)
+        ops = Ops(engine.backend, engine.specs, params, None, cfg.es.sigma_shift,
+                  prepare(engine.backend, engine.specs, params))
+        score(engine.model, ops, windows[m:m + 1])
+
+    one(0)  # warm-up: batch-1 shapes compile their own kernels
+    return best_time(lambda: [one(m) for m in range(members)], repeats) / members
+
+
+def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: int = 1024,
+              seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 3,
+              naive: bool = True, threads: int | None = None) -> dict:
+    """All figures for one configuration, as a JSON-ready dict (see the module docstring)."""
+    engine = make_engine(model, dim, layers, population, seq_len, rank,
+                         bench_backend(backend, threads))
+    windows = bench_windows(engine)
+    engine.step(windows[:, :3])  # warm-up: compiles every kernel, excluded from timing
+    engine.log_likelihood(windows[:, :3])
+    timer = BaseProductTimer(engine.backend) if hasattr(engine.backend, "base_product") else None
+    tokens, load_before = population * seq_len, os.getloadavg()[0]
+    es, inference, gemm_gflops = time_runs(engine, windows, repeats, timer)
+    result = {
+        "config": {"model": model, "dim": dim, "layers": layers, "population": population,
+                   "seq_len": seq_len, "rank": rank, "vocab_size": VOCAB, "repeats": repeats},
+        "backend": engine.backend.name,
+        "threads": getattr(engine.backend, "threads", None),
+        "machine": machine_info(load_before),
+        "es_tokens_per_s": tokens / es["wall"],
+        "inference_tokens_per_s": tokens / inference["wall"],
+        "ratio": inference["wall"] / es["wall"],
+        "update_fraction": es["update_s"] / es["wall"],
+        "cpu_seconds": {"es_step": es["cpu"], "inference": inference["cpu"],
+                        "ratio": inference["cpu"] / es["cpu"]},
+    }
+    if naive:
+        result.update(naive_figures(engine, windows, es, tokens, repeats))
+    achieved = es["base_flops"] / es["base_s"] / 1e9 if es["base_s"] else None
+    result.update({"gemm_gflops": gemm_gflops, "base_product_gflops": achieved,
+                   "base_product_fraction": achieved / gemm_gflops if achieved else None})
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def bench_backend(name: str, threads: int | None) -> Backend:
+    """The named backend; a thread count applies to the cpu backend only."""
+    backend = get_backend(name)
+    if threads is not None and backend.name == "cpu":
+        backend = type(backend)(threads)
+    return backend
+
+
+def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
+                  repeats: int) -> dict:
+    members = min(NAIVE_MEMBERS, engine.config.es.population)
+    per_member = naive_member_seconds(engine, windows, members, repeats)
+    step_s = per_member * engine.config.es.population + es["update_s"]
+    return {
+        "naive_es_tokens_per_s": tokens / step_s,
+        "speedup": step_s / es["wall"],
+        "naive_note": (f"measured on {members} members (mean {per_member:.4f} s each, best "
+                       "of the repeats: materialize A_m B_m^T into W, prepare, evaluate at "
+                       f"batch 1), extrapolated to {engine.config.es.population} members, plus "
+                       "the ES step's own update time"),
+    }

@@ -1,0 +1,34 @@
+"""``intes bench``: ES vs inference vs naive full-rank ES throughput, as one JSON object."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from intes.kernels import BACKENDS
+
+
+@click.command()
+@click.option("--model", type=click.Choice(["rwkv", "egg"]), default="rwkv", show_default=True)
+@click.option("--dim", type=int, default=256, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--population", type=int, default=1024, show_default=True)
+@click.option("--seq-len", type=int, default=64, show_default=True)
+@click.option("--rank", type=int, default=1, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per figure; the fastest counts")
+@click.option("--naive/--no-naive", default=True, show_default=True,
+              help="Also time naive full-rank ES (a few members, extrapolated)")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of the cpu backend  [default: INTES_CPU_THREADS or 1]")
+def bench(model: str, dim: int, layers: int, population: int, seq_len: int, rank: int,
+          backend: str, repeats: int, naive: bool, threads: int | None) -> None:
+    """Tokens/s of a full ES step, of plain inference and of naive ES; prints JSON."""
+    from intes.bench import run_bench
+
+    result = run_bench(model=model, dim=dim, layers=layers, population=population,
+                       seq_len=seq_len, rank=rank, backend=backend, repeats=repeats,
+                       naive=naive, threads=threads)
+    click.echo(json.dumps(result, indent=2))

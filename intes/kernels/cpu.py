@@ -1,0 +1,638 @@
+"""CPU backend: float32 BLAS for the shared base product, numba for everything per member.
+
+Bit-identical to ``ReferenceBackend`` (the numpy reference defines every answer). Where this
+module uses floats it is because they are exact for the integers involved; each use states
+its bound next to the code:
+
+- base product X @ W^T: a float32 GEMM is exact while every partial sum is an integer of
+  magnitude < 2^24 (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32.
+- update Z = A^T diag(f) B: float32 while sum|f| * r * NOISE_MAX^2 < 2^24, else float64
+  (exact below 2^53, and int32-valid configurations stay below 2^31).
+- truncating integer division a / b: float64 division then truncation (``_div_trunc``).
+
+Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
+same way), so results agree even outside the argued bounds. Inputs follow DESIGN.md: int8
+values in [-127, 127], never -128.
+
+The per-step forms (``prepare``) and per-call scratch buffers are owned by the backend; use
+one backend per thread.
+
+Threads: one by default (``INTES_CPU_THREADS`` or ``CpuBackend(threads=k)`` to change). Every
+op here is short (~0.1-5 ms), so a multi-threaded op waits at a barrier for all its threads;
+on a 2-core machine that barrier, and OpenBLAS workers that spin after each GEMM while numba's
+threads want the same cores, cost more than the second core gains, and under any other load
+they cost 10-100x. Use more cores with more workers (intes.distributed shards the population),
+each single-threaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from intes import noise as nz
+from intes.intmath import (
+    EXP2_FRAC_BITS,
+    EXP2_TABLE,
+    FRAC_BITS,
+    INT8_MAX,
+    LL_FRAC_BITS,
+    LOG2_MANTISSA,
+    LOGIT_FRAC_BITS,
+    WKV_EXP_TABLE,
+)
+from intes.kernels.base import LowRank
+from intes.noise import NOISE_MAX
+
+# float32 represents every integer of magnitude <= 2^24 exactly, and a GEMM's partial sums
+# are sums of subsets of the K products, each |x_i w_i| <= 127 * 127. So a K-chunk is exact
+# whatever order BLAS adds in (FMA included) while K * 127^2 < 2^24: 1040 * 16129 =
+# 16,774,160 < 16,777,216, and 1041 * 16129 is not.
+EXACT_K = 1040
+F32_EXACT = 1 << 24
+_SCRATCH_LIMIT = 64  # distinct scratch shapes kept before the cache is dropped
+_BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                 "openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
+
+
+def _blas_libraries() -> list[str]:
+    """Paths of the OpenBLAS libraries loaded in this process (numpy's, usually one)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return []
+
+
+def set_threads(threads: int) -> None:
+    """Threads for numba kernels and for BLAS (process-wide for BLAS, as BLAS has no other).
+
+    numpy exposes no BLAS thread control, so this calls the loaded OpenBLAS's own setter, as
+    threadpoolctl does; with another BLAS only numba's count changes.
+    """
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    for path in _blas_libraries():
+        lib = ctypes.CDLL(path)
+        setter = next((getattr(lib, n) for n in _BLAS_SETTERS if hasattr(lib, n)), None)
+        if setter is not None:
+            setter(ctypes.c_int(threads))
+
+
+def default_threads() -> int:
+    """INTES_CPU_THREADS, else 1 (see the module docstring for why one)."""
+    return int(os.environ.get("INTES_CPU_THREADS", "1"))
+
+
+@dataclass(frozen=True)
+class CpuWeight:
+    """A matrix in the form the base product wants, made once per step by ``prepare``.
+
+    ``wt`` is the float32 transpose (in, out), C-contiguous, so X @ wt is a plain GEMM.
+    """
+
+    w: np.ndarray
+    wt: np.ndarray
+
+
+@functools.cache
+def k_chunks(fan_in: int) -> tuple[slice, ...]:
+    """Equal K-chunks of at most EXACT_K columns (equal sizes keep every GEMM well shaped)."""
+    count = -(-fan_in // EXACT_K)
+    edges = [(fan_in * c) // count for c in range(count + 1)]
+    return tuple(slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# scalar helpers (inlined into the kernels)
+#
+# int32 arithmetic: numba widens int32 +, -, *, >> to int64, which halves the SIMD lanes and
+# loses the reference's int32 wrap-around. numpy's ufuncs on int32 scalars stay int32 and wrap
+# like numpy, so the kernels write np.add / np.subtract / np.multiply / np.right_shift on I32.
+
+I32 = np.int32
+_LO, _HI = I32(-INT8_MAX), I32(INT8_MAX)
+_FRAC, _S7, _S8, _W0 = I32(FRAC_BITS), I32(7), I32(8), I32(128)
+
+
+@njit(inline="always", cache=True)
+def _sat8(v):
+    """Saturate to int8 in [-127, 127]."""
+    return np.int8(np.minimum(np.maximum(v, _LO), _HI))
+
+
+@njit(inline="always", cache=True)
+def _div_trunc(num, den):
+    """intmath.div_trunc of int32 num by den >= 1 via one float64 division, which vectorizes
+    (an int64 division does not, nor does a float64 -> int64 conversion on AVX2: so int32).
+
+    Exact: with a = |num| = q den + r, fl(a / den) is within (q + 1) 2^-53 of a / den, and
+    a / den is at least 1 / den below q + 1, so truncation gives q while (a + den) < 2^53,
+    true for all int32 operands. An exact quotient is represented exactly.
+    """
+    q = I32(np.abs(np.float64(num)) / np.float64(den))
+    return np.negative(q) if num < 0 else q
+
+
+@njit(inline="always", cache=True)
+def _row(m, rows):
+    """Row of a per-member parameter: shared (1, d) vectors broadcast over all members."""
+    return np.int64(m) if rows > 1 else np.int64(0)
+
+
+@njit(inline="always", cache=True)
+def _rescale(acc, half, shift):
+    """sat8(rshift_round(acc, shift)) of an int32; the + half wraps like the reference's."""
+    return _sat8(np.right_shift(np.add(acc, half), shift))
+
+
+def _rounding(shift: int) -> tuple[np.int32, np.int32]:
+    """(half, shift) of intmath.rshift_round as int32; a shift <= 0 leaves values as they are."""
+    return (I32(1 << (shift - 1)), I32(shift)) if shift > 0 else (I32(0), I32(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear layer epilogue: exact base (N, out) -> int8 (N, out)
+#
+# ``acc`` is the base product as float32 (one K-chunk) or int32 (chunks summed by
+# ``_sum_chunks``); I32() converts either exactly. Noise factors are used factor-major,
+# at (P, r, out) and bt (P, r, in), so inner loops are unit stride and vectorize; ``CpuNoise``
+# generates them in that layout (see ``_factors``).
+
+
+@njit(parallel=True, cache=True)
+def _sum_chunks(base, out):
+    """out = sum over K-chunks of base (chunks, N, out), each chunk exact, summed in int32."""
+    for m in prange(out.shape[0]):
+        for o in range(out.shape[1]):
+            out[m, o] = I32(base[0, m, o])
+        for c in range(1, base.shape[0]):
+            for o in range(out.shape[1]):
+                out[m, o] = np.add(out[m, o], I32(base[c, m, o]))
+
+
+@njit(parallel=True, cache=True)
+def _linear_plain(acc, half, shift, out):
+    """Inference epilogue: sat8(rshift_round(x @ W^T, shift))."""
+    for m in prange(out.shape[0]):
+        for o in range(out.shape[1]):
+            out[m, o] = _rescale(I32(acc[m, o]), half, shift)
+
+
+@njit(inline="always", cache=True)
+def _project(x, p, bt, xb):
+    """xb[s, r] = (x_{2p+s} . B_p[:, r]) >> 4 for both members of pair p, in int32 like the
+    reference's einsum; B_p is read once for the pair."""
+    for r in range(bt.shape[1]):
+        d0, d1 = I32(0), I32(0)
+        for i in range(bt.shape[2]):
+            b = I32(bt[p, r, i])
+            d0 = np.add(d0, np.multiply(I32(x[2 * p, i]), b))
+            d1 = np.add(d1, np.multiply(I32(x[2 * p + 1, i]), b))
+        xb[0, r] = np.right_shift(d0, _FRAC)
+        xb[1, r] = np.right_shift(d1, _FRAC)
+
+
+@njit(parallel=True, cache=True)
+def _linear_rank1(acc, x, at, bt, sigma_shift, half, shift, out):
+    """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, fused.
+
+    One task per pair p, so A_p and B_p are read once for both antithetic rows. The extra
+    work over inference is 2 (in + out) multiply-adds per row.
+    """
+    for p in prange(at.shape[0]):
+        xb = np.empty((2, 1), dtype=np.int32)
+        _project(x, p, bt, xb)
+        m0, m1 = 2 * p, 2 * p + 1
+        for o in range(at.shape[2]):
+            c = np.right_shift(np.multiply(xb[0, 0], I32(at[p, 0, o])), sigma_shift)
+            out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
+        for o in range(at.shape[2]):
+            c = np.right_shift(np.multiply(xb[1, 0], I32(at[p, 0, o])), sigma_shift)
+            out[m1, o] = _rescale(np.subtract(I32(acc[m1, o]), c), half, shift)
+
+
+@njit(parallel=True, cache=True)
+def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
+    """ES epilogue for any rank: acc + sign * ((sum_r xb_m[r] A_p[:, r]) >> sigma_shift)."""
+    pairs, rank, width = at.shape
+    for p in prange(pairs):
+        xb = np.empty((2, rank), dtype=np.int32)
+        corr = np.empty(width, dtype=np.int32)
+        _project(x, p, bt, xb)
+        for s in range(2):
+            m = 2 * p + s
+            corr[:] = 0
+            for r in range(rank):
+                for o in range(width):
+                    corr[o] = np.add(corr[o], np.multiply(xb[s, r], I32(at[p, r, o])))
+            for o in range(width):
+                c = np.right_shift(corr[o], sigma_shift)
+                v = np.add(I32(acc[m, o]), c) if s == 0 else np.subtract(I32(acc[m, o]), c)
+                out[m, o] = _rescale(v, half, shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding, log-likelihood, update
+
+
+@njit(parallel=True, cache=True)
+def _embed_lowrank(table, tokens, at, bt, shift, out):
+    """table[tok] + (A_p[tok] B_p^T >> shift), negated for odd rows, saturated."""
+    pairs, rank, dim = bt.shape
+    for m in prange(2 * pairs):
+        p, tok = m // 2, tokens[m]
+        corr = np.zeros(dim, dtype=np.int32)
+        for r in range(rank):
+            ar = I32(at[p, r, tok])
+            for j in range(dim):
+                corr[j] = np.add(corr[j], np.multiply(ar, I32(bt[p, r, j])))
+        for j in range(dim):
+            c = np.right_shift(corr[j], shift)
+            row = I32(table[tok, j])
+            out[m, j] = _sat8(np.add(row, c) if m % 2 == 0 else np.subtract(row, c))
+
+
+@njit(inline="always", cache=True)
+def _log2_fixed(s):
+    """intmath.log2_fixed for one value: leading one by binary search, truncated mantissa."""
+    e = 0
+    for k in (16, 8, 4, 2, 1):
+        if (s >> (e + k)) > 0:
+            e += k
+    mant = (s >> (e - 8) if e >= 8 else s << (8 - e)) & 255
+    return e * 256 + LOG2_MANTISSA[mant]
+
+
+@njit(parallel=True, cache=True)
+def _log_likelihood(logits, targets, out):
+    """Per row: (target - max) << 4 - (log2(sum 2^16 2^((z - max) / 16)) - 16 * 256)."""
+    for m in prange(logits.shape[0]):
+        top = I32(-INT8_MAX - 1)
+        for j in range(logits.shape[1]):
+            top = max(top, I32(logits[m, j]))
+        total = I32(0)  # int32 like the reference's sum (it can only wrap at vocab 2^15)
+        for j in range(logits.shape[1]):
+            total = np.add(total, EXP2_TABLE[top - logits[m, j]])
+        lse = _log2_fixed(np.int64(total)) - EXP2_FRAC_BITS * 256
+        target = np.int64(logits[m, targets[m]])
+        out[m] = ((target - top) << (LL_FRAC_BITS - LOGIT_FRAC_BITS)) - lse
+
+
+@njit(parallel=True, cache=True)
+def _step_by_sign(w, z, threshold, out):
+    """reference.step_by_sign on flat arrays: w +- 1 where |z| > threshold, saturated."""
+    for i in prange(w.shape[0]):
+        move = 0
+        if abs(z[i]) > threshold:
+            move = 1 if z[i] > 0 else (-1 if z[i] < 0 else 0)
+        out[i] = _sat8(np.int32(w[i]) + move)
+
+
+def lowrank_sum(noise: LowRank, fitness: np.ndarray) -> np.ndarray:
+    """Z = sum_p f_p A_p B_p^T as ONE float GEMM (A^T diag(f)) B, exact (see the bound).
+
+    Every partial sum is a sum of terms f_p a b with |a|, |b| <= NOISE_MAX, so its magnitude
+    is at most sum|f_p| * r * NOISE_MAX^2: float32 is exact below 2^24, float64 below 2^53
+    (ESConfig.validate keeps it below 2^31).
+    """
+    at, bt = _factors(noise)
+    pairs, rank, rows = at.shape
+    bound = int(np.abs(fitness.astype(np.int64)).sum()) * rank * NOISE_MAX**2
+    dtype = np.float32 if bound < F32_EXACT else np.float64
+    af = np.multiply(at, fitness.astype(dtype)[:, None, None], dtype=dtype)
+    return af.reshape(pairs * rank, rows).T @ bt.reshape(pairs * rank, -1).astype(dtype)
+
+
+def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
+    out = np.empty(w.size, dtype=np.int8)
+    _step_by_sign(np.ascontiguousarray(w).ravel(), np.ascontiguousarray(z).ravel(),
+                  threshold, out)
+    return out.reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# noise: the same bits as intes.noise, generated in parallel
+
+
+_U32 = np.uint32
+_MUL1, _MUL2 = _U32(0x7FEB352D), _U32(0x846CA68B)
+_U8, _U15, _U16, _U24, _BYTE = _U32(8), _U32(15), _U32(16), _U32(24), _U32(255)
+
+
+@njit(inline="always", cache=True)
+def _mix32(x):
+    """noise.mix32 on one uint32. Every constant is a uint32 and each product is cast back
+    to uint32 (numba widens it), so LLVM keeps 32-bit lanes and vectorizes."""
+    x = x ^ (x >> _U16)
+    x = _U32(x * _MUL1)
+    x = x ^ (x >> _U15)
+    x = _U32(x * _MUL2)
+    return x ^ (x >> _U16)
+
+
+@njit(inline="always", cache=True)
+def _gaussian(h):
+    """noise.gaussian_int8 on one uint32 hash."""
+    s = np.int32((h & _BYTE) + ((h >> _U8) & _BYTE) + ((h >> _U16) & _BYTE) + (h >> _U24))
+    return np.int8((np.int32(s - 510) * nz.NOISE_SCALE_NUM + (1 << (nz.NOISE_SCALE_SHIFT - 1)))
+                   >> nz.NOISE_SCALE_SHIFT)
+
+
+@njit(parallel=True, cache=True)
+def _gaussian_streams(keys, idx, out):
+    """out[p, i] = gaussian(mix32(keys[p] ^ idx[i])): noise.hash_u32 then gaussian_int8."""
+    for p in prange(keys.shape[0]):
+        k = keys[p]
+        for i in range(idx.shape[0]):
+            out[p, i] = _gaussian(_mix32(k ^ idx[i]))
+
+
+@njit(parallel=True, cache=True)
+def _factor_streams(keys, idx, at, bt):
+    """noise.lowrank_factors written factor-major: stream value o r + r' is at[p, r', o]."""
+    pairs, rank, rows = at.shape
+    for p in prange(pairs):
+        k = keys[p]
+        for r in range(rank):
+            for o in range(rows):
+                at[p, r, o] = _gaussian(_mix32(k ^ idx[o * rank + r]))
+            for i in range(bt.shape[2]):
+                bt[p, r, i] = _gaussian(_mix32(k ^ idx[(rows + i) * rank + r]))
+
+
+def _stream_setup(seed: int, step: int, pairs: np.ndarray, tensor_id: int,
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair keys and the n mixed stream indices, with intes.noise's own functions."""
+    keys = nz.stream_key(seed, step, pairs, tensor_id)
+    idx = nz.mix32(np.arange(n, dtype=nz.U32) * nz.U32(nz.GOLDEN) + nz.U32(1))
+    return keys, idx
+
+
+def _factors(noise: LowRank) -> tuple[np.ndarray, np.ndarray]:
+    """The factor-major (P, r, n) C-contiguous forms of A and B: free for CpuNoise's output."""
+    return (np.ascontiguousarray(noise.a.transpose(0, 2, 1)),
+            np.ascontiguousarray(noise.b.transpose(0, 2, 1)))
+
+
+class CpuNoise:
+    """``intes.noise``'s generators, same signatures and bits, numba-parallel.
+
+    Factors are returned as the (P, out, r) / (P, in, r) views the interface specifies of
+    factor-major buffers, so the kernels read them with unit stride at no copy.
+    """
+
+    @staticmethod
+    def lowrank_factors(seed: int, step: int, pairs: np.ndarray, tensor_id: int, rows: int,
+                        cols: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        keys, idx = _stream_setup(seed, step, pairs, tensor_id, (rows + cols) * rank)
+        at = np.empty((len(keys), rank, rows), dtype=np.int8)
+        bt = np.empty((len(keys), rank, cols), dtype=np.int8)
+        _factor_streams(keys, idx, at, bt)
+        return at.transpose(0, 2, 1), bt.transpose(0, 2, 1)
+
+    @staticmethod
+    def vector_noise(seed: int, step: int, pairs: np.ndarray, tensor_id: int,
+                     size: int) -> np.ndarray:
+        keys, idx = _stream_setup(seed, step, pairs, tensor_id, size)
+        out = np.empty((len(keys), size), dtype=np.int8)
+        _gaussian_streams(keys, idx, out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise model ops: intmath's functions on (rows, d) int8, fused, same bits
+
+
+@njit(parallel=True, cache=True)
+def _norm(x, w, out):
+    n, d = x.shape
+    for m in prange(n):
+        wr = _row(m, w.shape[0])
+        total = I32(0)
+        for j in range(d):
+            total = np.add(total, np.abs(I32(x[m, j])))
+        mean_abs = max(total // d, 1)
+        for j in range(d):
+            out[m, j] = _sat8(_div_trunc(np.multiply(I32(x[m, j]), I32(w[wr, j])), mean_abs))
+
+
+@njit(parallel=True, cache=True)
+def _token_mix(x, prev, mu, out):
+    for m in prange(x.shape[0]):
+        mr = _row(m, mu.shape[0])
+        for j in range(x.shape[1]):
+            x32 = I32(x[m, j])
+            step = np.multiply(np.subtract(I32(prev[m, j]), x32), I32(mu[mr, j]))
+            out[m, j] = _sat8(np.add(x32, np.right_shift(step, _S7)))
+
+
+@njit(parallel=True, cache=True)
+def _gate(g, v, out):
+    for m in prange(v.shape[0]):
+        for j in range(v.shape[1]):
+            out[m, j] = _sat8(np.right_shift(np.multiply(I32(g[m, j]), I32(v[m, j])), _S7))
+
+
+@njit(parallel=True, cache=True)
+def _lut(table, x, out):
+    for m in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[m, j] = table[np.int64(x[m, j]) + INT8_MAX]
+
+
+@njit(parallel=True, cache=True)
+def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
+    for m in prange(num.shape[0]):
+        dr = _row(m, decay.shape[0])
+        for j in range(num.shape[1]):
+            w = np.add(I32(decay[dr, j]), _W0)
+            e = WKV_EXP_TABLE[np.int64(k[m, j]) + INT8_MAX]
+            n32 = np.add(np.right_shift(np.multiply(num[m, j], w), _S8),
+                         np.multiply(e, I32(v[m, j])))
+            d32 = np.add(np.right_shift(np.multiply(den[m, j], w), _S8), e)
+            num_out[m, j], den_out[m, j] = n32, d32
+            wkv[m, j] = _sat8(_div_trunc(n32, d32))
+
+
+@njit(parallel=True, cache=True)
+def _sat_add2(a, b, out):
+    for m in prange(out.shape[0]):
+        ar, br = _row(m, a.shape[0]), _row(m, b.shape[0])
+        for j in range(out.shape[1]):
+            out[m, j] = _sat8(np.add(I32(a[ar, j]), I32(b[br, j])))
+
+
+@njit(parallel=True, cache=True)
+def _sat_add3(a, b, c, out):
+    for m in prange(out.shape[0]):
+        ar, br, cr = _row(m, a.shape[0]), _row(m, b.shape[0]), _row(m, c.shape[0])
+        for j in range(out.shape[1]):
+            out[m, j] = _sat8(np.add(np.add(I32(a[ar, j]), I32(b[br, j])), I32(c[cr, j])))
+
+
+@njit(parallel=True, cache=True)
+def _gru_blend(h, f, target, out):
+    for m in prange(h.shape[0]):
+        for j in range(h.shape[1]):
+            h32 = I32(h[m, j])
+            gap = np.multiply(np.add(I32(f[m, j]), _HI), np.subtract(I32(target[m, j]), h32))
+            out[m, j] = np.int8(np.add(h32, np.right_shift(gap, _S8)))  # wraps like astype
+
+
+def _rows2d(v: np.ndarray) -> np.ndarray:
+    """A parameter vector (d,) as one shared row (1, d); (rows, d) arrays unchanged."""
+    return v.reshape(1, -1) if v.ndim == 1 else v
+
+
+def _like(x: np.ndarray, dtype=np.int8) -> np.ndarray:
+    return np.empty(x.shape, dtype=dtype)
+
+
+def _broadcast_rows(*arrays: np.ndarray) -> int:
+    return max(a.shape[0] for a in arrays)
+
+
+class CpuElementwise:
+    """intmath's model ops on 2-D (rows, d) activations, one fused pass each.
+
+    Parameter vectors may be (d,), one shared row (1, d) or one row per member (rows, d).
+    """
+
+    @staticmethod
+    def norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        out = _like(x)
+        _norm(x, _rows2d(weight), out)
+        return out
+
+    @staticmethod
+    def token_mix(x: np.ndarray, prev: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        out = _like(x)
+        _token_mix(x, prev, _rows2d(mu), out)
+        return out
+
+    @staticmethod
+    def gate(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+        out = _like(v)
+        _gate(g, v, out)
+        return out
+
+    @staticmethod
+    def lut(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+        out = _like(x, table.dtype)
+        _lut(table, x, out)
+        return out
+
+    @staticmethod
+    def wkv_step(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray,
+                 decay: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        wkv, num_out, den_out = _like(k), _like(num, np.int32), _like(den, np.int32)
+        _wkv_step(num, den, k, v, _rows2d(decay), wkv, num_out, den_out)
+        return wkv, num_out, den_out
+
+    @staticmethod
+    def sat_add(*terms: np.ndarray) -> np.ndarray:
+        rows = [_rows2d(t) for t in terms]
+        out = np.empty((_broadcast_rows(*rows), rows[0].shape[1]), dtype=np.int8)
+        if len(rows) == 2:
+            _sat_add2(rows[0], rows[1], out)
+        elif len(rows) == 3:
+            _sat_add3(rows[0], rows[1], rows[2], out)
+        else:
+            raise ValueError(f"sat_add takes 2 or 3 terms, got {len(rows)}")
+        return out
+
+    @staticmethod
+    def gru_blend(h: np.ndarray, f: np.ndarray, target: np.ndarray) -> np.ndarray:
+        out = _like(h)
+        _gru_blend(h, f, target, out)
+        return out
+
+    @staticmethod
+    def relu(x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, np.int8(0))  # already one int8 pass in numpy
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class CpuBackend:
+    """numba/BLAS backend; ``ew`` and ``noise_source`` are its elementwise ops and generator."""
+
+    name = "cpu"
+    ew = CpuElementwise
+    noise_source = CpuNoise
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or default_threads()
+        set_threads(self.threads)
+        self._local = threading.local()
+
+    def _scratch(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        """A buffer reused across tokens, so the per-token base products allocate nothing.
+
+        Its contents live until the next call with the same key: the epilogue consumes them.
+        """
+        cache = self._local.__dict__.setdefault("buffers", {})
+        if (key, shape) not in cache:
+            if len(cache) >= _SCRATCH_LIMIT:
+                cache.clear()
+            cache[key, shape] = np.empty(shape, dtype=dtype)
+        return cache[key, shape]
+
+    def prepare(self, w: np.ndarray) -> CpuWeight:
+        return CpuWeight(w, np.ascontiguousarray(w.T, dtype=np.float32))
+
+    def base_product(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
+        """(chunks, N, out) float32 exact partial products X[:, chunk] @ W^T[chunk]."""
+        rows, fan_in = x.shape
+        xf = self._scratch("x", x.shape)
+        np.copyto(xf, x)
+        chunks = k_chunks(fan_in)
+        base = self._scratch("base", (len(chunks), rows, w.wt.shape[1]))
+        for c, ks in enumerate(chunks):
+            np.matmul(xf[:, ks], w.wt[ks], out=base[c])
+        return base
+
+    def linear(self, x, w, shift, noise, sigma_shift):
+        base = self.base_product(x, w)
+        if len(base) == 1:
+            acc = base[0]
+        else:
+            acc = self._scratch("sum", base.shape[1:], np.int32)
+            _sum_chunks(base, acc)
+        out = np.empty(acc.shape, dtype=np.int8)
+        half, shift = _rounding(shift)
+        if noise is None:
+            _linear_plain(acc, half, shift, out)
+        else:
+            at, bt = _factors(noise)
+            kernel = _linear_rank1 if at.shape[1] == 1 else _linear_lowrank
+            kernel(acc, x, at, bt, I32(sigma_shift), half, shift, out)
+        return out
+
+    def embed(self, table, tokens, noise, sigma_shift):
+        if noise is None:
+            return np.clip(table[tokens], -INT8_MAX, INT8_MAX)
+        out = np.empty((len(tokens), table.shape[1]), dtype=np.int8)
+        _embed_lowrank(table, np.ascontiguousarray(tokens, dtype=np.int64),
+                       *_factors(noise), I32(FRAC_BITS + sigma_shift), out)
+        return out
+
+    def log_likelihood(self, logits, targets):
+        out = np.empty(logits.shape[0], dtype=np.int32)
+        _log_likelihood(logits, np.ascontiguousarray(targets, dtype=np.int64), out)
+        return out
+
+    def update_matrix(self, w, noise, fitness, threshold):
+        return step_by_sign(w, lowrank_sum(noise, fitness), threshold)
+
+    def update_vector(self, v, noise, fitness, threshold):
+        z = fitness.astype(np.int32) @ noise.astype(np.int32)  # (P,) @ (P, n): small
+        return step_by_sign(v, z, threshold)

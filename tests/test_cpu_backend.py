@@ -1,0 +1,250 @@
+"""The cpu backend returns the reference backend's bits, op by op and for whole ES steps.
+
+Random shapes (fan-in past the float32 chunk size EXACT_K included), values (all +-127
+extremes included), seeds, ranks 1..4, shifts and population chunkings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from intes import intmath as im
+from intes import noise as nz
+from intes.cli.bench import bench
+from intes.engine import Engine, ModelConfig, TrainConfig
+from intes.es import NORMALIZED_MAX, ESConfig
+from intes.kernels import available, get_backend
+from intes.kernels.base import LowRank
+from intes.kernels.cpu import EXACT_K, CpuBackend, CpuElementwise, CpuNoise, k_chunks
+from intes.kernels.reference import ReferenceBackend
+
+CPU, REF = CpuBackend(), ReferenceBackend()
+FILLS = ("random", "max", "min", "signs")
+seeds = st.integers(0, 2**32 - 1)
+fills = st.sampled_from(FILLS)
+ranks = st.integers(1, 4)
+
+
+def int8s(rng: np.random.Generator, shape, fill: str = "random", bound: int = 127) -> np.ndarray:
+    """int8 in [-bound, bound]: random, all +bound, all -bound, or random signs of bound."""
+    if fill == "max":
+        return np.full(shape, bound, dtype=np.int8)
+    if fill == "min":
+        return np.full(shape, -bound, dtype=np.int8)
+    if fill == "signs":
+        return (bound * rng.choice(np.array([-1, 1]), size=shape)).astype(np.int8)
+    return rng.integers(-bound, bound + 1, size=shape).astype(np.int8)
+
+
+def lowrank(rng, pairs: int, rows: int, cols: int, rank: int, fill: str, seed: int) -> LowRank:
+    """Generator noise in either layout (numpy's or CpuNoise's), or extreme +-NOISE_MAX."""
+    if fill == "random":
+        gen = nz if seed % 2 else CpuNoise
+        return LowRank(*gen.lowrank_factors(seed, 3, np.arange(pairs), 5, rows, cols, rank))
+    return LowRank(int8s(rng, (pairs, rows, rank), fill, nz.NOISE_MAX),
+                   int8s(rng, (pairs, cols, rank), fill, nz.NOISE_MAX))
+
+
+def same(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+
+
+@given(seed=seeds, pairs=st.integers(1, 4), fan_in=st.integers(1, 2200),
+       out=st.integers(1, 40), rank=ranks, sigma=st.integers(0, 8), shift=st.integers(0, 14),
+       x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans())
+def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy):
+    rng = np.random.default_rng(seed)
+    x = int8s(rng, (2 * pairs, fan_in), x_fill)
+    w = int8s(rng, (out, fan_in), w_fill)
+    noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
+    same(CPU.linear(x, CPU.prepare(w), shift, noise, sigma),
+         REF.linear(x, REF.prepare(w), shift, noise, sigma))
+
+
+@pytest.mark.parametrize("fan_in", [EXACT_K, EXACT_K + 1, 2048])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_base_product_exact_at_the_chunk_bound(fan_in, sign):
+    """All-127 products: the largest partial sums, exact on both sides of EXACT_K."""
+    assert EXACT_K * 127 * 127 < 2**24 <= (EXACT_K + 1) * 127 * 127
+    x = np.full((2, fan_in), 127, dtype=np.int8)
+    w = np.full((3, fan_in), 127 * sign, dtype=np.int8)
+    base = CPU.base_product(x, CPU.prepare(w))
+    total = sum(base[c].astype(np.int64) for c in range(len(base)))
+    assert (total == sign * fan_in * 127 * 127).all()
+    assert len(base) == -(-fan_in // EXACT_K)
+    same(CPU.linear(x, CPU.prepare(w), 15, None, 4), REF.linear(x, w, 15, None, 4))
+
+
+def test_one_float32_chunk_past_the_bound_would_be_inexact():
+    """Why the chunks exist: 1041 * 127^2 is odd and above 2^24, so float32 cannot hold it."""
+    ones = np.full((1, EXACT_K + 1), 127, dtype=np.float32)
+    assert int((ones @ ones.T)[0, 0]) != (EXACT_K + 1) * 127 * 127
+
+
+@given(fan_in=st.integers(1, 20000))
+def test_k_chunks_cover_fan_in_within_the_bound(fan_in):
+    chunks = k_chunks(fan_in)
+    assert chunks[0].start == 0 and chunks[-1].stop == fan_in
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(0 < c.stop - c.start <= EXACT_K for c in chunks)
+
+
+@given(seed=seeds, pairs=st.integers(1, 5), vocab=st.integers(1, 50), dim=st.integers(1, 40),
+       rank=ranks, sigma=st.integers(0, 8), t_fill=fills, n_fill=fills, noisy=st.booleans())
+def test_embed(seed, pairs, vocab, dim, rank, sigma, t_fill, n_fill, noisy):
+    rng = np.random.default_rng(seed)
+    table = int8s(rng, (vocab, dim), t_fill)
+    tokens = rng.integers(0, vocab, 2 * pairs)
+    noise = lowrank(rng, pairs, vocab, dim, rank, n_fill, seed) if noisy else None
+    same(CPU.embed(table, tokens, noise, sigma), REF.embed(table, tokens, noise, sigma))
+
+
+@given(seed=seeds, rows=st.integers(1, 9), vocab=st.integers(2, 3000), fill=fills)
+def test_log_likelihood(seed, rows, vocab, fill):
+    rng = np.random.default_rng(seed)
+    logits = int8s(rng, (rows, vocab), fill)
+    targets = rng.integers(0, vocab, rows)
+    same(CPU.log_likelihood(logits, targets), REF.log_likelihood(logits, targets))
+
+
+def test_log_likelihood_at_max_vocab():
+    """Equal logits over 2^15 tokens: the exp2 sum reaches 2^31 and wraps in both."""
+    logits = np.zeros((2, im.MAX_VOCAB), dtype=np.int8)
+    logits[1, ::2] = -127
+    targets = np.array([0, 1])
+    same(CPU.log_likelihood(logits, targets), REF.log_likelihood(logits, targets))
+
+
+@given(seed=seeds, pairs=st.integers(1, 300), rows=st.integers(1, 24), cols=st.integers(1, 24),
+       rank=ranks, kind=st.sampled_from(["sign", "normalized", "extreme"]), w_fill=fills,
+       n_fill=fills, threshold=st.integers(0, 40000))
+def test_update_matrix(seed, pairs, rows, cols, rank, kind, w_fill, n_fill, threshold):
+    """Sign, normalized and all-+-15 fitness: the last crosses float32's 2^24 bound."""
+    rng = np.random.default_rng(seed)
+    w = int8s(rng, (rows, cols), w_fill)
+    noise = lowrank(rng, pairs, rows, cols, rank, n_fill, seed)
+    fmax = {"sign": 1, "normalized": NORMALIZED_MAX, "extreme": NORMALIZED_MAX}[kind]
+    fitness = rng.integers(-fmax, fmax + 1, pairs).astype(np.int32)
+    if kind == "extreme":
+        fitness = np.where(fitness < 0, -fmax, fmax).astype(np.int32)
+    same(CPU.update_matrix(w, noise, fitness, threshold),
+         REF.update_matrix(w, noise, fitness, threshold))
+
+
+@given(seed=seeds, pairs=st.integers(1, 300), size=st.integers(1, 64), fill=fills,
+       threshold=st.integers(0, 3000))
+def test_update_vector(seed, pairs, size, fill, threshold):
+    rng = np.random.default_rng(seed)
+    v = int8s(rng, size, fill)
+    noise = nz.vector_noise(seed, 1, np.arange(pairs), 2, size)
+    fitness = rng.integers(-1, 2, pairs).astype(np.int32)
+    same(CPU.update_vector(v, noise, fitness, threshold),
+         REF.update_vector(v, noise, fitness, threshold))
+
+
+@given(seed=seeds, step=seeds, first=st.integers(0, 2**20), pairs=st.integers(1, 6),
+       tid=st.integers(0, 4096), rows=st.integers(1, 30), cols=st.integers(1, 30), rank=ranks)
+def test_noise_source(seed, step, first, pairs, tid, rows, cols, rank):
+    ids = np.arange(first, first + pairs)
+    for got, want in zip(CpuNoise.lowrank_factors(seed, step, ids, tid, rows, cols, rank),
+                         nz.lowrank_factors(seed, step, ids, tid, rows, cols, rank), strict=True):
+        same(got, want)
+    same(CpuNoise.vector_noise(seed, step, ids, tid, cols), nz.vector_noise(seed, step, ids, tid,
+                                                                            cols))
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise ops: CpuElementwise vs intes.intmath
+
+
+@given(seed=seeds, rows=st.integers(1, 9), dim=st.integers(1, 70), shared=st.booleans(),
+       fills=st.tuples(fills, fills, fills))
+def test_elementwise(seed, rows, dim, shared, fills):
+    """Every op on (rows, d); parameters as one shared row or one row per member."""
+    rng = np.random.default_rng(seed)
+    x, prev, y = (int8s(rng, (rows, dim), f) for f in fills)
+    vec = int8s(rng, (1 if shared else rows, dim), fills[0])
+    mu = rng.integers(0, 128, vec.shape).astype(np.int8)  # token-mix weights are in [0, 127]
+    g = im.lut(im.SIGMOID_TABLE, y)
+    ew = CpuElementwise
+    same(ew.norm(x, vec), im.norm(x, vec))
+    same(ew.token_mix(x, prev, mu), im.token_mix(x, prev, mu))
+    same(ew.gate(g, x), im.gate(g, x))
+    for table in (im.SIGMOID_TABLE, im.RELU_SQ_TABLE, im.WKV_EXP_TABLE):
+        same(ew.lut(table, x), im.lut(table, x))
+    same(ew.sat_add(x, y), im.sat_add(x, y))
+    same(ew.sat_add(x, y, vec), im.sat_add(x, y, vec))
+    same(ew.sat_add(vec, x), im.sat_add(vec, x))
+    same(ew.gru_blend(x, prev, y), im.gru_blend(x, prev, y))
+    same(ew.gru_blend(np.zeros_like(x), prev, y), im.gru_blend(np.zeros_like(x), prev, y))
+    same(ew.relu(x), im.relu(x))
+
+
+@given(seed=seeds, rows=st.integers(1, 9), dim=st.integers(1, 40), shared=st.booleans(),
+       fill=fills, steps=st.integers(1, 4))
+def test_wkv_step(seed, rows, dim, shared, fill, steps):
+    """Recurrent states from the argued ranges (|num| <= 2^23, 0 <= den <= 2^16), iterated."""
+    rng = np.random.default_rng(seed)
+    num = rng.integers(-(2**23), 2**23 + 1, (rows, dim)).astype(np.int32)
+    den = rng.integers(0, 2**16 + 1, (rows, dim)).astype(np.int32)
+    decay = int8s(rng, (1 if shared else rows, dim), fill)
+    n1, d1, n2, d2 = num, den, num, den
+    for _ in range(steps):
+        k, v = int8s(rng, (rows, dim), fill), int8s(rng, (rows, dim), fill)
+        w1, n1, d1 = CpuElementwise.wkv_step(n1, d1, k, v, decay)
+        w2, n2, d2 = im.wkv_step(n2, d2, k, v, decay)
+        for got, want in ((w1, w2), (n1, n2), (d1, d2)):
+            same(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole ES steps
+
+
+@given(seed=st.integers(0, 2**31), model=st.sampled_from(["rwkv", "egg"]),
+       pairs=st.integers(1, 6), rank=ranks, sigma=st.integers(2, 6),
+       fitness=st.sampled_from(["sign", "normalized"]), data=st.data())
+def test_es_steps_match_reference(seed, model, pairs, rank, sigma, fitness, data):
+    """Same fitness and, after 2 steps, same weights as the reference, for any chunking."""
+    cfg = TrainConfig(model=ModelConfig(kind=model, vocab_size=32, dim=16, layers=2),
+                      es=ESConfig(population=2 * pairs, rank=rank, sigma_shift=sigma,
+                                  fitness=fitness, alpha_steps=2),
+                      seq_len=5, seed=seed)
+    cpu, ref = Engine(cfg, backend="cpu"), Engine(cfg, backend="reference")
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        windows = rng.integers(0, 32, (2 * pairs, cfg.seq_len + 1)).astype(np.int32)
+        chunk = data.draw(st.integers(1, pairs), label="chunk_pairs")
+        same(cpu.step(windows, chunk_pairs=chunk), ref.step(windows))
+    for name in ref.params:
+        same(cpu.params[name], ref.params[name])
+
+
+def test_auto_picks_cpu_without_a_gpu():
+    if available()["cuda"] is not None:
+        assert get_backend("auto").name == "cpu"
+
+
+def test_bench_prints_one_json_object():
+    """``intes bench`` at a toy size: every figure present and positive."""
+    args = ["--dim", "8", "--layers", "1", "--population", "4", "--seq-len", "3",
+            "--repeats", "1", "--backend", "cpu"]
+    done = CliRunner().invoke(bench, args)
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.output)
+    assert result["backend"] == "cpu" and result["config"]["population"] == 4
+    for key in ("es_tokens_per_s", "inference_tokens_per_s", "ratio", "naive_es_tokens_per_s",
+                "speedup", "update_fraction", "gemm_gflops", "base_product_gflops",
+                "peak_rss_mb"):
+        assert result[key] > 0, key
