@@ -15,6 +15,7 @@ from intes.errors import ConfigError
 from intes.intmath import MAX_VOCAB
 from intes.kernels import get_backend
 from intes.kernels.base import Backend
+from intes.kernels.reference import linear_bound
 from intes.models import MODELS, build_model
 from intes.models.base import Ops, init_params, make_noise, prepare
 
@@ -55,6 +56,12 @@ class TrainConfig:
             raise ConfigError(f"seq len must be in 1..{MAX_SEQ_LEN}, got {self.seq_len}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in 0..2^32-1, got {self.seed}")
+        m = self.model
+        fan_in = max(s.shape[-1] for s in build_model(m.kind, m.vocab_size, m.dim, 1).specs
+                     if s.kind == "matrix")
+        if linear_bound(fan_in, self.es.rank, self.es.sigma_shift) >= 2**31:
+            raise ConfigError(f"rank {self.es.rank} is too large for dim {m.dim}: a layer with "
+                              f"fan-in {fan_in} could overflow int32; lower --rank or --dim")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,6 +21,7 @@ FRAC_BITS = 4
 LOGIT_FRAC_BITS = 4
 LL_FRAC_BITS = 8
 EXP2_FRAC_BITS = 16  # softmax terms are 2^16 * 2^(-d/16)
+WKV_FRAC_BITS = 7
 MAX_VOCAB = 1 << 15  # vocab < this: the sum of V terms <= 2^16 each stays below 2^31
 
 getcontext().prec = 40
@@ -78,7 +79,7 @@ LOG2_MANTISSA = np.array(
 SIGMOID_TABLE = np.array(
     [_round(128 / (1 + (Decimal(-x) / 16).exp())) for x in range(-127, 128)], dtype=np.int32
 )
-# exp2(k / 32 + 4) over int8 k (index k + 127): WKV weights in [1, 251], so e * v fits 2^15.
+# exp2(k / 32 + 4) over int8 k (index k + 127): WKV weights in [1, 251] (see wkv_step).
 WKV_EXP_TABLE = np.array(
     [max(1, _round(_exp2(Decimal(k) / 32 + 4))) for k in range(-127, 128)], dtype=np.int32
 )
@@ -149,15 +150,17 @@ def gate(g: np.ndarray, v: np.ndarray) -> np.ndarray:
 def wkv_step(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray, decay: np.ndarray):
     """One step of the integer WKV recurrence; returns (wkv int8, num, den), states int32.
 
-    num <- num * w / 256 + e^k v and den <- den * w / 256 + e^k, with w = 128 + decay in
-    [1, 255] and e^k = WKV_EXP_TABLE[k] in [1, 251]. |e^k v| < 2^15, so by induction
-    |num| <= 2^23 (the decay removes at least |num| / 256 >= 2^15 at that bound) and
-    |num * w| < 2^31; den <= 2^16. wkv = num / den is a decayed, e^k-weighted mean of v.
+    num <- num * w / 256 + E v and den <- den * w / 256 + E, with w = 128 + decay in [1, 255]
+    and E = WKV_EXP_TABLE[k] << WKV_FRAC_BITS in [2^7, 251 * 2^7]. The 7 fractional bits keep
+    den's floor rounding below 1% of E, so wkv = num / den stays a decayed, E-weighted mean
+    of v (without them a small E loses den's history while num keeps it). Bounds: |E v| <
+    2^22, so by induction |num| <= 2^30 (the decay removes >= |num| / 256 >= 2^22 at that
+    bound) and den <= 2^23: both states fit int32; the products with w are taken in int64.
     """
-    w = decay.astype(np.int32) + 128
-    e = lut(WKV_EXP_TABLE, k)
-    num = ((num * w) >> 8) + e * v.astype(np.int32)
-    den = ((den * w) >> 8) + e
+    w = decay.astype(np.int64) + 128
+    e = lut(WKV_EXP_TABLE, k).astype(np.int64) << WKV_FRAC_BITS
+    num = (((num * w) >> 8) + e * v).astype(np.int32)
+    den = (((den * w) >> 8) + e).astype(np.int32)
     return sat8(div_trunc(num, den)), num, den
 
 

@@ -47,6 +47,7 @@ from intes.intmath import (
     LOG2_MANTISSA,
     LOGIT_FRAC_BITS,
     WKV_EXP_TABLE,
+    WKV_FRAC_BITS,
 )
 from intes.kernels.base import LowRank
 from intes.noise import NOISE_MAX
@@ -118,7 +119,7 @@ def k_chunks(fan_in: int) -> tuple[slice, ...]:
 
 I32 = np.int32
 _LO, _HI = I32(-INT8_MAX), I32(INT8_MAX)
-_FRAC, _S7, _S8, _W0 = I32(FRAC_BITS), I32(7), I32(8), I32(128)
+_FRAC, _S7, _S8 = I32(FRAC_BITS), I32(7), I32(8)
 
 
 @njit(inline="always", cache=True)
@@ -452,11 +453,10 @@ def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
     for m in prange(num.shape[0]):
         dr = _row(m, decay.shape[0])
         for j in range(num.shape[1]):
-            w = np.add(I32(decay[dr, j]), _W0)
-            e = WKV_EXP_TABLE[np.int64(k[m, j]) + INT8_MAX]
-            n32 = np.add(np.right_shift(np.multiply(num[m, j], w), _S8),
-                         np.multiply(e, I32(v[m, j])))
-            d32 = np.add(np.right_shift(np.multiply(den[m, j], w), _S8), e)
+            w = np.int64(decay[dr, j]) + 128
+            e = np.int64(WKV_EXP_TABLE[np.int64(k[m, j]) + INT8_MAX]) << WKV_FRAC_BITS
+            n32 = I32(((np.int64(num[m, j]) * w) >> 8) + e * np.int64(v[m, j]))
+            d32 = I32(((np.int64(den[m, j]) * w) >> 8) + e)
             num_out[m, j], den_out[m, j] = n32, d32
             wkv[m, j] = _sat8(_div_trunc(n32, d32))
 

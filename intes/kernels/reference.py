@@ -1,10 +1,11 @@
 """The numpy reference backend: plain integer numpy that defines every op's exact answer.
 
-Bounds (checked by ``intes.config`` and by property tests with all-extreme inputs):
-- base product: |x @ W^T| <= in * 127^2 < 2^31 for in <= 2^17.
-- correction: |x @ B| >> 4 <= in * 127 * NOISE_MAX / 16, times |A| <= NOISE_MAX, r terms;
-  ``max_correction(in, r)`` plus the base bound stays below 2^31 (see intes.config).
-- update: |sum_p f_p (A_p B_p^T)_ij| <= sum |f_p| * r * NOISE_MAX^2.
+Bounds (``linear_bound`` is checked for every layer by ``TrainConfig.validate``, and property
+tests run all-extreme inputs):
+- base product: |x @ W^T| <= in * 127^2.
+- correction: |x @ B| >> 4 <= in * 127 * NOISE_MAX / 16; times |A| <= NOISE_MAX over r terms
+  before the sigma shift; the base plus the shifted correction is the accumulator.
+- update: |sum_p f_p (A_p B_p^T)_ij| <= sum |f_p| * r * NOISE_MAX^2 (ESConfig.validate).
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ import numpy as np
 
 from intes.intmath import FRAC_BITS, log_likelihood, rshift_round, sat8
 from intes.kernels.base import LowRank
+from intes.noise import NOISE_MAX
+
+
+def linear_bound(fan_in: int, rank: int, sigma_shift: int) -> int:
+    """Largest |int32 intermediate| of a perturbed linear layer with all-extreme inputs."""
+    base = fan_in * 127 * 127
+    rank_sum = ((fan_in * 127 * NOISE_MAX) >> FRAC_BITS) * NOISE_MAX * rank
+    return max(rank_sum, base + (rank_sum >> sigma_shift) + 1)
 
 
 def lowrank_correction(x: np.ndarray, noise: LowRank, sigma_shift: int) -> np.ndarray:

@@ -1,0 +1,380 @@
+"""Determinism contract of the training engine (DESIGN.md section 5) on tiny configs."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from intes import intmath
+from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
+from intes.es import FITNESS_KINDS, ESConfig
+from intes.kernels.reference import ReferenceBackend
+from intes.models.base import Ops
+
+VOCAB = 24
+ENGINE = settings(max_examples=max(4, settings.default.max_examples // 2))
+
+
+@dataclass(frozen=True)
+class Case:
+    config: TrainConfig
+    data_seed: int
+
+    @property
+    def pairs(self) -> int:
+        return self.config.es.pairs
+
+    def windows(self, step: int) -> np.ndarray:
+        """Member windows for one step: one sequence per group, token 0 (a reset) is common."""
+        cfg = self.config
+        rng = np.random.default_rng([self.data_seed, step])
+        seqs = rng.integers(0, VOCAB, (cfg.es.population // cfg.es.group_size, cfg.seq_len + 1))
+        return member_windows(seqs, cfg.es.group_size)
+
+    def engine(self, **kw) -> Engine:
+        return Engine(self.config, ReferenceBackend(), **kw)
+
+
+@st.composite
+def cases(draw):
+    pop = 2 * draw(st.integers(2, 8))
+    groups = [g for g in range(2, pop + 1, 2) if pop % g == 0]
+    es_cfg = ESConfig(population=pop, group_size=draw(st.sampled_from(groups)),
+                      rank=draw(st.integers(1, 4)), sigma_shift=draw(st.integers(2, 6)),
+                      noise_reuse=draw(st.integers(1, 3)),
+                      fitness=draw(st.sampled_from(FITNESS_KINDS)),
+                      alpha_final_log2=draw(st.integers(0, 4)),
+                      alpha_steps=draw(st.integers(1, 6)))
+    model = ModelConfig(kind=draw(st.sampled_from(["rwkv", "egg"])), vocab_size=VOCAB,
+                        dim=draw(st.sampled_from([8, 16, 24, 32])), layers=draw(st.integers(1, 2)))
+    cfg = TrainConfig(model=model, es=es_cfg, seq_len=draw(st.integers(4, 12)),
+                      seed=draw(st.integers(0, 2**32 - 1)))
+    cfg.validate()
+    return Case(cfg, draw(st.integers(0, 2**32 - 1)))
+
+
+def run(engine: Engine, case: Case, steps: int, chunks=None) -> list[np.ndarray]:
+    """Advance an engine `steps` steps on the case's data; returns each step's member fitness."""
+    out = []
+    for i in range(steps):
+        chunk = None if chunks is None else chunks[i % len(chunks)]
+        out.append(engine.step(case.windows(engine.step_index), chunk))
+    return out
+
+
+def assert_same_params(p, q):
+    assert set(p) == set(q)
+    for name in p:
+        assert p[name].dtype == q[name].dtype == np.int8, name
+        assert np.array_equal(p[name], q[name]), name
+
+
+@ENGINE
+@given(cases(), st.integers(1, 4))
+def test_same_seed_config_data_gives_identical_weights(case, k):
+    """(a) Two independent runs of K steps give bit-identical weights and fitness."""
+    e1, e2 = case.engine(), case.engine()
+    f1, f2 = run(e1, case, k), run(e2, case, k)
+    assert e1.step_index == e2.step_index == k
+    assert all(np.array_equal(a, b) for a, b in zip(f1, f2, strict=True))
+    assert_same_params(e1.params, e2.params)
+    # not vacuous: at step 0 (alpha = 1, threshold 0) any non-zero shaped fitness moves weights
+    e3 = case.engine()
+    init = {n: v.copy() for n, v in e3.params.items()}
+    if np.any(e3.apply_fitness(f1[0])):
+        assert any(not np.array_equal(init[n], e3.params[n]) for n in init)
+
+
+@ENGINE
+@given(cases())
+def test_different_seed_gives_different_weights(case):
+    """The run really depends on the seed (so (a) is not passing vacuously)."""
+    other = Case(TrainConfig(model=case.config.model, es=case.config.es,
+                             seq_len=case.config.seq_len, seed=case.config.seed ^ 1),
+                 case.data_seed)
+    e1, e2 = case.engine(), other.engine()
+    run(e1, case, 2)
+    run(e2, other, 2)
+    assert any(not np.array_equal(e1.params[n], e2.params[n]) for n in e1.params)
+
+
+@ENGINE
+@given(cases(), st.data())
+def test_chunking_does_not_change_fitness(case, data):
+    """(b) population_fitness and whole runs are bit-identical for any chunk_pairs."""
+    e = case.engine()
+    run(e, case, 1)  # move off the initial weights first
+    w = case.windows(e.step_index)
+    full = e.population_fitness(w)
+    assert full.dtype == np.int32 and full.shape == (case.config.es.population,)
+    for chunk in {1, data.draw(st.integers(1, case.pairs)), case.pairs, case.pairs + 3}:
+        assert np.array_equal(e.population_fitness(w, chunk), full), chunk
+    chunks = data.draw(st.lists(st.integers(1, case.pairs), min_size=1, max_size=3))
+    e1, e2 = case.engine(), case.engine()
+    f1, f2 = run(e1, case, 3), run(e2, case, 3, chunks)
+    assert all(np.array_equal(a, b) for a, b in zip(f1, f2, strict=True))
+    assert_same_params(e1.params, e2.params)
+
+
+def _roundtrip(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Params through np.save / np.load bytes, as a checkpoint would store them."""
+    out = {}
+    for name, arr in params.items():
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        out[name] = np.load(io.BytesIO(buf.getvalue()), allow_pickle=False)
+    return out
+
+
+@ENGINE
+@given(cases(), st.integers(2, 5), st.data())
+def test_resume_equals_uninterrupted_run(case, k, data):
+    """(c) K steps == j steps, then a fresh Engine from (saved params, step=j) for K-j steps."""
+    j = data.draw(st.integers(0, k))
+    full = case.engine()
+    f_full = run(full, case, k)
+    first = case.engine()
+    f_first = run(first, case, j)
+    saved = _roundtrip(first.params)
+    del first
+    resumed = case.engine(params=saved, step=j)
+    f_rest = run(resumed, case, k - j)
+    assert resumed.step_index == full.step_index == k
+    assert all(np.array_equal(a, b) for a, b in zip(f_full, f_first + f_rest, strict=True))
+    assert_same_params(full.params, resumed.params)
+
+
+@ENGINE
+@given(cases())
+def test_resume_does_not_alias_callers_params(case):
+    """An Engine built from a params dict never mutates the caller's arrays."""
+    e = case.engine()
+    run(e, case, 1)
+    mine = {k: v.copy() for k, v in e.params.items()}
+    given_params = {k: v.copy() for k, v in mine.items()}
+    resumed = case.engine(params=given_params, step=1)
+    run(resumed, case, 2)
+    assert_same_params(given_params, mine)
+
+
+# ---- (d) integers everywhere -------------------------------------------------------------------
+
+def _check_int(arr, where):
+    arr = np.asarray(arr)
+    assert arr.dtype.kind in "iu", f"{where}: dtype {arr.dtype}"
+    if arr.dtype == np.int8:
+        assert not np.any(arr == -128), f"{where}: -128"
+    return arr
+
+
+class RecordingBackend(ReferenceBackend):
+    """The reference backend, asserting every op result is an integer array of the right kind."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def _out(self, y, kind, dtype):
+        self.calls += 1
+        _check_int(y, kind)
+        assert y.dtype == dtype, f"{kind}: {y.dtype}"
+        return y
+
+    def linear(self, x, w, shift, noise, sigma_shift):
+        _check_int(x, "linear input")
+        return self._out(super().linear(x, w, shift, noise, sigma_shift), "linear", np.int8)
+
+    def embed(self, table, tokens, noise, sigma_shift):
+        return self._out(super().embed(table, tokens, noise, sigma_shift), "embed", np.int8)
+
+    def log_likelihood(self, logits, targets):
+        _check_int(logits, "logits")
+        assert logits.dtype == np.int8
+        return self._out(super().log_likelihood(logits, targets), "log_likelihood", np.int32)
+
+    def update_matrix(self, w, noise, fitness, threshold):
+        _check_int(fitness, "fitness")
+        return self._out(super().update_matrix(w, noise, fitness, threshold), "update", np.int8)
+
+    def update_vector(self, v, noise, fitness, threshold):
+        return self._out(super().update_vector(v, noise, fitness, threshold), "update", np.int8)
+
+
+_INTMATH_OPS = ("norm", "sat_add", "token_mix", "gate", "wkv_step", "gru_blend", "relu", "lut",
+                "sat8", "rshift_round", "div_trunc", "log_likelihood", "log2_fixed")
+
+
+def _recording(fn, name, seen):
+    def wrapped(*args, **kwargs):
+        for i, a in enumerate(args):
+            if isinstance(a, np.ndarray):
+                _check_int(a, f"{name} arg {i}")
+        out = fn(*args, **kwargs)
+        for i, o in enumerate(out if isinstance(out, tuple) else (out,)):
+            _check_int(o, f"{name} output {i}")
+        seen.add(name)
+        return out
+    return wrapped
+
+
+@ENGINE
+@given(cases())
+def test_everything_is_integer(case):
+    """(d) Every op input/output, every state array, the logits, the fitness and the weights
+    after steps have integer dtypes (and no int8 is ever -128)."""
+    seen: set[str] = set()
+    backend = RecordingBackend()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _INTMATH_OPS:
+            mp.setattr(intmath, name, _recording(getattr(intmath, name), name, seen))
+        e = Engine(case.config, backend)
+        run(e, case, 2)
+        ops = e.member_ops(0, case.pairs)
+        for name, v in ops.vectors.items():
+            _check_int(v, name)
+        state = e.model.init_state(case.config.es.population)
+        w = case.windows(e.step_index)
+        logits, state = e.model.forward(ops, w[:, 0], state)
+        assert logits.dtype == np.int8 and logits.shape == (w.shape[0], VOCAB)
+        for name, arr in state.items():
+            assert _check_int(arr, name).dtype in (np.int8, np.int32), name
+            if name.endswith("num"):
+                assert np.all(np.abs(arr.astype(np.int64)) <= 2**23)
+            if name.endswith("den"):
+                assert np.all((arr >= 0) & (arr <= 2**16))
+        totals = score(e.model, ops, w)
+        assert totals.dtype == np.int32 and np.all(totals <= 0)
+        _check_int(e.log_likelihood(w), "inference log-likelihood")
+    assert backend.calls > 0
+    expected = {"norm", "sat_add"} | ({"token_mix", "gate", "wkv_step", "lut"}
+                                     if case.config.model.kind == "rwkv" else
+                                     {"gru_blend", "relu"})
+    assert expected <= seen
+    for name, arr in e.params.items():
+        assert arr.dtype == np.int8, name
+        assert not np.issubdtype(arr.dtype, np.floating)
+
+
+# ---- (e) rows are independent ------------------------------------------------------------------
+
+@ENGINE
+@given(cases(), st.data())
+def test_subset_of_pairs_matches_full_population(case, data):
+    """(e) Evaluating pairs [a, b) alone gives those members' fitness from the full population,
+    and does not depend on other members' windows."""
+    e = case.engine()
+    run(e, case, 1)
+    w = case.windows(e.step_index)
+    full = e.population_fitness(w)
+    a = data.draw(st.integers(0, case.pairs - 1))
+    b = data.draw(st.integers(a + 1, case.pairs))
+    sub = e.evaluate_members(w, a, b)
+    assert np.array_equal(sub, full[2 * a:2 * b])
+    scrambled = w.copy()
+    rng = np.random.default_rng(case.data_seed)
+    others = np.r_[0:2 * a, 2 * b:w.shape[0]]
+    scrambled[others] = rng.integers(0, VOCAB, scrambled[others].shape)
+    assert np.array_equal(e.evaluate_members(scrambled, a, b), sub)
+    assert np.array_equal(e.population_fitness(scrambled)[2 * a:2 * b], sub)
+
+
+@ENGINE
+@given(cases())
+def test_member_ops_match_explicit_noise(case):
+    """A member's fitness equals scoring it alone with Ops built from its own pair's noise."""
+    from intes.models.base import make_noise
+
+    e = case.engine()
+    run(e, case, 1)
+    w = case.windows(e.step_index)
+    full = e.population_fitness(w)
+    cfg = case.config
+    p = case.pairs - 1
+    noise = make_noise(e.specs, cfg.seed, e.step_index, np.array([p]), cfg.es.rank,
+                       cfg.es.noise_reuse)
+    ops = Ops(e.backend, e.specs, e.params, noise, cfg.es.sigma_shift)
+    assert np.array_equal(score(e.model, ops, w[2 * p:2 * p + 2]), full[2 * p:2 * p + 2])
+
+
+# ---- (f) bounded weight moves ------------------------------------------------------------------
+
+@ENGINE
+@given(cases(), st.integers(1, 5))
+def test_weights_move_at_most_one_per_step(case, k):
+    """(f) Each step moves every weight by at most 1 and keeps it an int8 in [-127, 127]."""
+    e = case.engine()
+    for _ in range(k):
+        before = {n: v.copy() for n, v in e.params.items()}
+        raw = e.step(case.windows(e.step_index))
+        assert raw.dtype == np.int32 and np.all(raw <= 0)
+        for name, v in e.params.items():
+            assert v.dtype == np.int8 and v.shape == before[name].shape
+            v64 = v.astype(np.int64)
+            assert np.all(np.abs(v64 - before[name]) <= 1), name
+            assert np.all((v64 >= -127) & (v64 <= 127)), name
+
+
+def test_saturated_weights_stay_in_range():
+    """Weights pinned at +-127 stay within [-127, 127] through several steps."""
+    cfg = TrainConfig(model=ModelConfig(kind="egg", vocab_size=VOCAB, dim=8, layers=1),
+                      es=ESConfig(population=8, rank=2, alpha_steps=1), seq_len=6, seed=3)
+    case = Case(cfg, 5)
+    e = case.engine()
+    e.params = {n: np.where(v >= 0, 127, -127).astype(np.int8) for n, v in e.params.items()}
+    start = {n: v.copy() for n, v in e.params.items()}
+    run(e, case, 3)
+    moved = False
+    for name, v in e.params.items():
+        v64 = v.astype(np.int64)
+        assert v.dtype == np.int8 and np.all(np.abs(v64) <= 127)
+        assert np.all(np.abs(v64 - start[name]) <= 3)
+        moved |= bool(np.any(v != start[name]))
+    assert moved
+
+
+@ENGINE
+@given(cases())
+def test_vector_perturbations_are_antithetic(case):
+    """Ops gives members 2p and 2p+1 the vector parameters sat8(v +- round(e_p / 2^sigma))."""
+    from intes.models.base import make_noise
+    from intes.noise import vector_noise
+
+    e = case.engine()
+    ops = e.member_ops(0, case.pairs)
+    cfg = case.config
+    noise = make_noise(e.specs, cfg.seed, 0, np.arange(case.pairs), cfg.es.rank,
+                       cfg.es.noise_reuse)
+    for tid, spec in enumerate(e.specs):
+        if spec.kind != "vector":
+            continue
+        eps = vector_noise(cfg.seed, 0, np.arange(case.pairs), tid, spec.shape[0])
+        assert np.array_equal(eps, noise[spec.name])
+        delta = (eps.astype(np.int64) + (1 << (cfg.es.sigma_shift - 1))) >> cfg.es.sigma_shift
+        v = e.params[spec.name].astype(np.int64)
+        got = ops.vec(spec.name).astype(np.int64)
+        assert got.shape == (cfg.es.population, spec.shape[0])
+        assert np.array_equal(got[0::2], np.clip(v + delta, -127, 127))
+        assert np.array_equal(got[1::2], np.clip(v - delta, -127, 127))
+
+
+@ENGINE
+@given(cases(), st.data())
+def test_state_resets_at_separator(case, data):
+    """Token 0 resets each row's recurrent state: a window splits at a column of zeros into two
+    independently scored halves, and what precedes the separator does not matter."""
+    e = case.engine()
+    run(e, case, 1)
+    w = case.windows(e.step_index).copy()
+    t0 = data.draw(st.integers(1, w.shape[1] - 2))
+    w[:, t0] = 0
+    for ops in (e.member_ops(0, case.pairs), e.inference_ops()):
+        whole = score(e.model, ops, w)
+        assert np.array_equal(whole, score(e.model, ops, w[:, :t0 + 1]) +
+                              score(e.model, ops, w[:, t0:]))
+        other = w.copy()
+        other[:, :t0] = np.random.default_rng(t0).integers(1, VOCAB, (w.shape[0], t0))
+        assert np.array_equal(score(e.model, ops, other[:, t0:]), score(e.model, ops, w[:, t0:]))
