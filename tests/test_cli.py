@@ -174,7 +174,7 @@ def test_existing_run_without_resume_is_refused_untouched(run_copy, text_file):
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("flag", [["--dim", "32"], ["--seed", "6"], ["--fitness", "normalized"]])
+@pytest.mark.parametrize("flag", [["--dim", "32"], ["--seed", "6"], ["--fitness", "sign"]])
 def test_resume_with_another_config_is_refused_untouched(run_copy, flag):
     before = snapshot(run_copy)
     result = invoke("pretrain", "--steps", 6, "--out", run_copy, "--resume", *flag)

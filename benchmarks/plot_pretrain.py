@@ -1,0 +1,52 @@
+"""Plot validation bits per byte against minutes for pretraining runs' metrics.jsonl files.
+
+    python benchmarks/plot_pretrain.py benchmarks/results/pretrain_rwkv_10min.jsonl \
+        benchmarks/results/pretrain_egg_10min.jsonl --unigram 4.7441 --bigram 3.5998
+
+The reference lines are the validation split's n-gram figures that `intes pretrain` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def evals(path: Path) -> tuple[list[float], list[float]]:
+    """(minutes, val_bpb) of every evaluation in a metrics.jsonl file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("event") == "eval"]
+    return [r["elapsed_s"] / 60 for r in rows], [r["val_bpb"] for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("metrics", nargs="+", type=Path)
+    p.add_argument("--unigram", type=float, required=True)
+    p.add_argument("--bigram", type=float, required=True)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_10min.png"))
+    args = p.parse_args()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for path in args.metrics:
+        minutes, bpb = evals(path)
+        label = path.stem.removeprefix("pretrain_").replace("_", ", ")
+        ax.plot(minutes, bpb, marker=".", label=f"{label}: {bpb[-1]:.3f}")
+    ax.axhline(args.unigram, ls=":", c="gray", label=f"unigram {args.unigram:.3f}")
+    ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
+    ax.set(xlabel="minutes (2-core CPU, cpu backend)", ylabel="validation bits per byte",
+           title="intes pretrain --time-limit 10 (default config, stdlib corpus)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
