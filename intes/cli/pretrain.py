@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from intes import distributed
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint
 from intes.data import load_corpus
 from intes.engine import ModelConfig, TrainConfig
@@ -145,4 +146,6 @@ def pretrain(ctx: click.Context, **flags) -> None:
     if not flags["resume"]:
         config = replace(config, model=replace(config.model, vocab_size=corpus.vocab_size))
     out = Path(flags["out"]).expanduser() if flags["out"] else default_out(config)
-    run_pretraining(config, corpus, replace(options, out=out), backend=flags["backend"])
+    # under torchrun (WORLD_SIZE > 1) each process is one worker of a sharded population
+    train = distributed.pretrain if distributed.launched() else run_pretraining
+    train(config, corpus, replace(options, out=out), backend=flags["backend"])

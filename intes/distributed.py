@@ -1,0 +1,460 @@
+"""Distributed ES: every worker scores a shard of the population; only fitness travels.
+
+Why this is enough: the update is a pure function of (weights, seed, step, the N member
+fitness values), since ``es.tell`` regenerates every pair's noise from seeds. Workers that
+start from the same weights and apply the same fitness vector stay bit-identical without
+ever sending a weight or a gradient: one all-gather of N int32 values per step (4 N bytes),
+whatever the model size.
+
+A step on worker r of W: score the antithetic pairs of its contiguous shard (``shard_pairs``;
+a pair is never split, shards differ by at most one pair), all-gather the member fitness,
+then ``Engine.apply_fitness`` locally like everyone else. Rank 0 alone evaluates, prints and
+writes; every rank validates its inputs before rank 0 writes anything.
+
+Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
+``intes pretrain`` routes here when WORLD_SIZE > 1. torch is imported only on that path.
+
+Failure model: a worker that dies closes its sockets, so the others' next collective fails at
+once; one that hangs is given up on after ``INTES_DIST_TIMEOUT`` seconds. Either way every
+survivor exits with one ``DistributedError`` line, and rank 0's last checkpoint (written
+atomically) stays loadable. The timeout must exceed the longest pause of rank 0 alone
+(evaluation, plot and checkpoint); the others wait for it in the next collective.
+
+Replicas are compared at the start (settings, data and weights) and then every
+``INTES_DIST_VERIFY_EVERY`` steps and at the end (a 64-bit hash of the weights and step, 8
+bytes per worker), so a divergence (a nondeterministic backend, a bad node) stops the run
+within a few steps instead of silently training W different models.
+
+The free functions (``shard_range``, ``all_gather_fitness``, ``assert_same``, ``any_rank``)
+use torch's default process group and are no-ops without one, so other ES loops (the HF
+adapter) can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from intes.checkpoint import CHECKPOINT_NAME, existing_version
+from intes.data import Corpus
+from intes.engine import Engine, TrainConfig
+from intes.errors import ConfigError, IntesError
+from intes.trainer import RunOptions
+from intes.trainer import _start_engine as validated_engine  # the trainer's checks, unwritten
+from intes.trainer import pretrain as train
+
+TIMEOUT_ENV = "INTES_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+VERIFY_ENV = "INTES_DIST_VERIFY_EVERY"
+DEFAULT_VERIFY_EVERY = 10  # steps; a check costs one hash of the weights + 8 bytes per worker
+
+
+class DistributedError(IntesError):
+    """A worker is gone, stalled or disagrees with the others; the run cannot go on."""
+
+
+# ---------------------------------------------------------------------------------------------
+# launch environment
+
+
+def launched() -> bool:
+    """True when started by torchrun (or alike) as one of several workers."""
+    return _env_int("WORLD_SIZE", 1) > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def timeout_seconds() -> float:
+    """How long a collective waits for a silent peer (INTES_DIST_TIMEOUT, seconds)."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def verify_every() -> int:
+    """Steps between replica checks (INTES_DIST_VERIFY_EVERY)."""
+    every = _env_int(VERIFY_ENV, DEFAULT_VERIFY_EVERY)
+    if every < 1:
+        raise ConfigError(f"{VERIFY_ENV} must be >= 1, got {every}")
+    return every
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding and hashing (no torch needed)
+
+
+def shard_pairs(pairs: int, rank: int, world: int) -> tuple[int, int]:
+    """Pairs [start, stop) of ``rank``: contiguous, the first ``pairs % world`` get one more.
+
+    Whole pairs only, because a pair's two members are compared with each other in shaping.
+    """
+    base, extra = divmod(pairs, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def digest(named: Iterable[tuple[str, Any]]) -> int:
+    """Signed 64-bit blake2b of (name, dtype, shape, bytes) of numpy arrays or torch tensors.
+
+    Equal on two workers iff their arrays are (up to a 2^-64 collision), and small enough to
+    compare in one collective of 8 bytes per worker.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name, value in named:
+        kind, shape, raw = _raw_bytes(value)
+        h.update(f"{name}|{kind}|{shape}|".encode())
+        h.update(raw)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _raw_bytes(value: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """(dtype name, shape, flat uint8 view) of an array or a tensor (bf16 included)."""
+    if hasattr(value, "detach"):  # a torch tensor: numpy has no bfloat16, so view its bytes
+        import torch
+
+        flat = value.detach().reshape(-1).contiguous().cpu()
+        return str(value.dtype), tuple(value.shape), flat.view(torch.uint8).numpy()
+    a = np.ascontiguousarray(value)
+    return a.dtype.str, a.shape, a.reshape(-1).view(np.uint8)
+
+
+def _weights_digest(engine: Engine) -> int:
+    return digest([("step", np.int64(engine.step_index)), *sorted(engine.params.items())])
+
+
+def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
+                   engine: Engine) -> dict[str, int]:
+    """What must be the same on every worker before the first step, one hash each.
+
+    The time limit may differ (the stop is voted on); a different step count would not be.
+    """
+    settings = {"config": config.to_dict(), "steps": options.steps, "resume": options.resume}
+    text = json.dumps(settings, sort_keys=True).encode()
+    return {
+        "settings": digest([("settings", np.frombuffer(text, dtype=np.uint8))]),
+        "data": digest([("train", corpus.train), ("valid", corpus.valid)]),
+        "weights": _weights_digest(engine),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives over torch's default process group
+
+
+def _dist() -> Any:
+    """torch.distributed when a process group is up, else None (single process).
+
+    Looked up, not imported: without torch loaded there is no group, and a single process
+    should not pay torch's import to learn that.
+    """
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _gist(err: BaseException) -> str:
+    """A torch/gloo error's first sentence, without its '[file.cc:123] ' source prefix."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
+    return re.split(r"\.(?:\s|$)", line, maxsplit=1)[0][:200]
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn a collective that failed (peer gone) or timed out (peer stalled) into one line."""
+    try:
+        yield
+    except RuntimeError as err:  # DistBackendError / DistStoreError and gloo/NCCL failures
+        raise DistributedError(
+            f"worker {_env_int('RANK', 0)} lost the other workers during {what} ({_gist(err)}): "
+            f"another worker died, or stalled for longer than {TIMEOUT_ENV}="
+            f"{timeout_seconds():g} s") from None
+
+
+def _device(dist: Any) -> Any:
+    """Where collective tensors live: the current GPU for NCCL, else the CPU."""
+    import torch
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_range(n_members: int) -> tuple[int, int]:
+    """Members [start, stop) this worker evaluates: whole antithetic pairs, all when alone."""
+    if n_members % 2:
+        raise ConfigError(f"the population must be even (antithetic pairs), got {n_members}")
+    dist = _dist()
+    if dist is None:
+        return 0, n_members
+    start, stop = shard_pairs(n_members // 2, dist.get_rank(), dist.get_world_size())
+    return 2 * start, 2 * stop
+
+
+def all_gather_fitness(local: np.ndarray, n_members: int) -> np.ndarray:
+    """Every worker's rows of ``local`` (this worker's ``shard_range`` rows), in member order.
+
+    Rows may carry trailing dims and any dtype torch knows (int32 fitness, float64 rewards).
+    Shards differ in length by one pair at most, so each is padded to the longest and trimmed
+    after: one tensor all-gather of world x longest rows, no pickling.
+    """
+    local = np.ascontiguousarray(local)
+    dist = _dist()
+    if dist is None:
+        return local
+    import torch
+
+    world = dist.get_world_size()
+    sizes = [2 * (b - a) for a, b in (shard_pairs(n_members // 2, r, world) for r in range(world))]
+    if len(local) != sizes[dist.get_rank()]:
+        raise ValueError(f"worker {dist.get_rank()} has {len(local)} fitness rows, its shard of "
+                         f"{n_members} members is {sizes[dist.get_rank()]}")
+    device = _device(dist)
+    send = torch.zeros((max(sizes), *local.shape[1:]), dtype=torch.from_numpy(local).dtype,
+                       device=device)
+    send[:len(local)] = torch.from_numpy(local).to(device)
+    received = [torch.empty_like(send) for _ in range(world)]
+    with _collective("the fitness all-gather"):
+        dist.all_gather(received, send)
+    return np.concatenate([t[:n].cpu().numpy() for t, n in zip(received, sizes, strict=True)])
+
+
+def assert_same(value: int, what: str) -> None:
+    """Stop every worker (one line each) unless all hold the same 64-bit ``value``."""
+    dist = _dist()
+    if dist is None:
+        return
+    import torch
+
+    device = _device(dist)
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    values = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    with _collective(f"the check of {what}"):
+        dist.all_gather(values, mine)
+    differ = [r for r, v in enumerate(values) if int(v.item()) != int(values[0].item())]
+    if differ:
+        raise DistributedError(f"workers diverged: {what} on rank(s) "
+                               f"{', '.join(map(str, differ))} differ from rank 0's; stopping "
+                               "(a nondeterministic backend or a faulty machine)")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every worker if it is true on any (all-reduce MAX): a stop all agree on."""
+    dist = _dist()
+    if dist is None:
+        return flag
+    import torch
+
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_device(dist))
+    with _collective("the stop vote"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _gather_objects(obj: Any, what: str) -> list[Any]:
+    """Every worker's small picklable ``obj``; for the start check only (pickle, not tensors)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    with _collective(what):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# process group
+
+
+def _uses_cuda(backend: str) -> bool:
+    """Whether the compute backend ``backend`` (as get_backend resolves it) runs on CUDA."""
+    if backend != "auto":
+        return backend == "cuda"
+    from intes.kernels import available
+
+    return available().get("cuda") is None
+
+
+def _bind_gpu(local_rank: int) -> None:
+    """One GPU per worker on a machine: torch's current device and CuPy's, before any use."""
+    import torch
+
+    torch.cuda.set_device(local_rank)
+    try:
+        import cupy
+    except ImportError:
+        return
+    cupy.cuda.Device(local_rank).use()
+
+
+def init_from_env(backend: str = "auto") -> None:
+    """Join the workers torchrun started: NCCL for the cuda backend, else gloo.
+
+    The timeout also bounds the wait for workers that never show up.
+    """
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        raise ConfigError("running under torchrun needs torch: pip install torch") from None
+    use_cuda = _uses_cuda(backend)
+    if use_cuda:
+        _bind_gpu(_env_int("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    try:
+        with _collective("start-up, waiting for every worker to join"):
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
+                                    rank=_env_int("RANK", 0),
+                                    world_size=_env_int("WORLD_SIZE", 1))
+    except ValueError as err:  # WORLD_SIZE set by hand without torchrun's other variables
+        raise ConfigError(f"cannot join the other workers ({_gist(err)}); start intes with "
+                          "torchrun") from None
+
+
+def shutdown() -> None:
+    """Leave the process group (if any), so the interpreter exits without a warning."""
+    dist = _dist()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed pretraining
+
+
+def _agree_on_start(config: TrainConfig, corpus: Corpus, options: RunOptions,
+                    backend: str) -> None:
+    """Every worker runs the trainer's checks; nobody starts unless all pass and agree.
+
+    Runs before rank 0 creates anything, so a refusal on any worker leaves no run directory
+    behind, and a node with other data, config or checkpoint is caught before the first step.
+    """
+    rank = _env_int("RANK", 0)
+    error: IntesError | None = None
+    digests: dict[str, int] = {}
+    try:
+        engine = validated_engine(config, corpus, options, backend, is_main=rank == 0)
+        digests = _start_digests(config, corpus, options, engine)
+    except IntesError as err:
+        error = err
+    reports = _gather_objects((str(error) if error else None, digests), "the start check")
+    if error is not None:
+        raise error
+    for other, (message, theirs) in enumerate(reports):
+        if message is not None:
+            raise DistributedError(f"worker {other} cannot start: {message}")
+        differ = [key for key in digests if theirs[key] != reports[0][1][key]]
+        if differ:
+            raise DistributedError(f"worker {other}'s {' and '.join(differ)} differ from worker "
+                                   "0's: every worker needs the same flags, data and checkpoint")
+
+
+class ShardFitness:
+    """The ``fitness_fn`` of one worker: score its pairs, all-gather, check replicas.
+
+    Works alone too (no process group: the whole population, no checks), so a benchmark
+    times exactly what a worker does.
+    """
+
+    def __init__(self, population: int, chunk_pairs: int | None = None):
+        start, stop = shard_range(population)
+        self.start, self.stop = start // 2, stop // 2  # pairs
+        self.chunk = chunk_pairs or max(self.stop - self.start, 1)
+        self.every = verify_every()
+        self.first_step: int | None = None
+        self.engine: Engine | None = None
+
+    def __call__(self, engine: Engine, windows: np.ndarray) -> np.ndarray:
+        self.engine = engine
+        if self.first_step is None:
+            self.first_step = engine.step_index
+        if (engine.step_index - self.first_step) % self.every == 0:
+            self.verify()
+        parts = [engine.evaluate_members(windows, p, min(p + self.chunk, self.stop))
+                 for p in range(self.start, self.stop, self.chunk)]
+        local = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        return all_gather_fitness(local, engine.config.es.population)
+
+    def verify(self) -> None:
+        """All workers hold the same weights at the same step (checked before scoring)."""
+        if self.engine is not None:
+            assert_same(_weights_digest(self.engine),
+                        f"the weights at step {self.engine.step_index}")
+
+
+@contextmanager
+def _sigterm_as_error() -> Iterator[None]:
+    """SIGTERM becomes a DistributedError, so a stopped worker still says why in one line.
+
+    torchrun terminates the surviving workers as soon as one fails, usually before their own
+    collective notices; schedulers preempt the same way.
+    """
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise DistributedError(f"worker {_env_int('RANK', 0)} was stopped (SIGTERM): torchrun "
+                               "stops every worker when one fails; see that worker's error")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
+             backend: str = "auto") -> dict:
+    """``trainer.pretrain`` as one of the workers torchrun started; same result as one process.
+
+    Every worker loads the data and, on --resume, the checkpoint (read-only); rank 0 alone
+    writes. Returns the trainer's summary (complete on rank 0).
+    """
+    init_from_env(backend)
+    try:
+        with _sigterm_as_error():
+            _agree_on_start(config, corpus, options, backend)
+            return _train(config, corpus, options, backend)
+    finally:
+        shutdown()
+
+
+def _train(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str) -> dict:
+    """Train with the shard's fitness hook and check the final weights; a failure names the
+    checkpoint to resume from, if rank 0 has written one."""
+    shard = ShardFitness(config.es.population, options.chunk_pairs)
+    try:
+        summary = train(config, corpus, options, backend, fitness_fn=shard,
+                        is_main=_dist().get_rank() == 0, sync_stop=any_rank)
+        shard.verify()  # the final weights, which rank 0 has just saved
+    except DistributedError as err:
+        if existing_version(options.out / CHECKPOINT_NAME) is None:
+            raise
+        raise DistributedError(f"{err}; the last checkpoint in {options.out} is intact: "
+                               "continue with --resume") from None
+    return summary

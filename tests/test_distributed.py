@@ -1,0 +1,291 @@
+"""Distributed pretraining: 2 gloo workers on 127.0.0.1 give the weights of 1 process.
+
+Workers are real processes: torchrun for the runs a user would launch, and for the failure
+tests two processes given torchrun's environment variables by hand, so the test can kill or
+stall one and watch the other. Tiny configs keep each run to seconds; most of the time is
+importing torch in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from intes import distributed  # noqa: E402
+from intes.cli import cli  # noqa: E402
+from intes.trainer import load_engine  # noqa: E402
+
+BIN = Path(sys.executable).parent
+INTES = str(BIN / "intes") if (BIN / "intes").exists() else shutil.which("intes")
+TORCHRUN = str(BIN / "torchrun") if (BIN / "torchrun").exists() else shutil.which("torchrun")
+# population 10 = 5 pairs: uneven shards (3 + 2) over 2 workers
+TINY = ["--model", "rwkv", "--dim", "32", "--layers", "1", "--population", "10", "--seq-len",
+        "8", "--seed", "5", "--eval-streams", "2", "--eval-len", "16", "--no-progress"]
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
+
+needs_cli = pytest.mark.skipif(INTES is None or TORCHRUN is None,
+                               reason="the intes and torchrun commands are not installed")
+slow = pytest.mark.slow  # starts worker processes, each importing torch: seconds apiece
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables (a single process), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, **extra}
+
+
+def worker_env(rank: int, port: int, **extra: str) -> dict[str, str]:
+    """What torchrun gives worker ``rank`` of 2 on this machine."""
+    return clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
+
+
+def single(args: list[str]) -> None:
+    """``intes pretrain *args`` in this process (no launcher variables: one worker)."""
+    assert not distributed.launched()
+    cli.main(args=["pretrain", *args], standalone_mode=False)
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port()), INTES, "pretrain", *args]
+    return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=180)
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def checkpoint_digest(run: Path) -> str:
+    """sha256 of the latest checkpoint's array files (zarr JSON metadata left out)."""
+    store = run / "checkpoint.zarr"
+    h = hashlib.sha256()
+    for p in sorted(q for q in store.rglob("*") if q.is_file() and not q.name.endswith(".json")):
+        h.update(p.relative_to(store).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def steps_logged(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r["step"] for r in records if r["event"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    words = "a quick brown fox jumps over the lazy dog while odd wizards quietly hex it".split()
+    lines = (" ".join(words[(i * 7 + j * j * 3 + i // 5) % len(words)] for j in range(11))
+             for i in range(300))
+    path = tmp_path_factory.mktemp("dist") / "small.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process pieces
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_shards_cover_every_pair_once_and_evenly(world: int) -> None:
+    for pairs in range(13):
+        shards = [distributed.shard_pairs(pairs, r, world) for r in range(world)]
+        assert shards[0][0] == 0 and shards[-1][1] == pairs
+        assert all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))  # contiguous
+        sizes = [stop - start for start, stop in shards]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_digest_sees_every_byte_dtype_and_name() -> None:
+    a = np.arange(-60, 60, dtype=np.int8).reshape(8, 15)
+    base = distributed.digest([("w", a)])
+    assert base == distributed.digest([("w", a.copy())])
+    flipped = a.copy()
+    flipped[7, 14] += 1
+    assert len({base, distributed.digest([("w", flipped)]), distributed.digest([("v", a)]),
+                distributed.digest([("w", a.astype(np.int16))]),
+                distributed.digest([("w", a.reshape(15, 8))])}) == 5
+
+
+def test_collectives_are_no_ops_in_one_process() -> None:
+    local = np.arange(6, dtype=np.int32)
+    assert distributed.shard_range(6) == (0, 6)
+    assert (distributed.all_gather_fitness(local, 6) == local).all()
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    distributed.assert_same(3, "anything")
+
+
+COLLECTIVES = textwrap.dedent("""
+    import os, time, numpy as np
+    from intes import distributed as d
+    d.init_from_env("reference")
+    r = int(os.environ["RANK"])
+    a, b = d.shard_range(10)
+    assert (a, b) == [(0, 6), (6, 10)][r], (a, b)
+    full = d.all_gather_fitness(np.arange(a, b, dtype=np.int32) * 7, 10)
+    assert full.dtype == np.int32 and (full == np.arange(10) * 7).all(), full
+    rewards = d.all_gather_fitness(np.arange(a, b)[:, None] * np.array([0.5, 1.5]), 10)
+    assert rewards.shape == (10, 2) and (rewards[:, 1] == np.arange(10) * 1.5).all()
+    a, b = d.shard_range(2)  # fewer pairs than workers: rank 1 scores nothing
+    assert (d.all_gather_fitness(np.arange(a, b, dtype=np.int32), 2) == [0, 1]).all()
+    assert d.any_rank(r == 1) and not d.any_rank(False)
+    d.assert_same(42, "the answer")
+    try:
+        d.assert_same(r, "the rank")
+    except d.DistributedError as err:
+        assert "rank(s) 1 differ" in str(err), err
+    else:
+        raise SystemExit("a divergence went unnoticed")
+    if r == 1:
+        time.sleep(STALL)  # longer than INTES_DIST_TIMEOUT: rank 0 must give up, not hang
+    began = time.monotonic()
+    try:
+        d.any_rank(False)
+    except d.DistributedError as err:  # rank 1 finds rank 0 gone, or times out itself
+        assert r == 1 or "Timed out" in str(err) and time.monotonic() - began < STALL, err
+    else:
+        raise SystemExit("a stalled worker went unnoticed")
+""")
+
+
+@slow
+def test_collectives_between_two_workers() -> None:
+    port, timeout = free_port(), 4
+    script = f"STALL = {timeout + 3}\n{COLLECTIVES}"
+    procs = [subprocess.Popen([sys.executable, "-c", script],
+                              env=worker_env(r, port, INTES_DIST_TIMEOUT=str(timeout)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun == one process
+
+
+@pytest.fixture(scope="module")
+def two_steps(text: Path, runs: Path) -> tuple[Path, Path]:
+    """The same 2 steps by one process and by 2 torchrun workers."""
+    one, two = runs / "one", runs / "two"
+    single([*TINY, "--data", str(text), "--steps", "2", "--out", str(one)])
+    ok(torchrun([*TINY, "--data", str(text), "--steps", "2", "--out", str(two)]))
+    return one, two
+
+
+@slow
+@needs_cli
+def test_two_workers_give_the_weights_of_one(two_steps: tuple[Path, Path]) -> None:
+    one, two = two_steps
+    assert checkpoint_digest(two) == checkpoint_digest(one)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert steps_logged(two) == [1, 2]  # rank 0 alone writes the metrics
+
+
+@slow
+@needs_cli
+def test_resume_under_torchrun_is_bit_exact(two_steps: tuple[Path, Path], text: Path,
+                                            runs: Path) -> None:
+    _, two = two_steps
+    ok(torchrun(["--out", str(two), "--resume", "--steps", "4", "--no-progress"]))
+    straight = runs / "four"
+    single([*TINY, "--data", str(text), "--steps", "4", "--out", str(straight)])
+    assert checkpoint_digest(two) == checkpoint_digest(straight)
+    assert steps_logged(two) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: one line, no hang, nothing broken on disk
+
+
+def launch(args: list[list[str]], logs: Path, **extra: str) -> list[subprocess.Popen]:
+    """Worker r runs ``intes pretrain *args[r]`` as torchrun would start it; output in
+    logs/rank{r}.log."""
+    port, procs = free_port(), []
+    for r, a in enumerate(args):
+        with (logs / f"rank{r}.log").open("w") as log:
+            procs.append(subprocess.Popen([INTES, "pretrain", *a], env=worker_env(r, port, **extra),
+                                          stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[int]:
+    return [p.wait(timeout=120) for p in procs]
+
+
+def last_line(path: Path) -> str:
+    return path.read_text().strip().splitlines()[-1]
+
+
+@slow
+@needs_cli
+def test_dead_worker_stops_the_other_with_one_line(text: Path, tmp_path: Path) -> None:
+    timeout = 30  # a dead peer's sockets close, so it is noticed long before the timeout
+    out = tmp_path / "run"
+    args = [*TINY, "--data", str(text), "--steps", "100000", "--checkpoint-every", "1",
+            "--eval-every", "100000", "--out", str(out)]
+    rank0, rank1 = launch([args, args], tmp_path, INTES_DIST_TIMEOUT=str(timeout))
+    try:
+        deadline = time.monotonic() + 90
+        while max(steps_logged(out), default=0) < 2:
+            assert time.monotonic() < deadline and rank0.poll() is None, last_line(
+                tmp_path / "rank0.log")
+            time.sleep(0.05)
+        rank1.send_signal(signal.SIGKILL)
+        assert rank0.wait(timeout=timeout) == 1
+    finally:
+        for p in (rank0, rank1):
+            p.kill()
+            p.wait()
+    line = last_line(tmp_path / "rank0.log")
+    assert line.startswith("error: worker 0 lost the other workers during"), line
+    assert f"INTES_DIST_TIMEOUT={timeout} s" in line and "continue with --resume" in line, line
+    engine, _ = load_engine(out)  # the last checkpoint rank 0 wrote is whole
+    assert engine.step_index >= 2
+
+
+@slow
+@needs_cli
+def test_workers_refuse_to_start_on_different_data(text: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text().replace("fox", "cat"), encoding="utf-8")
+    out = tmp_path / "run"
+    args = [[*TINY, "--data", str(data), "--steps", "2", "--out", str(out)]
+            for data in (text, other)]
+    assert finish(launch(args, tmp_path)) == [1, 1]
+    for r in range(2):
+        line = last_line(tmp_path / f"rank{r}.log")
+        assert line.startswith("error: worker 1's data differ from worker 0's"), line
+    assert not out.exists()  # every worker checked before rank 0 wrote anything
