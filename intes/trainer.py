@@ -186,8 +186,8 @@ def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path
                               "resume on the checkpoint's data")
 
 
-def _start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str,
-                  is_main: bool) -> Engine:
+def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str,
+                 is_main: bool) -> Engine:
     """A fresh or resumed engine after every check that can fail; creates nothing on disk.
 
     Only the main worker checks that a fresh run's directory is free: the others could see
@@ -488,7 +488,7 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: 
     ranks' time-limit flags so that all stop after the same step.
     """
     options.validate()
-    engine = _start_engine(config, corpus, options, backend, is_main)
+    engine = start_engine(config, corpus, options, backend, is_main)
     if fitness_fn is None:
         def fitness_fn(eng: Engine, windows: np.ndarray) -> np.ndarray:
             return eng.population_fitness(windows, options.chunk_pairs)
