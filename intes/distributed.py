@@ -51,8 +51,8 @@ from intes.data import Corpus
 from intes.engine import Engine, TrainConfig
 from intes.errors import ConfigError, IntesError
 from intes.trainer import RunOptions
-from intes.trainer import start_engine as validated_engine  # the trainer's checks, unwritten
 from intes.trainer import pretrain as train
+from intes.trainer import start_engine as validated_engine  # the trainer's checks, unwritten
 
 TIMEOUT_ENV = "INTES_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
