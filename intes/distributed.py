@@ -407,7 +407,7 @@ class ShardFitness:
 
 
 @contextmanager
-def _sigterm_as_error() -> Iterator[None]:
+def sigterm_as_error() -> Iterator[None]:
     """SIGTERM becomes a DistributedError, so a stopped worker still says why in one line.
 
     torchrun terminates the surviving workers as soon as one fails, usually before their own
@@ -437,7 +437,7 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
     """
     init_from_env(backend)
     try:
-        with _sigterm_as_error():
+        with sigterm_as_error():
             _agree_on_start(config, corpus, options, backend)
             return _train(config, corpus, options, backend)
     finally:

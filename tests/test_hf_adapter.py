@@ -1,5 +1,6 @@
 """The float HF adapter: shared batched side path == explicit perturbation, no drift, seeded
-update == stored-noise update, learning on a toy reward, the built-in tasks and `finetune`.
+update == stored-noise update, learning on a toy reward, the built-in tasks and `finetune`,
+alone and under torchrun (2 gloo workers give the weights of one process).
 
 Models are tiny Llama / GPT-2 built from configs with a BPE tokenizer trained here: no network.
 """
@@ -9,8 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
+import shutil
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +39,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from intes import distributed  # noqa: E402
 from intes.adapters.hf import (  # noqa: E402
     ESFineTuner,
     LowRankAdapter,
@@ -440,3 +447,73 @@ def test_finetune_bad_input_is_one_line(saved, tmp_path, case, error, match):
     assert isinstance(result.exception, IntesError) and "\n" not in str(result.exception)
     assert re.search(match, str(result.exception))
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- finetune under torchrun
+
+BIN = Path(sys.executable).parent
+INTES = str(BIN / "intes") if (BIN / "intes").exists() else shutil.which("intes")
+TORCHRUN = str(BIN / "torchrun") if (BIN / "torchrun").exists() else shutil.which("torchrun")
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
+LOGGED_REWARD = """import os
+
+
+def chars(prompt, completion):
+    rank = os.environ.get("RANK", "alone")
+    with open(os.path.join(os.path.dirname(__file__), f"calls-{rank}.txt"), "a") as f:
+        f.write(repr(completion) + "\\n")
+    return sum(map(ord, completion)) % 97
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tensors(folder: Path) -> dict[str, bytes]:
+    from safetensors.torch import load_file
+
+    return {k: v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            for k, v in load_file(folder / "model.safetensors").items()}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTES is None or TORCHRUN is None, reason="intes or torchrun not installed")
+def test_finetune_under_torchrun_gives_the_weights_of_one_process(saved, tmp_path):
+    (tmp_path / "r.py").write_text(LOGGED_REWARD)
+    args = ["--model", saved / "model", "--reward", f"{tmp_path / 'r.py'}:chars", "--prompts",
+            saved / "prompts.txt", "--population", 4, "--steps", 2, "--max-new-tokens", 6,
+            "--sigma", 0.05, "--lr", 1e-2, "--seed", 3]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    assert not distributed.launched()
+    result = invoke(*args, "--out", tmp_path / "one" / "out")
+    assert result.exit_code == 0, result.output
+    assert not torch.distributed.is_initialized()  # one process: no process group
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", INTES_DIST_VERIFY_EVERY="1")  # as the in-process run
+    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port()), INTES, "finetune", *map(str, args),
+           "--out", str(tmp_path / "two" / "out")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("saved ") == 1  # rank 0 alone reports (and writes)
+
+    one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
+    assert tensors(two) == tensors(one)  # bit for bit
+    assert tensors(one) != tensors(saved / "model")  # and the steps did move the weights
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["out"]  # no staging left behind
+    logged = [[{k: v for k, v in json.loads(line).items() if k != "time_s"}
+               for line in (folder / "metrics.jsonl").read_text().splitlines()]
+              for folder in (one, two)]
+    assert logged[0] == logged[1] and [m["step"] for m in logged[0]] == [0, 1]
+    # each worker generated for its own pair only: 2 steps x 2 members x 2 prompts
+    calls = {r: (tmp_path / f"calls-{r}.txt").read_text().splitlines()
+             for r in ("alone", "0", "1")}
+    assert len(calls["0"]) == len(calls["1"]) == 8 and len(calls["alone"]) == 16
+    assert sorted(calls["0"] + calls["1"]) == sorted(calls["alone"])

@@ -24,6 +24,14 @@ textbook ES gradient estimate (hence the 1/sigma), so it does not change meaning
 does. "Evolution Strategies at Scale" absorbs sigma into its step size alpha (5e-4 with
 sigma 1e-3); the same update here is ``lr = alpha * sigma``, hence the default lr of 5e-7.
 Taking lr = 5e-4 literally would move each weight by ~0.1 per step and wreck a pretrained model.
+
+Under torchrun (a process group is up, see ``intes.distributed``) each worker generates for a
+contiguous shard of whole antithetic pairs only, the float64 reward matrix (members x prompts)
+is all-gathered, and every worker applies the same seed-rebuilt update, so the replicas stay
+bit-identical without sending a weight: the same result as one process. The workers compare
+a hash of their weights before step 0, every ``INTES_DIST_VERIFY_EVERY`` steps (default 10) and
+whenever ``ESFineTuner.verify`` is called (at the end). Without a process group nothing of
+this runs.
 """
 
 from __future__ import annotations
@@ -42,12 +50,18 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
+from intes import distributed
 from intes.errors import ConfigError, DataError, IntesError
 from intes.noise import lowrank_factors, member_signs
 
 RewardFn = Callable[[str, str], float]
 SHAPINGS = ("zscore", "rank", "sign")
 NOISE_UNIT = 16.0  # int8 noise is N(0, 1) in x16 fixed point; a power of two, so /16 is exact
+
+
+def _in_group() -> bool:
+    """Whether this process is one worker of several (torch's default process group is up)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
@@ -285,18 +299,42 @@ class ESFineTuner:
     def evaluate(self, prompts: Sequence[str]) -> np.ndarray:
         """Rewards (population, prompts) of every member at the current step; weights untouched.
 
-        Members go through generate() member_chunk at a time; on CUDA out-of-memory the chunk
-        is halved (and kept halved) until it fits.
+        Under torchrun this worker generates for its shard of whole pairs only and the float64
+        rows of all workers are all-gathered, so every worker returns the full matrix. Members
+        go through generate() member_chunk at a time; on CUDA out-of-memory the chunk is
+        halved (and kept halved) until it fits.
         """
         prompts = list(prompts)
         if not prompts:
             raise DataError("no prompts to evaluate")
+        first, stop = distributed.shard_range(self.population)
+        failure: IntesError | None = None
+        try:
+            local = self._evaluate_members(prompts, first, stop)
+        except IntesError as err:
+            if not _in_group():
+                raise
+            # NaN rows (a reward is always finite) tell the others, in the gather they are
+            # already waiting in, to stop too instead of waiting for this worker until timeout
+            failure, local = err, np.full((stop - first, len(prompts)), np.nan)
+        rewards = distributed.all_gather_fitness(local, self.population)
+        if failure is not None:
+            raise failure
+        failed = np.flatnonzero(np.isnan(rewards).any(axis=1))
+        if len(failed):
+            raise distributed.DistributedError(
+                f"worker {_worker_of(int(failed[0]), self.population)} could not score its "
+                "members (see its error); stopping")
+        return rewards
+
+    def _evaluate_members(self, prompts: list[str], first: int, stop: int) -> np.ndarray:
+        """Rewards (stop - first, prompts) of members first..stop-1."""
         enc = self._encode(prompts)
         name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
-        rewards = np.empty((self.population, len(prompts)))
-        start = 0
-        while start < self.population:
-            members = np.arange(start, min(start + self.member_chunk, self.population))
+        rewards = np.empty((stop - first, len(prompts)))
+        start = first
+        while start < stop:
+            members = np.arange(start, min(start + self.member_chunk, stop))
             try:
                 texts = self._complete(enc, members)
             except torch.cuda.OutOfMemoryError:
@@ -308,7 +346,7 @@ class ESFineTuner:
                 continue
             for i, text in enumerate(texts):
                 row, col = divmod(i, len(prompts))
-                rewards[start + row, col] = self._reward(prompts[col], text, name)
+                rewards[start - first + row, col] = self._reward(prompts[col], text, name)
             start += len(members)
         return rewards
 
@@ -322,8 +360,14 @@ class ESFineTuner:
         return _check_reward(value, prompt, name)
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
-        """One ES step: evaluate the population on the prompts, then update from seeds."""
+        """One ES step: evaluate the population on the prompts, then update from seeds.
+
+        Under torchrun the workers first compare their weights, before step 0 and every
+        ``INTES_DIST_VERIFY_EVERY`` steps.
+        """
         t0 = time.perf_counter()
+        if _in_group() and self.step_index % distributed.verify_every() == 0:
+            self.verify()
         fitness = self.evaluate(prompts).mean(axis=1)
         self.adapter.update(self.step_index, shape_rewards(fitness, self.shaping), self.lr)
         metrics = {"step": self.step_index, "reward_mean": float(fitness.mean()),
@@ -332,7 +376,24 @@ class ESFineTuner:
         self.step_index += 1
         return metrics
 
+    def verify(self) -> None:
+        """Stop every worker unless all hold the same weights (a no-op in one process).
+
+        One 64-bit hash of the state dict and step per worker; call it after the last step.
+        """
+        if not _in_group():
+            return
+        named = [("step", np.int64(self.step_index)), *self.model.state_dict().items()]
+        distributed.assert_same(distributed.digest(named), f"the weights at step {self.step_index}")
+
     def save(self, path: str | Path) -> None:
         """save_pretrained of the model and tokenizer: a plain HF checkpoint, no intes needed."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+
+def _worker_of(member: int, population: int) -> int:
+    """The rank whose shard holds ``member`` (a process group is up)."""
+    world = torch.distributed.get_world_size()
+    return next(r for r in range(world)
+                if member // 2 < distributed.shard_pairs(population // 2, r, world)[1])

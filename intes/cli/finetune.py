@@ -4,10 +4,17 @@ Only parses arguments, loads things and calls ``intes.adapters.hf.ESFineTuner``.
 written to a temporary folder next to --out and renamed into place at the end, so an
 interrupted or failed run never leaves a half-written model. torch and transformers are
 imported inside the functions that need them, so `intes --help` stays fast.
+
+Under torchrun (``torchrun --nproc-per-node N intes finetune ...``) every process is one
+worker: it joins the process group (NCCL when CUDA is available, else gloo), generates for its
+shard of the population, and all apply the same update (see ``intes.adapters.hf``); the
+result is the model one process would have made, bit for bit. Rank 0 alone shows progress
+and writes --out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -162,16 +169,54 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
         prompts, reward_fn = load_task(task, lines)
     else:
         prompts, reward_fn = lines, _import_reward(reward_spec)
-    history = _train(model_path, prompts, reward_fn, dtype, device, steps, out, dict(
-        population=population, sigma=sigma, lr=lr, rank=rank, seed=seed, shaping=shaping,
-        max_new_tokens=max_new_tokens, target_modules=target_modules, member_chunk=member_chunk))
+    es_args = dict(population=population, sigma=sigma, lr=lr, rank=rank, seed=seed,
+                   shaping=shaping, max_new_tokens=max_new_tokens,
+                   target_modules=target_modules, member_chunk=member_chunk)
+    from intes import distributed
+
+    launched = distributed.launched()  # one of several torchrun workers
+    if launched:
+        import torch
+
+        distributed.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        # torchrun stops the other workers when one fails: say so in one line and clean up
+        with distributed.sigterm_as_error() if launched else contextlib.nullcontext():
+            is_main = _agree(prompts, task or reward_spec, dtype, steps, es_args)
+            history = _train(model_path, prompts, reward_fn, dtype, device, steps, out, es_args,
+                             is_main)
+    finally:
+        distributed.shutdown()
+    if not is_main:
+        return
     first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
     click.echo(f"saved {out}: mean reward {first:.4g} -> {last:.4g} over {len(history)} steps")
 
 
+def _agree(prompts: list[str], reward: str, dtype: str, steps: int, es_args: dict) -> bool:
+    """Whether this is the main process; under torchrun, first stop every worker unless all
+    were given the same settings and prompts (the weights are compared before step 0)."""
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return True
+    import numpy as np
+
+    from intes import distributed
+
+    settings = json.dumps({"prompts": prompts, "reward": reward, "dtype": dtype, "steps": steps,
+                           **es_args}, sort_keys=True).encode()
+    distributed.assert_same(distributed.digest([("settings", np.frombuffer(settings, np.uint8))]),
+                            "the settings and prompts")
+    return torch.distributed.get_rank() == 0
+
+
 def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: str | None,
-           steps: int, out: Path, es_args: dict) -> list[dict]:
-    """Run the ES steps with a progress bar, then write model, metrics and plot atomically."""
+           steps: int, out: Path, es_args: dict, is_main: bool = True) -> list[dict]:
+    """Run the ES steps with a progress bar, then write model, metrics and plot atomically.
+
+    Only the main process (rank 0 under torchrun) shows progress and writes; every worker
+    checks the final weights agree first."""
     import torch
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
@@ -183,6 +228,11 @@ def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(model_path, dtype, device)
     tuner = ESFineTuner(model, tokenizer, reward_fn, **es_args)
+    if not is_main:
+        for _ in range(steps):
+            tuner.step(prompts)
+        tuner.verify()
+        return []
     tmp = _staging_dir(out)
     try:
         history = []
@@ -190,6 +240,7 @@ def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: 
             for _ in bar:
                 history.append(tuner.step(prompts))
                 bar.set_postfix(reward=f"{history[-1]['reward_mean']:.4g}")
+        tuner.verify()  # the weights every worker ends with (a no-op in one process)
         tuner.save(tmp)
         with open(tmp / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
