@@ -41,7 +41,7 @@ from intes.kernels.base import Backend
 from intes.models.base import Ops, make_noise, prepare
 
 VOCAB = 256
-NAIVE_MEMBERS = 4  # members timed (per repeat) for the naive baseline; its cost is per member
+NAIVE_MEMBERS = 8  # members timed (per repeat) for the naive baseline; its cost is per member
 
 
 def cpu_model() -> str:
@@ -226,7 +226,7 @@ def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
 
 
 def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: int = 1024,
-              seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 3,
+              seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 5,
               naive: bool = True, threads: int | None = None) -> dict:
     """All figures for one configuration, as a JSON-ready dict (see the module docstring)."""
     engine = make_engine(model, dim, layers, population, seq_len, rank,

@@ -17,7 +17,7 @@ from intes.kernels import BACKENDS
 @click.option("--seq-len", type=int, default=64, show_default=True)
 @click.option("--rank", type=int, default=1, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs per figure; the fastest counts")
 @click.option("--naive/--no-naive", default=True, show_default=True,
               help="Also time naive full-rank ES (a few members, extrapolated)")
