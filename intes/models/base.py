@@ -53,6 +53,28 @@ def init_params(specs: list[ParamSpec], seed: int) -> dict[str, np.ndarray]:
     return params
 
 
+class IntLM:
+    """Shared skeleton of the integer LMs: embedding -> blocks -> norm -> head.
+
+    Subclasses give ``block_specs(prefix)`` for one layer; the spec order (embedding, layers
+    in order, ln_out, head) fixes each tensor's id in the noise hash.
+    """
+
+    kind = ""
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, hidden_mult: int = 4):
+        self.vocab_size, self.dim, self.layers = vocab_size, dim, layers
+        self.hidden = hidden_mult * dim
+        self.specs = [ParamSpec("emb", (vocab_size, dim), "embedding")]
+        for i in range(layers):
+            self.specs += self.block_specs(f"blocks.{i}.")
+        self.specs += [ParamSpec("ln_out", (dim,), "vector", 16),
+                       ParamSpec("head", (vocab_size, dim), "matrix")]
+
+    def block_specs(self, p: str) -> list[ParamSpec]:
+        raise NotImplementedError
+
+
 class Ops:
     """The ops a model calls for one ES step (or for plain inference when noise is None).
 

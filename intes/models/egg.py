@@ -9,34 +9,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from intes.models.base import Ops, ParamSpec
+from intes.models.base import IntLM, Ops, ParamSpec
 
 
-class EGG:
+class EGG(IntLM):
     kind = "egg"
 
-    def __init__(self, vocab_size: int, dim: int, layers: int, hidden_mult: int = 4):
-        self.vocab_size, self.dim, self.layers = vocab_size, dim, layers
-        self.hidden = hidden_mult * dim
-        d, h = dim, self.hidden
-        specs = [ParamSpec("emb", (vocab_size, d), "embedding")]
-        for i in range(layers):
-            p = f"blocks.{i}."
-            specs += [
-                ParamSpec(p + "ln1", (d,), "vector", 16),
-                ParamSpec(p + "gru.wf", (d, d), "matrix"),
-                ParamSpec(p + "gru.uf", (d, d), "matrix"),
-                ParamSpec(p + "gru.bf", (d,), "vector", 0),
-                ParamSpec(p + "gru.wh", (d, d), "matrix"),
-                ParamSpec(p + "gru.uh", (d, d), "matrix"),
-                ParamSpec(p + "gru.bh", (d,), "vector", 0),
-                ParamSpec(p + "ln2", (d,), "vector", 16),
-                ParamSpec(p + "mlp.w1", (h, d), "matrix"),
-                ParamSpec(p + "mlp.w2", (d, h), "matrix"),
-            ]
-        specs += [ParamSpec("ln_out", (d,), "vector", 16), ParamSpec("head", (vocab_size, d),
-                                                                      "matrix")]
-        self.specs = specs
+    def block_specs(self, p: str) -> list[ParamSpec]:
+        d, h = self.dim, self.hidden
+        return [
+            ParamSpec(p + "ln1", (d,), "vector", 16),
+            ParamSpec(p + "gru.wf", (d, d), "matrix"),
+            ParamSpec(p + "gru.uf", (d, d), "matrix"),
+            ParamSpec(p + "gru.bf", (d,), "vector", 0),
+            ParamSpec(p + "gru.wh", (d, d), "matrix"),
+            ParamSpec(p + "gru.uh", (d, d), "matrix"),
+            ParamSpec(p + "gru.bh", (d,), "vector", 0),
+            ParamSpec(p + "ln2", (d,), "vector", 16),
+            ParamSpec(p + "mlp.w1", (h, d), "matrix"),
+            ParamSpec(p + "mlp.w2", (d, h), "matrix"),
+        ]
 
     def init_state(self, rows: int) -> dict[str, np.ndarray]:
         return {f"{i}.h": np.zeros((rows, self.dim), dtype=np.int8) for i in range(self.layers)}

@@ -12,39 +12,31 @@ from __future__ import annotations
 import numpy as np
 
 from intes import intmath as im
-from intes.models.base import Ops, ParamSpec
+from intes.models.base import IntLM, Ops, ParamSpec
 
 
-class RWKV:
+class RWKV(IntLM):
     kind = "rwkv"
 
-    def __init__(self, vocab_size: int, dim: int, layers: int, hidden_mult: int = 4):
-        self.vocab_size, self.dim, self.layers = vocab_size, dim, layers
-        self.hidden = hidden_mult * dim
-        d, h = dim, self.hidden
-        specs = [ParamSpec("emb", (vocab_size, d), "embedding")]
-        for i in range(layers):
-            p = f"blocks.{i}."
-            specs += [
-                ParamSpec(p + "ln1", (d,), "vector", 16),
-                ParamSpec(p + "att.mix_k", (d,), "vector", (16, 112)),
-                ParamSpec(p + "att.mix_v", (d,), "vector", (8, 96)),
-                ParamSpec(p + "att.mix_r", (d,), "vector", (32, 64)),
-                ParamSpec(p + "att.decay", (d,), "vector", (-64, 126)),
-                ParamSpec(p + "att.wk", (d, d), "matrix"),
-                ParamSpec(p + "att.wv", (d, d), "matrix"),
-                ParamSpec(p + "att.wr", (d, d), "matrix"),
-                ParamSpec(p + "att.wo", (d, d), "matrix"),
-                ParamSpec(p + "ln2", (d,), "vector", 16),
-                ParamSpec(p + "ffn.mix_k", (d,), "vector", (16, 112)),
-                ParamSpec(p + "ffn.mix_r", (d,), "vector", (16, 112)),
-                ParamSpec(p + "ffn.wk", (h, d), "matrix"),
-                ParamSpec(p + "ffn.wv", (d, h), "matrix"),
-                ParamSpec(p + "ffn.wr", (d, d), "matrix"),
-            ]
-        specs += [ParamSpec("ln_out", (d,), "vector", 16), ParamSpec("head", (vocab_size, d),
-                                                                      "matrix")]
-        self.specs = specs
+    def block_specs(self, p: str) -> list[ParamSpec]:
+        d, h = self.dim, self.hidden
+        return [
+            ParamSpec(p + "ln1", (d,), "vector", 16),
+            ParamSpec(p + "att.mix_k", (d,), "vector", (16, 112)),
+            ParamSpec(p + "att.mix_v", (d,), "vector", (8, 96)),
+            ParamSpec(p + "att.mix_r", (d,), "vector", (32, 64)),
+            ParamSpec(p + "att.decay", (d,), "vector", (-64, 126)),
+            ParamSpec(p + "att.wk", (d, d), "matrix"),
+            ParamSpec(p + "att.wv", (d, d), "matrix"),
+            ParamSpec(p + "att.wr", (d, d), "matrix"),
+            ParamSpec(p + "att.wo", (d, d), "matrix"),
+            ParamSpec(p + "ln2", (d,), "vector", 16),
+            ParamSpec(p + "ffn.mix_k", (d,), "vector", (16, 112)),
+            ParamSpec(p + "ffn.mix_r", (d,), "vector", (16, 112)),
+            ParamSpec(p + "ffn.wk", (h, d), "matrix"),
+            ParamSpec(p + "ffn.wv", (d, h), "matrix"),
+            ParamSpec(p + "ffn.wr", (d, d), "matrix"),
+        ]
 
     def init_state(self, rows: int) -> dict[str, np.ndarray]:
         state = {}
