@@ -23,7 +23,13 @@ class LowRank:
 
 
 class Backend(Protocol):
-    """What a model and the ES core may ask of a backend. Every result is integer."""
+    """What a model and the ES core may ask of a backend. Every result is integer.
+
+    Two optional attributes let a backend bring faster versions of shared code, same bits:
+    ``ew``, the elementwise ops of ``intes.intmath`` (norm, token_mix, gate, lut, wkv_step,
+    sat_add, gru_blend, relu), and ``noise_source``, the factor generators of ``intes.noise``
+    (lowrank_factors, vector_noise). Without them the numpy versions are used.
+    """
 
     name: str
 
