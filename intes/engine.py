@@ -26,7 +26,7 @@ MAX_SEQ_LEN = 1 << 16  # per-token |log-likelihood| < 2^15 (1/256 bit), so T * 2
 class ModelConfig:
     kind: str = "rwkv"
     vocab_size: int = 256
-    dim: int = 128
+    dim: int = 96
     layers: int = 2
 
     def validate(self) -> None:
