@@ -47,6 +47,10 @@ class ESConfig:
             raise ConfigError(f"sigma shift must be in 0..12, got {self.sigma_shift}")
         if self.noise_reuse < 1:
             raise ConfigError(f"noise reuse must be >= 1, got {self.noise_reuse}")
+        if self.alpha_steps < 1:
+            raise ConfigError(f"alpha steps must be >= 1, got {self.alpha_steps}")
+        if not 0 <= self.alpha_final_log2 <= 16:
+            raise ConfigError(f"alpha final log2 must be in 0..16, got {self.alpha_final_log2}")
         if self.fitness not in FITNESS_KINDS:
             raise ConfigError(f"fitness must be one of {FITNESS_KINDS}, got {self.fitness!r}")
         fmax = 1 if self.fitness == "sign" else NORMALIZED_MAX
@@ -71,7 +75,7 @@ def shape_fitness(raw: np.ndarray, kind: str = "sign") -> np.ndarray:
 
 def alpha(step: int, cfg: ESConfig) -> float:
     """Share of weights allowed to move (the z-test's alpha): 1 -> 2^-alpha_final_log2."""
-    progress = min(step / max(cfg.alpha_steps, 1), 1.0)
+    progress = min(step / cfg.alpha_steps, 1.0)
     return 1.0 / ((2.0**cfg.alpha_final_log2 - 1.0) * progress + 1.0)
 
 
@@ -82,7 +86,8 @@ def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]
     for low-rank tensors and sum(f^2) * E[v^2] for vectors; E[v^2] is the noise's exact
     second moment. A schedule is computed once per step, so floats are allowed here.
     """
-    z = NormalDist().inv_cdf(1.0 - alpha(step, cfg) / 2.0) if alpha(step, cfg) < 1.0 else 0.0
+    a = alpha(step, cfg)
+    z = NormalDist().inv_cdf(1.0 - a / 2.0) if a < 1.0 else 0.0
     sumsq = int(np.sum(fitness.astype(np.int64) ** 2))
     var = NOISE_VARIANCE_X2_32 / 2.0**32
     return (math.floor(z * math.sqrt(sumsq * cfg.rank) * var),

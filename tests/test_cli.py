@@ -125,6 +125,17 @@ def test_info_describes_the_checkpoint(run_dir):
         assert needle in result.output
 
 
+def test_alpha_flags_reach_the_checkpoint(text_file, tmp_path):
+    result = invoke("pretrain", *TINY, "--data", text_file, "--steps", 1, "--alpha-steps", 77,
+                    "--alpha-final-log2", 3, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    info = invoke("info", tmp_path / "run")
+    assert "alpha 1 -> 2^-3 over 77 steps" in info.output, info.output
+    assert_user_error(invoke("pretrain", *TINY, "--data", text_file, "--steps", 1,
+                             "--alpha-steps", 0, "--out", tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_data_prepare_makes_a_store_pretrain_can_use(text_file, tmp_path):
     store = tmp_path / "tokens.zarr"
     result = invoke("data", "prepare", text_file, "--out", store)

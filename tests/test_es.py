@@ -144,6 +144,7 @@ def test_validate_group_size(n, g):
 @pytest.mark.parametrize("field,value", [
     ("rank", 0), ("rank", 17), ("rank", -1), ("sigma_shift", -1), ("sigma_shift", 13),
     ("noise_reuse", 0), ("fitness", "rank"), ("population", 0), ("group_size", 0),
+    ("alpha_steps", 0), ("alpha_final_log2", -1), ("alpha_final_log2", 17),
 ])
 def test_validate_rejects_out_of_range(field, value):
     """Each field out of its documented range raises ConfigError."""

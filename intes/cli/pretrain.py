@@ -40,6 +40,8 @@ CONFIG_FLAGS = {
     "sigma_shift": ("es", "sigma_shift"),
     "noise_reuse": ("es", "noise_reuse"),
     "fitness": ("es", "fitness"),
+    "alpha_steps": ("es", "alpha_steps"),
+    "alpha_final_log2": ("es", "alpha_final_log2"),
     "seq_len": ("seq_len",),
     "seed": ("seed",),
 }
@@ -93,6 +95,10 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
               help="Redraw noise every K steps")
 @click.option("--fitness", type=click.Choice(FITNESS_KINDS), default=_E.fitness,
               show_default=True)
+@click.option("--alpha-steps", type=int, default=_E.alpha_steps, show_default=True,
+              help="Steps over which the share of weights that move decays")
+@click.option("--alpha-final-log2", type=int, default=_E.alpha_final_log2, show_default=True,
+              help="That share decays from 1 to 2^-K")
 @click.option("--seed", type=int, default=_T.seed, show_default=True)
 @click.option("--steps", type=int, default=None,
               help="Total steps to reach (counting the resumed ones)")
