@@ -335,10 +335,17 @@ def init_from_env(backend: str = "auto") -> None:
                           "torchrun") from None
 
 
-def shutdown() -> None:
-    """Leave the process group (if any), so the interpreter exits without a warning."""
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group (if any), so the interpreter exits without a warning.
+
+    After a normal finish every worker first meets the others at a barrier: a worker that tears
+    its group down while a peer (rank 0, still writing) is connected can abort in gloo. On an
+    error path there is no barrier, since a peer may never come.
+    """
     dist = _dist()
     if dist is not None:
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -439,7 +446,9 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
     try:
         with sigterm_as_error():
             _agree_on_start(config, corpus, options, backend)
-            return _train(config, corpus, options, backend)
+            summary = _train(config, corpus, options, backend)
+            shutdown(finished=True)
+            return summary
     finally:
         shutdown()
 

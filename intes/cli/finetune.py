@@ -185,6 +185,7 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
             is_main = _agree(prompts, task or reward_spec, dtype, steps, es_args)
             history = _train(model_path, prompts, reward_fn, dtype, device, steps, out, es_args,
                              is_main)
+            distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
     if not is_main:
