@@ -13,10 +13,14 @@ compute on the same N members and T tokens:
   copy of the weights and evaluated on its own (batch 1), with the same backend. Timed on a
   few members and extrapolated to N, plus the same update.
 
+ES and inference run on the backend's threads (the cpu backend: one population slice per
+core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
+includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per core.
+
 ``gemm_gflops`` is this machine's float32 GEMM at the model's base-product shapes (FLOP-weighted
-over its layers), ``base_product_gflops`` what the shared base product reached inside the ES
-step (int8 -> float32 conversion and K-chunks included), for backends that expose
-``base_product``.
+over its layers, rows sliced over the threads like the forward), ``base_product_gflops`` what
+the shared base product reached inside the ES step (int8 -> float32 conversion and K-chunks
+included), for backends that expose ``base_product``.
 
 On a shared machine other processes stretch any one run, so ES, inference and bare GEMM runs
 are interleaved and the best of each counts; the JSON also gives CPU seconds and the load
@@ -28,12 +32,13 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
+from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
 from intes.es import ESConfig
 from intes.intmath import FRAC_BITS, rshift_round, sat8
 from intes.kernels import get_backend
@@ -115,42 +120,49 @@ def matrix_shapes(engine: Engine) -> list[tuple[int, int]]:
 
 
 class GemmSuite:
-    """One token's base products as bare float32 GEMMs, (N, in) @ (in, out) for each layer."""
+    """One token's base products as bare float32 GEMMs, (N, in) @ (in, out) for each layer,
+    with the rows sliced over the engine's threads exactly as its forward slices them."""
 
     PASSES = 5  # passes per call; the fastest counts
 
     def __init__(self, engine: Engine) -> None:
-        rows = engine.config.es.population
         rng = np.random.default_rng(1)
-        self.operands = []
-        for out_dim, in_dim in matrix_shapes(engine):
-            self.operands.append((rng.integers(-127, 128, (rows, in_dim)).astype(np.float32),
-                                  rng.integers(-127, 128, (in_dim, out_dim)).astype(np.float32),
-                                  np.empty((rows, out_dim), dtype=np.float32)))
-        self.flops = sum(2.0 * x.size * wt.shape[1] for x, wt, _ in self.operands)
+        self.engine = engine
+        self.slices = []
+        for lo, hi in split(engine.config.es.population, engine.threads):
+            operands = []
+            for out_dim, in_dim in matrix_shapes(engine):
+                operands.append((rng.integers(-127, 128, (hi - lo, in_dim)).astype(np.float32),
+                                 rng.integers(-127, 128, (in_dim, out_dim)).astype(np.float32),
+                                 np.empty((hi - lo, out_dim), dtype=np.float32)))
+            self.slices.append(operands)
+        self.flops = sum(2.0 * x.size * wt.shape[1] for ops in self.slices for x, wt, _ in ops)
 
-    def _pass(self) -> None:
-        for x, wt, y in self.operands:
+    @staticmethod
+    def _pass(operands: list) -> None:
+        for x, wt, y in operands:
             np.matmul(x, wt, out=y)
 
     def __call__(self) -> float:
-        """Seconds of the fastest of PASSES passes over all layers."""
-        return best_time(self._pass, self.PASSES)
+        """Seconds of the fastest of PASSES passes over all layers (slices concurrently)."""
+        return best_time(lambda: self.engine.map(self._pass, self.slices), self.PASSES)
 
 
 class BaseProductTimer:
-    """Wraps a backend's ``base_product`` to add up its seconds and FLOPs."""
+    """Wraps a backend's ``base_product`` to add up its seconds and FLOPs over all threads."""
 
     def __init__(self, backend) -> None:
         self.seconds, self.flops = 0.0, 0.0
         self._inner = backend.base_product
+        self._lock = threading.Lock()
         backend.base_product = self
 
     def __call__(self, x: np.ndarray, w) -> np.ndarray:
         with Clock() as clock:
             base = self._inner(x, w)
-        self.seconds += clock.wall
-        self.flops += 2.0 * x.shape[0] * x.shape[1] * base.shape[-1]
+        with self._lock:
+            self.seconds += clock.wall
+            self.flops += 2.0 * x.shape[0] * x.shape[1] * base.shape[-1]
         return base
 
     def reset(self) -> None:
@@ -210,9 +222,13 @@ def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
 
 
 def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
-                         repeats: int) -> float:
-    """Seconds to materialize, prepare and evaluate one member on its own window: the mean
-    over ``members`` members, best of ``repeats`` like the other figures."""
+                         repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to materialize, prepare and evaluate one member on its own window:
+    the mean over ``members`` members evaluated one after another, fastest of ``repeats``.
+
+    One after another: at batch 1 each op is a few microseconds of Python around a GEMV, so
+    members spread over threads contend for the GIL (measured slower than in sequence).
+    """
     cfg = engine.config
 
     def one(m: int) -> None:
@@ -222,11 +238,17 @@ def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
         score(engine.model, ops, windows[m:m + 1])
 
     one(0)  # warm-up: batch-1 shapes compile their own kernels
-    return best_time(lambda: [one(m) for m in range(members)], repeats) / members
+    best = None
+    for _ in range(repeats):
+        with Clock() as clock:
+            for m in range(members):
+                one(m)
+        best = clock if best is None or clock.wall < best.wall else best
+    return best.wall / members, best.cpu / members
 
 
 def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: int = 1024,
-              seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 5,
+              seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 10,
               naive: bool = True, threads: int | None = None) -> dict:
     """All figures for one configuration, as a JSON-ready dict (see the module docstring)."""
     engine = make_engine(model, dim, layers, population, seq_len, rank,
@@ -252,7 +274,9 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     }
     if naive:
         result.update(naive_figures(engine, windows, es, tokens, repeats))
-    achieved = es["base_flops"] / es["base_s"] / 1e9 if es["base_s"] else None
+    # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
+    threads = engine.threads
+    achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
     result.update({"gemm_gflops": gemm_gflops, "base_product_gflops": achieved,
                    "base_product_fraction": achieved / gemm_gflops if achieved else None})
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -270,13 +294,17 @@ def bench_backend(name: str, threads: int | None) -> Backend:
 def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
                   repeats: int) -> dict:
     members = min(NAIVE_MEMBERS, engine.config.es.population)
-    per_member = naive_member_seconds(engine, windows, members, repeats)
-    step_s = per_member * engine.config.es.population + es["update_s"]
+    population = engine.config.es.population
+    wall, cpu = naive_member_seconds(engine, windows, members, repeats)
+    step_s = wall * population + es["update_s"]
     return {
         "naive_es_tokens_per_s": tokens / step_s,
         "speedup": step_s / es["wall"],
-        "naive_note": (f"measured on {members} members (mean {per_member:.4f} s each, best "
-                       "of the repeats: materialize A_m B_m^T into W, prepare, evaluate at "
-                       f"batch 1), extrapolated to {engine.config.es.population} members, plus "
-                       "the ES step's own update time"),
+        "speedup_cpu_seconds": (cpu * population) / es["cpu"],
+        "naive_note": (f"measured on {members} members (mean {wall:.4f} s each, best of the "
+                       "repeats: materialize A_m B_m^T into W, prepare, evaluate at batch 1, "
+                       f"one member after another), extrapolated to {population} members, plus "
+                       "the ES step's own update time; speedup_cpu_seconds compares CPU "
+                       "seconds instead (ES on all its threads, naive on one), the gain per "
+                       "core"),
     }

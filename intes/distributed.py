@@ -390,7 +390,7 @@ class ShardFitness:
     def __init__(self, population: int, chunk_pairs: int | None = None):
         start, stop = shard_range(population)
         self.start, self.stop = start // 2, stop // 2  # pairs
-        self.chunk = chunk_pairs or max(self.stop - self.start, 1)
+        self.chunk = chunk_pairs
         self.every = verify_every()
         self.first_step: int | None = None
         self.engine: Engine | None = None
@@ -401,9 +401,7 @@ class ShardFitness:
             self.first_step = engine.step_index
         if (engine.step_index - self.first_step) % self.every == 0:
             self.verify()
-        parts = [engine.evaluate_members(windows, p, min(p + self.chunk, self.stop))
-                 for p in range(self.start, self.stop, self.chunk)]
-        local = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        local = engine.evaluate_pairs(windows, self.start, self.stop, self.chunk)
         return all_gather_fitness(local, engine.config.es.population)
 
     def verify(self) -> None:

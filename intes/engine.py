@@ -6,7 +6,11 @@ needs is (weights, step, config), which is exactly what a checkpoint holds.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +24,8 @@ from intes.models import MODELS, build_model
 from intes.models.base import Ops, init_params, make_noise, prepare
 
 MAX_SEQ_LEN = 1 << 16  # per-token |log-likelihood| < 2^15 (1/256 bit), so T * 2^15 < 2^31
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,28 @@ def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np
     return total
 
 
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One process-wide pool per thread count: its threads keep their backend scratch buffers."""
+    return ThreadPoolExecutor(threads, thread_name_prefix=f"intes-{threads}")
+
+
+def split(count: int, parts: int) -> list[tuple[int, int]]:
+    """[0, count) as at most ``parts`` contiguous spans of near-equal size, none empty."""
+    parts = min(parts, count)
+    if parts < 1:
+        return []
+    edges = [(count * i) // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 class Engine:
-    """Weights + step + config; ``step(windows)`` runs one full ES step on member windows."""
+    """Weights + step + config; ``step(windows)`` runs one full ES step on member windows.
+
+    Members are independent, so a backend with ``threads`` > 1 (the cpu backend: one per
+    core) gets the population in that many slices, evaluated concurrently; each slice is a
+    whole forward with its own base products, and the bits do not depend on the slicing.
+    """
 
     def __init__(self, config: TrainConfig, backend: str | Backend = "auto",
                  params: dict[str, np.ndarray] | None = None, step: int = 0):
@@ -104,6 +130,7 @@ class Engine:
         self.specs = self.model.specs
         self.params = params if params is not None else init_params(self.specs, config.seed)
         self.step_index = step
+        self.threads = max(1, int(getattr(self.backend, "threads", 1)))
         self._prepared = None
 
     @property
@@ -126,20 +153,34 @@ class Engine:
         ops = self.member_ops(pair_start, pair_stop)
         return score(self.model, ops, windows[2 * pair_start:2 * pair_stop])
 
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """[fn(item) for item in items], on the backend's threads when it has several."""
+        items = list(items)
+        if self.threads == 1 or len(items) == 1:
+            return [fn(item) for item in items]
+        return list(_pool(self.threads).map(fn, items))
+
+    def evaluate_pairs(self, windows: np.ndarray, start: int, stop: int,
+                       chunk_pairs: int | None = None) -> np.ndarray:
+        """Fitness of members 2*start .. 2*stop-1: pairs in chunks of ``chunk_pairs`` (default:
+        one chunk per thread), chunks run on the backend's threads; same bits for any chunking."""
+        if stop <= start:
+            return np.zeros(0, dtype=np.int32)
+        chunk = chunk_pairs or -(-(stop - start) // self.threads)
+        spans = [(p, min(p + chunk, stop)) for p in range(start, stop, chunk)]
+        _ = self.prepared  # made once here, not raced for by the threads
+        return np.concatenate(self.map(lambda span: self.evaluate_members(windows, *span), spans))
+
     def population_fitness(self, windows: np.ndarray, chunk_pairs: int | None = None) -> np.ndarray:
-        """Fitness of every member, evaluated in chunks of pairs (same bits for any chunking)."""
-        pairs = self.config.es.pairs
-        chunk = chunk_pairs or pairs
-        parts = [self.evaluate_members(windows, p, min(p + chunk, pairs))
-                 for p in range(0, pairs, chunk)]
-        return np.concatenate(parts)
+        """Fitness of every member (see ``evaluate_pairs``)."""
+        return self.evaluate_pairs(windows, 0, self.config.es.pairs, chunk_pairs)
 
     def apply_fitness(self, raw: np.ndarray) -> np.ndarray:
         """Shape member fitness, update the weights from seeds, advance the step."""
         cfg = self.config
         shaped = es.shape_fitness(raw, cfg.es.fitness)
         self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
-                              shaped, cfg.es)
+                              shaped, cfg.es, self.map)
         self._prepared = None
         self.step_index += 1
         return shaped
@@ -155,8 +196,14 @@ class Engine:
                    self.prepared)
 
     def log_likelihood(self, windows: np.ndarray) -> np.ndarray:
-        """Unperturbed summed log2-likelihood per row (int32, 1/256 bit)."""
-        return score(self.model, self.inference_ops(), windows)
+        """Unperturbed summed log2-likelihood per row (int32, 1/256 bit), rows sliced over the
+        backend's threads like the population."""
+        ops = self.inference_ops()
+        spans = split(len(windows), self.threads)
+        if not spans:
+            return np.zeros(0, dtype=np.int32)
+        return np.concatenate(self.map(lambda s: score(self.model, ops, windows[s[0]:s[1]]),
+                                       spans))
 
 
 def member_windows(sequences: np.ndarray, group_size: int) -> np.ndarray:

@@ -8,6 +8,7 @@ Z = sum_p f_p A_p B_p^T, then moves each weight by +-1 where |Z| passes a z-test
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from intes.errors import ConfigError
 from intes.kernels.base import Backend
-from intes.models.base import ParamSpec, make_noise
+from intes.models.base import ParamSpec, tensor_noise
 from intes.noise import NOISE_MAX, NOISE_VARIANCE_X2_32
 
 FITNESS_KINDS = ("sign", "normalized")
@@ -95,15 +96,27 @@ def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]
 
 
 def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray], seed: int,
-         step: int, fitness: np.ndarray, cfg: ESConfig) -> dict[str, np.ndarray]:
-    """New weights from (seed, step, shaped fitness) alone: noise is regenerated, not stored."""
+         step: int, fitness: np.ndarray, cfg: ESConfig,
+         map_fn: Callable[[Callable, Iterable], list] | None = None) -> dict[str, np.ndarray]:
+    """New weights from (seed, step, shaped fitness) alone: noise is regenerated, not stored.
+
+    Tensors are independent, so ``map_fn`` (like ``map``, returning a list) may update them
+    concurrently; each regenerates its own noise.
+    """
     thr_matrix, thr_vector = thresholds(step, fitness, cfg)
     pairs = np.arange(len(fitness))
-    noise = make_noise(specs, seed, step, pairs, cfg.rank, cfg.noise_reuse, backend)
-    new = {}
-    for s in specs:
+
+    def update(tensor_id: int) -> np.ndarray:
+        s = specs[tensor_id]
+        noise = tensor_noise(s, tensor_id, seed, step, pairs, cfg.rank, cfg.noise_reuse,
+                             backend)
         if s.kind == "vector":
-            new[s.name] = backend.update_vector(params[s.name], noise[s.name], fitness, thr_vector)
-        else:
-            new[s.name] = backend.update_matrix(params[s.name], noise[s.name], fitness, thr_matrix)
-    return new
+            return backend.update_vector(params[s.name], noise, fitness, thr_vector)
+        return backend.update_matrix(params[s.name], noise, fitness, thr_matrix)
+
+    mapped = (map_fn or _serial_map)(update, range(len(specs)))
+    return {s.name: w for s, w in zip(specs, mapped, strict=True)}
+
+
+def _serial_map(fn: Callable, items: Iterable) -> list:
+    return [fn(item) for item in items]

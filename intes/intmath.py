@@ -147,6 +147,16 @@ def gate(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     return sat8((g * v.astype(np.int32)) >> 7)
 
 
+def sigmoid_gate(r: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """gate(sigmoid(r), v): RWKV's receptance gate, one op so a backend can fuse it."""
+    return gate(lut(SIGMOID_TABLE, r), v)
+
+
+def relu_sq(x: np.ndarray) -> np.ndarray:
+    """relu(x)^2 >> 7 as int8 (the table's range is [0, 126]): RWKV's channel-mix activation."""
+    return lut(RELU_SQ_TABLE, x).astype(np.int8)
+
+
 def wkv_step(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray, decay: np.ndarray):
     """One step of the integer WKV recurrence; returns (wkv int8, num, den), states int32.
 

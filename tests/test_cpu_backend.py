@@ -18,6 +18,7 @@ from intes import intmath as im
 from intes import noise as nz
 from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
+from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
 from intes.kernels import available, get_backend
 from intes.kernels.base import LowRank
@@ -176,13 +177,11 @@ def test_elementwise(seed, rows, dim, shared, fills):
     x, prev, y = (int8s(rng, (rows, dim), f) for f in fills)
     vec = int8s(rng, (1 if shared else rows, dim), fills[0])
     mu = rng.integers(0, 128, vec.shape).astype(np.int8)  # token-mix weights are in [0, 127]
-    g = im.lut(im.SIGMOID_TABLE, y)
     ew = CpuElementwise
     same(ew.norm(x, vec), im.norm(x, vec))
     same(ew.token_mix(x, prev, mu), im.token_mix(x, prev, mu))
-    same(ew.gate(g, x), im.gate(g, x))
-    for table in (im.SIGMOID_TABLE, im.RELU_SQ_TABLE, im.WKV_EXP_TABLE):
-        same(ew.lut(table, x), im.lut(table, x))
+    same(ew.sigmoid_gate(y, x), im.sigmoid_gate(y, x))
+    same(ew.relu_sq(x), im.relu_sq(x))
     same(ew.sat_add(x, y), im.sat_add(x, y))
     same(ew.sat_add(x, y, vec), im.sat_add(x, y, vec))
     same(ew.sat_add(vec, x), im.sat_add(vec, x))
@@ -192,12 +191,14 @@ def test_elementwise(seed, rows, dim, shared, fills):
 
 
 @given(seed=seeds, rows=st.integers(1, 9), dim=st.integers(1, 40), shared=st.booleans(),
-       fill=fills, steps=st.integers(1, 4))
-def test_wkv_step(seed, rows, dim, shared, fill, steps):
-    """Recurrent states from the argued ranges (|num| <= 2^23, 0 <= den <= 2^16), iterated."""
+       fill=fills, steps=st.integers(1, 4), wide=st.booleans())
+def test_wkv_step(seed, rows, dim, shared, fill, steps, wide):
+    """Recurrent states from the argued ranges (|num| <= 2^23, 0 <= den <= 2^16), iterated;
+    or any int32 num and non-negative den, where the reference's int64 sums wrap."""
     rng = np.random.default_rng(seed)
-    num = rng.integers(-(2**23), 2**23 + 1, (rows, dim)).astype(np.int32)
-    den = rng.integers(0, 2**16 + 1, (rows, dim)).astype(np.int32)
+    num_bound, den_bound = (2**31 - 1, 2**31 - 1) if wide else (2**23, 2**16)
+    num = rng.integers(-num_bound, num_bound + 1, (rows, dim)).astype(np.int32)
+    den = rng.integers(0, den_bound + 1, (rows, dim)).astype(np.int32)
     decay = int8s(rng, (1 if shared else rows, dim), fill)
     n1, d1, n2, d2 = num, den, num, den
     for _ in range(steps):
@@ -216,19 +217,39 @@ def test_wkv_step(seed, rows, dim, shared, fill, steps):
        pairs=st.integers(1, 6), rank=ranks, sigma=st.integers(2, 6),
        fitness=st.sampled_from(["sign", "normalized"]), data=st.data())
 def test_es_steps_match_reference(seed, model, pairs, rank, sigma, fitness, data):
-    """Same fitness and, after 2 steps, same weights as the reference, for any chunking."""
+    """Same fitness, inference scores and, after 2 steps, weights as the reference, for any
+    chunking and any number of threads evaluating the chunks concurrently."""
     cfg = TrainConfig(model=ModelConfig(kind=model, vocab_size=32, dim=16, layers=2),
                       es=ESConfig(population=2 * pairs, rank=rank, sigma_shift=sigma,
                                   fitness=fitness, alpha_steps=2),
                       seq_len=5, seed=seed)
-    cpu, ref = Engine(cfg, backend="cpu"), Engine(cfg, backend="reference")
+    threads = data.draw(st.integers(1, 3), label="threads")
+    cpu, ref = Engine(cfg, backend=CpuBackend(threads)), Engine(cfg, backend="reference")
     rng = np.random.default_rng(seed)
     for _ in range(2):
         windows = rng.integers(0, 32, (2 * pairs, cfg.seq_len + 1)).astype(np.int32)
-        chunk = data.draw(st.integers(1, pairs), label="chunk_pairs")
+        chunk = data.draw(st.none() | st.integers(1, pairs), label="chunk_pairs")
+        same(cpu.log_likelihood(windows), ref.log_likelihood(windows))
         same(cpu.step(windows, chunk_pairs=chunk), ref.step(windows))
     for name in ref.params:
         same(cpu.params[name], ref.params[name])
+
+
+@pytest.mark.parametrize(("env", "want"), [({"INTES_CPU_THREADS": "3"}, 3),
+                                           ({"LOCAL_WORLD_SIZE": "64"}, 1)])
+def test_default_threads_follow_the_environment(monkeypatch, env, want):
+    """An explicit count wins; torchrun's local workers share the cores (at least one each)."""
+    monkeypatch.delenv("INTES_CPU_THREADS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert CpuBackend().threads == want
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_bad_thread_count_is_a_config_error(monkeypatch, value):
+    monkeypatch.setenv("INTES_CPU_THREADS", value)
+    with pytest.raises(ConfigError, match="INTES_CPU_THREADS"):
+        CpuBackend()
 
 
 def test_auto_picks_cpu_without_a_gpu():

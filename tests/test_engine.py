@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intes import intmath
-from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
+from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels.reference import ReferenceBackend
 from intes.models.base import Ops
@@ -378,3 +378,14 @@ def test_state_resets_at_separator(case, data):
         other = w.copy()
         other[:, :t0] = np.random.default_rng(t0).integers(1, VOCAB, (w.shape[0], t0))
         assert np.array_equal(score(e.model, ops, other[:, t0:]), score(e.model, ops, w[:, t0:]))
+
+
+@given(count=st.integers(0, 500), parts=st.integers(1, 16))
+def test_split_covers_the_range_in_near_equal_spans(count, parts):
+    spans = split(count, parts)
+    assert len(spans) == min(count, parts)
+    if spans:
+        assert [lo for lo, _ in spans] == [0] + [hi for _, hi in spans[:-1]]
+        assert spans[-1][1] == count
+        sizes = [hi - lo for lo, hi in spans]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1

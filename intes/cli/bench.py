@@ -17,12 +17,13 @@ from intes.kernels import BACKENDS
 @click.option("--seq-len", type=int, default=64, show_default=True)
 @click.option("--rank", type=int, default=1, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Timed runs per figure; the fastest counts")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs per figure, interleaved; the fastest counts")
 @click.option("--naive/--no-naive", default=True, show_default=True,
               help="Also time naive full-rank ES (a few members, extrapolated)")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads of the cpu backend  [default: INTES_CPU_THREADS or 1]")
+              help="Population slices the cpu backend runs at once  [default: "
+                   "INTES_CPU_THREADS or one per usable core]")
 def bench(model: str, dim: int, layers: int, population: int, seq_len: int, rank: int,
           backend: str, repeats: int, naive: bool, threads: int | None) -> None:
     """Tokens/s of a full ES step, of plain inference and of naive ES; prints JSON."""

@@ -14,15 +14,16 @@ Integer overflow: where the reference computes in int32 these kernels do too (an
 same way), so results agree even outside the argued bounds. Inputs follow DESIGN.md: int8
 values in [-127, 127], never -128.
 
-The per-step forms (``prepare``) and per-call scratch buffers are owned by the backend; use
-one backend per thread.
+The per-step forms (``prepare``) are read-only and shared; per-call scratch buffers are per
+thread, so one backend serves several threads at once.
 
-Threads: one by default (``INTES_CPU_THREADS`` or ``CpuBackend(threads=k)`` to change). Every
-op here is short (~0.1-5 ms), so a multi-threaded op waits at a barrier for all its threads;
-on a 2-core machine that barrier, and OpenBLAS workers that spin after each GEMM while numba's
-threads want the same cores, cost more than the second core gains, and under any other load
-they cost 10-100x. Use more cores with more workers (intes.distributed shards the population),
-each single-threaded.
+Threads: every kernel here is serial and releases the GIL, and BLAS is pinned to one thread.
+The cores are used one level up: ``Engine`` evaluates ``threads`` slices of the population
+concurrently, each a whole forward over the sequence with its own GEMMs. Op-level threading
+(numba prange, multi-threaded BLAS) waits at a barrier after every 0.1-5 ms op and its spinning
+workers fight each other for the cores: on 2 cores it ran 3x slower than one thread (measured),
+and 10-100x slower under other load. Slices meet only once per step, and a core taken by
+another process slows them no more than it slows one thread.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import os
 import threading
 from dataclasses import dataclass
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from intes import noise as nz
+from intes.errors import ConfigError
 from intes.intmath import (
     EXP2_FRAC_BITS,
     EXP2_TABLE,
@@ -46,6 +47,7 @@ from intes.intmath import (
     LL_FRAC_BITS,
     LOG2_MANTISSA,
     LOGIT_FRAC_BITS,
+    SIGMOID_TABLE,
     WKV_EXP_TABLE,
     WKV_FRAC_BITS,
 )
@@ -72,13 +74,12 @@ def _blas_libraries() -> list[str]:
         return []
 
 
-def set_threads(threads: int) -> None:
-    """Threads for numba kernels and for BLAS (process-wide for BLAS, as BLAS has no other).
+def pin_blas_threads(threads: int = 1) -> None:
+    """Set the loaded OpenBLAS's thread count (process-wide: BLAS has no other setting).
 
-    numpy exposes no BLAS thread control, so this calls the loaded OpenBLAS's own setter, as
-    threadpoolctl does; with another BLAS only numba's count changes.
+    numpy exposes no BLAS thread control, so this calls OpenBLAS's own setter, as threadpoolctl
+    does; with another BLAS nothing changes.
     """
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     for path in _blas_libraries():
         lib = ctypes.CDLL(path)
         setter = next((getattr(lib, n) for n in _BLAS_SETTERS if hasattr(lib, n)), None)
@@ -86,9 +87,24 @@ def set_threads(threads: int) -> None:
             setter(ctypes.c_int(threads))
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
-    """INTES_CPU_THREADS, else 1 (see the module docstring for why one)."""
-    return int(os.environ.get("INTES_CPU_THREADS", "1"))
+    """INTES_CPU_THREADS, else the usable cores shared among torchrun's local workers."""
+    value = os.environ.get("INTES_CPU_THREADS")
+    if value is None:
+        local_workers = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        return max(1, usable_cores() // max(1, int(local_workers) if local_workers.isdigit()
+                                              else 1))
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"INTES_CPU_THREADS must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -117,9 +133,14 @@ def k_chunks(fan_in: int) -> tuple[slice, ...]:
 # loses the reference's int32 wrap-around. numpy's ufuncs on int32 scalars stay int32 and wrap
 # like numpy, so the kernels write np.add / np.subtract / np.multiply / np.right_shift on I32.
 
+# Every kernel: serial, GIL released, cached; numpy's error model, so that a division
+# vectorizes instead of branching to raise ZeroDivisionError (each divisor here is >= 1).
+kernel = njit(nogil=True, cache=True, error_model="numpy")
+
 I32 = np.int32
 _LO, _HI = I32(-INT8_MAX), I32(INT8_MAX)
 _FRAC, _S7, _S8 = I32(FRAC_BITS), I32(7), I32(8)
+_BYTE8, _W0, _WKV_FRAC = I32(255), I32(128), I32(WKV_FRAC_BITS)
 
 
 @njit(inline="always", cache=True)
@@ -167,10 +188,10 @@ def _rounding(shift: int) -> tuple[np.int32, np.int32]:
 # generates them in that layout (see ``_factors``).
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _sum_chunks(base, out):
     """out = sum over K-chunks of base (chunks, N, out), each chunk exact, summed in int32."""
-    for m in prange(out.shape[0]):
+    for m in range(out.shape[0]):
         for o in range(out.shape[1]):
             out[m, o] = I32(base[0, m, o])
         for c in range(1, base.shape[0]):
@@ -178,10 +199,10 @@ def _sum_chunks(base, out):
                 out[m, o] = np.add(out[m, o], I32(base[c, m, o]))
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _linear_plain(acc, half, shift, out):
     """Inference epilogue: sat8(rshift_round(x @ W^T, shift))."""
-    for m in prange(out.shape[0]):
+    for m in range(out.shape[0]):
         for o in range(out.shape[1]):
             out[m, o] = _rescale(I32(acc[m, o]), half, shift)
 
@@ -191,41 +212,46 @@ def _project(x, p, bt, xb):
     """xb[s, r] = (x_{2p+s} . B_p[:, r]) >> 4 for both members of pair p, in int32 like the
     reference's einsum; B_p is read once for the pair."""
     for r in range(bt.shape[1]):
-        d0, d1 = I32(0), I32(0)
-        for i in range(bt.shape[2]):
-            b = I32(bt[p, r, i])
-            d0 = np.add(d0, np.multiply(I32(x[2 * p, i]), b))
-            d1 = np.add(d1, np.multiply(I32(x[2 * p + 1, i]), b))
-        xb[0, r] = np.right_shift(d0, _FRAC)
-        xb[1, r] = np.right_shift(d1, _FRAC)
+        xb[0, r], xb[1, r] = _project1(x, p, bt, r)
 
 
-@njit(parallel=True, cache=True)
+@njit(inline="always", cache=True)
+def _project1(x, p, bt, r):
+    """(x_{2p} . B_p[:, r]) >> 4 and (x_{2p+1} . B_p[:, r]) >> 4."""
+    d0, d1 = I32(0), I32(0)
+    for i in range(bt.shape[2]):
+        b = I32(bt[p, r, i])
+        d0 = np.add(d0, np.multiply(I32(x[2 * p, i]), b))
+        d1 = np.add(d1, np.multiply(I32(x[2 * p + 1, i]), b))
+    return np.right_shift(d0, _FRAC), np.right_shift(d1, _FRAC)
+
+
+@kernel
 def _linear_rank1(acc, x, at, bt, sigma_shift, half, shift, out):
     """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, fused.
 
-    One task per pair p, so A_p and B_p are read once for both antithetic rows. The extra
-    work over inference is 2 (in + out) multiply-adds per row.
+    Pair by pair, so B_p is read once for both antithetic rows and A_p stays in L1 between
+    them; scalars only, no per-pair buffer. The extra work over inference is 2 (in + out)
+    multiply-adds per pair of rows.
     """
-    for p in prange(at.shape[0]):
-        xb = np.empty((2, 1), dtype=np.int32)
-        _project(x, p, bt, xb)
+    for p in range(at.shape[0]):
         m0, m1 = 2 * p, 2 * p + 1
+        xb0, xb1 = _project1(x, p, bt, 0)
         for o in range(at.shape[2]):
-            c = np.right_shift(np.multiply(xb[0, 0], I32(at[p, 0, o])), sigma_shift)
+            c = np.right_shift(np.multiply(xb0, I32(at[p, 0, o])), sigma_shift)
             out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
         for o in range(at.shape[2]):
-            c = np.right_shift(np.multiply(xb[1, 0], I32(at[p, 0, o])), sigma_shift)
+            c = np.right_shift(np.multiply(xb1, I32(at[p, 0, o])), sigma_shift)
             out[m1, o] = _rescale(np.subtract(I32(acc[m1, o]), c), half, shift)
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
     """ES epilogue for any rank: acc + sign * ((sum_r xb_m[r] A_p[:, r]) >> sigma_shift)."""
     pairs, rank, width = at.shape
-    for p in prange(pairs):
-        xb = np.empty((2, rank), dtype=np.int32)
-        corr = np.empty(width, dtype=np.int32)
+    xb = np.empty((2, rank), dtype=np.int32)
+    corr = np.empty(width, dtype=np.int32)
+    for p in range(pairs):
         _project(x, p, bt, xb)
         for s in range(2):
             m = 2 * p + s
@@ -243,13 +269,14 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 # embedding, log-likelihood, update
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _embed_lowrank(table, tokens, at, bt, shift, out):
     """table[tok] + (A_p[tok] B_p^T >> shift), negated for odd rows, saturated."""
     pairs, rank, dim = bt.shape
-    for m in prange(2 * pairs):
+    corr = np.empty(dim, dtype=np.int32)
+    for m in range(2 * pairs):
         p, tok = m // 2, tokens[m]
-        corr = np.zeros(dim, dtype=np.int32)
+        corr[:] = 0
         for r in range(rank):
             ar = I32(at[p, r, tok])
             for j in range(dim):
@@ -271,10 +298,10 @@ def _log2_fixed(s):
     return e * 256 + LOG2_MANTISSA[mant]
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _log_likelihood(logits, targets, out):
     """Per row: (target - max) << 4 - (log2(sum 2^16 2^((z - max) / 16)) - 16 * 256)."""
-    for m in prange(logits.shape[0]):
+    for m in range(logits.shape[0]):
         top = I32(-INT8_MAX - 1)
         for j in range(logits.shape[1]):
             top = max(top, I32(logits[m, j]))
@@ -286,10 +313,10 @@ def _log_likelihood(logits, targets, out):
         out[m] = ((target - top) << (LL_FRAC_BITS - LOGIT_FRAC_BITS)) - lse
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _step_by_sign(w, z, threshold, out):
     """reference.step_by_sign on flat arrays: w +- 1 where |z| > threshold, saturated."""
-    for i in prange(w.shape[0]):
+    for i in range(w.shape[0]):
         move = 0
         if abs(z[i]) > threshold:
             move = 1 if z[i] > 0 else (-1 if z[i] < 0 else 0)
@@ -319,7 +346,7 @@ def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# noise: the same bits as intes.noise, generated in parallel
+# noise: the same bits as intes.noise, compiled
 
 
 _U32 = np.uint32
@@ -346,20 +373,20 @@ def _gaussian(h):
                    >> nz.NOISE_SCALE_SHIFT)
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _gaussian_streams(keys, idx, out):
     """out[p, i] = gaussian(mix32(keys[p] ^ idx[i])): noise.hash_u32 then gaussian_int8."""
-    for p in prange(keys.shape[0]):
+    for p in range(keys.shape[0]):
         k = keys[p]
         for i in range(idx.shape[0]):
             out[p, i] = _gaussian(_mix32(k ^ idx[i]))
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _factor_streams(keys, idx, at, bt):
     """noise.lowrank_factors written factor-major: stream value o r + r' is at[p, r', o]."""
     pairs, rank, rows = at.shape
-    for p in prange(pairs):
+    for p in range(pairs):
         k = keys[p]
         for r in range(rank):
             for o in range(rows):
@@ -383,7 +410,7 @@ def _factors(noise: LowRank) -> tuple[np.ndarray, np.ndarray]:
 
 
 class CpuNoise:
-    """``intes.noise``'s generators, same signatures and bits, numba-parallel.
+    """``intes.noise``'s generators, same signatures and bits, compiled.
 
     Factors are returned as the (P, out, r) / (P, in, r) views the interface specifies of
     factor-major buffers, so the kernels read them with unit stride at no copy.
@@ -411,10 +438,10 @@ class CpuNoise:
 # elementwise model ops: intmath's functions on (rows, d) int8, fused, same bits
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _norm(x, w, out):
     n, d = x.shape
-    for m in prange(n):
+    for m in range(n):
         wr = _row(m, w.shape[0])
         total = I32(0)
         for j in range(d):
@@ -424,9 +451,9 @@ def _norm(x, w, out):
             out[m, j] = _sat8(_div_trunc(np.multiply(I32(x[m, j]), I32(w[wr, j])), mean_abs))
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _token_mix(x, prev, mu, out):
-    for m in prange(x.shape[0]):
+    for m in range(x.shape[0]):
         mr = _row(m, mu.shape[0])
         for j in range(x.shape[1]):
             x32 = I32(x[m, j])
@@ -434,52 +461,65 @@ def _token_mix(x, prev, mu, out):
             out[m, j] = _sat8(np.add(x32, np.right_shift(step, _S7)))
 
 
-@njit(parallel=True, cache=True)
-def _gate(g, v, out):
-    for m in prange(v.shape[0]):
+@kernel
+def _sigmoid_gate(r, v, out):
+    for m in range(v.shape[0]):
         for j in range(v.shape[1]):
-            out[m, j] = _sat8(np.right_shift(np.multiply(I32(g[m, j]), I32(v[m, j])), _S7))
+            g = SIGMOID_TABLE[np.int64(r[m, j]) + INT8_MAX]
+            out[m, j] = _sat8(np.right_shift(np.multiply(g, I32(v[m, j])), _S7))
 
 
-@njit(parallel=True, cache=True)
-def _lut(table, x, out):
-    for m in prange(x.shape[0]):
+@kernel
+def _relu_sq(x, out):
+    """RELU_SQ_TABLE's own formula, (max(x, 0)^2) >> 7: arithmetic vectorizes, a gather not."""
+    for m in range(x.shape[0]):
         for j in range(x.shape[1]):
-            out[m, j] = table[np.int64(x[m, j]) + INT8_MAX]
+            r = max(I32(x[m, j]), I32(0))
+            out[m, j] = np.int8(np.right_shift(np.multiply(r, r), _S7))
 
 
-@njit(parallel=True, cache=True)
+@njit(inline="always", cache=True)
+def _decay(s, w):
+    """(s * w) >> 8 for int32 s and w in [1, 255], exactly, in int32 lanes (an int64 product
+    does not vectorize on AVX2): with s = 256 hi + lo, lo in [0, 255], it is
+    hi w + (lo w) >> 8, and |hi w| <= 2^23 * 255 leaves room for the < 2^8 remainder term."""
+    hi = np.multiply(np.right_shift(s, _S8), w)
+    return np.add(hi, np.right_shift(np.multiply(np.bitwise_and(s, _BYTE8), w), _S8))
+
+
+@kernel
 def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
-    for m in prange(num.shape[0]):
+    """intmath.wkv_step: its int64 sums wrapped to int32 equal these int32 sums (mod 2^32)."""
+    for m in range(num.shape[0]):
         dr = _row(m, decay.shape[0])
         for j in range(num.shape[1]):
-            w = np.int64(decay[dr, j]) + 128
-            e = np.int64(WKV_EXP_TABLE[np.int64(k[m, j]) + INT8_MAX]) << WKV_FRAC_BITS
-            n32 = I32(((np.int64(num[m, j]) * w) >> 8) + e * np.int64(v[m, j]))
-            d32 = I32(((np.int64(den[m, j]) * w) >> 8) + e)
+            w = np.add(I32(decay[dr, j]), _W0)
+            e = np.left_shift(WKV_EXP_TABLE[np.int64(k[m, j]) + INT8_MAX], _WKV_FRAC)
+            n32 = np.add(_decay(num[m, j], w), np.multiply(e, I32(v[m, j])))
+            d32 = np.add(_decay(den[m, j], w), e)
             num_out[m, j], den_out[m, j] = n32, d32
             wkv[m, j] = _sat8(_div_trunc(n32, d32))
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _sat_add2(a, b, out):
-    for m in prange(out.shape[0]):
+    for m in range(out.shape[0]):
         ar, br = _row(m, a.shape[0]), _row(m, b.shape[0])
         for j in range(out.shape[1]):
             out[m, j] = _sat8(np.add(I32(a[ar, j]), I32(b[br, j])))
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _sat_add3(a, b, c, out):
-    for m in prange(out.shape[0]):
+    for m in range(out.shape[0]):
         ar, br, cr = _row(m, a.shape[0]), _row(m, b.shape[0]), _row(m, c.shape[0])
         for j in range(out.shape[1]):
             out[m, j] = _sat8(np.add(np.add(I32(a[ar, j]), I32(b[br, j])), I32(c[cr, j])))
 
 
-@njit(parallel=True, cache=True)
+@kernel
 def _gru_blend(h, f, target, out):
-    for m in prange(h.shape[0]):
+    for m in range(h.shape[0]):
         for j in range(h.shape[1]):
             h32 = I32(h[m, j])
             gap = np.multiply(np.add(I32(f[m, j]), _HI), np.subtract(I32(target[m, j]), h32))
@@ -518,15 +558,15 @@ class CpuElementwise:
         return out
 
     @staticmethod
-    def gate(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def sigmoid_gate(r: np.ndarray, v: np.ndarray) -> np.ndarray:
         out = _like(v)
-        _gate(g, v, out)
+        _sigmoid_gate(r, v, out)
         return out
 
     @staticmethod
-    def lut(table: np.ndarray, x: np.ndarray) -> np.ndarray:
-        out = _like(x, table.dtype)
-        _lut(table, x, out)
+    def relu_sq(x: np.ndarray) -> np.ndarray:
+        out = _like(x)
+        _relu_sq(x, out)
         return out
 
     @staticmethod
@@ -570,8 +610,10 @@ class CpuBackend:
     noise_source = CpuNoise
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads or default_threads()
-        set_threads(self.threads)
+        self.threads = threads or default_threads()  # population slices run concurrently
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        pin_blas_threads(1)
         self._local = threading.local()
 
     def _scratch(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:

@@ -124,18 +124,23 @@ def prepare(backend: Backend, specs: list[ParamSpec], params: dict) -> dict:
 
 def make_noise(specs: list[ParamSpec], seed: int, step: int, pairs: np.ndarray, rank: int,
                noise_reuse: int = 1, backend: Backend | None = None) -> dict:
-    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone.
+    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone."""
+    return {s.name: tensor_noise(s, tid, seed, step, pairs, rank, noise_reuse, backend)
+            for tid, s in enumerate(specs)}
+
+
+def tensor_noise(spec: ParamSpec, tensor_id: int, seed: int, step: int, pairs: np.ndarray,
+                 rank: int, noise_reuse: int = 1,
+                 backend: Backend | None = None) -> LowRank | np.ndarray:
+    """One tensor's noise (``tensor_id`` is its index in the model's specs): ``LowRank`` for
+    matrices and embeddings, int8 (P, n) for vectors.
 
     A backend may bring a faster generator of the same bits (``noise_source``, with
     intes.noise's ``lowrank_factors`` and ``vector_noise``).
     """
     gen = getattr(backend, "noise_source", nz)
     hstep = nz.effective_step(step, noise_reuse)
-    out = {}
-    for tid, s in enumerate(specs):
-        if s.kind == "vector":
-            out[s.name] = gen.vector_noise(seed, hstep, pairs, tid, s.shape[0])
-        else:
-            a, b = gen.lowrank_factors(seed, hstep, pairs, tid, s.shape[0], s.shape[1], rank)
-            out[s.name] = LowRank(a, b)
-    return out
+    if spec.kind == "vector":
+        return gen.vector_noise(seed, hstep, pairs, tensor_id, spec.shape[0])
+    rows, cols = spec.shape
+    return LowRank(*gen.lowrank_factors(seed, hstep, pairs, tensor_id, rows, cols, rank))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from intes import intmath as im
 from intes.models.base import IntLM, Ops, ParamSpec
 
 
@@ -60,15 +59,15 @@ class RWKV(IntLM):
             wkv, state[s + "num"], state[s + "den"] = ew.wkv_step(
                 state[s + "num"], state[s + "den"], k, v, ops.vec(p + "att.decay"))
             state[s + "att_prev"] = xn
-            att = ops.linear(p + "att.wo", ew.gate(ew.lut(im.SIGMOID_TABLE, r), wkv))
+            att = ops.linear(p + "att.wo", ew.sigmoid_gate(r, wkv))
             x = ew.sat_add(x, att)
 
             xn = ew.norm(x, ops.vec(p + "ln2"))
             prev = state[s + "ffn_prev"]
             k = ops.linear(p + "ffn.wk", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")))
-            kk = ew.lut(im.RELU_SQ_TABLE, k).astype(np.int8)
+            kk = ew.relu_sq(k)
             r = ops.linear(p + "ffn.wr", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
             state[s + "ffn_prev"] = xn
-            ffn = ew.gate(ew.lut(im.SIGMOID_TABLE, r), ops.linear(p + "ffn.wv", kk))
+            ffn = ew.sigmoid_gate(r, ops.linear(p + "ffn.wv", kk))
             x = ew.sat_add(x, ffn)
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
