@@ -34,7 +34,7 @@ class ESConfig:
     noise_reuse: int = 1  # redraw noise every k steps
     fitness: str = "normalized"  # pair shaping: sign of the difference, or normalized integer
     alpha_final_log2: int = 4  # update fraction decays from 1 to 2^-this ...
-    alpha_steps: int = 2000  # ... over this many steps
+    alpha_steps: int = 4000  # ... over this many steps
 
     def validate(self) -> None:
         n, g = self.population, self.group_size

@@ -313,7 +313,8 @@ class _Run:
         self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x {cfg.model.layers} layers, "
                  f"{n_params:,} int8 params; population {cfg.es.population} (group "
                  f"{cfg.es.group_size}, rank {cfg.es.rank}), seq len {cfg.seq_len}, backend "
-                 f"{self.engine.backend.name}")
+                 f"{self.engine.backend.name} ({self.engine.threads} thread"
+                 f"{'s' if self.engine.threads > 1 else ''})")
         self.say(f"valid reference: unigram {self.references[0]:.4f} bpb, bigram "
                  f"{self.references[1]:.4f} bpb")
         verb = "resuming" if self.options.resume else "starting"
