@@ -295,6 +295,17 @@ def test_token_mix_extremes(seed, n):
                                      -127, 127))
 
 
+@given(int8_arrays(st.integers(1, 64)), st.data())
+def test_fused_rwkv_activations(x, data):
+    """relu_sq is int8 (max(x, 0)^2) >> 7; sigmoid_gate is the gate of the sigmoid table."""
+    y = im.relu_sq(x)
+    assert y.dtype == np.int8
+    assert np.array_equal(y, (np.maximum(x.astype(np.int64), 0) ** 2) >> 7)
+    r = data.draw(int8_arrays(st.just(len(x))))
+    g = im.SIGMOID_TABLE[r.astype(np.int64) + 127]
+    assert np.array_equal(im.sigmoid_gate(r, x), ((g * x.astype(np.int64)) >> 7).astype(np.int8))
+
+
 @given(int8_arrays(st.integers(1, 255)))
 def test_gate_range(v):
     """gate(sigmoid(r), v) is int8 with |out| <= |v| for every gate value in the table."""

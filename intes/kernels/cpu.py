@@ -99,9 +99,9 @@ def default_threads() -> int:
     """INTES_CPU_THREADS, else the usable cores shared among torchrun's local workers."""
     value = os.environ.get("INTES_CPU_THREADS")
     if value is None:
-        local_workers = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        return max(1, usable_cores() // max(1, int(local_workers) if local_workers.isdigit()
-                                              else 1))
+        workers = os.environ.get("LOCAL_WORLD_SIZE", "")
+        share = int(workers) if workers.isdigit() and int(workers) > 0 else 1
+        return max(1, usable_cores() // share)
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"INTES_CPU_THREADS must be a positive integer, got {value!r}")
     return int(value)
