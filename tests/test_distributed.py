@@ -177,6 +177,7 @@ COLLECTIVES = textwrap.dedent("""
         assert r == 1 or "Timed out" in str(err) and time.monotonic() - began < STALL, err
     else:
         raise SystemExit("a stalled worker went unnoticed")
+    d.shutdown()  # leave the group as the trainer does on an error path
 """)
 
 
