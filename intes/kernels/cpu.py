@@ -22,8 +22,7 @@ The cores are used one level up: ``Engine`` evaluates ``threads`` slices of the 
 concurrently, each a whole forward over the sequence with its own GEMMs. Op-level threading
 (numba prange, multi-threaded BLAS) waits at a barrier after every 0.1-5 ms op and its spinning
 workers fight each other for the cores: on 2 cores it ran 3x slower than one thread (measured),
-and 10-100x slower under other load. Slices meet only once per step, and a core taken by
-another process slows them no more than it slows one thread.
+and 10-100x slower under other load. Slices meet only once per step.
 """
 
 from __future__ import annotations
