@@ -163,11 +163,14 @@ class Engine:
     def evaluate_pairs(self, windows: np.ndarray, start: int, stop: int,
                        chunk_pairs: int | None = None) -> np.ndarray:
         """Fitness of members 2*start .. 2*stop-1: pairs in chunks of ``chunk_pairs`` (default:
-        one chunk per thread), chunks run on the backend's threads; same bits for any chunking."""
+        one near-equal chunk per thread), chunks run on the backend's threads; same bits for
+        any chunking."""
         if stop <= start:
             return np.zeros(0, dtype=np.int32)
-        chunk = chunk_pairs or -(-(stop - start) // self.threads)
-        spans = [(p, min(p + chunk, stop)) for p in range(start, stop, chunk)]
+        if chunk_pairs:
+            spans = [(p, min(p + chunk_pairs, stop)) for p in range(start, stop, chunk_pairs)]
+        else:
+            spans = [(start + lo, start + hi) for lo, hi in split(stop - start, self.threads)]
         _ = self.prepared  # made once here, not raced for by the threads
         return np.concatenate(self.map(lambda span: self.evaluate_members(windows, *span), spans))
 

@@ -58,24 +58,24 @@ def test_pair_stream_independent_of_batch(seed, step, pair, tid, rows, cols, ran
     assert np.array_equal(a1[0], a3[1]) and np.array_equal(b1[0], b3[1])
 
 
+def _streams_differ(one: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> None:
+    """Two (seed, step, pair, tensor) coordinates give different keys and different noise."""
+    (s1, t1, p1, i1), (s2, t2, p2, i2) = one, other
+    k1, k2 = nz.stream_key(s1, t1, np.array([p1]), i1), nz.stream_key(s2, t2, np.array([p2]), i2)
+    assert k1[0] != k2[0]
+    assert not np.array_equal(_factors(*one), _factors(*other))
+
+
 @given(seeds, seeds, steps, pair_ids, tensor_ids)
 def test_seed_changes_stream(s1, s2, step, pair, tid):
-    """Different seeds give different keys and different noise."""
     assume(s1 != s2)
-    k1 = nz.stream_key(s1, step, np.array([pair]), tid)
-    k2 = nz.stream_key(s2, step, np.array([pair]), tid)
-    assert k1[0] != k2[0]
-    assert not np.array_equal(_factors(s1, step, pair, tid), _factors(s2, step, pair, tid))
+    _streams_differ((s1, step, pair, tid), (s2, step, pair, tid))
 
 
 @given(seeds, steps, steps, pair_ids, tensor_ids)
 def test_step_changes_stream(seed, t1, t2, pair, tid):
-    """Different steps give different keys and different noise."""
     assume(t1 != t2)
-    k1 = nz.stream_key(seed, t1, np.array([pair]), tid)
-    k2 = nz.stream_key(seed, t2, np.array([pair]), tid)
-    assert k1[0] != k2[0]
-    assert not np.array_equal(_factors(seed, t1, pair, tid), _factors(seed, t2, pair, tid))
+    _streams_differ((seed, t1, pair, tid), (seed, t2, pair, tid))
 
 
 @given(seeds, steps, st.lists(pair_ids, min_size=2, max_size=32, unique=True), tensor_ids)
@@ -89,12 +89,8 @@ def test_pair_changes_stream(seed, step, pairs, tid):
 
 @given(seeds, steps, pair_ids, tensor_ids, tensor_ids)
 def test_tensor_id_changes_stream(seed, step, pair, t1, t2):
-    """Different tensor ids give different keys and different noise."""
     assume(t1 != t2)
-    k1 = nz.stream_key(seed, step, np.array([pair]), t1)
-    k2 = nz.stream_key(seed, step, np.array([pair]), t2)
-    assert k1[0] != k2[0]
-    assert not np.array_equal(_factors(seed, step, pair, t1), _factors(seed, step, pair, t2))
+    _streams_differ((seed, step, pair, t1), (seed, step, pair, t2))
 
 
 @given(seeds, steps, tensor_ids)

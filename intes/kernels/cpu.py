@@ -21,8 +21,8 @@ Threads: every kernel here is serial and releases the GIL, and BLAS is pinned to
 The cores are used one level up: ``Engine`` evaluates ``threads`` slices of the population
 concurrently, each a whole forward over the sequence with its own GEMMs. Op-level threading
 (numba prange, multi-threaded BLAS) waits at a barrier after every 0.1-5 ms op and its spinning
-workers fight each other for the cores: on 2 cores it ran 3x slower than one thread (measured),
-and 10-100x slower under other load. Slices meet only once per step.
+workers fight each other for the cores: an earlier version of this backend that threaded each
+op ran 3x slower on 2 cores than on one thread. Slices meet only once per step.
 """
 
 from __future__ import annotations
