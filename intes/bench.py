@@ -17,10 +17,11 @@ ES and inference run on the backend's threads (the cpu backend: one population s
 core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
 includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per core.
 
-``gemm_gflops`` is this machine's float32 GEMM at the model's base-product shapes (FLOP-weighted
-over its layers, rows sliced over the threads like the forward), ``base_product_gflops`` what
-the shared base product reached inside the ES step (int8 -> float32 conversion and K-chunks
-included), for backends that expose ``base_product``.
+``gemm_gflops`` is this machine's float32 BLAS GEMM at the model's base-product shapes
+(FLOP-weighted over its layers, rows sliced over the threads like the forward) and
+``int8_gemm_gops`` the same for the int8 GEMM (where torch runs it); ``base_product_gflops``
+is what the shared base product reached inside the ES step, for backends that expose
+``base_product``, and ``base_product_fraction`` its ratio to the float32 GEMM.
 
 On a shared machine other processes stretch any one run, so ES, inference and bare GEMM runs
 are interleaved and the best of each counts; the JSON also gives CPU seconds and the load
@@ -43,6 +44,7 @@ from intes.es import ESConfig
 from intes.intmath import FRAC_BITS, rshift_round, sat8
 from intes.kernels import get_backend
 from intes.kernels.base import Backend
+from intes.kernels.gemm import Float32Gemm, Int8Gemm, int8_gemm_unavailable
 from intes.models.base import Ops, make_noise, prepare
 
 VOCAB = 256
@@ -120,28 +122,29 @@ def matrix_shapes(engine: Engine) -> list[tuple[int, int]]:
 
 
 class GemmSuite:
-    """One token's base products as bare float32 GEMMs, (N, in) @ (in, out) for each layer,
-    with the rows sliced over the engine's threads exactly as its forward slices them."""
+    """One token's base products as bare GEMMs of one engine (``intes.kernels.gemm``),
+    (N, in) @ (in, out) for each layer on random int8 operands, with the rows sliced over the
+    engine's threads exactly as its forward slices them."""
 
     PASSES = 5  # passes per call; the fastest counts
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, gemm) -> None:
         rng = np.random.default_rng(1)
-        self.engine = engine
+        self.engine, self.gemm = engine, gemm
         self.slices = []
         for lo, hi in split(engine.config.es.population, engine.threads):
             operands = []
             for out_dim, in_dim in matrix_shapes(engine):
-                operands.append((rng.integers(-127, 128, (hi - lo, in_dim)).astype(np.float32),
-                                 rng.integers(-127, 128, (in_dim, out_dim)).astype(np.float32),
-                                 np.empty((hi - lo, out_dim), dtype=np.float32)))
+                operands.append((rng.integers(-127, 128, (hi - lo, in_dim)).astype(np.int8),
+                                 gemm.prepare(rng.integers(-127, 128, (out_dim, in_dim))
+                                              .astype(np.int8))))
             self.slices.append(operands)
-        self.flops = sum(2.0 * x.size * wt.shape[1] for ops in self.slices for x, wt, _ in ops)
+        self.flops = sum(2.0 * x.size * out for ops in self.slices
+                         for (x, _), (out, _) in zip(ops, matrix_shapes(engine), strict=True))
 
-    @staticmethod
-    def _pass(operands: list) -> None:
-        for x, wt, y in operands:
-            np.matmul(x, wt, out=y)
+    def _pass(self, operands: list) -> None:
+        for x, wt in operands:
+            self.gemm.product(x, wt)
 
     def __call__(self) -> float:
         """Seconds of the fastest of PASSES passes over all layers (slices concurrently)."""
@@ -174,16 +177,16 @@ class BaseProductTimer:
 
 
 def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
-              timer: BaseProductTimer | None) -> tuple[dict, dict, float]:
+              timer: BaseProductTimer | None) -> tuple[dict, dict, dict]:
     """Best ES step, best inference pass and best bare-GEMM pass, interleaved so all three
     meet the same machine load (on a shared machine it changes within seconds).
 
     The ES step is split into forward+fitness and update, and carries its base-product time.
-    Returns (es, inference, gemm GFLOP/s).
+    Returns (es, inference, {GEMM engine: bare GFLOP/s}).
     """
     es, inference = None, None
-    gemm = GemmSuite(engine)
-    gemm_s = float("inf")
+    suites = {name: GemmSuite(engine, gemm) for name, gemm in gemm_engines().items()}
+    gemm_s = dict.fromkeys(suites, float("inf"))
     for _ in range(repeats):
         if timer:
             timer.reset()
@@ -199,8 +202,18 @@ def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
             engine.log_likelihood(windows)
         run = {"wall": infer.wall, "cpu": infer.cpu}
         inference = run if inference is None or run["wall"] < inference["wall"] else inference
-        gemm_s = min(gemm_s, gemm())
-    return es, inference, gemm.flops / gemm_s / 1e9
+        for name, suite in suites.items():
+            gemm_s[name] = min(gemm_s[name], suite())
+    return es, inference, {name: suites[name].flops / gemm_s[name] / 1e9 for name in suites}
+
+
+def gemm_engines() -> dict:
+    """The bare GEMMs to time: float32 BLAS always (the machine's float reference rate), and
+    the int8 GEMM where torch runs it."""
+    engines = {"float32": Float32Gemm()}
+    if int8_gemm_unavailable() is None:
+        engines["int8"] = Int8Gemm()
+    return engines
 
 
 def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
@@ -258,11 +271,12 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     engine.log_likelihood(windows[:, :3])
     timer = BaseProductTimer(engine.backend) if hasattr(engine.backend, "base_product") else None
     tokens, load_before = population * seq_len, os.getloadavg()[0]
-    es, inference, gemm_gflops = time_runs(engine, windows, repeats, timer)
+    es, inference, gemm_rates = time_runs(engine, windows, repeats, timer)
     result = {
         "config": {"model": model, "dim": dim, "layers": layers, "population": population,
                    "seq_len": seq_len, "rank": rank, "vocab_size": VOCAB, "repeats": repeats},
         "backend": engine.backend.name,
+        "gemm": getattr(getattr(engine.backend, "gemm", None), "description", None),
         "threads": getattr(engine.backend, "threads", None),
         "machine": machine_info(load_before),
         "es_tokens_per_s": tokens / es["wall"],
@@ -277,8 +291,10 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
     threads = engine.threads
     achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
-    result.update({"gemm_gflops": gemm_gflops, "base_product_gflops": achieved,
-                   "base_product_fraction": achieved / gemm_gflops if achieved else None})
+    float_rate, int8_rate = gemm_rates["float32"], gemm_rates.get("int8")
+    result.update({"gemm_gflops": float_rate, "int8_gemm_gops": int8_rate,
+                   "base_product_gflops": achieved,
+                   "base_product_fraction": achieved / float_rate if achieved else None})
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 

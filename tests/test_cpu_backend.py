@@ -1,7 +1,8 @@
 """The cpu backend returns the reference backend's bits, op by op and for whole ES steps.
 
 Random shapes (fan-in past the float32 chunk size EXACT_K included), values (all +-127
-extremes included), seeds, ranks 1..4, shifts and population chunkings.
+extremes included), seeds, ranks 1..4, shifts and population chunkings; with either GEMM
+engine (int8 through torch, float32 BLAS) for the base product.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
 from intes.kernels import available, get_backend
 from intes.kernels.base import LowRank
-from intes.kernels.cpu import EXACT_K, CpuBackend, CpuElementwise, CpuNoise, k_chunks
+from intes.kernels.cpu import CpuBackend, CpuElementwise, CpuNoise
+from intes.kernels.gemm import EXACT_K, int8_gemm_unavailable, k_chunks, make_gemm
 from intes.kernels.reference import ReferenceBackend
 
 CPU, REF = CpuBackend(), ReferenceBackend()
+F32 = CpuBackend(gemm="float32")
+INT8_MISSING = int8_gemm_unavailable()
+GEMM_BACKENDS = [F32] + ([] if INT8_MISSING else [CpuBackend(gemm="int8")])
 FILLS = ("random", "max", "min", "signs")
 seeds = st.integers(0, 2**32 - 1)
 fills = st.sampled_from(FILLS)
@@ -63,14 +68,25 @@ def same(a: np.ndarray, b: np.ndarray) -> None:
 
 @given(seed=seeds, pairs=st.integers(1, 4), fan_in=st.integers(1, 2200),
        out=st.integers(1, 40), rank=ranks, sigma=st.integers(0, 8), shift=st.integers(0, 14),
-       x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans())
-def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy):
+       x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
+       cpu=st.sampled_from(GEMM_BACKENDS))
+def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy, cpu):
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
-    same(CPU.linear(x, CPU.prepare(w), shift, noise, sigma),
+    same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma),
          REF.linear(x, REF.prepare(w), shift, noise, sigma))
+
+
+@given(seed=seeds, rows=st.integers(1, 70), fan_in=st.integers(1, 300), out=st.integers(1, 70),
+       fill=fills, cpu=st.sampled_from(GEMM_BACKENDS))
+def test_base_product_is_the_exact_integer_product(seed, rows, fan_in, out, fill, cpu):
+    """Any batch (batch 1 of naive ES included) and any fan-in, K = 1 included."""
+    rng = np.random.default_rng(seed)
+    x, w = int8s(rng, (rows, fan_in), fill), int8s(rng, (out, fan_in), "random")
+    want = x.astype(np.int64) @ w.T.astype(np.int64)
+    np.testing.assert_array_equal(cpu.base_product(x, cpu.prepare(w)).astype(np.int64), want)
 
 
 @pytest.mark.parametrize("fan_in", [EXACT_K, EXACT_K + 1, 2048])
@@ -80,11 +96,12 @@ def test_base_product_exact_at_the_chunk_bound(fan_in, sign):
     assert EXACT_K * 127 * 127 < 2**24 <= (EXACT_K + 1) * 127 * 127
     x = np.full((2, fan_in), 127, dtype=np.int8)
     w = np.full((3, fan_in), 127 * sign, dtype=np.int8)
-    base = CPU.base_product(x, CPU.prepare(w))
-    total = sum(base[c].astype(np.int64) for c in range(len(base)))
+    chunks = F32.gemm.chunks(x, F32.gemm.prepare(w))
+    total = sum(chunks[c].astype(np.int64) for c in range(len(chunks)))
     assert (total == sign * fan_in * 127 * 127).all()
-    assert len(base) == -(-fan_in // EXACT_K)
-    same(CPU.linear(x, CPU.prepare(w), 15, None, 4), REF.linear(x, w, 15, None, 4))
+    assert len(chunks) == -(-fan_in // EXACT_K)
+    for cpu in GEMM_BACKENDS:
+        same(cpu.linear(x, cpu.prepare(w), 15, None, 4), REF.linear(x, w, 15, None, 4))
 
 
 def test_one_float32_chunk_past_the_bound_would_be_inexact():
@@ -224,7 +241,9 @@ def test_es_steps_match_reference(seed, model, pairs, rank, sigma, fitness, data
                                   fitness=fitness, alpha_steps=2),
                       seq_len=5, seed=seed)
     threads = data.draw(st.integers(1, 3), label="threads")
-    cpu, ref = Engine(cfg, backend=CpuBackend(threads)), Engine(cfg, backend="reference")
+    gemm = data.draw(st.sampled_from([b.gemm.name for b in GEMM_BACKENDS]), label="gemm")
+    cpu = Engine(cfg, backend=CpuBackend(threads, gemm))
+    ref = Engine(cfg, backend="reference")
     rng = np.random.default_rng(seed)
     for _ in range(2):
         windows = rng.integers(0, 32, (2 * pairs, cfg.seq_len + 1)).astype(np.int32)
@@ -250,6 +269,18 @@ def test_bad_thread_count_is_a_config_error(monkeypatch, value):
     monkeypatch.setenv("INTES_CPU_THREADS", value)
     with pytest.raises(ConfigError, match="INTES_CPU_THREADS"):
         CpuBackend()
+
+
+def test_int8_gemm_is_the_default_where_torch_runs_it(monkeypatch):
+    monkeypatch.delenv("INTES_CPU_GEMM", raising=False)
+    assert make_gemm().name == ("float32" if INT8_MISSING else "int8")
+    monkeypatch.setenv("INTES_CPU_GEMM", "float32")
+    assert CpuBackend().gemm.name == "float32"
+
+
+def test_unknown_gemm_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown cpu GEMM"):
+        CpuBackend(gemm="int4")
 
 
 def test_auto_picks_cpu_without_a_gpu():

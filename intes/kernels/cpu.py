@@ -1,11 +1,12 @@
-"""CPU backend: float32 BLAS for the shared base product, numba for everything per member.
+"""CPU backend: an exact integer GEMM for the shared base product, numba for everything else.
 
-Bit-identical to ``ReferenceBackend`` (the numpy reference defines every answer). Where this
-module uses floats it is because they are exact for the integers involved; each use states
-its bound next to the code:
+Bit-identical to ``ReferenceBackend`` (the numpy reference defines every answer). The base
+product X @ W^T of every linear layer is ONE GEMM over all member rows, from
+``intes.kernels.gemm``: int8 x int8 -> int32 (torch's oneDNN int8 GEMM) when torch is
+installed, else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel. Where
+this module uses floats it is because they are exact for the integers involved; each use
+states its bound next to the code:
 
-- base product X @ W^T: a float32 GEMM is exact while every partial sum is an integer of
-  magnitude < 2^24 (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32.
 - update Z = A^T diag(f) B: float32 while sum|f| * r * NOISE_MAX^2 < 2^24, else float64
   (exact below 2^53, and int32-valid configurations stay below 2^31).
 - truncating integer division a / b: float64 division then truncation (``_div_trunc``).
@@ -17,7 +18,7 @@ values in [-127, 127], never -128.
 The per-step forms (``prepare``) are read-only and shared; per-call scratch buffers are per
 thread, so one backend serves several threads at once.
 
-Threads: every kernel here is serial and releases the GIL, and BLAS is pinned to one thread.
+Threads: every kernel here is serial and releases the GIL, and the GEMM runs on one thread.
 The cores are used one level up: ``Engine`` evaluates ``threads`` slices of the population
 concurrently, each a whole forward over the sequence with its own GEMMs. Op-level threading
 (numba prange, multi-threaded BLAS) waits at a barrier after every 0.1-5 ms op and its spinning
@@ -27,11 +28,9 @@ op ran 3x slower on 2 cores than on one thread. Slices meet only once per step.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -51,40 +50,10 @@ from intes.intmath import (
     WKV_FRAC_BITS,
 )
 from intes.kernels.base import LowRank
+from intes.kernels.gemm import Float32Gemm, Int8Gemm, make_gemm
 from intes.noise import NOISE_MAX
 
-# float32 represents every integer of magnitude <= 2^24 exactly, and a GEMM's partial sums
-# are sums of subsets of the K products, each |x_i w_i| <= 127 * 127. So a K-chunk is exact
-# whatever order BLAS adds in (FMA included) while K * 127^2 < 2^24: 1040 * 16129 =
-# 16,774,160 < 16,777,216, and 1041 * 16129 is not.
-EXACT_K = 1040
-F32_EXACT = 1 << 24
-_SCRATCH_LIMIT = 64  # distinct scratch shapes kept before the cache is dropped
-_BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-                 "openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
-
-
-def _blas_libraries() -> list[str]:
-    """Paths of the OpenBLAS libraries loaded in this process (numpy's, usually one)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            return sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
-    except OSError:
-        return []
-
-
-def pin_blas_threads(threads: int = 1) -> None:
-    """Set the loaded OpenBLAS's thread count (process-wide: BLAS has no other setting).
-
-    numpy exposes no BLAS thread control, so this calls OpenBLAS's own setter, as threadpoolctl
-    does; with another BLAS nothing changes.
-    """
-    for path in _blas_libraries():
-        lib = ctypes.CDLL(path)
-        setter = next((getattr(lib, n) for n in _BLAS_SETTERS if hasattr(lib, n)), None)
-        if setter is not None:
-            setter(ctypes.c_int(threads))
-
+F32_EXACT = 1 << 24  # float32 holds every integer of magnitude <= 2^24
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, not the machine's count)."""
@@ -110,19 +79,11 @@ def default_threads() -> int:
 class CpuWeight:
     """A matrix in the form the base product wants, made once per step by ``prepare``.
 
-    ``wt`` is the float32 transpose (in, out), C-contiguous, so X @ wt is a plain GEMM.
+    ``wt`` is W^T in the GEMM engine's own form (see ``intes.kernels.gemm``).
     """
 
     w: np.ndarray
-    wt: np.ndarray
-
-
-@functools.cache
-def k_chunks(fan_in: int) -> tuple[slice, ...]:
-    """Equal K-chunks of at most EXACT_K columns (equal sizes keep every GEMM well shaped)."""
-    count = -(-fan_in // EXACT_K)
-    edges = [(fan_in * c) // count for c in range(count + 1)]
-    return tuple(slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True))
+    wt: Any
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,17 +146,6 @@ def _rounding(shift: int) -> tuple[np.int32, np.int32]:
 # ``_sum_chunks``); I32() converts either exactly. Noise factors are used factor-major,
 # at (P, r, out) and bt (P, r, in), so inner loops are unit stride and vectorize; ``CpuNoise``
 # generates them in that layout (see ``_factors``).
-
-
-@kernel
-def _sum_chunks(base, out):
-    """out = sum over K-chunks of base (chunks, N, out), each chunk exact, summed in int32."""
-    for m in range(out.shape[0]):
-        for o in range(out.shape[1]):
-            out[m, o] = I32(base[0, m, o])
-        for c in range(1, base.shape[0]):
-            for o in range(out.shape[1]):
-                out[m, o] = np.add(out[m, o], I32(base[c, m, o]))
 
 
 @kernel
@@ -608,46 +558,21 @@ class CpuBackend:
     ew = CpuElementwise
     noise_source = CpuNoise
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, gemm: str | None = None) -> None:
         self.threads = threads or default_threads()  # population slices run concurrently
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        pin_blas_threads(1)
-        self._local = threading.local()
-
-    def _scratch(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        """A buffer reused across tokens, so the per-token base products allocate nothing.
-
-        Its contents live until the next call with the same key: the epilogue consumes them.
-        """
-        cache = self._local.__dict__.setdefault("buffers", {})
-        if (key, shape) not in cache:
-            if len(cache) >= _SCRATCH_LIMIT:
-                cache.clear()
-            cache[key, shape] = np.empty(shape, dtype=dtype)
-        return cache[key, shape]
+        self.gemm: Int8Gemm | Float32Gemm = make_gemm(gemm)
 
     def prepare(self, w: np.ndarray) -> CpuWeight:
-        return CpuWeight(w, np.ascontiguousarray(w.T, dtype=np.float32))
+        return CpuWeight(w, self.gemm.prepare(w))
 
     def base_product(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
-        """(chunks, N, out) float32 exact partial products X[:, chunk] @ W^T[chunk]."""
-        rows, fan_in = x.shape
-        xf = self._scratch("x", x.shape)
-        np.copyto(xf, x)
-        chunks = k_chunks(fan_in)
-        base = self._scratch("base", (len(chunks), rows, w.wt.shape[1]))
-        for c, ks in enumerate(chunks):
-            np.matmul(xf[:, ks], w.wt[ks], out=base[c])
-        return base
+        """(N, out) exact X @ W^T: int32, or float32 holding exact integers."""
+        return self.gemm.product(x, w.wt)
 
     def linear(self, x, w, shift, noise, sigma_shift):
-        base = self.base_product(x, w)
-        if len(base) == 1:
-            acc = base[0]
-        else:
-            acc = self._scratch("sum", base.shape[1:], np.int32)
-            _sum_chunks(base, acc)
+        acc = self.base_product(x, w)
         out = np.empty(acc.shape, dtype=np.int8)
         half, shift = _rounding(shift)
         if noise is None:

@@ -1,0 +1,193 @@
+"""Exact integer GEMMs for the cpu backend's shared base product X (N, in) @ W^T (in, out).
+
+Two engines, the same bits (every product of int8 values is summed exactly):
+
+- ``Int8Gemm``: int8 x int8 -> int32 through ``torch._int_mm`` (oneDNN; VNNI dot-product
+  instructions where the CPU has them). Exact by construction: int32 holds any sum of up to
+  2^31 / 127^2 = 133,143 products, far past any fan-in ``TrainConfig.validate`` allows. On AVX-512
+  VNNI it runs about 4x the float32 GEMM of the same shapes, so it is the default when torch
+  is installed.
+- ``Float32Gemm``: a float32 BLAS GEMM, exact while every partial sum is an integer below 2^24
+  (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32. Needs only numpy.
+
+Both keep BLAS (and torch's intra-op pool) at one thread: the cpu backend uses the cores one
+level up, one population slice per thread (see ``intes.kernels.cpu``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from intes.errors import ConfigError
+
+# float32 represents every integer of magnitude <= 2^24 exactly, and a GEMM's partial sums
+# are sums of subsets of the K products, each |x_i w_i| <= 127 * 127. So a K-chunk is exact
+# whatever order BLAS adds in (FMA included) while K * 127^2 < 2^24: 1040 * 16129 =
+# 16,774,160 < 16,777,216, and 1041 * 16129 is not.
+EXACT_K = 1040
+GEMMS = ("auto", "int8", "float32")
+_SCRATCH_LIMIT = 64  # distinct scratch shapes kept per thread before the cache is dropped
+_BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                 "openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
+
+
+def _blas_libraries() -> list[str]:
+    """Paths of the OpenBLAS libraries loaded in this process (numpy's, usually one)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return []
+
+
+def pin_blas_threads(threads: int = 1) -> None:
+    """Set the loaded OpenBLAS's thread count (process-wide: BLAS has no other setting).
+
+    numpy exposes no BLAS thread control, so this calls OpenBLAS's own setter, as threadpoolctl
+    does; with another BLAS nothing changes.
+    """
+    for path in _blas_libraries():
+        lib = ctypes.CDLL(path)
+        setter = next((getattr(lib, n) for n in _BLAS_SETTERS if hasattr(lib, n)), None)
+        if setter is not None:
+            setter(ctypes.c_int(threads))
+
+
+@functools.cache
+def k_chunks(fan_in: int) -> tuple[slice, ...]:
+    """Equal K-chunks of at most EXACT_K columns (equal sizes keep every GEMM well shaped)."""
+    count = -(-fan_in // EXACT_K)
+    edges = [(fan_in * c) // count for c in range(count + 1)]
+    return tuple(slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True))
+
+
+class Scratch:
+    """Per-thread buffers reused across tokens, so per-token products allocate nothing.
+
+    A buffer's contents live until the next request with the same key: the caller consumes
+    them (the linear epilogue) before its next product.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, key: str, shape: tuple[int, ...], make) -> Any:
+        cache = self._local.__dict__.setdefault("buffers", {})
+        if (key, shape) not in cache:
+            if len(cache) >= _SCRATCH_LIMIT:
+                cache.clear()
+            cache[key, shape] = make(shape)
+        return cache[key, shape]
+
+
+@njit(nogil=True, cache=True)
+def _sum_chunks(base, out):
+    """out = sum over K-chunks of base (chunks, N, out), each chunk exact, summed in int32."""
+    for m in range(out.shape[0]):
+        for o in range(out.shape[1]):
+            out[m, o] = np.int32(base[0, m, o])
+        for c in range(1, base.shape[0]):
+            for o in range(out.shape[1]):
+                out[m, o] = np.add(out[m, o], np.int32(base[c, m, o]))
+
+
+class Float32Gemm:
+    """X @ W^T as float32 BLAS GEMMs over exact K-chunks (see ``EXACT_K``)."""
+
+    name = "float32"
+    description = "float32 BLAS GEMM, exact K-chunks (numpy)"
+
+    def __init__(self) -> None:
+        pin_blas_threads(1)
+        self._scratch = Scratch()
+
+    def prepare(self, w: np.ndarray) -> np.ndarray:
+        """The float32 transpose (in, out), C-contiguous, so X @ wt is a plain GEMM."""
+        return np.ascontiguousarray(w.T, dtype=np.float32)
+
+    def chunks(self, x: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        """(chunks, N, out) float32 exact partial products X[:, chunk] @ W^T[chunk]."""
+        rows, fan_in = x.shape
+        xf = self._scratch.get("x", x.shape, lambda s: np.empty(s, np.float32))
+        np.copyto(xf, x)
+        chunks = k_chunks(fan_in)
+        base = self._scratch.get("base", (len(chunks), rows, wt.shape[1]),
+                                 lambda s: np.empty(s, np.float32))
+        for c, ks in enumerate(chunks):
+            np.matmul(xf[:, ks], wt[ks], out=base[c])
+        return base
+
+    def product(self, x: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        """(N, out) exact X @ W^T: float32 for one chunk, else the chunks summed in int32."""
+        base = self.chunks(x, wt)
+        if len(base) == 1:
+            return base[0]
+        acc = self._scratch.get("sum", base.shape[1:], lambda s: np.empty(s, np.int32))
+        _sum_chunks(base, acc)
+        return acc
+
+
+class Int8Gemm:
+    """X @ W^T as one int8 x int8 -> int32 GEMM (``torch._int_mm``), exact by construction."""
+
+    name = "int8"
+    description = "int8 GEMM with int32 accumulation (torch._int_mm, oneDNN)"
+
+    def __init__(self) -> None:
+        import torch  # ImportError when torch is missing: ``make_gemm`` says so
+
+        self._torch = torch
+        torch.set_num_threads(1)  # population slices supply the parallelism
+        pin_blas_threads(1)
+        self._scratch = Scratch()
+        probe = torch.full((17, 32), 127, dtype=torch.int8)
+        if not bool((torch._int_mm(probe, -probe.t()) == -32 * 127**2).all()):
+            raise RuntimeError("torch._int_mm gave a wrong int8 product")
+
+    def prepare(self, w: np.ndarray) -> Any:
+        """W (out, in) as an int8 tensor, passed transposed: oneDNN's preferred layout."""
+        return self._torch.from_numpy(np.ascontiguousarray(w, dtype=np.int8)).t()
+
+    def product(self, x: np.ndarray, wt: Any) -> np.ndarray:
+        """(N, out) int32 X @ W^T, written into a per-thread buffer (numpy view of it)."""
+        if x.shape[1] == 1:  # torch._int_mm leaves its output unwritten at K = 1 (torch 2.13)
+            return x.astype(np.int32) @ wt.numpy().astype(np.int32)
+        torch = self._torch
+        out = self._scratch.get("acc", (x.shape[0], wt.shape[1]),
+                                lambda s: torch.empty(s, dtype=torch.int32))
+        torch._int_mm(torch.from_numpy(np.ascontiguousarray(x)), wt, out=out)
+        return out.numpy()
+
+
+def make_gemm(name: str | None = None) -> Float32Gemm | Int8Gemm:
+    """The named GEMM engine; 'auto' (or INTES_CPU_GEMM) takes int8 when torch can run it.
+
+    An explicit 'int8' without a working torch is an error, never a quiet float32 fallback.
+    """
+    name = name or os.environ.get("INTES_CPU_GEMM", "auto")
+    if name not in GEMMS:
+        raise ConfigError(f"unknown cpu GEMM {name!r}; choose one of {GEMMS}")
+    if name == "float32":
+        return Float32Gemm()
+    try:
+        return Int8Gemm()
+    except (ImportError, AttributeError, RuntimeError) as err:
+        if name == "int8":
+            raise ConfigError(f"the int8 GEMM needs torch>=2.4 with torch._int_mm: {err}") from err
+        return Float32Gemm()
+
+
+def int8_gemm_unavailable() -> str | None:
+    """None if the int8 GEMM runs here, else one line saying why not."""
+    try:
+        Int8Gemm()
+    except (ImportError, AttributeError, RuntimeError) as err:
+        return f"int8 GEMM unavailable ({err}); the cpu backend uses float32 BLAS"
+    return None
