@@ -157,12 +157,23 @@ class Int8Gemm:
 
     def product(self, x: np.ndarray, wt: Any) -> np.ndarray:
         """(N, out) int32 X @ W^T, written into a per-thread buffer (numpy view of it)."""
-        if x.shape[1] == 1:  # torch._int_mm leaves its output unwritten at K = 1 (torch 2.13)
-            return x.astype(np.int32) @ wt.numpy().astype(np.int32)
+        return self.matmul(x, wt, "acc")
+
+    def matmul(self, a: np.ndarray, b: Any, key: str) -> np.ndarray:
+        """int32 a @ b of int8 a (M, K) and b (K, N), numpy arrays or tensors, into the
+        per-thread buffer ``key``; its contents live until the next call with that key.
+
+        ``a`` may be any strided view: it is copied into canonical row-major strides (faster
+        in torch than numpy's copy of a transpose). torch._int_mm (2.13) trusts the strides of
+        size-1 dimensions, which numpy and torch leave arbitrary, and misreads such views.
+        """
         torch = self._torch
-        out = self._scratch.get("acc", (x.shape[0], wt.shape[1]),
+        a, b = (torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in (a, b))
+        if a.shape[1] == 1:  # torch._int_mm leaves its output unwritten at K = 1 (torch 2.13)
+            return a.numpy().astype(np.int32) @ b.numpy().astype(np.int32)
+        out = self._scratch.get(key, (a.shape[0], b.shape[1]),
                                 lambda s: torch.empty(s, dtype=torch.int32))
-        torch._int_mm(torch.from_numpy(np.ascontiguousarray(x)), wt, out=out)
+        torch._int_mm(torch.empty(a.shape, dtype=torch.int8).copy_(a), b, out=out)
         return out.numpy()
 
 
