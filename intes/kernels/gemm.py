@@ -163,9 +163,9 @@ class Int8Gemm:
         """int32 a @ b of int8 a (M, K) and b (K, N), numpy arrays or tensors, into the
         per-thread buffer ``key``; its contents live until the next call with that key.
 
-        ``a`` may be any strided view: it is copied into canonical row-major strides (faster
-        in torch than numpy's copy of a transpose). torch._int_mm (2.13) trusts the strides of
-        size-1 dimensions, which numpy and torch leave arbitrary, and misreads such views.
+        ``a`` may be a transposed view: oneDNN reads it as it is. torch._int_mm (2.13) trusts
+        the strides of size-1 dimensions, which numpy and torch leave arbitrary, and misreads
+        such views: those are copied into canonical row-major strides first.
         """
         torch = self._torch
         a, b = (torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in (a, b))
@@ -173,7 +173,9 @@ class Int8Gemm:
             return a.numpy().astype(np.int32) @ b.numpy().astype(np.int32)
         out = self._scratch.get(key, (a.shape[0], b.shape[1]),
                                 lambda s: torch.empty(s, dtype=torch.int32))
-        torch._int_mm(torch.empty(a.shape, dtype=torch.int8).copy_(a), b, out=out)
+        if 1 in a.shape:
+            a = torch.empty(a.shape, dtype=torch.int8).copy_(a)
+        torch._int_mm(a, b, out=out)
         return out.numpy()
 
 
