@@ -314,7 +314,7 @@ class _Run:
                  f"{n_params:,} int8 params; population {cfg.es.population} (group "
                  f"{cfg.es.group_size}, rank {cfg.es.rank}), seq len {cfg.seq_len}, backend "
                  f"{self.engine.backend.name} ({self.engine.threads} thread"
-                 f"{'s' if self.engine.threads > 1 else ''})")
+                 f"{'s' if self.engine.threads > 1 else ''}{gemm_note(self.engine.backend)})")
         self.say(f"valid reference: unigram {self.references[0]:.4f} bpb, bigram "
                  f"{self.references[1]:.4f} bpb")
         verb = "resuming" if self.options.resume else "starting"
@@ -475,6 +475,12 @@ class _Run:
             "unigram_bpb": self.references[0],
             "bigram_bpb": self.references[1],
         }
+
+
+def gemm_note(backend) -> str:
+    """', int8 GEMM' for the cpu backend's base-product engine; '' for other backends."""
+    gemm = getattr(backend, "gemm", None)
+    return f", {gemm.name} GEMM" if gemm is not None else ""
 
 
 def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str = "auto",

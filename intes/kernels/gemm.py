@@ -144,7 +144,7 @@ class Int8Gemm:
         import torch  # ImportError when torch is missing: ``make_gemm`` says so
 
         self._torch = torch
-        torch.set_num_threads(1)  # population slices supply the parallelism
+        self._pinned = threading.local()
         pin_blas_threads(1)
         self._scratch = Scratch()
         probe = torch.full((17, 32), 127, dtype=torch.int8)
@@ -168,6 +168,12 @@ class Int8Gemm:
         such views: those are copied into canonical row-major strides first.
         """
         torch = self._torch
+        if not getattr(self._pinned, "done", False):
+            # oneDNN sizes its OpenMP team from the calling thread's own setting, which a new
+            # thread starts at all cores: with one population slice per core, each GEMM
+            # would spin up a team per slice and the teams would fight for the cores.
+            torch.set_num_threads(1)
+            self._pinned.done = True
         a, b = (torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in (a, b))
         if a.shape[1] == 1:  # torch._int_mm leaves its output unwritten at K = 1 (torch 2.13)
             return a.numpy().astype(np.int32) @ b.numpy().astype(np.int32)
