@@ -262,10 +262,11 @@ def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
 
 def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: int = 1024,
               seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 10,
-              naive: bool = True, threads: int | None = None) -> dict:
+              naive: bool = True, threads: int | None = None,
+              gemm: str | None = None) -> dict:
     """All figures for one configuration, as a JSON-ready dict (see the module docstring)."""
     engine = make_engine(model, dim, layers, population, seq_len, rank,
-                         bench_backend(backend, threads))
+                         bench_backend(backend, threads, gemm))
     windows = bench_windows(engine)
     engine.step(windows[:, :3])  # warm-up: compiles every kernel, excluded from timing
     engine.log_likelihood(windows[:, :3])
@@ -299,11 +300,11 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     return result
 
 
-def bench_backend(name: str, threads: int | None) -> Backend:
-    """The named backend; a thread count applies to the cpu backend only."""
+def bench_backend(name: str, threads: int | None, gemm: str | None = None) -> Backend:
+    """The named backend; a thread count and a GEMM engine apply to the cpu backend only."""
     backend = get_backend(name)
-    if threads is not None and backend.name == "cpu":
-        backend = type(backend)(threads)
+    if (threads is not None or gemm is not None) and backend.name == "cpu":
+        backend = type(backend)(threads, gemm)
     return backend
 
 

@@ -89,6 +89,19 @@ def test_base_product_is_the_exact_integer_product(seed, rows, fan_in, out, fill
     np.testing.assert_array_equal(cpu.base_product(x, cpu.prepare(w)).astype(np.int64), want)
 
 
+@pytest.mark.skipif(INT8_MISSING is not None, reason=str(INT8_MISSING))
+@given(seed=seeds, m=st.integers(1, 40), k=st.integers(1, 600), n=st.integers(1, 40),
+       transposed=st.booleans(), fill=fills)
+def test_int8_matmul_of_any_view_is_exact(seed, m, k, n, transposed, fill):
+    """The update's transposed factor views and every size-1 edge (torch._int_mm misreads
+    size-1 strides and K = 1 on its own); all-+-127 operands at K = 600 reach 2^23."""
+    rng = np.random.default_rng(seed)
+    a = int8s(rng, (k, m), fill).T if transposed else int8s(rng, (m, k), fill)
+    b = int8s(rng, (k, n), fill)
+    got = GEMM_BACKENDS[-1].gemm.matmul(a, b, "test")
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+
+
 @pytest.mark.parametrize("fan_in", [EXACT_K, EXACT_K + 1, 2048])
 @pytest.mark.parametrize("sign", [1, -1])
 def test_base_product_exact_at_the_chunk_bound(fan_in, sign):
@@ -301,3 +314,7 @@ def test_bench_prints_one_json_object():
                 "speedup", "update_fraction", "gemm_gflops", "base_product_gflops",
                 "peak_rss_mb"):
         assert result[key] > 0, key
+    assert result["gemm"] == CPU.gemm.description
+    assert (result["int8_gemm_gops"] is None) == (INT8_MISSING is not None)
+    forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).output)
+    assert forced["gemm"] == F32.gemm.description

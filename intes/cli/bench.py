@@ -7,6 +7,7 @@ import json
 import click
 
 from intes.kernels import BACKENDS
+from intes.kernels.gemm import GEMMS
 
 
 @click.command()
@@ -24,12 +25,16 @@ from intes.kernels import BACKENDS
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Population slices the cpu backend runs at once  [default: "
                    "INTES_CPU_THREADS or one per usable core]")
+@click.option("--gemm", type=click.Choice(GEMMS), default=None,
+              help="The cpu backend's base-product GEMM  [default: INTES_CPU_GEMM or auto: "
+                   "int8 where torch runs it]")
 def bench(model: str, dim: int, layers: int, population: int, seq_len: int, rank: int,
-          backend: str, repeats: int, naive: bool, threads: int | None) -> None:
+          backend: str, repeats: int, naive: bool, threads: int | None,
+          gemm: str | None) -> None:
     """Tokens/s of a full ES step, of plain inference and of naive ES; prints JSON."""
     from intes.bench import run_bench
 
     result = run_bench(model=model, dim=dim, layers=layers, population=population,
                        seq_len=seq_len, rank=rank, backend=backend, repeats=repeats,
-                       naive=naive, threads=threads)
+                       naive=naive, threads=threads, gemm=gemm)
     click.echo(json.dumps(result, indent=2))

@@ -167,10 +167,10 @@ def _rounding(shift: int) -> tuple[np.int32, np.int32]:
 # ---------------------------------------------------------------------------------------------
 # linear layer epilogue: exact base (N, out) -> int8 (N, out)
 #
-# ``acc`` is the base product as float32 (one K-chunk) or int32 (chunks summed by
-# ``_sum_chunks``); I32() converts either exactly. Noise factors are used factor-major,
-# at (P, r, out) and bt (P, r, in), so inner loops are unit stride and vectorize; ``CpuNoise``
-# generates them in that layout (see ``_factors``).
+# ``acc`` is the base product as int32 or as float32 holding exact integers (one float32
+# K-chunk, see intes.kernels.gemm); I32() converts either exactly. Noise factors are used
+# factor-major, at (P, r, out) and bt (P, r, in), so inner loops are unit stride and
+# vectorize; ``CpuNoise`` generates them in that layout (see ``_factors``).
 
 
 @kernel
