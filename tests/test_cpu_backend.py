@@ -158,15 +158,16 @@ def test_log_likelihood_at_max_vocab():
 
 
 @given(seed=seeds, pairs=st.integers(1, 300), rows=st.integers(1, 24), cols=st.integers(1, 24),
-       rank=ranks, kind=st.sampled_from(["sign", "normalized", "extreme"]), w_fill=fills,
+       rank=ranks, kind=st.sampled_from(["sign", "normalized", "extreme", "wide"]), w_fill=fills,
        n_fill=fills, threshold=st.integers(0, 40000), cpu=st.sampled_from(GEMM_BACKENDS))
 def test_update_matrix(seed, pairs, rows, cols, rank, kind, w_fill, n_fill, threshold, cpu):
     """Sign, normalized and all-+-15 fitness: the last crosses float32's 2^24 bound (float32
-    GEMM) and needs the hi/lo split (int8 GEMM)."""
+    GEMM) and needs the hi/lo split (int8 GEMM); fitness wider than shaping makes (+-200)
+    takes the int8 engine's float path."""
     rng = np.random.default_rng(seed)
     w = int8s(rng, (rows, cols), w_fill)
     noise = lowrank(rng, pairs, rows, cols, rank, n_fill, seed)
-    fmax = {"sign": 1, "normalized": NORMALIZED_MAX, "extreme": NORMALIZED_MAX}[kind]
+    fmax = {"sign": 1, "normalized": NORMALIZED_MAX, "extreme": NORMALIZED_MAX, "wide": 200}[kind]
     fitness = rng.integers(-fmax, fmax + 1, pairs).astype(np.int32)
     if kind == "extreme":
         fitness = np.where(fitness < 0, -fmax, fmax).astype(np.int32)

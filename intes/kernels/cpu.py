@@ -29,6 +29,7 @@ op ran 3x slower on 2 cores than on one thread. Slices meet only once per step.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -319,16 +320,21 @@ _LO_BITS = 5
 def lowrank_sum_int8(gemm: Int8Gemm, noise: LowRank, fitness: np.ndarray) -> np.ndarray:
     """Z = sum_p f_p A_p B_p^T as int8 GEMMs (A^T diag(f)) B with int32 accumulation, exact.
 
-    V = diag(f) A is int8 when |f| * NOISE_MAX <= 127 (sign fitness): one GEMM. Otherwise
+    V = diag(f) A is int8 when max|f| * NOISE_MAX <= 127 (sign fitness): one GEMM. Otherwise
     V = 32 H + L with H, L int8 and Z = 32 (H^T B) + L^T B: two. Each GEMM's sums stay below
-    sum_p r * 26 * NOISE_MAX, far inside int32 for any population ESConfig.validate allows,
+    sum_p r * 127 * NOISE_MAX, far inside int32 for any population ESConfig.validate allows,
     and the final int32 shift-and-add wraps like the reference (mod 2^32), whose |Z| < 2^31.
+    Fitness wider than any shaping makes (|V| could reach 127 * 32) takes the float path.
     """
     at, bt = _factors(noise)
     pairs, rank, rows = at.shape
-    v = (at.astype(np.int16) * fitness.astype(np.int16)[:, None, None]).reshape(-1, rows)
+    widest = int(np.abs(fitness).max(initial=0)) * NOISE_MAX
+    if widest >= INT8_MAX << _LO_BITS:
+        return lowrank_sum(noise, fitness)
+    v = np.multiply(at, fitness.astype(np.int16)[:, None, None], dtype=np.int16)
+    v = v.reshape(pairs * rank, rows)  # |v| <= widest < 2^12: int16 holds it
     b = bt.reshape(pairs * rank, -1)
-    if np.abs(v).max() <= INT8_MAX:
+    if widest <= INT8_MAX:
         return gemm.matmul(v.astype(np.int8).T, b, "z")
     hi = gemm.matmul(np.right_shift(v, _LO_BITS).astype(np.int8).T, b, "z_hi")
     lo = gemm.matmul(np.bitwise_and(v, (1 << _LO_BITS) - 1).astype(np.int8).T, b, "z_lo")
@@ -395,9 +401,16 @@ def _factor_streams(keys, idx, at, bt):
 def _stream_setup(seed: int, step: int, pairs: np.ndarray, tensor_id: int,
                   n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-pair keys and the n mixed stream indices, with intes.noise's own functions."""
-    keys = nz.stream_key(seed, step, pairs, tensor_id)
+    return nz.stream_key(seed, step, pairs, tensor_id), _stream_indices(n)
+
+
+@functools.lru_cache(maxsize=256)
+def _stream_indices(n: int) -> np.ndarray:
+    """The n mixed counters every stream xors with its key: the same for every step, pair
+    and tensor of a length, so made once (read-only) instead of per tensor per step."""
     idx = nz.mix32(np.arange(n, dtype=nz.U32) * nz.U32(nz.GOLDEN) + nz.U32(1))
-    return keys, idx
+    idx.flags.writeable = False
+    return idx
 
 
 def _factors(noise: LowRank) -> tuple[np.ndarray, np.ndarray]:
