@@ -8,6 +8,7 @@ engine (int8 through torch, float32 BLAS) for the base product.
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
 from intes.kernels import available, get_backend
 from intes.kernels.base import LowRank
-from intes.kernels.cpu import CpuBackend, CpuElementwise, CpuNoise
+from intes.kernels.cpu import CpuBackend, CpuElementwise, CpuNoise, keep_freed_memory
 from intes.kernels.gemm import EXACT_K, int8_gemm_unavailable, k_chunks, make_gemm
 from intes.kernels.reference import ReferenceBackend
 
@@ -291,6 +292,11 @@ def test_int8_gemm_is_the_default_where_torch_runs_it(monkeypatch):
     assert make_gemm().name == ("float32" if INT8_MISSING else "int8")
     monkeypatch.setenv("INTES_CPU_GEMM", "float32")
     assert CpuBackend().gemm.name == "float32"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_glibc_accepts_the_fixed_malloc_thresholds():
+    assert keep_freed_memory() is True
 
 
 def test_unknown_gemm_is_a_config_error():

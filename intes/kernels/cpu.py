@@ -7,8 +7,9 @@ installed, else float32 BLAS over exact K-chunks. Every other op is a serial num
 this module uses floats it is because they are exact for the integers involved; each use
 states its bound next to the code:
 
-- update Z = A^T diag(f) B: float32 while sum|f| * r * NOISE_MAX^2 < 2^24, else float64
-  (exact below 2^53, and int32-valid configurations stay below 2^31).
+- update Z = A^T diag(f) B: with the int8 engine, int8 GEMMs (``lowrank_sum_int8``); with
+  the float32 engine, float32 while sum|f| * r * NOISE_MAX^2 < 2^24, else float64 (exact
+  below 2^53, and int32-valid configurations stay below 2^31).
 - truncating integer division a / b: float64 division then truncation (``_div_trunc``).
 
 Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
