@@ -18,7 +18,8 @@ core); naive ES runs members one after another (see ``naive_member_seconds``), s
 includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per core.
 
 ``gemm_gflops`` is this machine's float32 BLAS GEMM at the model's base-product shapes
-(FLOP-weighted over its layers, rows sliced over the threads like the forward) and
+(FLOP-weighted over its layers, rows sliced over the threads like the forward, int8 operands
+converted as the float32 engine converts them) and
 ``int8_gemm_gops`` the same for the int8 GEMM (where torch runs it); ``base_product_gflops``
 is what the shared base product reached inside the ES step, for backends that expose
 ``base_product``, and ``base_product_fraction`` its ratio to the float32 GEMM.

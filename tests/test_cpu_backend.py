@@ -177,13 +177,15 @@ def test_update_matrix(seed, pairs, rows, cols, rank, kind, w_fill, n_fill, thre
 
 
 @given(seed=seeds, pairs=st.integers(1, 300), size=st.integers(1, 64), fill=fills,
-       threshold=st.integers(0, 3000))
-def test_update_vector(seed, pairs, size, fill, threshold):
+       threshold=st.integers(0, 3000), fmax=st.sampled_from([1, NORMALIZED_MAX, 200]),
+       cpu=st.sampled_from(GEMM_BACKENDS))
+def test_update_vector(seed, pairs, size, fill, threshold, fmax, cpu):
+    """Sign and normalized fitness, and fitness wider than int8 (the int8 engine's int32 path)."""
     rng = np.random.default_rng(seed)
     v = int8s(rng, size, fill)
     noise = nz.vector_noise(seed, 1, np.arange(pairs), 2, size)
-    fitness = rng.integers(-1, 2, pairs).astype(np.int32)
-    same(CPU.update_vector(v, noise, fitness, threshold),
+    fitness = rng.integers(-fmax, fmax + 1, pairs).astype(np.int32)
+    same(cpu.update_vector(v, noise, fitness, threshold),
          REF.update_vector(v, noise, fitness, threshold))
 
 

@@ -7,9 +7,8 @@ installed, else float32 BLAS over exact K-chunks. Every other op is a serial num
 this module uses floats it is because they are exact for the integers involved; each use
 states its bound next to the code:
 
-- update Z = A^T diag(f) B: with the int8 engine, int8 GEMMs (``lowrank_sum_int8``); with
-  the float32 engine, float32 while sum|f| * r * NOISE_MAX^2 < 2^24, else float64 (exact
-  below 2^53, and int32-valid configurations stay below 2^31).
+- update Z = A^T diag(f) B: the GEMM engine's ``lowrank_sum``, exact in int32 (int8) or in
+  float32/float64 below their bounds (float32; see intes.kernels.gemm).
 - truncating integer division a / b: float64 division then truncation (``_div_trunc``).
 
 Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
@@ -54,9 +53,6 @@ from intes.intmath import (
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import Float32Gemm, Int8Gemm, make_gemm
-from intes.noise import NOISE_MAX
-
-F32_EXACT = 1 << 24  # float32 holds every integer of magnitude <= 2^24
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -297,49 +293,6 @@ def _step_by_sign(w, z, threshold, out):
         if abs(z[i]) > threshold:
             move = 1 if z[i] > 0 else (-1 if z[i] < 0 else 0)
         out[i] = _sat8(np.int32(w[i]) + move)
-
-
-def lowrank_sum(noise: LowRank, fitness: np.ndarray) -> np.ndarray:
-    """Z = sum_p f_p A_p B_p^T as ONE float GEMM (A^T diag(f)) B, exact (see the bound).
-
-    Every partial sum is a sum of terms f_p a b with |a|, |b| <= NOISE_MAX, so its magnitude
-    is at most sum|f_p| * r * NOISE_MAX^2: float32 is exact below 2^24, float64 below 2^53
-    (ESConfig.validate keeps it below 2^31).
-    """
-    at, bt = _factors(noise)
-    pairs, rank, rows = at.shape
-    bound = int(np.abs(fitness.astype(np.int64)).sum()) * rank * NOISE_MAX**2
-    dtype = np.float32 if bound < F32_EXACT else np.float64
-    af = np.multiply(at, fitness.astype(dtype)[:, None, None], dtype=dtype)
-    return af.reshape(pairs * rank, rows).T @ bt.reshape(pairs * rank, -1).astype(dtype)
-
-
-# f_p A_p split as 32 hi + lo: |f A| <= 15 * 55 = 825 gives hi in [-26, 25], lo in [0, 31]
-_LO_BITS = 5
-
-
-def lowrank_sum_int8(gemm: Int8Gemm, noise: LowRank, fitness: np.ndarray) -> np.ndarray:
-    """Z = sum_p f_p A_p B_p^T as int8 GEMMs (A^T diag(f)) B with int32 accumulation, exact.
-
-    V = diag(f) A is int8 when max|f| * NOISE_MAX <= 127 (sign fitness): one GEMM. Otherwise
-    V = 32 H + L with H, L int8 and Z = 32 (H^T B) + L^T B: two. Each GEMM's sums stay below
-    sum_p r * 127 * NOISE_MAX, far inside int32 for any population ESConfig.validate allows,
-    and the final int32 shift-and-add wraps like the reference (mod 2^32), whose |Z| < 2^31.
-    Fitness wider than any shaping makes (|V| could reach 127 * 32) takes the float path.
-    """
-    at, bt = _factors(noise)
-    pairs, rank, rows = at.shape
-    widest = int(np.abs(fitness).max(initial=0)) * NOISE_MAX
-    if widest >= INT8_MAX << _LO_BITS:
-        return lowrank_sum(noise, fitness)
-    v = np.multiply(at, fitness.astype(np.int16)[:, None, None], dtype=np.int16)
-    v = v.reshape(pairs * rank, rows)  # |v| <= widest < 2^12: int16 holds it
-    b = bt.reshape(pairs * rank, -1)
-    if widest <= INT8_MAX:
-        return gemm.matmul(v.astype(np.int8).T, b, "z")
-    hi = gemm.matmul(np.right_shift(v, _LO_BITS).astype(np.int8).T, b, "z_hi")
-    lo = gemm.matmul(np.bitwise_and(v, (1 << _LO_BITS) - 1).astype(np.int8).T, b, "z_lo")
-    return np.add(np.left_shift(hi, _LO_BITS), lo)
 
 
 def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
@@ -660,15 +613,7 @@ class CpuBackend:
         return out
 
     def update_matrix(self, w, noise, fitness, threshold):
-        if isinstance(self.gemm, Int8Gemm):
-            z = lowrank_sum_int8(self.gemm, noise, fitness)
-        else:
-            z = lowrank_sum(noise, fitness)
-        return step_by_sign(w, z, threshold)
+        return step_by_sign(w, self.gemm.lowrank_sum(*_factors(noise), fitness), threshold)
 
     def update_vector(self, v, noise, fitness, threshold):
-        if isinstance(self.gemm, Int8Gemm):  # |f| <= 15 and the noise are int8: exact
-            z = self.gemm.matmul(fitness.astype(np.int8)[None, :], noise, "zv")[0]
-        else:
-            z = fitness.astype(np.int32) @ noise.astype(np.int32)  # (P,) @ (P, n): small
-        return step_by_sign(v, z, threshold)
+        return step_by_sign(v, self.gemm.vector_sum(fitness, noise), threshold)

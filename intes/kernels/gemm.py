@@ -5,10 +5,13 @@ Two engines, the same bits (every product of int8 values is summed exactly):
 - ``Int8Gemm``: int8 x int8 -> int32 through ``torch._int_mm`` (oneDNN; VNNI dot-product
   instructions where the CPU has them). Exact by construction: int32 holds any sum of up to
   2^31 / 127^2 = 133,143 products, far past any layer width here. On the development
-  machine (AVX-512 VNNI) it ran 6-7x the float32 BLAS GEMM of the same shapes, so it is the
+  machine (AVX-512 VNNI) it ran 5-7x the float32 BLAS GEMM of the same shapes, so it is the
   default when torch is installed.
 - ``Float32Gemm``: a float32 BLAS GEMM, exact while every partial sum is an integer below 2^24
   (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32. Needs only numpy.
+
+Each engine also computes the update's Z = sum_p f_p A_p B_p^T = (A^T diag(f)) B exactly, as
+one matrix product per tensor (``lowrank_sum``), and its vector form (``vector_sum``).
 
 Both keep BLAS (and torch's intra-op pool) at one thread: the cpu backend uses the cores one
 level up, one population slice per thread (see ``intes.kernels.cpu``).
@@ -26,12 +29,17 @@ import numpy as np
 from numba import njit
 
 from intes.errors import ConfigError
+from intes.intmath import INT8_MAX
+from intes.noise import NOISE_MAX
 
 # float32 represents every integer of magnitude <= 2^24 exactly, and a GEMM's partial sums
 # are sums of subsets of the K products, each |x_i w_i| <= 127 * 127. So a K-chunk is exact
 # whatever order BLAS adds in (FMA included) while K * 127^2 < 2^24: 1040 * 16129 =
 # 16,774,160 < 16,777,216, and 1041 * 16129 is not.
 EXACT_K = 1040
+F32_EXACT = 1 << 24
+# f_p A_p split as 32 hi + lo: |f A| <= 15 * 55 = 825 gives hi in [-26, 25], lo in [0, 31]
+_LO_BITS = 5
 GEMMS = ("auto", "int8", "float32")
 _SCRATCH_LIMIT = 64  # distinct scratch shapes kept per thread before the cache is dropped
 _BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
@@ -98,6 +106,20 @@ def _sum_chunks(base, out):
                 out[m, o] = np.add(out[m, o], np.int32(base[c, m, o]))
 
 
+def float_lowrank_sum(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+    """Z from factor-major at (P, r, out), bt (P, r, in) as ONE float GEMM, exact.
+
+    Every partial sum is a sum of terms f_p a b with |a|, |b| <= NOISE_MAX, so its magnitude
+    is at most sum|f_p| * r * NOISE_MAX^2: float32 is exact below 2^24, float64 below 2^53
+    (ESConfig.validate keeps it below 2^31).
+    """
+    pairs, rank, rows = at.shape
+    bound = int(np.abs(fitness.astype(np.int64)).sum()) * rank * NOISE_MAX**2
+    dtype = np.float32 if bound < F32_EXACT else np.float64
+    af = np.multiply(at, fitness.astype(dtype)[:, None, None], dtype=dtype)
+    return af.reshape(pairs * rank, rows).T @ bt.reshape(pairs * rank, -1).astype(dtype)
+
+
 class Float32Gemm:
     """X @ W^T as float32 BLAS GEMMs over exact K-chunks (see ``EXACT_K``)."""
 
@@ -132,6 +154,13 @@ class Float32Gemm:
         acc = self._scratch.get("sum", base.shape[1:], lambda s: np.empty(s, np.int32))
         _sum_chunks(base, acc)
         return acc
+
+    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+        return float_lowrank_sum(at, bt, fitness)
+
+    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """sum_p f_p e_p: (P,) @ (P, n) in int32, small."""
+        return fitness.astype(np.int32) @ noise.astype(np.int32)
 
 
 class Int8Gemm:
@@ -187,6 +216,35 @@ class Int8Gemm:
             a = torch.empty(a.shape, dtype=torch.int8).copy_(a)
         torch._int_mm(a, b, out=out)
         return out.numpy()
+
+    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+        """Z as int8 GEMMs with int32 accumulation, exact.
+
+        V = diag(f) A is int8 when max|f| * NOISE_MAX <= 127 (sign fitness): one GEMM.
+        Otherwise V = 32 H + L with H, L int8 and Z = 32 (H^T B) + L^T B: two. Each GEMM's
+        sums stay below sum_p r * 127 * NOISE_MAX, far inside int32 for any population
+        ESConfig.validate allows, and the final int32 shift-and-add wraps like the reference
+        (mod 2^32), whose |Z| < 2^31. Fitness wider than any shaping makes (|V| could reach
+        127 * 32) takes the float path.
+        """
+        pairs, rank, rows = at.shape
+        widest = int(np.abs(fitness).max(initial=0)) * NOISE_MAX
+        if widest >= INT8_MAX << _LO_BITS:
+            return float_lowrank_sum(at, bt, fitness)
+        v = np.multiply(at, fitness.astype(np.int16)[:, None, None], dtype=np.int16)
+        v = v.reshape(pairs * rank, rows)  # |v| <= widest < 2^12: int16 holds it
+        b = bt.reshape(pairs * rank, -1)
+        if widest <= INT8_MAX:
+            return self.matmul(v.astype(np.int8).T, b, "z")
+        hi = self.matmul(np.right_shift(v, _LO_BITS).astype(np.int8).T, b, "z_hi")
+        lo = self.matmul(np.bitwise_and(v, (1 << _LO_BITS) - 1).astype(np.int8).T, b, "z_lo")
+        return np.add(np.left_shift(hi, _LO_BITS), lo)
+
+    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """sum_p f_p e_p as a (1, P) @ (P, n) int8 GEMM: shaped |f| <= 15 fits int8."""
+        if int(np.abs(fitness).max(initial=0)) > INT8_MAX:
+            return fitness.astype(np.int32) @ noise.astype(np.int32)
+        return self.matmul(fitness.astype(np.int8)[None, :], noise, "zv")[0]
 
 
 def make_gemm(name: str | None = None) -> Float32Gemm | Int8Gemm:

@@ -1,0 +1,100 @@
+"""Where an ES step's extra cost over inference goes on the cpu backend: seconds per kernel.
+
+Wraps every numba kernel of ``intes.kernels.cpu`` and the GEMM engine's product with a timer,
+runs the ES forward (all members' fitness), the update (``apply_fitness``) and inference on
+the same windows, best of ``--repeats``, and prints JSON: per-kernel seconds for the ES
+forward and for inference, their difference, and the update's and noise's seconds. With
+``--threads`` > 1 kernel seconds add up over threads; use ``--threads 1`` (the default) to
+read them against wall time.
+
+    python benchmarks/profile_cpu_ops.py [--model rwkv] [--dim 256] [--population 1024]
+                                         [--seq-len 64] [--threads 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+from intes.bench import bench_windows, machine_info, make_engine
+from intes.kernels import cpu
+from intes.kernels.cpu import CpuBackend
+
+KERNELS = ("_linear_plain", "_linear_rank1", "_linear_lowrank", "_embed_lowrank",
+           "_log_likelihood", "_norm", "_token_mix", "_sigmoid_gate", "_relu_sq", "_wkv_step",
+           "_sat_add2", "_sat_add3", "_gru_blend")
+
+
+def timed(seconds: defaultdict, name: str, fn):
+    def wrapper(*args):
+        start = time.perf_counter()
+        result = fn(*args)
+        seconds[name] += time.perf_counter() - start
+        return result
+    return wrapper
+
+
+def best(fn, seconds: defaultdict, repeats: int) -> tuple[float, dict]:
+    """(wall seconds, per-kernel seconds) of the fastest of ``repeats`` runs."""
+    result = None
+    for _ in range(repeats):
+        seconds.clear()
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+        if result is None or wall < result[0]:
+            result = (wall, dict(seconds))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="rwkv", choices=["rwkv", "egg"])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--population", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    seconds: defaultdict = defaultdict(float)
+    for name in KERNELS:
+        setattr(cpu, name, timed(seconds, name, getattr(cpu, name)))
+    backend = CpuBackend(args.threads)
+    backend.gemm.product = timed(seconds, "gemm", backend.gemm.product)
+    engine = make_engine(args.model, args.dim, args.layers, args.population, args.seq_len, 1,
+                         backend)
+    windows = bench_windows(engine)
+    engine.step(windows[:, :3])  # warm-up: compiles every kernel
+    engine.log_likelihood(windows[:, :3])
+    pairs, load_before = engine.config.es.pairs, os.getloadavg()[0]
+    raw = engine.population_fitness(windows)
+
+    es_wall, es_kernels = best(lambda: engine.population_fitness(windows), seconds, args.repeats)
+    inf_wall, inf_kernels = best(lambda: engine.log_likelihood(windows), seconds, args.repeats)
+    noise_wall, _ = best(lambda: engine.member_ops(0, pairs), seconds, args.repeats)
+    start_step = engine.step_index
+
+    def update() -> None:
+        engine.step_index = start_step  # the same step's update every time
+        engine.apply_fitness(raw)
+
+    update_wall, _ = best(update, seconds, args.repeats)
+    names = sorted(set(es_kernels) | set(inf_kernels), key=lambda k: -es_kernels.get(k, 0.0))
+    print(json.dumps({
+        "config": vars(args), "gemm": backend.gemm.description,
+        "machine": machine_info(load_before),
+        "es_forward_s": es_wall, "inference_s": inf_wall, "update_s": update_wall,
+        "noise_and_member_vectors_s": noise_wall,
+        "kernels_s": {k: {"es": es_kernels.get(k, 0.0), "inference": inf_kernels.get(k, 0.0),
+                          "extra": es_kernels.get(k, 0.0) - inf_kernels.get(k, 0.0)}
+                      for k in names},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
