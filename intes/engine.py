@@ -82,10 +82,23 @@ def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np
     """Summed int32 log2-likelihood (1/256 bit) of windows[:, 1:] given windows[:, :-1].
 
     The recurrent state of a row is reset where its input token is 0 (document separator).
+    On a backend with a ``token_block`` above 1 the model runs that many tokens at once
+    (``forward_block``); the bits are the same.
     """
     rows, length = windows.shape
     state = model.init_state(rows) if state is None else state
     total = np.zeros(rows, dtype=np.int32)
+    block = int(getattr(ops.backend, "token_block", 1))
+    if block > 1:
+        for t0 in range(0, length - 1, block):
+            t1 = min(t0 + block, length - 1)
+            tokens, targets = (np.ascontiguousarray(windows[:, t0 + s:t1 + s].T) for s in (0, 1))
+            resets = tokens == 0
+            logits, state = model.forward_block(ops, tokens, resets if resets.any() else None,
+                                                state)
+            ll = ops.backend.log_likelihood(logits, targets)
+            total += ll.sum(axis=0, dtype=np.int32)  # int32 wraps like the sum token by token
+        return total
     for t in range(length - 1):
         tokens = windows[:, t]
         boundary = tokens == 0
@@ -183,7 +196,7 @@ class Engine:
         cfg = self.config
         shaped = es.shape_fitness(raw, cfg.es.fitness)
         self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
-                              shaped, cfg.es, self.map)
+                              shaped, cfg.es, self.map, self.threads)
         self._prepared = None
         self.step_index += 1
         return shaped

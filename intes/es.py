@@ -97,11 +97,14 @@ def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]
 
 def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray], seed: int,
          step: int, fitness: np.ndarray, cfg: ESConfig,
-         map_fn: Callable[[Callable, Iterable], list] | None = None) -> dict[str, np.ndarray]:
+         map_fn: Callable[[Callable, Iterable], list] | None = None,
+         parts: int = 1) -> dict[str, np.ndarray]:
     """New weights from (seed, step, shaped fitness) alone: noise is regenerated, not stored.
 
     Tensors are independent, so ``map_fn`` (like ``map``, returning a list) may update them
-    concurrently; each regenerates its own noise.
+    concurrently, in ``parts`` groups of near-equal work (one task per thread: a task per
+    tensor would pay a thread handoff per tensor, most of them small); each regenerates its
+    own noise.
     """
     thr_matrix, thr_vector = thresholds(step, fitness, cfg)
     pairs = np.arange(len(fitness))
@@ -114,8 +117,22 @@ def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray]
             return backend.update_vector(params[s.name], noise, fitness, thr_vector)
         return backend.update_matrix(params[s.name], noise, fitness, thr_matrix)
 
-    mapped = (map_fn or _serial_map)(update, range(len(specs)))
-    return {s.name: w for s, w in zip(specs, mapped, strict=True)}
+    groups = balanced_groups([int(np.prod(s.shape)) for s in specs], parts)
+    done = (map_fn or _serial_map)(lambda ids: [(i, update(i)) for i in ids], groups)
+    new = dict(pair for group in done for pair in group)
+    return {s.name: new[i] for i, s in enumerate(specs)}
+
+
+def balanced_groups(sizes: list[int], parts: int) -> list[list[int]]:
+    """Indices of ``sizes`` in at most ``parts`` non-empty groups of near-equal total size
+    (largest first, each to the lightest group)."""
+    groups: list[list[int]] = [[] for _ in range(max(1, min(parts, len(sizes))))]
+    loads = [0] * len(groups)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(i)
+        loads[lightest] += sizes[i]
+    return [g for g in groups if g]
 
 
 def _serial_map(fn: Callable, items: Iterable) -> list:

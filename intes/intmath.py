@@ -174,6 +174,27 @@ def wkv_step(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray, dec
     return sat8(div_trunc(num, den)), num, den
 
 
+def token_shift(x: np.ndarray, first: np.ndarray, resets: np.ndarray | None) -> np.ndarray:
+    """Each token's previous token over a block of tokens x (T, N, d): first (N, d) before
+    x[0], then x[t - 1]; zero where resets (T, N) marks a row's state as cleared at t."""
+    prev = np.concatenate([first[None], x[:-1]], axis=0)
+    if resets is not None:
+        prev[resets] = 0
+    return prev
+
+
+def wkv_scan(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray,
+             decay: np.ndarray, resets: np.ndarray | None):
+    """wkv_step over a block of tokens k, v (T, N, d), states cleared where resets (T, N) is
+    set; returns (wkv (T, N, d), num, den) after the last token."""
+    out = np.empty(k.shape, dtype=np.int8)
+    for t in range(k.shape[0]):
+        if resets is not None:
+            num, den = np.where(resets[t][:, None], 0, num), np.where(resets[t][:, None], 0, den)
+        out[t], num, den = wkv_step(num, den, k[t], v[t], decay)
+    return out, num.astype(np.int32), den.astype(np.int32)
+
+
 def gru_blend(h: np.ndarray, f: np.ndarray, target: np.ndarray) -> np.ndarray:
     """h + (f + 127) / 256 * (target - h): a gated step from h toward target, stays in range."""
     h32 = h.astype(np.int32)
@@ -184,3 +205,11 @@ def gru_blend(h: np.ndarray, f: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0).astype(np.int8)
+
+
+def member_vectors(v: np.ndarray, noise: np.ndarray, sigma_shift: int) -> np.ndarray:
+    """Every member's copy of a vector parameter v (n,) under its pairs' int8 noise (P, n):
+    rows 2p, 2p+1 are sat8(v +- rshift_round(noise_p, sigma_shift))."""
+    delta = rshift_round(noise.astype(np.int32), sigma_shift)
+    both = np.stack([v + delta, v - delta], axis=1)
+    return sat8(both.reshape(-1, v.shape[0]))

@@ -27,6 +27,7 @@ from intes.kernels.base import LowRank
 from intes.kernels.cpu import CpuBackend, CpuElementwise, CpuNoise, keep_freed_memory
 from intes.kernels.gemm import EXACT_K, int8_gemm_unavailable, k_chunks, make_gemm
 from intes.kernels.reference import ReferenceBackend
+from intes.kernels.vnni import HAVE_VNNI, pair_dot, pair_dot_loop
 
 CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
@@ -78,6 +79,35 @@ def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
     same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma),
          REF.linear(x, REF.prepare(w), shift, noise, sigma))
+
+
+@given(seed=seeds, pairs=st.integers(1, 3), fan_in=st.integers(1, 300), out=st.integers(1, 30),
+       rank=ranks, step=st.integers(2, 3))
+def test_linear_of_a_strided_view(seed, pairs, fan_in, out, rank, step):
+    """Inputs need not be contiguous (the projection's vector loads want them so)."""
+    rng = np.random.default_rng(seed)
+    x = int8s(rng, (2 * pairs, fan_in * step))[:, ::step]
+    w = int8s(rng, (out, fan_in))
+    noise = lowrank(rng, pairs, out, fan_in, rank, "random", seed)
+    same(CPU.linear(x, CPU.prepare(w), 6, noise, 3), REF.linear(x, REF.prepare(w), 6, noise, 3))
+
+
+@given(seed=seeds, n=st.integers(0, 700), fill=fills, offset=st.integers(0, 63))
+def test_pair_dot_is_the_exact_dot_product(seed, n, fill, offset):
+    """Both rows' int32 dot products with one factor, VNNI blocks and scalar tail alike, at
+    any length and alignment, extremes included."""
+    rng = np.random.default_rng(seed)
+    x0, x1, b = (int8s(rng, offset + n, f)[offset:] for f in (fill, "random", fill))
+    want = (int(x0.astype(np.int64) @ b), int(x1.astype(np.int64) @ b))
+    assert pair_dot_loop(x0, x1, b) == want
+    assert pair_dot(x0, x1, b) == want
+
+
+def test_vnni_is_used_where_the_cpu_has_it():
+    from llvmlite import binding
+
+    assert HAVE_VNNI == bool(binding.get_host_cpu_features().get("avx512vnni", False))
+    assert (pair_dot is not pair_dot_loop) == HAVE_VNNI
 
 
 @given(seed=seeds, rows=st.integers(1, 70), fan_in=st.integers(1, 300), out=st.integers(1, 70),
@@ -225,6 +255,14 @@ def test_elementwise(seed, rows, dim, shared, fills):
     same(ew.relu(x), im.relu(x))
 
 
+@given(seed=seeds, pairs=st.integers(1, 9), dim=st.integers(1, 70), sigma=st.integers(0, 8),
+       fills=st.tuples(fills, fills))
+def test_member_vectors(seed, pairs, dim, sigma, fills):
+    rng = np.random.default_rng(seed)
+    v, noise = int8s(rng, dim, fills[0]), int8s(rng, (pairs, dim), fills[1], nz.NOISE_MAX)
+    same(CpuElementwise.member_vectors(v, noise, sigma), im.member_vectors(v, noise, sigma))
+
+
 @given(seed=seeds, rows=st.integers(1, 9), dim=st.integers(1, 40), shared=st.booleans(),
        fill=fills, steps=st.integers(1, 4), wide=st.booleans())
 def test_wkv_step(seed, rows, dim, shared, fill, steps, wide):
@@ -252,15 +290,18 @@ def test_wkv_step(seed, rows, dim, shared, fill, steps, wide):
        pairs=st.integers(1, 6), rank=ranks, sigma=st.integers(2, 6),
        fitness=st.sampled_from(["sign", "normalized"]), data=st.data())
 def test_es_steps_match_reference(seed, model, pairs, rank, sigma, fitness, data):
-    """Same fitness, inference scores and, after 2 steps, weights as the reference, for any
-    chunking and any number of threads evaluating the chunks concurrently."""
+    """Same fitness, inference scores and, after 2 steps, weights as the reference (which goes
+    token by token), for any chunking, any number of threads evaluating the chunks
+    concurrently and any token block, document resets (token 0) included."""
+    seq_len = data.draw(st.integers(1, 12), label="seq_len")
     cfg = TrainConfig(model=ModelConfig(kind=model, vocab_size=32, dim=16, layers=2),
                       es=ESConfig(population=2 * pairs, rank=rank, sigma_shift=sigma,
                                   fitness=fitness, alpha_steps=2),
-                      seq_len=5, seed=seed)
+                      seq_len=seq_len, seed=seed)
     threads = data.draw(st.integers(1, 3), label="threads")
     gemm = data.draw(st.sampled_from([b.gemm.name for b in GEMM_BACKENDS]), label="gemm")
-    cpu = Engine(cfg, backend=CpuBackend(threads, gemm))
+    block = data.draw(st.integers(1, 6), label="token_block")
+    cpu = Engine(cfg, backend=CpuBackend(threads, gemm, block))
     ref = Engine(cfg, backend="reference")
     rng = np.random.default_rng(seed)
     for _ in range(2):

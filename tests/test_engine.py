@@ -389,3 +389,29 @@ def test_split_covers_the_range_in_near_equal_spans(count, parts):
         assert spans[-1][1] == count
         sizes = [hi - lo for lo, hi in spans]
         assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+class BlockReference(ReferenceBackend):
+    """The reference backend, run a block of tokens at a time (its ops take (T, N, d))."""
+
+    def __init__(self, token_block: int):
+        self.token_block = token_block
+
+
+@ENGINE
+@given(cases(), st.integers(2, 7), st.data())
+def test_token_blocks_score_as_token_by_token(case, block, data):
+    """forward_block over blocks of any size gives every member's and every stream's score
+    (resets at token 0 included) and the same state as the model's token-by-token forward."""
+    e = case.engine()
+    blocked = Engine(case.config, BlockReference(block), params=e.params)
+    w = case.windows(0)
+    if data.draw(st.booleans()):
+        w[:, data.draw(st.integers(0, w.shape[1] - 1))] = 0
+    for ops, blocked_ops in ((e.member_ops(0, case.pairs), blocked.member_ops(0, case.pairs)),
+                             (e.inference_ops(), blocked.inference_ops())):
+        state, blocked_state = e.model.init_state(len(w)), e.model.init_state(len(w))
+        assert np.array_equal(score(e.model, blocked_ops, w, blocked_state),
+                              score(e.model, ops, w, state))
+        for name in state:
+            assert np.array_equal(blocked_state[name], state[name]), name

@@ -265,7 +265,8 @@ def test_tell_from_seeds_equals_update_from_stored_noise(seed, kind, pairs, rank
                   for k, v in params.items()}
     raw = data.draw(hnp.arrays(np.int32, 2 * pairs, elements=st.integers(-10**6, 10**6)))
     fitness = es.shape_fitness(raw, fkind)
-    new = es.tell(ReferenceBackend(), model.specs, params, seed, step, fitness, cfg)
+    parts = data.draw(st.integers(1, 5))  # tensors in groups: the same weights for any split
+    new = es.tell(ReferenceBackend(), model.specs, params, seed, step, fitness, cfg, None, parts)
     want = _explicit_tell(model.specs, params, seed, step, fitness, cfg)
     assert set(new) == set(params)
     for name, v in new.items():
@@ -299,3 +300,15 @@ def test_noise_variance_constant_used_by_thresholds():
     z = 1.8627318674216515  # inv_cdf(1 - 1/32)
     assert thr_v == int(np.floor(z * np.sqrt(64 * var)))
     assert thr_m == int(np.floor(z * np.sqrt(64 * cfg.rank) * var))
+
+
+@given(st.lists(st.integers(0, 10**6), max_size=40), st.integers(1, 8))
+def test_balanced_groups_partition_the_tensors(sizes, parts):
+    """Every index exactly once, at most ``parts`` non-empty groups, and no group heavier than
+    an even share plus the largest single size (the greedy bound)."""
+    groups = es.balanced_groups(sizes, parts)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert len(groups) <= parts and all(groups)
+    if sizes:
+        share = sum(sizes) / min(parts, len(sizes))
+        assert max(sum(sizes[i] for i in g) for g in groups) <= share + max(sizes)

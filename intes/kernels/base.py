@@ -1,7 +1,10 @@
 """The small interface every backend implements; the numpy reference defines its semantics.
 
 Rows of an activation matrix are population members ordered pair-major: rows 2p and 2p+1 are
-the antithetic members of pair p (+noise and -noise). A ``LowRank`` holds one pair's factors
+the antithetic members of pair p (+noise and -noise). An activation may also be a block of
+tokens, (T, N, d): every op treats it as T stacked copies of the member rows, each member's
+noise the same in every copy (what a model's ``forward_block`` passes, on backends with a
+``token_block`` above 1). A ``LowRank`` holds one pair's factors
 per row pair, so one perturbed linear layer is ONE shared base product over all rows plus a
 rank-r correction per row: ((x_m @ B_p) >> 4) @ A_p^T >> sigma_shift, negated for odd rows.
 """
@@ -27,8 +30,12 @@ class Backend(Protocol):
 
     Two optional attributes let a backend bring faster versions of shared code, same bits:
     ``ew``, the elementwise ops of ``intes.intmath`` (norm, token_mix, gate, lut, wkv_step,
-    sat_add, gru_blend, relu), and ``noise_source``, the factor generators of ``intes.noise``
-    (lowrank_factors, vector_noise). Without them the numpy versions are used.
+    sat_add, gru_blend, relu, member_vectors, token_shift, wkv_scan), and ``noise_source``, the
+    factor generators of ``intes.noise`` (lowrank_factors, vector_noise). Without them the numpy
+    versions are used.
+
+    ``token_block`` (default 1) is how many tokens a forward passes at once, as (T, N, d)
+    blocks: a backend that sets it above 1 takes such blocks in every op.
     """
 
     name: str

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from intes import intmath
 from intes import noise as nz
 from intes.errors import ConfigError
 from intes.intmath import (
@@ -53,10 +54,12 @@ from intes.intmath import (
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import Float32Gemm, Int8Gemm, make_gemm
+from intes.kernels.vnni import pair_dot
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+TOKEN_BLOCK = 4  # tokens per forward call (see CpuBackend); 4 measured fastest of 1, 2, 4, 8
 
 
 def keep_freed_memory() -> bool:
@@ -84,6 +87,14 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def default_token_block() -> int:
+    """INTES_CPU_TOKEN_BLOCK, else ``TOKEN_BLOCK``."""
+    value = os.environ.get("INTES_CPU_TOKEN_BLOCK", str(TOKEN_BLOCK))
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"INTES_CPU_TOKEN_BLOCK must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def default_threads() -> int:
@@ -147,8 +158,9 @@ def _div_trunc(num, den):
 
 @njit(inline="always", cache=True)
 def _row(m, rows):
-    """Row of a per-member parameter: shared (1, d) vectors broadcast over all members."""
-    return np.int64(m) if rows > 1 else np.int64(0)
+    """Row of a per-member parameter for activation row m: shared (1, d) vectors broadcast
+    over all rows, (N, d) ones over the stacked copies of the N members in a token block."""
+    return np.int64(m) % np.int64(rows)
 
 
 @njit(inline="always", cache=True)
@@ -163,12 +175,15 @@ def _rounding(shift: int) -> tuple[np.int32, np.int32]:
 
 
 # ---------------------------------------------------------------------------------------------
-# linear layer epilogue: exact base (N, out) -> int8 (N, out)
+# linear layer epilogue: exact base (rows, out) -> int8 (rows, out)
 #
 # ``acc`` is the base product as int32 or as float32 holding exact integers (one float32
-# K-chunk, see intes.kernels.gemm); I32() converts either exactly. Noise factors are used
+# K-chunk, see intes.kernels.gemm); I32() converts either exactly. Rows are the N = 2P members,
+# or T stacked copies of them (a token block: row t N + m is member m). Noise factors are used
 # factor-major, at (P, r, out) and bt (P, r, in), so inner loops are unit stride and
-# vectorize; ``CpuNoise`` generates them in that layout (see ``_factors``).
+# vectorize; ``CpuNoise`` generates them in that layout (see ``_factors``). The ES kernels go
+# row by row (streaming the large acc buffer in order); one layer's factors for a slice of the
+# population, P (in + out) bytes, stay in L2 across the copies of a token block.
 
 
 @kernel
@@ -180,21 +195,18 @@ def _linear_plain(acc, half, shift, out):
 
 
 @njit(inline="always", cache=True)
-def _project(x, p, bt, xb):
-    """xb[s, r] = (x_{2p+s} . B_p[:, r]) >> 4 for both members of pair p, in int32 like the
-    reference's einsum; B_p is read once for the pair."""
+def _project(x, m0, p, bt, xb):
+    """xb[s, r] = (x_{m0+s} . B_p[:, r]) >> 4 for both members (rows m0, m0 + 1) of pair p,
+    in int32 like the reference's einsum; B_p is read once for the pair."""
     for r in range(bt.shape[1]):
-        xb[0, r], xb[1, r] = _project1(x, p, bt, r)
+        xb[0, r], xb[1, r] = _project1(x, m0, p, bt, r)
 
 
 @njit(inline="always", cache=True)
-def _project1(x, p, bt, r):
-    """(x_{2p} . B_p[:, r]) >> 4 and (x_{2p+1} . B_p[:, r]) >> 4."""
-    d0, d1 = I32(0), I32(0)
-    for i in range(bt.shape[2]):
-        b = I32(bt[p, r, i])
-        d0 = np.add(d0, np.multiply(I32(x[2 * p, i]), b))
-        d1 = np.add(d1, np.multiply(I32(x[2 * p + 1, i]), b))
+def _project1(x, m0, p, bt, r):
+    """(x_{m0} . B_p[:, r]) >> 4 and (x_{m0+1} . B_p[:, r]) >> 4 (``pair_dot``: VNNI where
+    the CPU has it)."""
+    d0, d1 = pair_dot(x[m0], x[m0 + 1], bt[p, r])
     return np.right_shift(d0, _FRAC), np.right_shift(d1, _FRAC)
 
 
@@ -202,19 +214,21 @@ def _project1(x, p, bt, r):
 def _linear_rank1(acc, x, at, bt, sigma_shift, half, shift, out):
     """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, fused.
 
-    Pair by pair, so B_p is read once for both antithetic rows and A_p stays in L1 between
-    them; scalars only, no per-pair buffer. The extra work over inference is 2 (in + out)
+    Scalars only, no per-pair buffer. The extra work over inference is 2 (in + out)
     multiply-adds per pair of rows.
     """
-    for p in range(at.shape[0]):
-        m0, m1 = 2 * p, 2 * p + 1
-        xb0, xb1 = _project1(x, p, bt, 0)
-        for o in range(at.shape[2]):
-            c = np.right_shift(np.multiply(xb0, I32(at[p, 0, o])), sigma_shift)
-            out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
-        for o in range(at.shape[2]):
-            c = np.right_shift(np.multiply(xb1, I32(at[p, 0, o])), sigma_shift)
-            out[m1, o] = _rescale(np.subtract(I32(acc[m1, o]), c), half, shift)
+    members = 2 * at.shape[0]
+    for t in range(out.shape[0] // members):
+        for p in range(at.shape[0]):
+            m0 = t * members + 2 * p
+            m1 = m0 + 1
+            xb0, xb1 = _project1(x, m0, p, bt, 0)
+            for o in range(at.shape[2]):
+                c = np.right_shift(np.multiply(xb0, I32(at[p, 0, o])), sigma_shift)
+                out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
+            for o in range(at.shape[2]):
+                c = np.right_shift(np.multiply(xb1, I32(at[p, 0, o])), sigma_shift)
+                out[m1, o] = _rescale(np.subtract(I32(acc[m1, o]), c), half, shift)
 
 
 @kernel
@@ -223,22 +237,46 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
     pairs, rank, width = at.shape
     xb = np.empty((2, rank), dtype=np.int32)
     corr = np.empty(width, dtype=np.int32)
-    for p in range(pairs):
-        _project(x, p, bt, xb)
-        for s in range(2):
-            m = 2 * p + s
-            corr[:] = 0
-            for r in range(rank):
+    for t in range(out.shape[0] // (2 * pairs)):
+        for p in range(pairs):
+            m0 = t * 2 * pairs + 2 * p
+            _project(x, m0, p, bt, xb)
+            for s in range(2):
+                m = m0 + s
+                corr[:] = 0
+                for r in range(rank):
+                    for o in range(width):
+                        corr[o] = np.add(corr[o], np.multiply(xb[s, r], I32(at[p, r, o])))
                 for o in range(width):
-                    corr[o] = np.add(corr[o], np.multiply(xb[s, r], I32(at[p, r, o])))
-            for o in range(width):
-                c = np.right_shift(corr[o], sigma_shift)
-                v = np.add(I32(acc[m, o]), c) if s == 0 else np.subtract(I32(acc[m, o]), c)
-                out[m, o] = _rescale(v, half, shift)
+                    c = np.right_shift(corr[o], sigma_shift)
+                    v = np.add(I32(acc[m, o]), c) if s == 0 else np.subtract(I32(acc[m, o]), c)
+                    out[m, o] = _rescale(v, half, shift)
 
 
 # ---------------------------------------------------------------------------------------------
-# embedding, log-likelihood, update
+# embedding, log-likelihood, update (rows as in the linear layers: members, or stacked copies)
+
+
+@kernel
+def _embed_plain(table, tokens, out):
+    """Inference embedding: the rows of the table, saturated to [-127, 127]."""
+    for m in range(out.shape[0]):
+        tok = tokens[m]
+        for j in range(out.shape[1]):
+            out[m, j] = _sat8(I32(table[tok, j]))
+
+
+@kernel
+def _embed_rank1(table, tokens, at, bt, shift, out):
+    """_embed_lowrank at rank 1, one pass per row: table[tok] +- ((A_p[tok] B_p) >> shift)."""
+    members = 2 * at.shape[0]
+    for m in range(out.shape[0]):
+        p, tok = (m % members) // 2, tokens[m]
+        ar = I32(at[p, 0, tok])
+        for j in range(out.shape[1]):
+            c = np.right_shift(np.multiply(ar, I32(bt[p, 0, j])), shift)
+            row = I32(table[tok, j])
+            out[m, j] = _sat8(np.add(row, c) if m % 2 == 0 else np.subtract(row, c))
 
 
 @kernel
@@ -246,8 +284,8 @@ def _embed_lowrank(table, tokens, at, bt, shift, out):
     """table[tok] + (A_p[tok] B_p^T >> shift), negated for odd rows, saturated."""
     pairs, rank, dim = bt.shape
     corr = np.empty(dim, dtype=np.int32)
-    for m in range(2 * pairs):
-        p, tok = m // 2, tokens[m]
+    for m in range(out.shape[0]):
+        p, tok = (m % (2 * pairs)) // 2, tokens[m]
         corr[:] = 0
         for r in range(rank):
             ar = I32(at[p, r, tok])
@@ -466,6 +504,30 @@ def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
 
 
 @kernel
+def _wkv_scan(num, den, k, v, decay, resets, wkv, num_out, den_out):
+    """_wkv_step over a token block k, v (T, N, d), row by row so a row's states stay in L1
+    across its T tokens; a row's states are cleared before token t where resets[t, m] (a
+    (1, 1) array of False stands for no resets)."""
+    tokens, rows, dim = k.shape
+    for m in range(rows):
+        dr = _row(m, decay.shape[0])
+        for j in range(dim):
+            num_out[m, j], den_out[m, j] = num[m, j], den[m, j]
+        for t in range(tokens):
+            if resets.shape[0] > 1 or resets[0, 0]:
+                if resets[t, m]:
+                    for j in range(dim):
+                        num_out[m, j], den_out[m, j] = 0, 0
+            for j in range(dim):
+                w = np.add(I32(decay[dr, j]), _W0)
+                e = np.left_shift(WKV_EXP_TABLE[np.int64(k[t, m, j]) + INT8_MAX], _WKV_FRAC)
+                n32 = np.add(_decay(num_out[m, j], w), np.multiply(e, I32(v[t, m, j])))
+                d32 = np.add(_decay(den_out[m, j], w), e)
+                num_out[m, j], den_out[m, j] = n32, d32
+                wkv[t, m, j] = _sat8(_div_trunc(n32, d32))
+
+
+@kernel
 def _sat_add2(a, b, out):
     for m in range(out.shape[0]):
         ar, br = _row(m, a.shape[0]), _row(m, b.shape[0])
@@ -490,72 +552,104 @@ def _gru_blend(h, f, target, out):
             out[m, j] = np.int8(np.add(h32, np.right_shift(gap, _S8)))  # wraps like astype
 
 
+@kernel
+def _member_vectors(v, noise, half, shift, out):
+    """intmath.member_vectors: rows 2p, 2p+1 = sat8(v +- rshift_round(noise_p, shift))."""
+    for p in range(noise.shape[0]):  # a loop per row: with both rows' stores in one loop
+        for j in range(v.shape[0]):   # LLVM does not vectorize it (measured 10x slower)
+            delta = np.right_shift(np.add(I32(noise[p, j]), half), shift)
+            out[2 * p, j] = _sat8(np.add(I32(v[j]), delta))
+        for j in range(v.shape[0]):
+            delta = np.right_shift(np.add(I32(noise[p, j]), half), shift)
+            out[2 * p + 1, j] = _sat8(np.subtract(I32(v[j]), delta))
+
+
 def _rows2d(v: np.ndarray) -> np.ndarray:
-    """A parameter vector (d,) as one shared row (1, d); (rows, d) arrays unchanged."""
-    return v.reshape(1, -1) if v.ndim == 1 else v
+    """Any (..., d) array as 2-D rows (a view where it can be): a parameter vector (d,) as one
+    shared row (1, d), a token block (T, N, d) as its T N stacked rows."""
+    return v.reshape(-1, v.shape[-1])
 
 
-def _like(x: np.ndarray, dtype=np.int8) -> np.ndarray:
-    return np.empty(x.shape, dtype=dtype)
+def _like(x: np.ndarray, dtype=np.int8) -> tuple[np.ndarray, np.ndarray]:
+    """A new array shaped like x, and its 2-D rows view for a kernel to write."""
+    out = np.empty(x.shape, dtype=dtype)
+    return out, _rows2d(out)
 
 
-def _broadcast_rows(*arrays: np.ndarray) -> int:
-    return max(a.shape[0] for a in arrays)
+_NO_RESETS = np.zeros((1, 1), dtype=np.bool_)
 
 
 class CpuElementwise:
-    """intmath's model ops on 2-D (rows, d) activations, one fused pass each.
+    """intmath's model ops, one fused pass each, on (rows, d) activations or (T, rows, d)
+    token blocks (kernels see T rows-stacked copies: see ``_row``).
 
     Parameter vectors may be (d,), one shared row (1, d) or one row per member (rows, d).
     """
 
     @staticmethod
     def norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        out = _like(x)
-        _norm(x, _rows2d(weight), out)
+        out, rows = _like(x)
+        _norm(_rows2d(x), _rows2d(weight), rows)
         return out
 
     @staticmethod
     def token_mix(x: np.ndarray, prev: np.ndarray, mu: np.ndarray) -> np.ndarray:
-        out = _like(x)
-        _token_mix(x, prev, _rows2d(mu), out)
+        out, rows = _like(x)
+        _token_mix(_rows2d(x), _rows2d(prev), _rows2d(mu), rows)
         return out
 
     @staticmethod
     def sigmoid_gate(r: np.ndarray, v: np.ndarray) -> np.ndarray:
-        out = _like(v)
-        _sigmoid_gate(r, v, out)
+        out, rows = _like(v)
+        _sigmoid_gate(_rows2d(r), _rows2d(v), rows)
         return out
 
     @staticmethod
     def relu_sq(x: np.ndarray) -> np.ndarray:
-        out = _like(x)
-        _relu_sq(x, out)
+        out, rows = _like(x)
+        _relu_sq(_rows2d(x), rows)
         return out
 
     @staticmethod
     def wkv_step(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray,
                  decay: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        wkv, num_out, den_out = _like(k), _like(num, np.int32), _like(den, np.int32)
+        wkv, num_out, den_out = _like(k)[0], _like(num, np.int32)[0], _like(den, np.int32)[0]
         _wkv_step(num, den, k, v, _rows2d(decay), wkv, num_out, den_out)
         return wkv, num_out, den_out
 
     @staticmethod
+    def wkv_scan(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray,
+                 decay: np.ndarray, resets: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        wkv, num_out, den_out = _like(k)[0], _like(num, np.int32)[0], _like(den, np.int32)[0]
+        _wkv_scan(num, den, k, v, _rows2d(decay), _NO_RESETS if resets is None else resets,
+                  wkv, num_out, den_out)
+        return wkv, num_out, den_out
+
+    token_shift = staticmethod(intmath.token_shift)  # a copy: numpy's is one pass already
+
+    @staticmethod
     def sat_add(*terms: np.ndarray) -> np.ndarray:
         rows = [_rows2d(t) for t in terms]
-        out = np.empty((_broadcast_rows(*rows), rows[0].shape[1]), dtype=np.int8)
+        out, out_rows = _like(max(terms, key=lambda t: t.size))
         if len(rows) == 2:
-            _sat_add2(rows[0], rows[1], out)
+            _sat_add2(rows[0], rows[1], out_rows)
         elif len(rows) == 3:
-            _sat_add3(rows[0], rows[1], rows[2], out)
+            _sat_add3(rows[0], rows[1], rows[2], out_rows)
         else:
             raise ValueError(f"sat_add takes 2 or 3 terms, got {len(rows)}")
         return out
 
     @staticmethod
     def gru_blend(h: np.ndarray, f: np.ndarray, target: np.ndarray) -> np.ndarray:
-        out = _like(h)
-        _gru_blend(h, f, target, out)
+        out, rows = _like(h)
+        _gru_blend(_rows2d(h), _rows2d(f), _rows2d(target), rows)
+        return out
+
+    @staticmethod
+    def member_vectors(v: np.ndarray, noise: np.ndarray, sigma_shift: int) -> np.ndarray:
+        out = np.empty((2 * noise.shape[0], v.shape[0]), dtype=np.int8)
+        _member_vectors(v, noise, *_rounding(sigma_shift), out)
         return out
 
     @staticmethod
@@ -567,16 +661,25 @@ class CpuElementwise:
 
 
 class CpuBackend:
-    """numba/BLAS backend; ``ew`` and ``noise_source`` are its elementwise ops and generator."""
+    """numba/BLAS backend; ``ew`` and ``noise_source`` are its elementwise ops and generator.
+
+    ``token_block``: tokens per forward call (see ``intes.kernels.base``): each linear layer's
+    weights and each pair's factors are then read once per block instead of once per token,
+    and every product is a T-times-taller GEMM.
+    """
 
     name = "cpu"
     ew = CpuElementwise
     noise_source = CpuNoise
 
-    def __init__(self, threads: int | None = None, gemm: str | None = None) -> None:
+    def __init__(self, threads: int | None = None, gemm: str | None = None,
+                 token_block: int | None = None) -> None:
         self.threads = threads or default_threads()  # population slices run concurrently
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        self.token_block = token_block or default_token_block()
+        if self.token_block < 1:
+            raise ConfigError(f"token block must be >= 1, got {self.token_block}")
         self.gemm: Int8Gemm | Float32Gemm = make_gemm(gemm)
         keep_freed_memory()
 
@@ -584,11 +687,12 @@ class CpuBackend:
         return CpuWeight(w, self.gemm.prepare(w))
 
     def base_product(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
-        """(N, out) exact X @ W^T: int32, or float32 holding exact integers."""
+        """(rows, out) exact X @ W^T: int32, or float32 holding exact integers."""
         return self.gemm.product(x, w.wt)
 
     def linear(self, x, w, shift, noise, sigma_shift):
-        acc = self.base_product(x, w)
+        rows = _rows2d(x)
+        acc = self.base_product(rows, w)
         out = np.empty(acc.shape, dtype=np.int8)
         half, shift = _rounding(shift)
         if noise is None:
@@ -596,20 +700,24 @@ class CpuBackend:
         else:
             at, bt = _factors(noise)
             kernel = _linear_rank1 if at.shape[1] == 1 else _linear_lowrank
-            kernel(acc, x, at, bt, I32(sigma_shift), half, shift, out)
-        return out
+            kernel(acc, np.ascontiguousarray(rows), at, bt, I32(sigma_shift), half, shift, out)
+        return out.reshape(*x.shape[:-1], out.shape[1])
 
     def embed(self, table, tokens, noise, sigma_shift):
+        out = np.empty((*tokens.shape, table.shape[1]), dtype=np.int8)
+        flat, rows = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1), _rows2d(out)
         if noise is None:
-            return np.clip(table[tokens], -INT8_MAX, INT8_MAX)
-        out = np.empty((len(tokens), table.shape[1]), dtype=np.int8)
-        _embed_lowrank(table, np.ascontiguousarray(tokens, dtype=np.int64),
-                       *_factors(noise), I32(FRAC_BITS + sigma_shift), out)
+            _embed_plain(table, flat, rows)
+        else:
+            at, bt = _factors(noise)
+            kernel = _embed_rank1 if at.shape[1] == 1 else _embed_lowrank
+            kernel(table, flat, at, bt, I32(FRAC_BITS + sigma_shift), rows)
         return out
 
     def log_likelihood(self, logits, targets):
-        out = np.empty(logits.shape[0], dtype=np.int32)
-        _log_likelihood(logits, np.ascontiguousarray(targets, dtype=np.int64), out)
+        out = np.empty(targets.shape, dtype=np.int32)
+        _log_likelihood(_rows2d(logits), np.ascontiguousarray(targets, dtype=np.int64).reshape(-1),
+                        out.reshape(-1))
         return out
 
     def update_matrix(self, w, noise, fitness, threshold):

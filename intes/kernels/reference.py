@@ -25,13 +25,14 @@ def linear_bound(fan_in: int, rank: int, sigma_shift: int) -> int:
 
 
 def lowrank_correction(x: np.ndarray, noise: LowRank, sigma_shift: int) -> np.ndarray:
-    """int32 (N, out): each member's ((x_m B_p) >> 4) A_p^T >> sigma_shift, sign by parity."""
+    """int32 (..., N, out): each member's ((x_m B_p) >> 4) A_p^T >> sigma_shift, sign by parity,
+    for x (..., N, in): members, or blocks of all members (``Backend``)."""
     pairs, cols, rank = noise.b.shape
-    xp = x.reshape(pairs, 2, cols).astype(np.int32)
-    xb = np.einsum("pmi,pir->pmr", xp, noise.b.astype(np.int32)) >> FRAC_BITS
-    corr = np.einsum("pmr,por->pmo", xb, noise.a.astype(np.int32)) >> sigma_shift
-    corr[:, 1, :] *= -1
-    return corr.reshape(pairs * 2, -1)
+    xp = x.reshape(-1, pairs, 2, cols).astype(np.int32)
+    xb = np.einsum("tpmi,pir->tpmr", xp, noise.b.astype(np.int32)) >> FRAC_BITS
+    corr = np.einsum("tpmr,por->tpmo", xb, noise.a.astype(np.int32)) >> sigma_shift
+    corr[:, :, 1, :] *= -1
+    return corr.reshape(*x.shape[:-1], -1)
 
 
 def lowrank_sum(noise: LowRank, fitness: np.ndarray) -> np.ndarray:
@@ -65,16 +66,17 @@ class ReferenceBackend:
         rows = table[tokens].astype(np.int32)
         if noise is not None:
             pairs, _, rank = noise.a.shape
-            tok = tokens.reshape(pairs, 2)
-            a_rows = noise.a[np.arange(pairs)[:, None], tok]  # (P, 2, r)
-            corr = np.einsum("pmr,pdr->pmd", a_rows.astype(np.int32),
+            tok = tokens.reshape(-1, pairs, 2)
+            a_rows = noise.a[np.arange(pairs)[None, :, None], tok]  # (T, P, 2, r)
+            corr = np.einsum("tpmr,pdr->tpmd", a_rows.astype(np.int32),
                              noise.b.astype(np.int32)) >> (FRAC_BITS + sigma_shift)
-            corr[:, 1, :] *= -1
-            rows += corr.reshape(pairs * 2, -1)
+            corr[:, :, 1, :] *= -1
+            rows += corr.reshape(rows.shape)
         return sat8(rows)
 
     def log_likelihood(self, logits, targets):
-        return log_likelihood(logits, targets)
+        flat = log_likelihood(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return flat.reshape(targets.shape)
 
     def update_matrix(self, w, noise, fitness, threshold):
         return step_by_sign(w, lowrank_sum(noise, fitness), threshold)

@@ -14,7 +14,7 @@ import numpy as np
 
 from intes import intmath
 from intes import noise as nz
-from intes.intmath import fan_in_shift, rshift_round, sat8
+from intes.intmath import fan_in_shift
 from intes.kernels.base import Backend, LowRank
 
 Kind = Literal["matrix", "embedding", "vector"]
@@ -93,6 +93,7 @@ class Ops:
         self.shifts = {s.name: s.shift for s in specs}
         self.prepared = prepared if prepared is not None else prepare(backend, specs, params)
         self.vectors = {}
+        members = getattr(self.ew, "member_vectors", intmath.member_vectors)
         for s in specs:
             if s.kind != "vector":
                 continue
@@ -101,9 +102,7 @@ class Ops:
             if e is None:
                 self.vectors[s.name] = v[None, :]
             else:
-                delta = rshift_round(e.astype(np.int32), sigma_shift)  # (P, n)
-                both = np.stack([v + delta, v - delta], axis=1)  # rows 2p, 2p+1
-                self.vectors[s.name] = sat8(both.reshape(-1, v.shape[0]))
+                self.vectors[s.name] = members(v, e, sigma_shift)
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         return self.backend.linear(x, self.prepared[name], self.shifts[name],

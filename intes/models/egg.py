@@ -3,6 +3,9 @@
 Per layer and token: integer layer norm -> GRU-like cell whose gate and candidate are plain
 saturating sums of int8 products (saturation is the nonlinearity, as in the paper) ->
 clipped residual -> norm -> ReLU MLP (4x) -> clipped residual. State: one int8 vector per layer.
+
+``forward_block`` is the same function over a block of T tokens: the input projections and
+the MLP run once over T x N rows; only the recurrent products (uf, uh) go token by token.
 """
 
 from __future__ import annotations
@@ -48,6 +51,30 @@ class EGG(IntLM):
             h = ew.gru_blend(h, f, cand)
             state[f"{i}.h"] = h
             x = ew.sat_add(x, h)
+            xn = ew.norm(x, ops.vec(p + "ln2"))
+            x = ew.sat_add(x, ops.linear(p + "mlp.w2", ew.relu(ops.linear(p + "mlp.w1", xn))))
+        return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
+
+    def forward_block(self, ops: Ops, tokens: np.ndarray, resets: np.ndarray | None,
+                      state: dict) -> tuple[np.ndarray, dict]:
+        """Logits (T, rows, vocab) for tokens (T, rows), as ``forward`` token by token gives
+        them, a row's state cleared before token t where resets[t] is set."""
+        ew = ops.ew
+        x = ops.embed("emb", tokens)
+        for i in range(self.layers):
+            p, h = f"blocks.{i}.", state[f"{i}.h"]
+            xn = ew.norm(x, ops.vec(p + "ln1"))
+            fx, hx = ops.linear(p + "gru.wf", xn), ops.linear(p + "gru.wh", xn)
+            hs = np.empty_like(x)
+            for t in range(len(tokens)):
+                if resets is not None and resets[t].any():
+                    h = np.where(resets[t][:, None], np.int8(0), h)
+                f = ew.sat_add(fx[t], ops.linear(p + "gru.uf", h), ops.vec(p + "gru.bf"))
+                gated = ew.gru_blend(np.zeros_like(h), f, h)
+                cand = ew.sat_add(hx[t], ops.linear(p + "gru.uh", gated), ops.vec(p + "gru.bh"))
+                h = hs[t] = ew.gru_blend(h, f, cand)
+            state[f"{i}.h"] = h
+            x = ew.sat_add(x, hs)
             xn = ew.norm(x, ops.vec(p + "ln2"))
             x = ew.sat_add(x, ops.linear(p + "mlp.w2", ew.relu(ops.linear(p + "mlp.w1", xn))))
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state

@@ -5,6 +5,10 @@ Per layer and token: x (int8) -> norm -> learned per-channel token shift -> k, v
 sigmoid(r) -> output projection -> saturating residual; then channel mixing: token shift ->
 relu(k)^2 -> value projection gated by sigmoid(r) -> saturating residual.
 State per layer: the previous token's normed input for each mixer (int8) and num/den (int32).
+
+``forward_block`` is the same function over a block of T tokens at once, layer by layer: only
+the WKV recurrence runs token by token, so every linear layer is one product over T x N rows
+(its weights and each member's noise factors read once per block, not once per token).
 """
 
 from __future__ import annotations
@@ -69,5 +73,32 @@ class RWKV(IntLM):
             r = ops.linear(p + "ffn.wr", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
             state[s + "ffn_prev"] = xn
             ffn = ew.sigmoid_gate(r, ops.linear(p + "ffn.wv", kk))
+            x = ew.sat_add(x, ffn)
+        return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
+
+    def forward_block(self, ops: Ops, tokens: np.ndarray, resets: np.ndarray | None,
+                      state: dict) -> tuple[np.ndarray, dict]:
+        """Logits (T, rows, vocab) for tokens (T, rows), as ``forward`` token by token gives
+        them, a row's state cleared before token t where resets[t] is set."""
+        ew = ops.ew
+        x = ops.embed("emb", tokens)
+        for i in range(self.layers):
+            p, s = f"blocks.{i}.", f"{i}."
+            xn = ew.norm(x, ops.vec(p + "ln1"))
+            prev = ew.token_shift(xn, state[s + "att_prev"], resets)
+            k = ops.linear(p + "att.wk", ew.token_mix(xn, prev, ops.vec(p + "att.mix_k")))
+            v = ops.linear(p + "att.wv", ew.token_mix(xn, prev, ops.vec(p + "att.mix_v")))
+            r = ops.linear(p + "att.wr", ew.token_mix(xn, prev, ops.vec(p + "att.mix_r")))
+            wkv, state[s + "num"], state[s + "den"] = ew.wkv_scan(
+                state[s + "num"], state[s + "den"], k, v, ops.vec(p + "att.decay"), resets)
+            state[s + "att_prev"] = xn[-1].copy()
+            x = ew.sat_add(x, ops.linear(p + "att.wo", ew.sigmoid_gate(r, wkv)))
+
+            xn = ew.norm(x, ops.vec(p + "ln2"))
+            prev = ew.token_shift(xn, state[s + "ffn_prev"], resets)
+            k = ops.linear(p + "ffn.wk", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")))
+            r = ops.linear(p + "ffn.wr", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
+            state[s + "ffn_prev"] = xn[-1].copy()
+            ffn = ew.sigmoid_gate(r, ops.linear(p + "ffn.wv", ew.relu_sq(k)))
             x = ew.sat_add(x, ffn)
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
