@@ -88,7 +88,8 @@ def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np
     rows, length = windows.shape
     state = model.init_state(rows) if state is None else state
     total = np.zeros(rows, dtype=np.int32)
-    block = int(getattr(ops.backend, "token_block", 1))
+    token_block = getattr(ops.backend, "token_block", None)
+    block = token_block(rows) if token_block else 1
     if block > 1:
         for t0 in range(0, length - 1, block):
             t1 = min(t0 + block, length - 1)

@@ -24,7 +24,14 @@ from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
 from intes.kernels import available, get_backend
 from intes.kernels.base import LowRank
-from intes.kernels.cpu import CpuBackend, CpuElementwise, CpuNoise, keep_freed_memory
+from intes.kernels.cpu import (
+    BLOCK_ROWS,
+    TOKEN_BLOCK,
+    CpuBackend,
+    CpuElementwise,
+    CpuNoise,
+    keep_freed_memory,
+)
 from intes.kernels.gemm import EXACT_K, int8_gemm_unavailable, k_chunks, make_gemm
 from intes.kernels.reference import ReferenceBackend
 from intes.kernels.vnni import HAVE_VNNI, pair_dot, pair_dot_loop
@@ -328,6 +335,20 @@ def test_bad_thread_count_is_a_config_error(monkeypatch, value):
     monkeypatch.setenv("INTES_CPU_THREADS", value)
     with pytest.raises(ConfigError, match="INTES_CPU_THREADS"):
         CpuBackend()
+
+
+def test_token_block_rule_and_overrides(monkeypatch):
+    """By default small slices run blocks of TOKEN_BLOCK tokens and large ones token by
+    token; the environment and the constructor fix it; a bad value is a config error."""
+    monkeypatch.delenv("INTES_CPU_TOKEN_BLOCK", raising=False)
+    auto = CpuBackend(1)
+    assert auto.token_block(BLOCK_ROWS) == TOKEN_BLOCK and auto.token_block(BLOCK_ROWS + 2) == 1
+    assert CpuBackend(1, token_block=3).token_block(10**6) == 3
+    monkeypatch.setenv("INTES_CPU_TOKEN_BLOCK", "6")
+    assert CpuBackend(1).token_block(2) == 6
+    monkeypatch.setenv("INTES_CPU_TOKEN_BLOCK", "0")
+    with pytest.raises(ConfigError, match="INTES_CPU_TOKEN_BLOCK"):
+        CpuBackend(1)
 
 
 def test_int8_gemm_is_the_default_where_torch_runs_it(monkeypatch):

@@ -394,8 +394,11 @@ def test_split_covers_the_range_in_near_equal_spans(count, parts):
 class BlockReference(ReferenceBackend):
     """The reference backend, run a block of tokens at a time (its ops take (T, N, d))."""
 
-    def __init__(self, token_block: int):
-        self.token_block = token_block
+    def __init__(self, block: int):
+        self.block = block
+
+    def token_block(self, rows: int) -> int:
+        return self.block
 
 
 @ENGINE

@@ -3,10 +3,10 @@
 Rows of an activation matrix are population members ordered pair-major: rows 2p and 2p+1 are
 the antithetic members of pair p (+noise and -noise). An activation may also be a block of
 tokens, (T, N, d): every op treats it as T stacked copies of the member rows, each member's
-noise the same in every copy (what a model's ``forward_block`` passes, on backends with a
-``token_block`` above 1). A ``LowRank`` holds one pair's factors
-per row pair, so one perturbed linear layer is ONE shared base product over all rows plus a
-rank-r correction per row: ((x_m @ B_p) >> 4) @ A_p^T >> sigma_shift, negated for odd rows.
+noise the same in every copy (what a model's ``forward_block`` passes, on backends whose
+``token_block`` is above 1). A ``LowRank`` holds one pair's factors per row pair, so one
+perturbed linear layer is ONE shared base product over all rows plus a rank-r correction per
+row: ((x_m @ B_p) >> 4) @ A_p^T >> sigma_shift, negated for odd rows.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class Backend(Protocol):
     factor generators of ``intes.noise`` (lowrank_factors, vector_noise). Without them the numpy
     versions are used.
 
-    ``token_block`` (default 1) is how many tokens a forward passes at once, as (T, N, d)
-    blocks: a backend that sets it above 1 takes such blocks in every op.
+    ``token_block(rows)`` (default 1) is how many tokens a forward over that many member
+    rows passes at once, as (T, rows, d) blocks: a backend that answers above 1 takes such
+    blocks in every op.
     """
 
     name: str

@@ -59,7 +59,11 @@ from intes.kernels.vnni import pair_dot
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
-TOKEN_BLOCK = 4  # tokens per forward call (see CpuBackend); 4 measured fastest of 1, 2, 4, 8
+# Tokens per forward call (see CpuBackend.token_block): a slice of at most BLOCK_ROWS rows runs
+# TOKEN_BLOCK tokens at once, a larger one token by token. Measured on 2 cores at width 256
+# (ES step, blocks 1, 2, 4, 8): 256 and 512 rows ran fastest at 4 (+12-25% over 1), 1024 and
+# 2048 rows at 1 (blocks of 2 or 4 were 8-14% slower there).
+TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 
 
 def keep_freed_memory() -> bool:
@@ -89,9 +93,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_token_block() -> int:
-    """INTES_CPU_TOKEN_BLOCK, else ``TOKEN_BLOCK``."""
-    value = os.environ.get("INTES_CPU_TOKEN_BLOCK", str(TOKEN_BLOCK))
+def default_token_block() -> int | None:
+    """INTES_CPU_TOKEN_BLOCK, else None (the measured rule, see ``BLOCK_ROWS``)."""
+    value = os.environ.get("INTES_CPU_TOKEN_BLOCK")
+    if value is None:
+        return None
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"INTES_CPU_TOKEN_BLOCK must be a positive integer, got {value!r}")
     return int(value)
@@ -663,9 +669,10 @@ class CpuElementwise:
 class CpuBackend:
     """numba/BLAS backend; ``ew`` and ``noise_source`` are its elementwise ops and generator.
 
-    ``token_block``: tokens per forward call (see ``intes.kernels.base``): each linear layer's
-    weights and each pair's factors are then read once per block instead of once per token,
-    and every product is a T-times-taller GEMM.
+    ``token_block`` (fixed, INTES_CPU_TOKEN_BLOCK, or by default the measured rule at
+    ``BLOCK_ROWS``): tokens per forward call (see ``intes.kernels.base``). A block makes each
+    op one call over T times the rows, which pays where a slice's rows are few and per-call
+    costs (Python, GEMM dispatch) a large share.
     """
 
     name = "cpu"
@@ -677,11 +684,17 @@ class CpuBackend:
         self.threads = threads or default_threads()  # population slices run concurrently
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        self.token_block = token_block or default_token_block()
-        if self.token_block < 1:
-            raise ConfigError(f"token block must be >= 1, got {self.token_block}")
+        self.fixed_block = token_block or default_token_block()
+        if self.fixed_block is not None and self.fixed_block < 1:
+            raise ConfigError(f"token block must be >= 1, got {self.fixed_block}")
         self.gemm: Int8Gemm | Float32Gemm = make_gemm(gemm)
         keep_freed_memory()
+
+    def token_block(self, rows: int) -> int:
+        """Tokens per forward call for a slice of ``rows`` member rows."""
+        if self.fixed_block is not None:
+            return self.fixed_block
+        return TOKEN_BLOCK if rows <= BLOCK_ROWS else 1
 
     def prepare(self, w: np.ndarray) -> CpuWeight:
         return CpuWeight(w, self.gemm.prepare(w))
