@@ -33,13 +33,30 @@ def mix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> U32(16))
 
 
+def mix32_int(x: int) -> int:
+    """mix32 of one value in Python integers (no array overhead for the scalar fields)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def key_prefix(seed: int, step: int, tensor_id: int) -> int:
+    """The part of every pair's stream key fixed by (seed, step, tensor)."""
+    k = mix32_int((seed & 0xFFFFFFFF) ^ _FIELD_SALTS[0])
+    k = mix32_int(k ^ (step & 0xFFFFFFFF) ^ _FIELD_SALTS[1])
+    return mix32_int(k ^ (tensor_id & 0xFFFFFFFF) ^ _FIELD_SALTS[3])
+
+
+PAIR_SALT = _FIELD_SALTS[2]
+
+
 def stream_key(seed: int, step: int, pairs: np.ndarray, tensor_id: int) -> np.ndarray:
     """One uint32 key per pair for (seed, step, tensor): the start of that pair's noise stream."""
-    k = mix32(np.full(1, (seed & 0xFFFFFFFF) ^ _FIELD_SALTS[0], dtype=U32))
-    k = mix32(k ^ U32((step & 0xFFFFFFFF) ^ _FIELD_SALTS[1]))
-    k = mix32(k ^ U32((tensor_id & 0xFFFFFFFF) ^ _FIELD_SALTS[3]))
     pairs = np.asarray(pairs, dtype=np.int64).astype(U32)
-    return mix32(k ^ mix32(pairs ^ U32(_FIELD_SALTS[2])))
+    return mix32(U32(key_prefix(seed, step, tensor_id)) ^ mix32(pairs ^ U32(PAIR_SALT)))
 
 
 def hash_u32(keys: np.ndarray, n: int) -> np.ndarray:

@@ -220,15 +220,19 @@ def _project1(x, m0, p, bt, r):
 def _linear_rank1(acc, x, at, bt, sigma_shift, half, shift, out):
     """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, fused.
 
-    Scalars only, no per-pair buffer. The extra work over inference is 2 (in + out)
-    multiply-adds per pair of rows.
+    Per copy of the members: first every member's projection xb_m (independent dot
+    products, which the CPU overlaps), then each row's correction and rescale in one pass.
+    The extra work over inference is 2 (in + out) multiply-adds per pair of rows.
     """
     members = 2 * at.shape[0]
+    xb = np.empty(members, dtype=np.int32)
     for t in range(out.shape[0] // members):
+        first = t * members
         for p in range(at.shape[0]):
-            m0 = t * members + 2 * p
-            m1 = m0 + 1
-            xb0, xb1 = _project1(x, m0, p, bt, 0)
+            xb[2 * p], xb[2 * p + 1] = _project1(x, first + 2 * p, p, bt, 0)
+        for p in range(at.shape[0]):
+            m0, m1 = first + 2 * p, first + 2 * p + 1
+            xb0, xb1 = xb[2 * p], xb[2 * p + 1]
             for o in range(at.shape[2]):
                 c = np.right_shift(np.multiply(xb0, I32(at[p, 0, o])), sigma_shift)
                 out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
@@ -353,6 +357,7 @@ def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
 _U32 = np.uint32
 _MUL1, _MUL2 = _U32(0x7FEB352D), _U32(0x846CA68B)
 _U8, _U15, _U16, _U24, _BYTE = _U32(8), _U32(15), _U32(16), _U32(24), _U32(255)
+_PAIR_SALT = _U32(nz.PAIR_SALT)
 
 
 @njit(inline="always", cache=True)
@@ -396,10 +401,20 @@ def _factor_streams(keys, idx, at, bt):
                 bt[p, r, i] = _gaussian(_mix32(k ^ idx[(rows + i) * rank + r]))
 
 
+@kernel
+def _pair_keys(prefix, pairs, out):
+    """noise.stream_key's per-pair part: mix32(prefix ^ mix32(pair ^ PAIR_SALT))."""
+    for p in range(pairs.shape[0]):
+        out[p] = _mix32(prefix ^ _mix32(_U32(pairs[p]) ^ _PAIR_SALT))
+
+
 def _stream_setup(seed: int, step: int, pairs: np.ndarray, tensor_id: int,
                   n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pair keys and the n mixed stream indices, with intes.noise's own functions."""
-    return nz.stream_key(seed, step, pairs, tensor_id), _stream_indices(n)
+    """Per-pair keys (noise.stream_key, compiled) and the n mixed stream indices."""
+    keys = np.empty(len(pairs), dtype=np.uint32)
+    _pair_keys(_U32(nz.key_prefix(seed, step, tensor_id)),
+               np.ascontiguousarray(pairs, dtype=np.int64), keys)
+    return keys, _stream_indices(n)
 
 
 @functools.lru_cache(maxsize=256)
