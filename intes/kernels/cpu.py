@@ -217,22 +217,27 @@ def _project1(x, m0, p, bt, r):
 
 
 @kernel
-def _linear_rank1(acc, x, at, bt, sigma_shift, half, shift, out):
-    """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, fused.
+def _project_rank1(x, bt, xb):
+    """xb[m] = (x_m . B_p) >> 4 for every row (rank 1), before the base product: x was just
+    written by the op that made it and is still in cache (after the GEMM it is not), and the
+    pairs' dot products are independent, so the CPU overlaps them."""
+    members = 2 * bt.shape[0]
+    for first in range(0, x.shape[0], members):
+        for p in range(bt.shape[0]):
+            m0 = first + 2 * p
+            xb[m0], xb[m0 + 1] = _project1(x, m0, p, bt, 0)
 
-    Per copy of the members: first every member's projection xb_m (independent dot
-    products, which the CPU overlaps), then each row's correction and rescale in one pass.
-    The extra work over inference is 2 (in + out) multiply-adds per pair of rows.
-    """
+
+@kernel
+def _correct_rank1(acc, xb, at, sigma_shift, half, shift, out):
+    """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, in one
+    pass per row. With the projection the extra work over inference is 2 (in + out)
+    multiply-adds per pair of rows."""
     members = 2 * at.shape[0]
-    xb = np.empty(members, dtype=np.int32)
-    for t in range(out.shape[0] // members):
-        first = t * members
-        for p in range(at.shape[0]):
-            xb[2 * p], xb[2 * p + 1] = _project1(x, first + 2 * p, p, bt, 0)
+    for first in range(0, out.shape[0], members):
         for p in range(at.shape[0]):
             m0, m1 = first + 2 * p, first + 2 * p + 1
-            xb0, xb1 = xb[2 * p], xb[2 * p + 1]
+            xb0, xb1 = xb[m0], xb[m1]
             for o in range(at.shape[2]):
                 c = np.right_shift(np.multiply(xb0, I32(at[p, 0, o])), sigma_shift)
                 out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
@@ -720,15 +725,24 @@ class CpuBackend:
 
     def linear(self, x, w, shift, noise, sigma_shift):
         rows = _rows2d(x)
-        acc = self.base_product(rows, w)
-        out = np.empty(acc.shape, dtype=np.int8)
         half, shift = _rounding(shift)
         if noise is None:
+            acc = self.base_product(rows, w)
+            out = np.empty(acc.shape, dtype=np.int8)
             _linear_plain(acc, half, shift, out)
         else:
             at, bt = _factors(noise)
-            kernel = _linear_rank1 if at.shape[1] == 1 else _linear_lowrank
-            kernel(acc, np.ascontiguousarray(rows), at, bt, I32(sigma_shift), half, shift, out)
+            rows = np.ascontiguousarray(rows)
+            if at.shape[1] == 1:
+                xb = np.empty(len(rows), dtype=np.int32)
+                _project_rank1(rows, bt, xb)
+                acc = self.base_product(rows, w)
+                out = np.empty(acc.shape, dtype=np.int8)
+                _correct_rank1(acc, xb, at, I32(sigma_shift), half, shift, out)
+            else:
+                acc = self.base_product(rows, w)
+                out = np.empty(acc.shape, dtype=np.int8)
+                _linear_lowrank(acc, rows, at, bt, I32(sigma_shift), half, shift, out)
         return out.reshape(*x.shape[:-1], out.shape[1])
 
     def embed(self, table, tokens, noise, sigma_shift):
