@@ -289,6 +289,25 @@ def test_wkv_step(seed, rows, dim, shared, fill, steps, wide):
             same(got, want)
 
 
+@given(seed=seeds, tokens=st.integers(1, 5), rows=st.integers(1, 9), dim=st.integers(1, 40),
+       shared=st.booleans(), fill=fills, reset_rate=st.sampled_from([0.0, 0.3, 1.0]),
+       no_resets=st.booleans())
+def test_token_block_ops(seed, tokens, rows, dim, shared, fill, reset_rate, no_resets):
+    """wkv_scan and token_shift over a block equal intmath's, resets in any row and token
+    (a block of one token with a reset outside row 0 included)."""
+    rng = np.random.default_rng(seed)
+    num = rng.integers(-2**23, 2**23 + 1, (rows, dim)).astype(np.int32)
+    den = rng.integers(0, 2**16 + 1, (rows, dim)).astype(np.int32)
+    k, v, x = (int8s(rng, (tokens, rows, dim), f) for f in (fill, "random", fill))
+    decay = int8s(rng, (1 if shared else rows, dim), fill)
+    first = int8s(rng, (rows, dim))
+    resets = None if no_resets else rng.random((tokens, rows)) < reset_rate
+    got, want = (ew.wkv_scan(num, den, k, v, decay, resets) for ew in (CpuElementwise, im))
+    for a, b in zip(got, want, strict=True):
+        same(a, b)
+    same(CpuElementwise.token_shift(x, first, resets), im.token_shift(x, first, resets))
+
+
 # ---------------------------------------------------------------------------------------------
 # whole ES steps
 

@@ -530,20 +530,19 @@ def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
 
 
 @kernel
-def _wkv_scan(num, den, k, v, decay, resets, wkv, num_out, den_out):
+def _wkv_scan(num, den, k, v, decay, resets, has_resets, wkv, num_out, den_out):
     """_wkv_step over a token block k, v (T, N, d), row by row so a row's states stay in L1
-    across its T tokens; a row's states are cleared before token t where resets[t, m] (a
-    (1, 1) array of False stands for no resets)."""
+    across its T tokens; with ``has_resets``, a row's states are cleared before token t
+    where resets[t, m]."""
     tokens, rows, dim = k.shape
     for m in range(rows):
         dr = _row(m, decay.shape[0])
         for j in range(dim):
             num_out[m, j], den_out[m, j] = num[m, j], den[m, j]
         for t in range(tokens):
-            if resets.shape[0] > 1 or resets[0, 0]:
-                if resets[t, m]:
-                    for j in range(dim):
-                        num_out[m, j], den_out[m, j] = 0, 0
+            if has_resets and resets[t, m]:
+                for j in range(dim):
+                    num_out[m, j], den_out[m, j] = 0, 0
             for j in range(dim):
                 w = np.add(I32(decay[dr, j]), _W0)
                 e = np.left_shift(WKV_EXP_TABLE[np.int64(k[t, m, j]) + INT8_MAX], _WKV_FRAC)
@@ -602,7 +601,7 @@ def _like(x: np.ndarray, dtype=np.int8) -> tuple[np.ndarray, np.ndarray]:
     return out, _rows2d(out)
 
 
-_NO_RESETS = np.zeros((1, 1), dtype=np.bool_)
+_NO_RESETS = np.zeros((1, 1), dtype=np.bool_)  # a typed stand-in where there are none
 
 
 class CpuElementwise:
@@ -649,7 +648,7 @@ class CpuElementwise:
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         wkv, num_out, den_out = _like(k)[0], _like(num, np.int32)[0], _like(den, np.int32)[0]
         _wkv_scan(num, den, k, v, _rows2d(decay), _NO_RESETS if resets is None else resets,
-                  wkv, num_out, den_out)
+                  resets is not None, wkv, num_out, den_out)
         return wkv, num_out, den_out
 
     token_shift = staticmethod(intmath.token_shift)  # a copy: numpy's is one pass already

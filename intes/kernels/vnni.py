@@ -7,7 +7,8 @@ instruction); VNNI's vpdpbusd sums 64 uint8 x int8 products into int32 in one in
 LLVM does not form it from a loop, so ``pair_dot`` emits it from IR, with the signed x made
 unsigned by x + 128 (xor 0x80) and the 128 sum(b) that adds taken off again (also by vpdpbusd,
 against ones): exact, as every partial sum stays far inside int32 (|x| <= 127, |b| <= 127,
-fan-in < 2^16).
+fan-in < 2^16). A length that is not a multiple of 64 ends in one block of masked loads (a
+scalar tail of 32 cost as much as the whole vector loop at width 96).
 
 ``HAVE_VNNI`` says whether this CPU has the instruction (as LLVM sees the host); without it
 ``pair_dot`` is ``pair_dot_loop``, numba's own loop, with the same results.
@@ -27,23 +28,33 @@ HAVE_VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 _V8, _V32 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES // 4)
+_MASK = ir.VectorType(ir.IntType(1), LANES)
+_LANE_INDEX = ir.Constant(_V8, [ir.Constant(_I8, i) for i in range(LANES)])
 
 
 def _splat(vec_type: ir.VectorType, value: int) -> ir.Constant:
     return ir.Constant(vec_type, [ir.Constant(vec_type.element, value)] * vec_type.count)
 
 
+def _splat_value(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    """A vector of LANES copies of an i8 value."""
+    one = builder.insert_element(ir.Constant(_V8, ir.Undefined), value, _I32(0))
+    return builder.shuffle_vector(one, ir.Constant(_V8, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
 @intrinsic
-def _dot_blocks(typingctx, x0, x1, b, blocks):
-    """(sum x0 b, sum x1 b) over the first ``blocks`` 64-element blocks of three int8 C arrays,
-    as int32, by vpdpbusd."""
+def _dot(typingctx, x0, x1, b, n):
+    """(sum x0 b, sum x1 b) over the first n elements of three int8 C arrays, as int32, by
+    vpdpbusd: whole 64-element blocks in a loop, the rest as one block of masked loads (the
+    lanes past n read as zero and add nothing)."""
     if not all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C"
                and t.dtype == types.int8 for t in (x0, x1, b)):
         return None  # unit stride is what the vector loads assume
-    sig = types.UniTuple(types.int32, 2)(x0, x1, b, blocks)
+    sig = types.UniTuple(types.int32, 2)(x0, x1, b, n)
 
     def codegen(context, builder, signature, args):
-        ax0, ax1, ab, nblocks = args
+        ax0, ax1, ab, length = args
         ptrs = [context.make_array(t)(context, builder, v).data
                 for t, v in zip(signature.args[:3], (ax0, ax1, ab), strict=True)]
         ptrs = [builder.bitcast(p, _V8.as_pointer()) for p in ptrs]
@@ -52,27 +63,36 @@ def _dot_blocks(typingctx, x0, x1, b, blocks):
             "llvm.x86.avx512.vpdpbusd.512")
         reduce_add = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_I32, [_V32]), "llvm.vector.reduce.add.v16i32")
-        bias, ones, zero = _splat(_V8, 0x80), builder.bitcast(_splat(_V8, 1), _V32), _splat(_V32, 0)
-        count = builder.zext(nblocks, ir.IntType(64)) if nblocks.type.width < 64 else nblocks
+        masked_load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8, [_V8.as_pointer(), _I32, _MASK, _V8]),
+            "llvm.masked.load.v64i8.p0")
+        bias, ones = _splat(_V8, 0x80), builder.bitcast(_splat(_V8, 1), _V32)
+        zero, zero8 = _splat(_V32, 0), _splat(_V8, 0)
+        i64 = ir.IntType(64)
+        length = builder.sext(length, i64) if length.type.width < 64 else length
+        count = builder.sdiv(length, i64(LANES))
+
+        def accumulate(accs, load):
+            """The three sums after one more block: x0 b, x1 b and b (against ones)."""
+            vb = builder.bitcast(load(ptrs[2]), _V32)
+            new = [builder.call(dpbusd, [acc, builder.bitcast(builder.xor(load(ptr), bias),
+                                                              _V32), vb])
+                   for acc, ptr in zip(accs[:2], ptrs[:2], strict=True)]
+            return [*new, builder.call(dpbusd, [accs[2], ones, vb])]
 
         entry = builder.basic_block
         loop = builder.append_basic_block("vnni.loop")
         done = builder.append_basic_block("vnni.done")
-        builder.cbranch(builder.icmp_signed(">", count, count.type(0)), loop, done)
+        builder.cbranch(builder.icmp_signed(">", count, i64(0)), loop, done)
 
         builder.position_at_end(loop)
-        i = builder.phi(count.type)
-        accs = [builder.phi(_V32) for _ in range(3)]  # x0 b, x1 b, sum b
-        i.add_incoming(count.type(0), entry)
+        i = builder.phi(i64)
+        accs = [builder.phi(_V32) for _ in range(3)]
+        i.add_incoming(i64(0), entry)
         for acc in accs:
             acc.add_incoming(zero, entry)
-        vb = builder.bitcast(builder.load(builder.gep(ptrs[2], [i]), align=1), _V32)
-        new = []
-        for acc, ptr in zip(accs[:2], ptrs[:2], strict=True):
-            xu = builder.xor(builder.load(builder.gep(ptr, [i]), align=1), bias)
-            new.append(builder.call(dpbusd, [acc, builder.bitcast(xu, _V32), vb]))
-        new.append(builder.call(dpbusd, [accs[2], ones, vb]))
-        nxt = builder.add(i, count.type(1))
+        new = accumulate(accs, lambda ptr: builder.load(builder.gep(ptr, [i]), align=1))
+        nxt = builder.add(i, i64(1))
         for acc, value in zip(accs, new, strict=True):
             acc.add_incoming(value, loop)
         i.add_incoming(nxt, loop)
@@ -80,11 +100,15 @@ def _dot_blocks(typingctx, x0, x1, b, blocks):
 
         builder.position_at_end(done)
         sums = []
-        for value in new:  # each sum: zero without blocks, else its last update in the loop
+        for value in new:  # each sum: zero without whole blocks, else its last loop value
             phi = builder.phi(_V32)
             phi.add_incoming(zero, entry)
             phi.add_incoming(value, loop)
             sums.append(phi)
+        rest = builder.trunc(builder.sub(length, builder.mul(count, i64(LANES))), _I8)
+        mask = builder.icmp_unsigned("<", _LANE_INDEX, _splat_value(builder, rest))
+        sums = accumulate(sums, lambda ptr: builder.call(
+            masked_load, [builder.gep(ptr, [count]), _I32(1), mask, zero8]))
         total = [builder.call(reduce_add, [s]) for s in sums]
         shift = builder.shl(total[2], _I32(7))  # 128 sum(b)
         return context.make_tuple(builder, signature.return_type,
@@ -105,10 +129,7 @@ def _dot_tail(x0, x1, b, start):
 
 @njit(inline="always", cache=True)
 def _pair_dot_vnni(x0, x1, b):
-    blocks = b.shape[0] // LANES
-    d0, d1 = _dot_blocks(x0, x1, b, blocks)
-    t0, t1 = _dot_tail(x0, x1, b, blocks * LANES)
-    return np.add(d0, t0), np.add(d1, t1)
+    return _dot(x0, x1, b, b.shape[0])
 
 
 @njit(inline="always", cache=True)
