@@ -10,6 +10,10 @@ against ones): exact, as every partial sum stays far inside int32 (|x| <= 127, |
 fan-in < 2^16). A length that is not a multiple of 64 ends in one block of masked loads (a
 scalar tail of 32 cost as much as the whole vector loop at width 96).
 
+numba's on-disk cache keys a kernel on its own source file only: after editing this module,
+delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__`` (or touch cpu.py), or
+the cpu kernels keep the old inlined code.
+
 ``HAVE_VNNI`` says whether this CPU has the instruction (as LLVM sees the host); without it
 ``pair_dot`` is ``pair_dot_loop``, numba's own loop, with the same results.
 """
