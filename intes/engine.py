@@ -82,8 +82,8 @@ def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np
     """Summed int32 log2-likelihood (1/256 bit) of windows[:, 1:] given windows[:, :-1].
 
     The recurrent state of a row is reset where its input token is 0 (document separator).
-    On a backend with a ``token_block`` above 1 the model runs that many tokens at once
-    (``forward_block``); the bits are the same.
+    Where the backend's ``token_block(rows)`` is above 1 the model runs that many tokens at
+    once (``forward_block``); the bits are the same.
     """
     rows, length = windows.shape
     state = model.init_state(rows) if state is None else state

@@ -106,7 +106,6 @@ def _sum_chunks(base, out):
                 out[m, o] = np.add(out[m, o], np.int32(base[c, m, o]))
 
 
-
 @njit(nogil=True, cache=True)
 def _scale(at, fitness, v):
     """v[p, r', o] = f_p at[p, r', o] as int8 (the caller checks |f| NOISE_MAX <= 127)."""
