@@ -110,6 +110,25 @@ def test_indices_within_a_stream_differ(seed, step, pair, tid):
     assert len(np.unique(h)) == 4096
 
 
+
+@given(st.lists(st.integers(0, 2**40), min_size=1, max_size=50))
+def test_scalar_mix32_equals_the_array_one(values):
+    """mix32_int (the stream key's scalar fields) is mix32 of the value mod 2^32."""
+    arr = np.array([v & U32_MAX for v in values], dtype=nz.U32)
+    assert [nz.mix32_int(v) for v in values] == nz.mix32(arr).tolist()
+
+
+@given(seeds, st.integers(0, U32_MAX), st.lists(pair_ids, min_size=1, max_size=9), tensor_ids)
+def test_stream_key_is_the_chained_hash_of_its_fields(seed, step, pairs, tid):
+    """Each field xors in its salt and is mixed into the key in order, in uint32 arrays
+    throughout: the key every checkpoint's noise was drawn with."""
+    salts = [nz.U32(s) for s in (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)]
+    k = nz.mix32(np.array([seed], dtype=nz.U32) ^ salts[0])
+    k = nz.mix32(k ^ nz.U32(step) ^ salts[1])
+    k = nz.mix32(k ^ nz.U32(tid) ^ salts[3])
+    want = nz.mix32(k ^ nz.mix32(np.array(pairs, dtype=nz.U32) ^ salts[2]))
+    assert np.array_equal(nz.stream_key(seed, step, np.array(pairs), tid), want)
+
 @given(st.integers(0, 2**32 - 2**16))
 def test_mix32_is_a_bijection(start):
     """mix32 has no collisions on a block of 2^16 inputs and inverts exactly."""

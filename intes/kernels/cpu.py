@@ -651,7 +651,7 @@ class CpuElementwise:
                   resets is not None, wkv, num_out, den_out)
         return wkv, num_out, den_out
 
-    token_shift = staticmethod(intmath.token_shift)  # a copy: numpy's is one pass already
+    token_shift = staticmethod(intmath.token_shift)  # numpy's: one copy, nothing to fuse
 
     @staticmethod
     def sat_add(*terms: np.ndarray) -> np.ndarray:

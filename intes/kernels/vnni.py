@@ -122,16 +122,6 @@ def _dot(typingctx, x0, x1, b, n):
 
 
 @njit(inline="always", cache=True)
-def _dot_tail(x0, x1, b, start):
-    d0, d1 = np.int32(0), np.int32(0)
-    for i in range(start, b.shape[0]):
-        bi = np.int32(b[i])
-        d0 = np.add(d0, np.multiply(np.int32(x0[i]), bi))
-        d1 = np.add(d1, np.multiply(np.int32(x1[i]), bi))
-    return d0, d1
-
-
-@njit(inline="always", cache=True)
 def _pair_dot_vnni(x0, x1, b):
     return _dot(x0, x1, b, b.shape[0])
 
@@ -139,7 +129,12 @@ def _pair_dot_vnni(x0, x1, b):
 @njit(inline="always", cache=True)
 def pair_dot_loop(x0, x1, b):
     """(x0 . b, x1 . b) in int32, numba's own loop."""
-    return _dot_tail(x0, x1, b, 0)
+    d0, d1 = np.int32(0), np.int32(0)
+    for i in range(b.shape[0]):
+        bi = np.int32(b[i])
+        d0 = np.add(d0, np.multiply(np.int32(x0[i]), bi))
+        d1 = np.add(d1, np.multiply(np.int32(x1[i]), bi))
+    return d0, d1
 
 
 # (x0 . b, x1 . b) in int32 of int8 C-contiguous 1-D arrays of one length

@@ -74,6 +74,13 @@ class IntLM:
     def block_specs(self, p: str) -> list[ParamSpec]:
         raise NotImplementedError
 
+    def forward_block(self, ops: Ops, tokens: np.ndarray, resets: np.ndarray | None,
+                      state: dict) -> tuple[np.ndarray, dict]:
+        """Logits (T, rows, vocab) for tokens (T, rows), as ``forward`` gives them token by
+        token, a row's state cleared before token t where resets[t] is set. ``forward`` stays
+        for backends that take one token at a time (cuda) and for sampling."""
+        raise NotImplementedError
+
 
 class Ops:
     """The ops a model calls for one ES step (or for plain inference when noise is None).

@@ -57,8 +57,6 @@ class EGG(IntLM):
 
     def forward_block(self, ops: Ops, tokens: np.ndarray, resets: np.ndarray | None,
                       state: dict) -> tuple[np.ndarray, dict]:
-        """Logits (T, rows, vocab) for tokens (T, rows), as ``forward`` token by token gives
-        them, a row's state cleared before token t where resets[t] is set."""
         ew = ops.ew
         x = ops.embed("emb", tokens)
         for i in range(self.layers):
