@@ -34,7 +34,13 @@ from intes.kernels.cpu import (
 )
 from intes.kernels.gemm import EXACT_K, int8_gemm_unavailable, k_chunks, make_gemm
 from intes.kernels.reference import ReferenceBackend
-from intes.kernels.vnni import HAVE_VNNI, pair_dot, pair_dot_loop
+from intes.kernels.vnni import (
+    HAVE_VNNI,
+    pair_dot,
+    pair_dot_loop,
+    quad_pair_dot,
+    quad_pair_dot_loop,
+)
 
 CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
@@ -78,10 +84,13 @@ def same(a: np.ndarray, b: np.ndarray) -> None:
 @given(seed=seeds, pairs=st.integers(1, 4), fan_in=st.integers(1, 2200),
        out=st.integers(1, 40), rank=ranks, sigma=st.integers(0, 8), shift=st.integers(0, 14),
        x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
-       cpu=st.sampled_from(GEMM_BACKENDS))
-def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy, cpu):
+       cpu=st.sampled_from(GEMM_BACKENDS), tokens=st.sampled_from([None, 1, 3, 4, 5, 8]))
+def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy, cpu,
+                tokens):
+    """One token's rows (N, in) or a token block's (T, N, in): the projection takes a block's
+    copies of a pair four at a time, the rest one by one."""
     rng = np.random.default_rng(seed)
-    x = int8s(rng, (2 * pairs, fan_in), x_fill)
+    x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
     same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma),
@@ -99,15 +108,25 @@ def test_linear_of_a_strided_view(seed, pairs, fan_in, out, rank, step):
     same(CPU.linear(x, CPU.prepare(w), 6, noise, 3), REF.linear(x, REF.prepare(w), 6, noise, 3))
 
 
-@given(seed=seeds, n=st.integers(0, 700), fill=fills, offset=st.integers(0, 63))
-def test_pair_dot_is_the_exact_dot_product(seed, n, fill, offset):
-    """Both rows' int32 dot products with one factor, VNNI blocks and scalar tail alike, at
-    any length and alignment, extremes included."""
+@given(seed=seeds, n=st.integers(0, 700), fill=fills, offset=st.integers(0, 63),
+       rows=st.integers(2, 12), data=st.data())
+def test_row_dots_are_the_exact_dot_products(seed, n, fill, offset, rows, data):
+    """Rows' int32 dot products with one factor, VNNI blocks and masked tail alike, 2 rows
+    (pair_dot) and 4 pairs at a stride (quad_pair_dot), at any length and alignment,
+    extremes included."""
     rng = np.random.default_rng(seed)
-    x0, x1, b = (int8s(rng, offset + n, f)[offset:] for f in (fill, "random", fill))
-    want = (int(x0.astype(np.int64) @ b), int(x1.astype(np.int64) @ b))
-    assert pair_dot_loop(x0, x1, b) == want
-    assert pair_dot(x0, x1, b) == want
+    stride = data.draw(st.integers(2, rows), label="stride")
+    m0 = data.draw(st.integers(0, rows - 2), label="m0")
+    height = m0 + 3 * stride + 2
+    x = int8s(rng, offset + height * n, fill)[offset:].reshape(height, n)
+    b = int8s(rng, offset + n, fill)[offset:]
+    want = x.astype(np.int64) @ b.astype(np.int64)
+    pair = (int(want[m0]), int(want[m0 + 1]))
+    assert pair_dot_loop(x, m0, b) == pair
+    assert pair_dot(x, m0, b) == pair
+    quad = tuple(int(want[m0 + c * stride + s]) for c in range(4) for s in range(2))
+    assert quad_pair_dot_loop(x, m0, stride, b) == quad
+    assert quad_pair_dot(x, m0, stride, b) == quad
 
 
 def test_vnni_is_used_where_the_cpu_has_it():
@@ -115,6 +134,7 @@ def test_vnni_is_used_where_the_cpu_has_it():
 
     assert HAVE_VNNI == bool(binding.get_host_cpu_features().get("avx512vnni", False))
     assert (pair_dot is not pair_dot_loop) == HAVE_VNNI
+    assert (quad_pair_dot is not quad_pair_dot_loop) == HAVE_VNNI
 
 
 @given(seed=seeds, rows=st.integers(1, 70), fan_in=st.integers(1, 300), out=st.integers(1, 70),

@@ -4,18 +4,23 @@ A perturbed linear layer projects each member's input onto its pair's factor, x_
 both members of every pair: 2 x fan-in multiply-adds per pair per token, the largest part of
 ES's own work on the CPU. numba vectorizes that loop in int32 lanes (16 products per
 instruction); VNNI's vpdpbusd sums 64 uint8 x int8 products into int32 in one instruction.
-LLVM does not form it from a loop, so ``pair_dot`` emits it from IR, with the signed x made
+LLVM does not form it from a loop, so ``row_dots`` emits it from IR, with the signed x made
 unsigned by x + 128 (xor 0x80) and the 128 sum(b) that adds taken off again (also by vpdpbusd,
 against ones): exact, as every partial sum stays far inside int32 (|x| <= 127, |b| <= 127,
 fan-in < 2^16). A length that is not a multiple of 64 ends in one block of masked loads (a
 scalar tail of 32 cost as much as the whole vector loop at width 96).
+
+Several rows against one factor share its loads and its sum, and their R accumulators are
+summed by one transposing tree of shuffles (R - 1 + log2(16 / R) shuffle pairs for R rows)
+instead of a full horizontal sum each: a token block's copies of a pair (the same b_p for
+every copy) go 8 rows at a time (``quad_pair_dot``), twice as fast per row as 2.
 
 numba's on-disk cache keys a kernel on its own source file only: after editing this module,
 delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__`` (or touch cpu.py), or
 the cpu kernels keep the old inlined code.
 
 ``HAVE_VNNI`` says whether this CPU has the instruction (as LLVM sees the host); without it
-``pair_dot`` is ``pair_dot_loop``, numba's own loop, with the same results.
+``pair_dot`` and ``quad_pair_dot`` are numba's own loops, with the same results.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 64  # int8 lanes of one 512-bit register
+WORDS = LANES // 4  # int32 lanes of one 512-bit register
 HAVE_VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 
-_I8, _I32 = ir.IntType(8), ir.IntType(32)
-_V8, _V32 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES // 4)
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_V8, _V32 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, WORDS)
 _MASK = ir.VectorType(ir.IntType(1), LANES)
 _LANE_INDEX = ir.Constant(_V8, [ir.Constant(_I8, i) for i in range(LANES)])
 
@@ -47,21 +53,61 @@ def _splat_value(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
                                   ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
+def _shuffle(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, lanes: list[int]) -> ir.Value:
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
+
+
+def _sum_rows(builder: ir.IRBuilder, accs: list[ir.Value]) -> ir.Value:
+    """One vector whose lane j is the sum of the WORDS lanes of accs[j] (R = len(accs), a
+    power of two <= WORDS): pairs of vectors are folded into one, half of each row's lanes
+    from either, until one vector is left, which then folds onto itself."""
+    width, rows = WORDS, 1  # lanes per row, rows per vector
+    while len(accs) > 1:
+        half = width // 2
+        picks = [[src * WORDS + g * width + i + part for src in (0, 1) for g in range(rows)
+                  for i in range(half)] for part in (0, half)]
+        accs = [builder.add(*(_shuffle(builder, a, b, pick) for pick in picks))
+                for a, b in zip(accs[0::2], accs[1::2], strict=True)]
+        width, rows = half, rows * 2
+    v = accs[0]
+    while width > 1:
+        half = width // 2
+        picks = [[g * width + i + part for g in range(rows) for i in range(half)]
+                 for part in (0, half)]
+        v = builder.add(*(_shuffle(builder, v, v, pick) for pick in picks))
+        width = half
+    return v
+
+
 @intrinsic
-def _dot(typingctx, x0, x1, b, n):
-    """(sum x0 b, sum x1 b) over the first n elements of three int8 C arrays, as int32, by
+def _row_dots(typingctx, x, rows, b):
+    """(x[rows[0]] . b, x[rows[1]] . b, ...) in int32 for a C-contiguous int8 matrix x, a
+    tuple of R row indices (R a power of two <= 16) and an int8 vector b of x's width, by
     vpdpbusd: whole 64-element blocks in a loop, the rest as one block of masked loads (the
-    lanes past n read as zero and add nothing)."""
-    if not all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C"
-               and t.dtype == types.int8 for t in (x0, x1, b)):
+    lanes past the width read as zero and add nothing)."""
+    if not (isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C"
+            and x.dtype == types.int8 and isinstance(b, types.Array) and b.ndim == 1
+            and b.layout == "C" and b.dtype == types.int8
+            and isinstance(rows, types.UniTuple) and isinstance(rows.dtype, types.Integer)):
         return None  # unit stride is what the vector loads assume
-    sig = types.UniTuple(types.int32, 2)(x0, x1, b, n)
+    count_rows = len(rows)
+    if count_rows & (count_rows - 1) or not 1 <= count_rows <= WORDS:
+        return None
+    sig = types.UniTuple(types.int32, count_rows)(x, rows, b)
 
     def codegen(context, builder, signature, args):
-        ax0, ax1, ab, length = args
-        ptrs = [context.make_array(t)(context, builder, v).data
-                for t, v in zip(signature.args[:3], (ax0, ax1, ab), strict=True)]
-        ptrs = [builder.bitcast(p, _V8.as_pointer()) for p in ptrs]
+        vx, vrows, vb = args
+        ax = context.make_array(signature.args[0])(context, builder, vx)
+        ab = context.make_array(signature.args[2])(context, builder, vb)
+        stride = cgutils.unpack_tuple(builder, ax.strides, 2)[0]
+        length = cgutils.unpack_tuple(builder, ab.shape, 1)[0]
+        ptrs = []
+        for j in range(count_rows):
+            row = builder.extract_value(vrows, j)
+            row = builder.sext(row, _I64) if row.type.width < 64 else row
+            ptrs.append(builder.bitcast(builder.gep(ax.data, [builder.mul(row, stride)]),
+                                        _V8.as_pointer()))
+        pb = builder.bitcast(ab.data, _V8.as_pointer())
         dpbusd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V32, [_V32, _V32, _V32]),
             "llvm.x86.avx512.vpdpbusd.512")
@@ -72,70 +118,97 @@ def _dot(typingctx, x0, x1, b, n):
             "llvm.masked.load.v64i8.p0")
         bias, ones = _splat(_V8, 0x80), builder.bitcast(_splat(_V8, 1), _V32)
         zero, zero8 = _splat(_V32, 0), _splat(_V8, 0)
-        i64 = ir.IntType(64)
-        length = builder.sext(length, i64) if length.type.width < 64 else length
-        count = builder.sdiv(length, i64(LANES))
+        count = builder.sdiv(length, _I64(LANES))
+        rest = builder.trunc(builder.sub(length, builder.mul(count, _I64(LANES))), _I8)
 
         def accumulate(accs, load):
-            """The three sums after one more block: x0 b, x1 b and b (against ones)."""
-            vb = builder.bitcast(load(ptrs[2]), _V32)
+            """The sums after one more block: each row's x . b, then b (against ones)."""
+            vec_b = builder.bitcast(load(pb), _V32)
             new = [builder.call(dpbusd, [acc, builder.bitcast(builder.xor(load(ptr), bias),
-                                                              _V32), vb])
-                   for acc, ptr in zip(accs[:2], ptrs[:2], strict=True)]
-            return [*new, builder.call(dpbusd, [accs[2], ones, vb])]
+                                                              _V32), vec_b])
+                   for acc, ptr in zip(accs, ptrs, strict=False)]
+            return [*new, builder.call(dpbusd, [accs[-1], ones, vec_b])]
+
+        def merge(block_values):
+            """phi nodes joining each sum's value from (value, block) pairs."""
+            phis = []
+            for j in range(count_rows + 1):
+                phi = builder.phi(_V32)
+                for values, block in block_values:
+                    phi.add_incoming(values[j], block)
+                phis.append(phi)
+            return phis
 
         entry = builder.basic_block
         loop = builder.append_basic_block("vnni.loop")
+        blocks_done = builder.append_basic_block("vnni.blocks_done")
+        tail = builder.append_basic_block("vnni.tail")
         done = builder.append_basic_block("vnni.done")
-        builder.cbranch(builder.icmp_signed(">", count, i64(0)), loop, done)
+        start = [zero] * (count_rows + 1)
+        builder.cbranch(builder.icmp_signed(">", count, _I64(0)), loop, blocks_done)
 
         builder.position_at_end(loop)
-        i = builder.phi(i64)
-        accs = [builder.phi(_V32) for _ in range(3)]
-        i.add_incoming(i64(0), entry)
-        for acc in accs:
-            acc.add_incoming(zero, entry)
+        i = builder.phi(_I64)
+        accs = merge([(start, entry)])
         new = accumulate(accs, lambda ptr: builder.load(builder.gep(ptr, [i]), align=1))
-        nxt = builder.add(i, i64(1))
+        nxt = builder.add(i, _I64(1))
+        i.add_incoming(_I64(0), entry)
+        i.add_incoming(nxt, loop)
         for acc, value in zip(accs, new, strict=True):
             acc.add_incoming(value, loop)
-        i.add_incoming(nxt, loop)
-        builder.cbranch(builder.icmp_signed("<", nxt, count), loop, done)
+        builder.cbranch(builder.icmp_signed("<", nxt, count), loop, blocks_done)
+
+        builder.position_at_end(blocks_done)
+        sums = merge([(start, entry), (new, loop)])
+        builder.cbranch(builder.icmp_unsigned(">", rest, _I8(0)), tail, done)
+
+        builder.position_at_end(tail)
+        mask = builder.icmp_unsigned("<", _LANE_INDEX, _splat_value(builder, rest))
+        tail_sums = accumulate(sums, lambda ptr: builder.call(
+            masked_load, [builder.gep(ptr, [count]), _I32(1), mask, zero8]))
+        builder.branch(done)
 
         builder.position_at_end(done)
-        sums = []
-        for value in new:  # each sum: zero without whole blocks, else its last loop value
-            phi = builder.phi(_V32)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(value, loop)
-            sums.append(phi)
-        rest = builder.trunc(builder.sub(length, builder.mul(count, i64(LANES))), _I8)
-        mask = builder.icmp_unsigned("<", _LANE_INDEX, _splat_value(builder, rest))
-        sums = accumulate(sums, lambda ptr: builder.call(
-            masked_load, [builder.gep(ptr, [count]), _I32(1), mask, zero8]))
-        total = [builder.call(reduce_add, [s]) for s in sums]
-        shift = builder.shl(total[2], _I32(7))  # 128 sum(b)
-        return context.make_tuple(builder, signature.return_type,
-                                  [builder.sub(total[0], shift), builder.sub(total[1], shift)])
+        sums = merge([(sums, blocks_done), (tail_sums, tail)])
+        row_sums = _sum_rows(builder, sums[:-1])
+        shift = builder.shl(builder.call(reduce_add, [sums[-1]]), _I32(7))  # 128 sum(b)
+        dots = [builder.sub(builder.extract_element(row_sums, _I32(j)), shift)
+                for j in range(count_rows)]
+        return context.make_tuple(builder, signature.return_type, dots)
 
     return sig, codegen
 
 
 @njit(inline="always", cache=True)
-def _pair_dot_vnni(x0, x1, b):
-    return _dot(x0, x1, b, b.shape[0])
+def _pair_dot_vnni(x, m0, b):
+    return _row_dots(x, (m0, m0 + 1), b)
 
 
 @njit(inline="always", cache=True)
-def pair_dot_loop(x0, x1, b):
-    """(x0 . b, x1 . b) in int32, numba's own loop."""
+def _quad_pair_dot_vnni(x, m0, stride, b):
+    return _row_dots(x, (m0, m0 + 1, m0 + stride, m0 + stride + 1, m0 + 2 * stride,
+                         m0 + 2 * stride + 1, m0 + 3 * stride, m0 + 3 * stride + 1), b)
+
+
+@njit(inline="always", cache=True)
+def pair_dot_loop(x, m0, b):
+    """(x[m0] . b, x[m0 + 1] . b) in int32, numba's own loop."""
     d0, d1 = np.int32(0), np.int32(0)
     for i in range(b.shape[0]):
         bi = np.int32(b[i])
-        d0 = np.add(d0, np.multiply(np.int32(x0[i]), bi))
-        d1 = np.add(d1, np.multiply(np.int32(x1[i]), bi))
+        d0 = np.add(d0, np.multiply(np.int32(x[m0, i]), bi))
+        d1 = np.add(d1, np.multiply(np.int32(x[m0 + 1, i]), bi))
     return d0, d1
 
 
-# (x0 . b, x1 . b) in int32 of int8 C-contiguous 1-D arrays of one length
+@njit(inline="always", cache=True)
+def quad_pair_dot_loop(x, m0, stride, b):
+    """``pair_dot_loop`` at rows m0, m0 + stride, m0 + 2 stride, m0 + 3 stride."""
+    return (pair_dot_loop(x, m0, b) + pair_dot_loop(x, m0 + stride, b)
+            + pair_dot_loop(x, m0 + 2 * stride, b) + pair_dot_loop(x, m0 + 3 * stride, b))
+
+
+# (x[m0] . b, x[m0 + 1] . b) in int32; x a C-contiguous int8 matrix, b an int8 vector
 pair_dot = _pair_dot_vnni if HAVE_VNNI else pair_dot_loop
+# pair_dot at rows m0, m0 + stride, m0 + 2 stride, m0 + 3 stride: 8 dot products with one b
+quad_pair_dot = _quad_pair_dot_vnni if HAVE_VNNI else quad_pair_dot_loop
