@@ -244,18 +244,26 @@ def _project_rank1(x, bt, xb):
 def _correct_rank1(acc, xb, at, sigma_shift, half, shift, out):
     """ES epilogue for rank 1: acc + sign * ((xb_m * A_p) >> sigma_shift), rescaled, in one
     pass per row. With the projection the extra work over inference is 2 (in + out)
-    multiply-adds per pair of rows."""
+    multiply-adds per pair of rows.
+
+    One loop for both signs, the sign folded into the row's factor: -(y >> s) is
+    ((-y) + 2^s - 1) >> s (floor of the negation is minus the ceiling), so an odd row uses
+    -xb_m and adds 2^s - 1 before the shift; |xb_m A_p| + 2^s - 1 < 2^31 by
+    ``linear_bound``. Against a pair's two rows in two sign-specialized loops this measured
+    10-30% faster where acc streams from memory (a token block's rows), 5% slower where it
+    sits in L2 (one token's).
+    """
     members = 2 * at.shape[0]
-    for first in range(0, out.shape[0], members):
-        for p in range(at.shape[0]):
-            m0, m1 = first + 2 * p, first + 2 * p + 1
-            xb0, xb1 = xb[m0], xb[m1]
-            for o in range(at.shape[2]):
-                c = np.right_shift(np.multiply(xb0, I32(at[p, 0, o])), sigma_shift)
-                out[m0, o] = _rescale(np.add(I32(acc[m0, o]), c), half, shift)
-            for o in range(at.shape[2]):
-                c = np.right_shift(np.multiply(xb1, I32(at[p, 0, o])), sigma_shift)
-                out[m1, o] = _rescale(np.subtract(I32(acc[m1, o]), c), half, shift)
+    odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
+    for m in range(out.shape[0]):
+        p = (m % members) // 2
+        if m % 2 == 0:
+            x, bias = xb[m], I32(0)
+        else:
+            x, bias = np.negative(xb[m]), odd_bias
+        for o in range(out.shape[1]):
+            c = np.right_shift(np.add(np.multiply(x, I32(at[p, 0, o])), bias), sigma_shift)
+            out[m, o] = _rescale(np.add(I32(acc[m, o]), c), half, shift)
 
 
 @kernel

@@ -21,7 +21,8 @@ def linear_bound(fan_in: int, rank: int, sigma_shift: int) -> int:
     """Largest |int32 intermediate| of a perturbed linear layer with all-extreme inputs."""
     base = fan_in * 127 * 127
     rank_sum = ((fan_in * 127 * NOISE_MAX) >> FRAC_BITS) * NOISE_MAX * rank
-    return max(rank_sum, base + (rank_sum >> sigma_shift) + 1)
+    # + 2^sigma - 1: the cpu backend rounds a negated correction up by that before its shift
+    return max(rank_sum + (1 << sigma_shift) - 1, base + (rank_sum >> sigma_shift) + 1)
 
 
 def lowrank_correction(x: np.ndarray, noise: LowRank, sigma_shift: int) -> np.ndarray:
