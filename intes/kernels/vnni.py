@@ -13,7 +13,9 @@ scalar tail of 32 cost as much as the whole vector loop at width 96).
 Several rows against one factor share its loads and its sum, and their R accumulators are
 summed by one transposing tree of shuffles (R - 1 + log2(16 / R) shuffle pairs for R rows)
 instead of a full horizontal sum each: a token block's copies of a pair (the same b_p for
-every copy) go 8 rows at a time (``quad_pair_dot``), twice as fast per row as 2.
+every copy) go 8 rows at a time (``quad_pair_dot``). Measured per row (2048 x 256, in
+cache): 8 at a time 2.7 ns, 2 at a time 3.8 ns, and 4.9 ns before, with a horizontal sum per
+row and a masked tail block even where the width needed none.
 
 numba's on-disk cache keys a kernel on its own source file only: after editing this module,
 delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__`` (or touch cpu.py), or
