@@ -128,7 +128,7 @@ def _row_dots(typingctx, x, rows, b):
             vec_b = builder.bitcast(load(pb), _V32)
             new = [builder.call(dpbusd, [acc, builder.bitcast(builder.xor(load(ptr), bias),
                                                               _V32), vec_b])
-                   for acc, ptr in zip(accs, ptrs, strict=False)]
+                   for acc, ptr in zip(accs[:-1], ptrs, strict=True)]
             return [*new, builder.call(dpbusd, [accs[-1], ones, vec_b])]
 
         def merge(block_values):
