@@ -752,23 +752,21 @@ class CpuBackend:
     def linear(self, x, w, shift, noise, sigma_shift):
         rows = _rows2d(x)
         half, shift = _rounding(shift)
-        if noise is None:
-            acc = self.base_product(rows, w)
-            out = np.empty(acc.shape, dtype=np.int8)
-            _linear_plain(acc, half, shift, out)
-        else:
+        if noise is not None:
             at, bt = _factors(noise)
             rows = np.ascontiguousarray(rows)
-            if at.shape[1] == 1:
+            rank1 = at.shape[1] == 1
+            if rank1:  # projected before the GEMM, while x is in cache
                 xb = np.empty(len(rows), dtype=np.int32)
                 _project_rank1(rows, bt, xb)
-                acc = self.base_product(rows, w)
-                out = np.empty(acc.shape, dtype=np.int8)
-                _correct_rank1(acc, xb, at, I32(sigma_shift), half, shift, out)
-            else:
-                acc = self.base_product(rows, w)
-                out = np.empty(acc.shape, dtype=np.int8)
-                _linear_lowrank(acc, rows, at, bt, I32(sigma_shift), half, shift, out)
+        acc = self.base_product(rows, w)
+        out = np.empty(acc.shape, dtype=np.int8)
+        if noise is None:
+            _linear_plain(acc, half, shift, out)
+        elif rank1:
+            _correct_rank1(acc, xb, at, I32(sigma_shift), half, shift, out)
+        else:
+            _linear_lowrank(acc, rows, at, bt, I32(sigma_shift), half, shift, out)
         return out.reshape(*x.shape[:-1], out.shape[1])
 
     def embed(self, table, tokens, noise, sigma_shift):
