@@ -20,9 +20,12 @@ includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per cor
 ``gemm_gflops`` is this machine's float32 BLAS GEMM at the model's base-product shapes
 (FLOP-weighted over its layers, rows sliced over the threads like the forward, int8 operands
 converted as the float32 engine converts them) and
-``int8_gemm_gops`` the same for the int8 GEMM (where torch runs it); ``base_product_gflops``
-is what the shared base product reached inside the ES step, for backends that expose
-``base_product``, and ``base_product_fraction`` its ratio to the float32 GEMM.
+``int8_gemm_gops`` and ``vnni_gemm_gops`` the same for the int8 GEMM (where torch runs it)
+and the VNNI GEMM (where the CPU has VNNI); ``base_product_gflops`` is what the shared base
+product reached inside the ES step, for backends that expose it, and
+``base_product_fraction`` its ratio to the float32 GEMM. With the VNNI engine the product
+runs fused with its layer's projection, correction and rescale, and the time counted is the
+whole fused layer's: a lower bound on the product's own rate.
 
 On a shared machine other processes stretch any one run, so ES, inference and bare GEMM runs
 are interleaved and the best of each counts; the JSON also gives CPU seconds and the load
@@ -45,7 +48,8 @@ from intes.es import ESConfig
 from intes.intmath import FRAC_BITS, rshift_round, sat8
 from intes.kernels import get_backend
 from intes.kernels.base import Backend
-from intes.kernels.gemm import Float32Gemm, Int8Gemm, int8_gemm_unavailable
+from intes.kernels.gemm import Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
+from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
 
 VOCAB = 256
@@ -153,21 +157,27 @@ class GemmSuite:
 
 
 class BaseProductTimer:
-    """Wraps a backend's ``base_product`` to add up its seconds and FLOPs over all threads."""
+    """Wraps a backend's ``base_product`` (and ``fused_linear``, where the product runs
+    fused with its epilogue) to add up their seconds and FLOPs over all threads."""
+
+    KERNELS = ("base_product", "fused_linear")
 
     def __init__(self, backend) -> None:
         self.seconds, self.flops = 0.0, 0.0
-        self._inner = backend.base_product
         self._lock = threading.Lock()
-        backend.base_product = self
+        for name in self.KERNELS:
+            if hasattr(backend, name):
+                setattr(backend, name, self._timed(getattr(backend, name)))
 
-    def __call__(self, x: np.ndarray, w) -> np.ndarray:
-        with Clock() as clock:
-            base = self._inner(x, w)
-        with self._lock:
-            self.seconds += clock.wall
-            self.flops += 2.0 * x.shape[0] * x.shape[1] * base.shape[-1]
-        return base
+    def _timed(self, inner: Callable) -> Callable:
+        def timed(x: np.ndarray, *args):
+            with Clock() as clock:
+                result = inner(x, *args)
+            with self._lock:
+                self.seconds += clock.wall
+                self.flops += 2.0 * x.shape[0] * x.shape[1] * result.shape[-1]
+            return result
+        return timed
 
     def reset(self) -> None:
         self.seconds, self.flops = 0.0, 0.0
@@ -209,11 +219,13 @@ def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
 
 
 def gemm_engines() -> dict:
-    """The bare GEMMs to time: float32 BLAS always (the machine's float reference rate), and
-    the int8 GEMM where torch runs it."""
+    """The bare GEMMs to time: float32 BLAS always (the machine's float reference rate), the
+    int8 GEMM where torch runs it and the VNNI GEMM where the CPU has VNNI."""
     engines = {"float32": Float32Gemm()}
     if int8_gemm_unavailable() is None:
         engines["int8"] = Int8Gemm()
+    if vnni_unavailable() is None:
+        engines["vnni"] = VnniGemm()
     return engines
 
 
@@ -271,7 +283,8 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     windows = bench_windows(engine)
     engine.step(windows[:, :3])  # warm-up: compiles every kernel, excluded from timing
     engine.log_likelihood(windows[:, :3])
-    timer = BaseProductTimer(engine.backend) if hasattr(engine.backend, "base_product") else None
+    timer = (BaseProductTimer(engine.backend) if hasattr(engine.backend, "base_product")
+             else None)
     tokens, load_before = population * seq_len, os.getloadavg()[0]
     es, inference, gemm_rates = time_runs(engine, windows, repeats, timer)
     result = {
@@ -293,8 +306,9 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
     threads = engine.threads
     achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
-    float_rate, int8_rate = gemm_rates["float32"], gemm_rates.get("int8")
-    result.update({"gemm_gflops": float_rate, "int8_gemm_gops": int8_rate,
+    float_rate = gemm_rates["float32"]
+    result.update({"gemm_gflops": float_rate, "int8_gemm_gops": gemm_rates.get("int8"),
+                   "vnni_gemm_gops": gemm_rates.get("vnni"),
                    "base_product_gflops": achieved,
                    "base_product_fraction": achieved / float_rate if achieved else None})
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -41,11 +41,14 @@ from intes.kernels.vnni import (
     quad_pair_dot,
     quad_pair_dot_loop,
 )
+from intes.kernels.vnni_gemm import vnni_unavailable
 
 CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
 INT8_MISSING = int8_gemm_unavailable()
-GEMM_BACKENDS = [F32] + ([] if INT8_MISSING else [CpuBackend(gemm="int8")])
+VNNI_MISSING = vnni_unavailable()
+GEMM_BACKENDS = ([F32] + ([] if INT8_MISSING else [CpuBackend(gemm="int8")])
+                 + ([] if VNNI_MISSING else [CpuBackend(gemm="vnni")]))
 FILLS = ("random", "max", "min", "signs")
 seeds = st.integers(0, 2**32 - 1)
 fills = st.sampled_from(FILLS)
@@ -156,7 +159,7 @@ def test_int8_matmul_of_any_view_is_exact(seed, m, k, n, transposed, fill):
     rng = np.random.default_rng(seed)
     a = int8s(rng, (k, m), fill).T if transposed else int8s(rng, (m, k), fill)
     b = int8s(rng, (k, n), fill)
-    got = GEMM_BACKENDS[-1].gemm.matmul(a, b, "test")
+    got = CpuBackend(gemm="int8").gemm.matmul(a, b, "test")
     np.testing.assert_array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
 
 
@@ -390,9 +393,15 @@ def test_token_block_rule_and_overrides(monkeypatch):
         CpuBackend(1)
 
 
-def test_int8_gemm_is_the_default_where_torch_runs_it(monkeypatch):
+def test_default_gemm_is_the_fastest_that_runs(monkeypatch):
+    """vnni where the CPU has it, else int8 where torch runs it, else float32; an explicit
+    engine that cannot run is an error, not a fallback."""
     monkeypatch.delenv("INTES_CPU_GEMM", raising=False)
-    assert make_gemm().name == ("float32" if INT8_MISSING else "int8")
+    want = "vnni" if VNNI_MISSING is None else ("float32" if INT8_MISSING else "int8")
+    assert make_gemm().name == want
+    if VNNI_MISSING is not None:
+        with pytest.raises(ConfigError, match="vnni"):
+            make_gemm("vnni")
     monkeypatch.setenv("INTES_CPU_GEMM", "float32")
     assert CpuBackend().gemm.name == "float32"
 

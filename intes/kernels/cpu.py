@@ -53,8 +53,17 @@ from intes.intmath import (
     WKV_FRAC_BITS,
 )
 from intes.kernels.base import LowRank
-from intes.kernels.gemm import Float32Gemm, Int8Gemm, make_gemm
+from intes.kernels.gemm import Float32Gemm, Int8Gemm, VnniGemm, make_gemm
 from intes.kernels.vnni import pair_dot, quad_pair_dot
+from intes.kernels.vnni_gemm import (
+    BLOCK_COLS,
+    PANEL_ROWS,
+    VnniWeight,
+    add_tail,
+    panel_product,
+    tiles,
+    update_panel,
+)
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -289,6 +298,71 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# fused linear layers (the VNNI GEMM): a panel's product, then its epilogue while in cache
+
+
+@kernel
+def _fused_plain(x, packed, comp, tail, half, shift, out):
+    """Inference: sat8(rshift_round(x @ W^T, shift)), panel by panel."""
+    acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
+    for r0 in range(0, x.shape[0], PANEL_ROWS):
+        rows = min(PANEL_ROWS, x.shape[0] - r0)
+        panel_product(x, r0, rows, packed, comp, tail, acc)
+        for j in range(rows):
+            for o in range(out.shape[1]):
+                out[r0 + j, o] = _rescale(acc[j, o], half, shift)
+
+
+@kernel
+def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, out):
+    """ES at rank 1, the epilogue of ``_correct_rank1`` (same bits), panel by panel.
+
+    A panel is a chunk of pairs in every copy of a token block (rows c N + 2p + s), so each
+    pair's factors are read from L1 by all its rows: the product block by block over the
+    copies, the projections (the product has just brought those x rows into L1; four copies
+    of a pair in one call, 8 rows against one load of B_p), then the epilogue pair by pair.
+    """
+    members = 2 * at.shape[0]
+    copies = x.shape[0] // members
+    chunk = max(1, PANEL_ROWS // (2 * copies))  # pairs per panel
+    odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
+    acc = np.empty((2 * chunk * copies, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
+    xb = np.empty(2 * chunk * copies, dtype=np.int32)
+    for p0 in range(0, at.shape[0], chunk):
+        pairs = min(chunk, at.shape[0] - p0)
+        rows = 2 * pairs  # per copy; copy c's rows sit at acc[c rows : (c + 1) rows]
+        for block in range(packed.shape[0]):
+            for c in range(copies):
+                tiles(x, c * members + 2 * p0, rows, packed, comp, block, acc, c * rows)
+        if tail.shape[1] > 0:
+            for c in range(copies):
+                add_tail(x, c * members + 2 * p0, rows, tail, acc, c * rows)
+        c0 = 0
+        while c0 + 4 <= copies:
+            for q in range(pairs):
+                d = quad_pair_dot(x, c0 * members + 2 * (p0 + q), members, bt[p0 + q, 0])
+                for c in range(4):
+                    j = (c0 + c) * rows + 2 * q
+                    xb[j] = np.right_shift(d[2 * c], _FRAC)
+                    xb[j + 1] = np.negative(np.right_shift(d[2 * c + 1], _FRAC))
+            c0 += 4
+        for c in range(c0, copies):
+            for q in range(pairs):
+                d0, d1 = _project1(x, c * members + 2 * (p0 + q), p0 + q, bt, 0)
+                xb[c * rows + 2 * q], xb[c * rows + 2 * q + 1] = d0, np.negative(d1)
+        for q in range(pairs):
+            p = p0 + q
+            for c in range(copies):
+                for s in range(2):
+                    j, m = c * rows + 2 * q + s, c * members + 2 * p + s
+                    xv, bias = xb[j], (I32(0) if s == 0 else odd_bias)
+                    for o in range(out.shape[1]):
+                        v = np.add(np.multiply(xv, I32(at[p, 0, o])), bias)
+                        out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
+                                             half, shift)
+
+
+# ---------------------------------------------------------------------------------------------
 # embedding, log-likelihood, update (rows as in the linear layers: members, or stacked copies)
 
 
@@ -373,6 +447,26 @@ def _step_by_sign(w, z, threshold, out):
         if abs(z[i]) > threshold:
             move = 1 if z[i] > 0 else (-1 if z[i] < 0 else 0)
         out[i] = _sat8(np.int32(w[i]) + move)
+
+
+@kernel
+def _fused_update(x, packed, comp, hilo, w, threshold, out):
+    """``_step_by_sign`` of Z = x @ B (the VNNI engine's update operands), panel by panel:
+    Z is never stored, each panel's moves are made while it is in cache."""
+    chunk = PANEL_ROWS // 2 if hilo else PANEL_ROWS
+    acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
+    for o0 in range(0, w.shape[0], chunk):
+        count = min(chunk, w.shape[0] - o0)
+        update_panel(x, o0, count, hilo, packed, comp, acc)
+        for j in range(count):
+            for i in range(w.shape[1]):
+                z = acc[j, i]
+                if hilo:
+                    z = np.add(np.left_shift(z, I32(5)), acc[count + j, i])
+                move = 0
+                if abs(z) > threshold:
+                    move = 1 if z > 0 else (-1 if z < 0 else 0)
+                out[o0 + j, i] = _sat8(np.int32(w[o0 + j, i]) + move)
 
 
 def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
@@ -733,7 +827,7 @@ class CpuBackend:
         self.fixed_block = token_block or default_token_block()
         if self.fixed_block is not None and self.fixed_block < 1:
             raise ConfigError(f"token block must be >= 1, got {self.fixed_block}")
-        self.gemm: Int8Gemm | Float32Gemm = make_gemm(gemm)
+        self.gemm: VnniGemm | Int8Gemm | Float32Gemm = make_gemm(gemm)
         keep_freed_memory()
 
     def token_block(self, rows: int) -> int:
@@ -749,24 +843,38 @@ class CpuBackend:
         """(rows, out) exact X @ W^T: int32, or float32 holding exact integers."""
         return self.gemm.product(x, w.wt)
 
+    def fused_linear(self, x: np.ndarray, w: CpuWeight, half: np.int32, shift: np.int32,
+                     factors: tuple[np.ndarray, np.ndarray] | None,
+                     sigma_shift: int) -> np.ndarray:
+        """int8 (rows, out) of a layer whose product and epilogue run fused, panel by panel
+        (the VNNI engine): plain for inference, or ES at rank 1 from factor-major (at, bt)."""
+        p, out = w.wt, np.empty((x.shape[0], w.w.shape[0]), dtype=np.int8)
+        if factors is None:
+            _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
+        else:
+            _fused_rank1(x, p.packed, p.comp, p.tail, *factors, I32(sigma_shift), half, shift,
+                         out)
+        return out
+
     def linear(self, x, w, shift, noise, sigma_shift):
-        rows = _rows2d(x)
+        rows = np.ascontiguousarray(_rows2d(x))
         half, shift = _rounding(shift)
-        if noise is not None:
-            at, bt = _factors(noise)
-            rows = np.ascontiguousarray(rows)
-            rank1 = at.shape[1] == 1
-            if rank1:  # projected before the GEMM, while x is in cache
-                xb = np.empty(len(rows), dtype=np.int32)
-                _project_rank1(rows, bt, xb)
+        factors = None if noise is None else _factors(noise)
+        rank1 = factors is not None and factors[0].shape[1] == 1
+        if isinstance(w.wt, VnniWeight) and (factors is None or rank1):
+            out = self.fused_linear(rows, w, half, shift, factors, sigma_shift)
+            return out.reshape(*x.shape[:-1], out.shape[1])
+        if rank1:  # projected before the GEMM, while x is in cache
+            xb = np.empty(len(rows), dtype=np.int32)
+            _project_rank1(rows, factors[1], xb)
         acc = self.base_product(rows, w)
         out = np.empty(acc.shape, dtype=np.int8)
-        if noise is None:
+        if factors is None:
             _linear_plain(acc, half, shift, out)
         elif rank1:
-            _correct_rank1(acc, xb, at, I32(sigma_shift), half, shift, out)
+            _correct_rank1(acc, xb, factors[0], I32(sigma_shift), half, shift, out)
         else:
-            _linear_lowrank(acc, rows, at, bt, I32(sigma_shift), half, shift, out)
+            _linear_lowrank(acc, rows, *factors, I32(sigma_shift), half, shift, out)
         return out.reshape(*x.shape[:-1], out.shape[1])
 
     def embed(self, table, tokens, noise, sigma_shift):
@@ -787,7 +895,16 @@ class CpuBackend:
         return out
 
     def update_matrix(self, w, noise, fitness, threshold):
-        return step_by_sign(w, self.gemm.lowrank_sum(*_factors(noise), fitness), threshold)
+        factors = _factors(noise)
+        if isinstance(self.gemm, VnniGemm):
+            operands = self.gemm.update_operands(*factors, fitness)
+            if operands is not None:
+                x, b, hilo = operands
+                out = np.empty(w.shape, dtype=np.int8)
+                _fused_update(x, b.packed, b.comp, hilo, np.ascontiguousarray(w), threshold,
+                              out)
+                return out
+        return step_by_sign(w, self.gemm.lowrank_sum(*factors, fitness), threshold)
 
     def update_vector(self, v, noise, fitness, threshold):
         return step_by_sign(v, self.gemm.vector_sum(fitness, noise), threshold)

@@ -1,19 +1,23 @@
 """Exact integer GEMMs for the cpu backend's shared base product X (N, in) @ W^T (in, out).
 
-Two engines, the same bits (every product of int8 values is summed exactly):
+Three engines, the same bits (every product of int8 values is summed exactly):
 
+- ``VnniGemm``: this package's own AVX-512 VNNI kernel (``intes.kernels.vnni_gemm``). Its
+  product is no faster than a library's; its point is that the cpu backend fuses each
+  layer's ES projection, correction and rescale into it, panel by panel in cache, and the
+  update's Z and step likewise. The default where the CPU has VNNI; needs no torch.
 - ``Int8Gemm``: int8 x int8 -> int32 through ``torch._int_mm`` (oneDNN; VNNI dot-product
   instructions where the CPU has them). Exact by construction: int32 holds any sum of up to
-  2^31 / 127^2 = 133,143 products, far past any layer width here. On the development
-  machine (AVX-512 VNNI) it ran 5-7x the float32 BLAS GEMM of the same shapes, so it is the
-  default when torch is installed.
+  2^31 / 127^2 = 133,143 products, far past any layer width here. It ran 5-7x the float32
+  BLAS GEMM of the same shapes on the development machine; the default without VNNI when
+  torch is installed.
 - ``Float32Gemm``: a float32 BLAS GEMM, exact while every partial sum is an integer below 2^24
   (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32. Needs only numpy.
 
 Each engine also computes the update's Z = sum_p f_p A_p B_p^T = (A^T diag(f)) B exactly, as
 one matrix product per tensor (``lowrank_sum``), and its vector form (``vector_sum``).
 
-Both keep BLAS (and torch's intra-op pool) at one thread: the cpu backend uses the cores one
+All keep BLAS (and torch's intra-op pool) at one thread: the cpu backend uses the cores one
 level up, one population slice per thread (see ``intes.kernels.cpu``).
 """
 
@@ -30,6 +34,9 @@ from numba import njit
 
 from intes.errors import ConfigError
 from intes.intmath import INT8_MAX
+from intes.kernels.vnni_gemm import VnniWeight, grouped_sum, vnni_unavailable
+from intes.kernels.vnni_gemm import pack as vnni_pack
+from intes.kernels.vnni_gemm import product as vnni_product
 from intes.noise import NOISE_MAX
 
 # float32 represents every integer of magnitude <= 2^24 exactly, and a GEMM's partial sums
@@ -40,7 +47,9 @@ EXACT_K = 1040
 F32_EXACT = 1 << 24
 # f_p A_p split as 32 hi + lo: |f A| <= 15 * 55 = 825 gives hi in [-26, 25], lo in [0, 31]
 _LO_BITS = 5
-GEMMS = ("auto", "int8", "float32")
+_LO_MASK = np.int32((1 << _LO_BITS) - 1)
+_BYTE = np.int32(255)
+GEMMS = ("auto", "vnni", "int8", "float32")
 _SCRATCH_LIMIT = 64  # distinct scratch shapes kept per thread before the cache is dropped
 _BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
                  "openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
@@ -136,6 +145,24 @@ def _shift_add(hi, lo, out):
             out[i, j] = np.add(np.left_shift(hi[i, j], np.int32(_LO_BITS)), lo[i, j])
 
 
+@njit(nogil=True, cache=True)
+def _vector_sum(fitness, noise, out):
+    """out = sum_p f_p noise[p] in int32 (wrapping like numpy's int32 matmul)."""
+    out[:] = 0
+    for p in range(noise.shape[0]):
+        f = np.int32(fitness[p])
+        for j in range(noise.shape[1]):
+            out[j] = np.add(out[j], np.multiply(f, np.int32(noise[p, j])))
+
+
+def vector_sum(fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """sum_p f_p e_p of int32 fitness (P,) and int8 noise (P, n), in int32: a loop that
+    vectorizes (numpy's int32 matmul has no BLAS behind it and ran 50x slower)."""
+    out = np.empty(noise.shape[1], dtype=np.int32)
+    _vector_sum(np.ascontiguousarray(fitness, dtype=np.int32), np.ascontiguousarray(noise), out)
+    return out
+
+
 def float_lowrank_sum(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
     """Z from factor-major at (P, r, out), bt (P, r, in) as ONE float GEMM, exact.
 
@@ -189,8 +216,7 @@ class Float32Gemm:
         return float_lowrank_sum(at, bt, fitness)
 
     def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """sum_p f_p e_p: (P,) @ (P, n) in int32, small."""
-        return fitness.astype(np.int32) @ noise.astype(np.int32)
+        return vector_sum(fitness, noise)
 
 
 class Int8Gemm:
@@ -280,20 +306,123 @@ class Int8Gemm:
     def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """sum_p f_p e_p as a (1, P) @ (P, n) int8 GEMM: shaped |f| <= 15 fits int8."""
         if int(np.abs(fitness).max(initial=0)) > INT8_MAX:
-            return fitness.astype(np.int32) @ noise.astype(np.int32)
+            return vector_sum(fitness, noise)
         return self.matmul(fitness.astype(np.int8)[None, :], noise, "zv")[0]
 
 
-def make_gemm(name: str | None = None) -> Float32Gemm | Int8Gemm:
-    """The named GEMM engine; 'auto' (or INTES_CPU_GEMM) takes int8 when torch can run it.
+@njit(inline="always", cache=True)
+def _word(b0, b1, b2, b3):
+    """The int32 whose little-endian bytes are b0 .. b3 (each taken mod 256)."""
+    return np.bitwise_or(np.bitwise_or(np.bitwise_and(b0, _BYTE), np.left_shift(
+        np.bitwise_and(b1, _BYTE), np.int32(8))), np.bitwise_or(np.left_shift(
+            np.bitwise_and(b2, _BYTE), np.int32(16)), np.left_shift(b3, np.int32(24))))
 
-    An explicit 'int8' without a working torch is an error, never a quiet float32 fallback.
+
+@njit(nogil=True, cache=True)
+def _scale_words(at, fitness, hilo, x):
+    """The update's rows for the VNNI GEMM, as words: x[g, o] holds the 4 bytes f_k A[k, o]
+    of k = 4g .. 4g + 3 (k = p r + r'), so x viewed as int8 (G, rows, 4) is the grouped V^T.
+    With ``hilo`` f A = 32 H + L (``_scale_split``): H's words in x[g, o], L's in
+    x[g, rows + o]. k past P r is zero. Word lanes vectorize where byte stores would not."""
+    pairs, rank, rows = at.shape
+    flat = at.reshape(pairs * rank, rows)
+    last = flat.shape[0] - 1
+    f, k = np.zeros(4, dtype=np.int32), np.zeros(4, dtype=np.int64)
+    for g in range(x.shape[0]):
+        for b in range(4):  # past the last k: any row, times 0
+            k[b] = min(4 * g + b, last)
+            f[b] = fitness[k[b] // rank] if 4 * g + b <= last else 0
+        f0, f1, f2, f3, k0, k1, k2, k3 = f[0], f[1], f[2], f[3], k[0], k[1], k[2], k[3]
+        for o in range(rows):
+            v0 = np.multiply(f0, np.int32(flat[k0, o]))
+            v1 = np.multiply(f1, np.int32(flat[k1, o]))
+            v2 = np.multiply(f2, np.int32(flat[k2, o]))
+            v3 = np.multiply(f3, np.int32(flat[k3, o]))
+            if hilo:
+                x[g, o] = _word(v0 >> _LO_BITS, v1 >> _LO_BITS, v2 >> _LO_BITS, v3 >> _LO_BITS)
+                x[g, rows + o] = _word(v0 & _LO_MASK, v1 & _LO_MASK, v2 & _LO_MASK,
+                                       v3 & _LO_MASK)
+            else:
+                x[g, o] = _word(v0, v1, v2, v3)
+
+
+class VnniGemm:
+    """X @ W^T by this package's own AVX-512 VNNI kernel (``intes.kernels.vnni_gemm``).
+
+    Its point is fusion: the cpu backend runs each linear layer's product, projection,
+    correction and rescale panel by panel in cache (``CpuBackend.linear``). Needs no torch.
+    """
+
+    name = "vnni"
+    description = "int8 VNNI GEMM with fused epilogues (numba, AVX-512 VNNI)"
+
+    def __init__(self) -> None:
+        reason = vnni_unavailable()
+        if reason is not None:
+            raise RuntimeError(reason)
+
+    def prepare(self, w: np.ndarray) -> VnniWeight:
+        return vnni_pack(w)
+
+    def product(self, x: np.ndarray, wt: VnniWeight) -> np.ndarray:
+        return vnni_product(x, wt)
+
+    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+        """Z = (A^T diag(f)) B exactly, as ONE VNNI product per tensor: the rows of V^T =
+        (diag(f) A)^T against B packed as the weight (its columns are B's rows).
+
+        V is int8 when max|f| * NOISE_MAX <= 127 (sign fitness); otherwise V = 32 H + L
+        with H and L rows interleaved, one product of twice the rows, combined as 32 Z_H +
+        Z_L as each panel is made (wrapping like the reference, whose |Z| < 2^31); the sums
+        bound as in ``Int8Gemm.lowrank_sum``. Wider fitness takes the float path.
+
+        V^T is written grouped, (P r / 4, rows, 4), which the GEMM reads as rows of 4-byte
+        groups: the factor-major A transposed by whole words instead of bytes.
+        """
+        operands = self.update_operands(at, bt, fitness)
+        if operands is None:
+            return float_lowrank_sum(at, bt, fitness)
+        return grouped_sum(*operands)
+
+    @staticmethod
+    def update_operands(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray
+                        ) -> tuple[np.ndarray, VnniWeight, bool] | None:
+        """(grouped V^T rows, B packed as the weight, hilo) for ``grouped_sum`` or a fused
+        update; None where the fitness is wider than any shaping makes (|f A| >= 127 * 32)."""
+        pairs, rank, rows = at.shape
+        widest = int(np.abs(fitness).max(initial=0)) * NOISE_MAX
+        if widest >= INT8_MAX << _LO_BITS:
+            return None
+        hilo, k = widest > INT8_MAX, pairs * rank
+        groups = -(-k // 4)
+        b = bt.reshape(k, -1)
+        if k % 4:  # zero rows up to whole groups (the grouped rows are zero there too)
+            b = np.concatenate([b, np.zeros((4 * groups - k, b.shape[1]), dtype=np.int8)])
+        words = np.empty((groups, 2 * rows if hilo else rows), dtype=np.int32)
+        _scale_words(at, np.ascontiguousarray(fitness, dtype=np.int32), hilo, words)
+        return words.view(np.int8).reshape(groups, words.shape[1], 4), vnni_pack(b.T), hilo
+
+    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return vector_sum(fitness, noise)
+
+
+def make_gemm(name: str | None = None) -> Float32Gemm | Int8Gemm | VnniGemm:
+    """The named GEMM engine; 'auto' (or INTES_CPU_GEMM) takes the VNNI kernel where the CPU
+    has AVX-512 VNNI, else int8 when torch can run it, else float32.
+
+    An explicit 'vnni' or 'int8' that cannot run is an error, never a quiet fallback.
     """
     name = name or os.environ.get("INTES_CPU_GEMM", "auto")
     if name not in GEMMS:
         raise ConfigError(f"unknown cpu GEMM {name!r}; choose one of {GEMMS}")
     if name == "float32":
         return Float32Gemm()
+    if name in ("auto", "vnni"):
+        reason = vnni_unavailable()
+        if reason is None:
+            return VnniGemm()
+        if name == "vnni":
+            raise ConfigError(f"the vnni GEMM cannot run here: {reason}")
     try:
         return Int8Gemm()
     except (ImportError, AttributeError, RuntimeError) as err:
