@@ -1,8 +1,8 @@
 """The cpu backend returns the reference backend's bits, op by op and for whole ES steps.
 
 Random shapes (fan-in past the float32 chunk size EXACT_K included), values (all +-127
-extremes included), seeds, ranks 1..4, shifts and population chunkings; with either GEMM
-engine (int8 through torch, float32 BLAS) for the base product.
+extremes included), seeds, ranks 1..4, shifts and population chunkings; with every GEMM
+engine that runs here (the fused VNNI kernel, int8 through torch, float32 BLAS).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
 INT8_MISSING = int8_gemm_unavailable()
 VNNI_MISSING = vnni_unavailable()
+VNNI = None if VNNI_MISSING else CpuBackend(gemm="vnni")
 GEMM_BACKENDS = ([F32] + ([] if INT8_MISSING else [CpuBackend(gemm="int8")])
-                 + ([] if VNNI_MISSING else [CpuBackend(gemm="vnni")]))
+                 + ([] if VNNI is None else [VNNI]))
 FILLS = ("random", "max", "min", "signs")
 seeds = st.integers(0, 2**32 - 1)
 fills = st.sampled_from(FILLS)
@@ -130,6 +131,61 @@ def test_row_dots_are_the_exact_dot_products(seed, n, fill, offset, rows, data):
     quad = tuple(int(want[m0 + c * stride + s]) for c in range(4) for s in range(2))
     assert quad_pair_dot_loop(x, m0, stride, b) == quad
     assert quad_pair_dot(x, m0, stride, b) == quad
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+@given(seed=seeds, pairs=st.integers(1, 40), fan_in=st.integers(1, 600),
+       out=st.integers(1, 200), sigma=st.integers(0, 8), shift=st.integers(0, 14),
+       x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
+       tokens=st.sampled_from([None, 1, 2, 3, 4, 5, 8]))
+def test_fused_linear_over_many_panels(seed, pairs, fan_in, out, sigma, shift, x_fill, w_fill,
+                                       n_fill, noisy, tokens):
+    """The VNNI engine's fused layers where shapes span several panels, column blocks and
+    tile remainders: up to 40 pairs (a panel holds 48 / (2 copies) of them), widths past
+    and between multiples of 64, fan-in with and without a 1-3 column tail."""
+    rng = np.random.default_rng(seed)
+    x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
+    w = int8s(rng, (out, fan_in), w_fill)
+    noise = lowrank(rng, pairs, out, fan_in, 1, n_fill, seed) if noisy else None
+    same(VNNI.linear(x, VNNI.prepare(w), shift, noise, sigma),
+         REF.linear(x, REF.prepare(w), shift, noise, sigma))
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+@given(seed=seeds, pairs=st.integers(1, 64), rows=st.integers(1, 150), cols=st.integers(1, 150),
+       rank=ranks, kind=st.sampled_from(["sign", "normalized", "extreme"]), w_fill=fills,
+       n_fill=fills, threshold=st.integers(0, 40000))
+def test_fused_update_over_many_panels(seed, pairs, rows, cols, rank, kind, w_fill, n_fill,
+                                       threshold):
+    """The VNNI engine's fused update (Z never stored) where the tensor spans several
+    panels and column blocks and P r is not a multiple of 4."""
+    rng = np.random.default_rng(seed)
+    w = int8s(rng, (rows, cols), w_fill)
+    noise = lowrank(rng, pairs, rows, cols, rank, n_fill, seed)
+    fmax = 1 if kind == "sign" else NORMALIZED_MAX
+    fitness = rng.integers(-fmax, fmax + 1, pairs).astype(np.int32)
+    if kind == "extreme":
+        fitness = np.where(fitness < 0, -fmax, fmax).astype(np.int32)
+    same(VNNI.update_matrix(w, noise, fitness, threshold),
+         REF.update_matrix(w, noise, fitness, threshold))
+    z = VNNI.gemm.lowrank_sum(*(np.ascontiguousarray(f.transpose(0, 2, 1))
+                                for f in (noise.a, noise.b)), fitness)
+    want = np.einsum("por,pir,p->oi", noise.a.astype(np.int64), noise.b.astype(np.int64),
+                     fitness.astype(np.int64))
+    np.testing.assert_array_equal(z, want)
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+@pytest.mark.parametrize("fan_in", [4, 1024, 1027, 4099])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_vnni_product_at_extreme_values(fan_in, sign):
+    """All +-127 operands: the largest sums (x + 128 = 255 or 1 against +-127 weights, the
+    compensation at its widest), across a fan-in tail."""
+    for value in (127, -127):
+        x = np.full((7, fan_in), value, dtype=np.int8)
+        w = np.full((65, fan_in), 127 * sign, dtype=np.int8)
+        got = VNNI.base_product(x, VNNI.prepare(w))
+        assert (got.astype(np.int64) == value * sign * 127 * fan_in).all()
 
 
 def test_vnni_is_used_where_the_cpu_has_it():
