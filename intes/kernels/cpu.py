@@ -60,8 +60,13 @@ from intes.kernels.vnni_gemm import (
     PANEL_ROWS,
     VnniWeight,
     add_tail,
+    expand_pairs,
+    merged_rescale_fits,
     panel_product,
+    rank1_info,
     tiles,
+    tiles_rank1,
+    tiles_rescale,
     update_panel,
 )
 
@@ -303,10 +308,16 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 
 @kernel
 def _fused_plain(x, packed, comp, tail, half, shift, out):
-    """Inference: sat8(rshift_round(x @ W^T, shift)), panel by panel."""
+    """Inference: sat8(rshift_round(x @ W^T, shift)). Each tile is rescaled in registers
+    right after its sums (``_tile_rescale``), panel by panel; with a fan-in tail the panel's
+    sums go through a buffer first."""
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for r0 in range(0, x.shape[0], PANEL_ROWS):
         rows = min(PANEL_ROWS, x.shape[0] - r0)
+        if tail.shape[1] == 0:
+            for block in range(packed.shape[0]):
+                tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out)
+            continue
         panel_product(x, r0, rows, packed, comp, tail, acc)
         for j in range(rows):
             for o in range(out.shape[1]):
@@ -314,29 +325,29 @@ def _fused_plain(x, packed, comp, tail, half, shift, out):
 
 
 @kernel
-def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, out):
-    """ES at rank 1, the epilogue of ``_correct_rank1`` (same bits), panel by panel.
+def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged, out):
+    """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel.
 
     A panel is a chunk of pairs in every copy of a token block (rows c N + 2p + s), so each
-    pair's factors are read from L1 by all its rows: the product block by block over the
-    copies, the projections (the product has just brought those x rows into L1; four copies
-    of a pair in one call, 8 rows against one load of B_p), then the epilogue pair by pair.
+    pair's factors are read from L1 by all its rows. First the panel's projections (four
+    copies of a pair in one call: 8 rows against one load of B_p), then its product block by
+    block over the copies, each tile corrected and rescaled in registers (``_tile_rank1``,
+    the two shifts merged) where ``merged`` (``merged_rescale_fits``) and the fan-in has no
+    tail; otherwise through a buffer and the unmerged epilogue.
     """
     members = 2 * at.shape[0]
     copies = x.shape[0] // members
     chunk = max(1, PANEL_ROWS // (2 * copies))  # pairs per panel
+    in_registers = merged and tail.shape[1] == 0
     odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
+    total = np.add(sigma_shift, shift)
     acc = np.empty((2 * chunk * copies, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     xb = np.empty(2 * chunk * copies, dtype=np.int32)
+    info = np.empty((2 * chunk * copies, 3), dtype=np.int32)
+    ea = np.empty((chunk, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for p0 in range(0, at.shape[0], chunk):
         pairs = min(chunk, at.shape[0] - p0)
-        rows = 2 * pairs  # per copy; copy c's rows sit at acc[c rows : (c + 1) rows]
-        for block in range(packed.shape[0]):
-            for c in range(copies):
-                tiles(x, c * members + 2 * p0, rows, packed, comp, block, acc, c * rows)
-        if tail.shape[1] > 0:
-            for c in range(copies):
-                add_tail(x, c * members + 2 * p0, rows, tail, acc, c * rows)
+        rows = 2 * pairs  # per copy; copy c's rows are panel rows c rows .. (c + 1) rows - 1
         c0 = 0
         while c0 + 4 <= copies:
             for q in range(pairs):
@@ -350,16 +361,31 @@ def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, out):
             for q in range(pairs):
                 d0, d1 = _project1(x, c * members + 2 * (p0 + q), p0 + q, bt, 0)
                 xb[c * rows + 2 * q], xb[c * rows + 2 * q + 1] = d0, np.negative(d1)
-        for q in range(pairs):
-            p = p0 + q
+        if in_registers:
+            expand_pairs(at, p0, pairs, ea)
+            for j in range(copies * rows):
+                info[j, 0] = (j % rows) // 2
+                info[j, 1], info[j, 2] = rank1_info(xb[j], I32(0) if j % 2 == 0 else odd_bias,
+                                                    half, sigma_shift)
+            for block in range(packed.shape[0]):
+                for c in range(copies):
+                    tiles_rank1(x, c * members + 2 * p0, rows, packed, comp, block, info,
+                                c * rows, ea, sigma_shift, total, out)
+            continue
+        for block in range(packed.shape[0]):
             for c in range(copies):
-                for s in range(2):
-                    j, m = c * rows + 2 * q + s, c * members + 2 * p + s
-                    xv, bias = xb[j], (I32(0) if s == 0 else odd_bias)
-                    for o in range(out.shape[1]):
-                        v = np.add(np.multiply(xv, I32(at[p, 0, o])), bias)
-                        out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
-                                             half, shift)
+                tiles(x, c * members + 2 * p0, rows, packed, comp, block, acc, c * rows)
+        if tail.shape[1] > 0:
+            for c in range(copies):
+                add_tail(x, c * members + 2 * p0, rows, tail, acc, c * rows)
+        for c in range(copies):
+            for r in range(rows):
+                j, m, p = c * rows + r, c * members + 2 * p0 + r, p0 + r // 2
+                xv, bias = xb[j], (I32(0) if r % 2 == 0 else odd_bias)
+                for o in range(out.shape[1]):
+                    v = np.add(np.multiply(xv, I32(at[p, 0, o])), bias)
+                    out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
+                                         half, shift)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,8 +878,9 @@ class CpuBackend:
         if factors is None:
             _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
         else:
+            merged = merged_rescale_fits(x.shape[1], sigma_shift, int(shift))
             _fused_rank1(x, p.packed, p.comp, p.tail, *factors, I32(sigma_shift), half, shift,
-                         out)
+                         merged, out)
         return out
 
     def linear(self, x, w, shift, noise, sigma_shift):

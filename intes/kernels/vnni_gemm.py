@@ -36,7 +36,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from intes.intmath import FRAC_BITS
 from intes.kernels.vnni import HAVE_VNNI
+from intes.noise import NOISE_MAX
 
 TILE_ROWS = 6
 BLOCK_COLS = 64  # columns per packed block: 4 registers of 16 int32 lanes
@@ -98,98 +100,238 @@ def pack(w: np.ndarray) -> VnniWeight:
     return VnniWeight(w, packed, comp, np.ascontiguousarray(w[:, groups * 4:]))
 
 
-@intrinsic
-def _tile(typingctx, x, rows, packed, comp, block, acc, acc_row):
-    """acc[acc_row + j, 64 block : 64 block + 64] = x[rows[j], :4G] @ W^T for the block's 64
-    columns (G = packed.shape[1] groups of 4), for the R = len(rows) rows of the tuple. x is
-    (M, K), or grouped (G, M, 4): x[g, m] is row m's k = 4 g .. 4 g + 3."""
-    arrays_ok = (isinstance(x, types.Array) and x.ndim in (2, 3) and x.layout == "C"
-                 and x.dtype == types.int8 and isinstance(packed, types.Array)
-                 and packed.ndim == 3 and packed.layout == "C" and packed.dtype == types.int8
-                 and isinstance(comp, types.Array) and comp.ndim == 2 and comp.layout == "C"
-                 and comp.dtype == types.int32 and isinstance(acc, types.Array)
-                 and acc.ndim == 2 and acc.layout == "C" and acc.dtype == types.int32)
-    if not (arrays_ok and isinstance(rows, types.UniTuple)
-            and isinstance(rows.dtype, types.Integer) and 1 <= len(rows) <= TILE_ROWS):
-        return None
-    count = len(rows)
-    sig = types.void(x, rows, packed, comp, block, acc, acc_row)
+def _is_array(t, ndims: tuple[int, ...], dtype) -> bool:
+    return (isinstance(t, types.Array) and t.ndim in ndims and t.layout == "C"
+            and t.dtype == dtype)
 
-    def codegen(context, builder, signature, args):
-        vx, vrows, vpacked, vcomp, vblock, vacc, vacc_row = args
-        ax, ap, ac, aa = (context.make_array(signature.args[i])(context, builder, v)
-                          for i, v in ((0, vx), (2, vpacked), (3, vcomp), (5, vacc)))
 
-        def i64(v):
-            return builder.sext(v, _I64) if v.type.width < 64 else v
+def _tile_typing_ok(x, rows, packed, comp) -> bool:
+    return (_is_array(x, (2, 3), types.int8) and _is_array(packed, (3,), types.int8)
+            and _is_array(comp, (2,), types.int32) and isinstance(rows, types.UniTuple)
+            and isinstance(rows.dtype, types.Integer) and 1 <= len(rows) <= TILE_ROWS)
 
-        block, acc_row = i64(vblock), i64(vacc_row)
-        x_strides = cgutils.unpack_tuple(builder, ax.strides, signature.args[0].ndim)
-        if signature.args[0].ndim == 2:  # (M, K): a row's groups are consecutive words
+
+class _Emit:
+    """IR helpers shared by the tile intrinsics."""
+
+    def __init__(self, context, builder) -> None:
+        self.context, self.builder = context, builder
+
+    def i64(self, v):
+        return self.builder.sext(v, _I64) if v.type.width < 64 else v
+
+    def i32(self, v):
+        return self.builder.trunc(v, _I32) if v.type.width > 32 else v
+
+    def splat(self, v):
+        b = self.builder
+        one = b.insert_element(ir.Constant(_V32, ir.Undefined), self.i32(v), _I32(0))
+        return b.shuffle_vector(one, ir.Constant(_V32, ir.Undefined),
+                                ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+
+    def array(self, typ, value):
+        return self.context.make_array(typ)(self.context, self.builder, value)
+
+    def row_pointer(self, array, index, element_bytes: int, vector):
+        """Pointer to array[index, 0] (a 2-D C array) as a ``vector`` pointer."""
+        stride = cgutils.unpack_tuple(self.builder, array.strides, 2)[0]
+        offset = self.builder.sdiv(self.builder.mul(self.i64(index), stride), _I64(element_bytes))
+        return self.builder.bitcast(self.builder.gep(array.data, [offset]), vector.as_pointer())
+
+    def function(self, name: str, ret, params):
+        return cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(ret, params),
+                                              name)
+
+    def sums(self, xt, count, vx, vrows, ap, ac, block):
+        """The tile's int32 sums, [row][vector], for the ``count`` rows of the tuple vrows."""
+        b = self.builder
+        ax = self.array(xt, vx)
+        x_strides = cgutils.unpack_tuple(b, ax.strides, xt.ndim)
+        if xt.ndim == 2:  # (M, K): a row's groups are consecutive words
             x_stride, x_step = x_strides[0], _I64(1)
         else:  # grouped (G, M, 4): group g of row m at x[g, m], G x M words apart
-            x_stride, x_step = x_strides[1], builder.sdiv(x_strides[0], _I64(4))
-        acc_stride = builder.sdiv(cgutils.unpack_tuple(builder, aa.strides, 2)[0], _I64(4))
-        groups = cgutils.unpack_tuple(builder, ap.shape, 3)[1]
-        block_bytes = cgutils.unpack_tuple(builder, ap.strides, 3)[0]
-        dpbusd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V32, [_V32, _V32, _V32]),
-            "llvm.x86.avx512.vpdpbusd.512")
-        x_rows = [builder.bitcast(builder.gep(ax.data, [builder.mul(
-            i64(builder.extract_value(vrows, j)), x_stride)]), _I32.as_pointer())
-            for j in range(count)]
-        lines = builder.bitcast(builder.gep(ap.data, [builder.mul(block, block_bytes)]),
-                                _V32.as_pointer())
-        comp_row = builder.bitcast(builder.gep(ac.data, [builder.mul(block, _I64(BLOCK_COLS))]),
-                                   _V32.as_pointer())
-        start = [builder.load(builder.gep(comp_row, [_I64(c)]), align=4) for c in range(_VECS)]
-        splat = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
+            x_stride, x_step = x_strides[1], b.sdiv(x_strides[0], _I64(4))
+        groups = cgutils.unpack_tuple(b, ap.shape, 3)[1]
+        block_bytes = cgutils.unpack_tuple(b, ap.strides, 3)[0]
+        dpbusd = self.function("llvm.x86.avx512.vpdpbusd.512", _V32, [_V32, _V32, _V32])
+        x_rows = [b.bitcast(b.gep(ax.data, [b.mul(self.i64(b.extract_value(vrows, j)),
+                                                  x_stride)]), _I32.as_pointer())
+                  for j in range(count)]
+        lines = b.bitcast(b.gep(ap.data, [b.mul(block, block_bytes)]), _V32.as_pointer())
+        comp_row = b.bitcast(b.gep(ac.data, [b.mul(block, _I64(BLOCK_COLS))]),
+                             _V32.as_pointer())
+        start = [b.load(b.gep(comp_row, [_I64(c)]), align=4) for c in range(_VECS)]
 
-        entry = builder.basic_block
-        loop = builder.append_basic_block("tile.loop")
-        done = builder.append_basic_block("tile.done")
-        builder.cbranch(builder.icmp_signed(">", groups, _I64(0)), loop, done)
+        entry = b.basic_block
+        loop = b.append_basic_block("tile.loop")
+        done = b.append_basic_block("tile.done")
+        b.cbranch(b.icmp_signed(">", groups, _I64(0)), loop, done)
 
-        builder.position_at_end(loop)
-        g = builder.phi(_I64)
-        accs = [[builder.phi(_V32) for _ in range(_VECS)] for _ in range(count)]
-        w = [builder.load(builder.gep(lines, [builder.add(builder.mul(g, _I64(_VECS)),
-                                                          _I64(c))]), align=1)
+        b.position_at_end(loop)
+        g = b.phi(_I64)
+        accs = [[b.phi(_V32) for _ in range(_VECS)] for _ in range(count)]
+        w = [b.load(b.gep(lines, [b.add(b.mul(g, _I64(_VECS)), _I64(c))]), align=1)
              for c in range(_VECS)]
         new = []
         for j in range(count):
-            word = builder.load(builder.gep(x_rows[j], [builder.mul(g, x_step)]), align=1)
-            word = builder.xor(word, _BIAS)
-            one = builder.insert_element(ir.Constant(_V32, ir.Undefined), word, _I32(0))
-            xs = builder.shuffle_vector(one, ir.Constant(_V32, ir.Undefined), splat)
-            new.append([builder.call(dpbusd, [accs[j][c], xs, w[c]]) for c in range(_VECS)])
-        nxt = builder.add(g, _I64(1))
+            word = b.xor(b.load(b.gep(x_rows[j], [b.mul(g, x_step)]), align=1), _BIAS)
+            xs = self.splat(word)
+            new.append([b.call(dpbusd, [accs[j][c], xs, w[c]]) for c in range(_VECS)])
+        nxt = b.add(g, _I64(1))
         g.add_incoming(_I64(0), entry)
         g.add_incoming(nxt, loop)
         for j in range(count):
             for c in range(_VECS):
                 accs[j][c].add_incoming(start[c], entry)
                 accs[j][c].add_incoming(new[j][c], loop)
-        builder.cbranch(builder.icmp_signed("<", nxt, groups), loop, done)
+        b.cbranch(b.icmp_signed("<", nxt, groups), loop, done)
 
-        builder.position_at_end(done)
+        b.position_at_end(done)
         results = []
         for j in range(count):
             results.append([])
             for c in range(_VECS):
-                phi = builder.phi(_V32)
+                phi = b.phi(_V32)
                 phi.add_incoming(start[c], entry)
                 phi.add_incoming(new[j][c], loop)
                 results[j].append(phi)
-        col = builder.mul(block, _I64(BLOCK_COLS))
-        for j in range(count):
-            row = builder.add(builder.mul(builder.add(acc_row, _I64(j)), acc_stride), col)
-            out = builder.bitcast(builder.gep(aa.data, [row]), _V32.as_pointer())
-            for c in range(_VECS):
-                builder.store(results[j][c], builder.gep(out, [_I64(c)]), align=4)
+        return results
+
+    def store_int8(self, value, out, row, col, width):
+        """sat8 of an int32 vector stored at out[row, col : col + 16], lanes past ``width``
+        left alone (a masked store)."""
+        b = self.builder
+        lo, hi = (ir.Constant(_V32, [ir.Constant(_I32, v)] * 16) for v in (-127, 127))
+        value = b.select(b.icmp_signed("<", value, lo), lo, value)
+        value = b.select(b.icmp_signed(">", value, hi), hi, value)
+        v8 = ir.VectorType(ir.IntType(8), 16)
+        base = self.row_pointer(out, row, 1, ir.IntType(8))
+        pointer = b.bitcast(b.gep(base, [col]), v8.as_pointer())
+        lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
+        mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
+        store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
+                              [v8, v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)])
+        b.call(store, [b.trunc(value, v8), pointer, _I32(1), mask])
+
+
+@intrinsic
+def _tile(typingctx, x, rows, packed, comp, block, acc, acc_row):
+    """acc[acc_row + j, 64 block : 64 block + 64] = x[rows[j], :4G] @ W^T for the block's 64
+    columns (G = packed.shape[1] groups of 4), for the R = len(rows) rows of the tuple. x is
+    (M, K), or grouped (G, M, 4): x[g, m] is row m's k = 4 g .. 4 g + 3."""
+    if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(acc, (2,), types.int32)):
+        return None
+    sig = types.void(x, rows, packed, comp, block, acc, acc_row)
+
+    def codegen(context, builder, signature, args):
+        vx, vrows, vpacked, vcomp, vblock, vacc, vacc_row = args
+        e = _Emit(context, builder)
+        ap, ac, aa = (e.array(signature.args[i], args[i]) for i in (2, 3, 5))
+        block = e.i64(vblock)
+        sums = e.sums(signature.args[0], len(signature.args[1]), vx, vrows, ap, ac, block)
+        col = builder.mul(block, _I64(_VECS))
+        for j, row_sums in enumerate(sums):
+            out = e.row_pointer(aa, builder.add(e.i64(vacc_row), _I64(j)), 4, _V32)
+            for c, value in enumerate(row_sums):
+                builder.store(value, builder.gep(out, [builder.add(col, _I64(c))]), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out):
+    """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's columns
+    (those inside out's width): the inference epilogue applied to the tile's registers."""
+    if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)):
+        return None
+    sig = types.void(x, rows, packed, comp, block, half, shift, out)
+
+    def codegen(context, builder, signature, args):
+        vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout = args
+        e = _Emit(context, builder)
+        ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
+        block = e.i64(vblock)
+        sums = e.sums(signature.args[0], len(signature.args[1]), vx, vrows, ap, ac, block)
+        width = cgutils.unpack_tuple(builder, ao.shape, 2)[1]
+        halves, shifts = e.splat(vhalf), e.splat(vshift)
+        for j, row_sums in enumerate(sums):
+            row = builder.extract_value(vrows, j)
+            for c, value in enumerate(row_sums):
+                col = builder.add(builder.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
+                e.store_int8(builder.ashr(builder.add(value, halves), shifts), ao, row, col,
+                             width)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _tile_rank1(typingctx, x, rows, packed, comp, block, info, info_row, ea, shift, total,
+                out):
+    """The ES epilogue of ``rank1_epilogue`` applied to the tile's registers: out[rows[j],
+    64 block ...] = sat8(((sums << shift) + a xv + const) >> total), with each row's (ea row,
+    xv word, const) in info[info_row + j] and a xv one vpdpwssd against ea (see
+    ``expand_pairs``; its rows are padded to whole blocks)."""
+    if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
+            and _is_array(info, (2,), types.int32) and _is_array(ea, (2,), types.int32)):
+        return None
+    sig = types.void(x, rows, packed, comp, block, info, info_row, ea, shift, total, out)
+
+    def codegen(context, builder, signature, args):
+        vx, vrows, vpacked, vcomp, vblock, vinfo, vinfo_row, vea, vshift, vtotal, vout = args
+        e = _Emit(context, builder)
+        ap, ac, ai, ae, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 10))
+        block = e.i64(vblock)
+        sums = e.sums(signature.args[0], len(signature.args[1]), vx, vrows, ap, ac, block)
+        width = cgutils.unpack_tuple(builder, ao.shape, 2)[1]
+        shifts, totals = e.splat(vshift), e.splat(vtotal)
+        dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
+        for j, row_sums in enumerate(sums):
+            row = builder.extract_value(vrows, j)
+            fields = e.row_pointer(ai, builder.add(e.i64(vinfo_row), _I64(j)), 4, _I32)
+            q, word, const = (builder.load(builder.gep(fields, [_I32(f)])) for f in range(3))
+            ea_row = e.row_pointer(ae, q, 4, _V32)
+            words, consts = e.splat(word), e.splat(const)
+            for c, value in enumerate(row_sums):
+                col = builder.add(builder.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
+                a = builder.load(builder.gep(ea_row, [builder.add(builder.mul(
+                    block, _I64(_VECS)), _I64(c))]), align=4)
+                v = builder.call(dpwssd, [builder.shl(value, shifts), a, words])
+                e.store_int8(builder.ashr(builder.add(v, consts), totals), ao, row, col, width)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def expand_pairs(at, p0, count, ea):
+    """ea[q, o] = the int16 pair (a, 256 a) of a = at[p0 + q, 0, o], as an int32 word: its
+    vpdpwssd against the pair (xv & 255, xv >> 8) is a xv."""
+    for q in range(count):
+        for o in range(at.shape[2]):
+            a = np.int32(at[p0 + q, 0, o])
+            ea[q, o] = np.bitwise_or(np.bitwise_and(a, np.int32(0xFFFF)),
+                                     np.left_shift(a, np.int32(24)))
+
+
+@njit(inline="always", cache=True)
+def rank1_info(xv, bias, half, sigma_shift):
+    """(xv word, const) of ``_tile_rank1`` for a row: sat8(rshift_round(acc + ((xv a + bias)
+    >> s), shift)) is floor((acc 2^s + xv a + bias + half 2^s) / 2^(s + shift)), the two
+    floors merged (equal wherever nothing overflows int32: ``merged_rescale_fits``)."""
+    word = np.bitwise_or(np.bitwise_and(xv, np.int32(255)),
+                         np.left_shift(np.right_shift(xv, np.int32(8)), np.int32(16)))
+    return word, np.add(bias, np.left_shift(half, sigma_shift))
+
+
+def merged_rescale_fits(fan_in: int, sigma_shift: int, shift: int) -> bool:
+    """Whether ``rank1_info``'s merged sum stays inside int32 for any int8 inputs and
+    noise, and xv >> 8 inside int16 (its vpdpwssd operand)."""
+    xv = (fan_in * 127 * NOISE_MAX) >> FRAC_BITS
+    total = (fan_in * 127 * 127 << sigma_shift) + xv * NOISE_MAX + (1 << sigma_shift) + (
+        (1 << (sigma_shift + shift - 1)) if shift > 0 else 0)
+    return total < 2**31 and (xv >> 8) < 2**15
 
 
 @njit(inline="always", cache=True)
@@ -212,6 +354,53 @@ def tiles(x, r0, rows, packed, comp, block, acc, a0):
         _tile(x, (m, m + 1, m + 2, m + 3), packed, comp, block, acc, a)
     elif left == 5:
         _tile(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, acc, a)
+
+
+@njit(inline="always", cache=True)
+def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
+    """``_tile_rescale`` over x rows r0 .. r0 + rows - 1: whole tiles, then the rest."""
+    j = 0
+    while j + TILE_ROWS <= rows:
+        m = r0 + j
+        _tile_rescale(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, half,
+                      shift, out)
+        j += TILE_ROWS
+    left, m = rows - j, r0 + j
+    if left == 1:
+        _tile_rescale(x, (m,), packed, comp, block, half, shift, out)
+    elif left == 2:
+        _tile_rescale(x, (m, m + 1), packed, comp, block, half, shift, out)
+    elif left == 3:
+        _tile_rescale(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out)
+    elif left == 4:
+        _tile_rescale(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift, out)
+    elif left == 5:
+        _tile_rescale(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, half, shift,
+                      out)
+
+
+@njit(inline="always", cache=True)
+def tiles_rank1(x, r0, rows, packed, comp, block, info, i0, ea, shift, total, out):
+    """``_tile_rank1`` over x rows r0 .. r0 + rows - 1, their info at info[i0 ...]."""
+    j = 0
+    while j + TILE_ROWS <= rows:
+        m = r0 + j
+        _tile_rank1(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, info,
+                    i0 + j, ea, shift, total, out)
+        j += TILE_ROWS
+    left, m, i = rows - j, r0 + j, i0 + j
+    if left == 1:
+        _tile_rank1(x, (m,), packed, comp, block, info, i, ea, shift, total, out)
+    elif left == 2:
+        _tile_rank1(x, (m, m + 1), packed, comp, block, info, i, ea, shift, total, out)
+    elif left == 3:
+        _tile_rank1(x, (m, m + 1, m + 2), packed, comp, block, info, i, ea, shift, total, out)
+    elif left == 4:
+        _tile_rank1(x, (m, m + 1, m + 2, m + 3), packed, comp, block, info, i, ea, shift,
+                    total, out)
+    elif left == 5:
+        _tile_rank1(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, info, i, ea,
+                    shift, total, out)
 
 
 @njit(inline="always", cache=True)
