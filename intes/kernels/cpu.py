@@ -331,9 +331,10 @@ def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged
     A panel is a chunk of pairs in every copy of a token block (rows c N + 2p + s), so each
     pair's factors are read from L1 by all its rows. First the panel's projections (four
     copies of a pair in one call: 8 rows against one load of B_p), then its product block by
-    block over the copies, each tile corrected and rescaled in registers (``_tile_rank1``,
-    the two shifts merged) where ``merged`` (``merged_rescale_fits``) and the fan-in has no
-    tail; otherwise through a buffer and the unmerged epilogue.
+    block over the copies, each tile corrected and rescaled in registers (``_tile_rank1``
+    against ea, the expanded A: the two shifts merged) where ``merged``
+    (``merged_rescale_fits``) and the fan-in has no tail; otherwise through a buffer and the
+    unmerged epilogue.
     """
     members = 2 * at.shape[0]
     copies = x.shape[0] // members
@@ -870,27 +871,26 @@ class CpuBackend:
         return self.gemm.product(x, w.wt)
 
     def fused_linear(self, x: np.ndarray, w: CpuWeight, half: np.int32, shift: np.int32,
-                     factors: tuple[np.ndarray, np.ndarray] | None,
-                     sigma_shift: int) -> np.ndarray:
+                     noise: LowRank | None, sigma_shift: int) -> np.ndarray:
         """int8 (rows, out) of a layer whose product and epilogue run fused, panel by panel
-        (the VNNI engine): plain for inference, or ES at rank 1 from factor-major (at, bt)."""
+        (the VNNI engine): plain for inference, or ES at rank 1."""
         p, out = w.wt, np.empty((x.shape[0], w.w.shape[0]), dtype=np.int8)
-        if factors is None:
+        if noise is None:
             _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
-        else:
-            merged = merged_rescale_fits(x.shape[1], sigma_shift, int(shift))
-            _fused_rank1(x, p.packed, p.comp, p.tail, *factors, I32(sigma_shift), half, shift,
-                         merged, out)
+            return out
+        merged = merged_rescale_fits(x.shape[1], sigma_shift, int(shift))
+        _fused_rank1(x, p.packed, p.comp, p.tail, *_factors(noise), I32(sigma_shift), half,
+                     shift, merged, out)
         return out
 
     def linear(self, x, w, shift, noise, sigma_shift):
         rows = np.ascontiguousarray(_rows2d(x))
         half, shift = _rounding(shift)
-        factors = None if noise is None else _factors(noise)
-        rank1 = factors is not None and factors[0].shape[1] == 1
-        if isinstance(w.wt, VnniWeight) and (factors is None or rank1):
-            out = self.fused_linear(rows, w, half, shift, factors, sigma_shift)
+        rank1 = noise is not None and noise.a.shape[2] == 1
+        if isinstance(w.wt, VnniWeight) and (noise is None or rank1):
+            out = self.fused_linear(rows, w, half, shift, noise, sigma_shift)
             return out.reshape(*x.shape[:-1], out.shape[1])
+        factors = None if noise is None else _factors(noise)
         if rank1:  # projected before the GEMM, while x is in cache
             xb = np.empty(len(rows), dtype=np.int32)
             _project_rank1(rows, factors[1], xb)

@@ -269,12 +269,14 @@ def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out):
 @intrinsic
 def _tile_rank1(typingctx, x, rows, packed, comp, block, info, info_row, ea, shift, total,
                 out):
-    """The ES epilogue of ``rank1_epilogue`` applied to the tile's registers: out[rows[j],
-    64 block ...] = sat8(((sums << shift) + a xv + const) >> total), with each row's (ea row,
-    xv word, const) in info[info_row + j] and a xv one vpdpwssd against ea (see
-    ``expand_pairs``; its rows are padded to whole blocks)."""
+    """The ES epilogue applied to the tile's registers: out[rows[j], 64 block ...] =
+    sat8(((sums << shift) + a xv + const) >> total) (see ``rank1_info``), with each row's
+    (ea row, xv word, const) in info[info_row + j] and a xv one vpdpwssd against ea (see
+    ``expand_pairs``; its rows are padded to whole blocks). The rows are whole pairs (an
+    even count, rows 2i and 2i + 1 of one pair), which share their ea row."""
     if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
-            and _is_array(info, (2,), types.int32) and _is_array(ea, (2,), types.int32)):
+            and _is_array(info, (2,), types.int32) and _is_array(ea, (2,), types.int32)
+            and len(rows) % 2 == 0):
         return None
     sig = types.void(x, rows, packed, comp, block, info, info_row, ea, shift, total, out)
 
@@ -290,14 +292,16 @@ def _tile_rank1(typingctx, x, rows, packed, comp, block, info, info_row, ea, shi
         for j, row_sums in enumerate(sums):
             row = builder.extract_value(vrows, j)
             fields = e.row_pointer(ai, builder.add(e.i64(vinfo_row), _I64(j)), 4, _I32)
-            q, word, const = (builder.load(builder.gep(fields, [_I32(f)])) for f in range(3))
-            ea_row = e.row_pointer(ae, q, 4, _V32)
+            word, const = (builder.load(builder.gep(fields, [_I32(f)])) for f in (1, 2))
+            if j % 2 == 0:  # a pair's two rows share their factor's loads
+                q = builder.load(builder.gep(fields, [_I32(0)]))
+                ea_row = e.row_pointer(ae, q, 4, _V32)
+                factor = [builder.load(builder.gep(ea_row, [builder.add(builder.mul(
+                    block, _I64(_VECS)), _I64(c))]), align=4) for c in range(_VECS)]
             words, consts = e.splat(word), e.splat(const)
             for c, value in enumerate(row_sums):
                 col = builder.add(builder.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
-                a = builder.load(builder.gep(ea_row, [builder.add(builder.mul(
-                    block, _I64(_VECS)), _I64(c))]), align=4)
-                v = builder.call(dpwssd, [builder.shl(value, shifts), a, words])
+                v = builder.call(dpwssd, [builder.shl(value, shifts), factor[c], words])
                 e.store_int8(builder.ashr(builder.add(v, consts), totals), ao, row, col, width)
         return context.get_dummy_value()
 
@@ -307,7 +311,8 @@ def _tile_rank1(typingctx, x, rows, packed, comp, block, info, info_row, ea, shi
 @njit(inline="always", cache=True)
 def expand_pairs(at, p0, count, ea):
     """ea[q, o] = the int16 pair (a, 256 a) of a = at[p0 + q, 0, o], as an int32 word: its
-    vpdpwssd against the pair (xv & 255, xv >> 8) is a xv."""
+    vpdpwssd against the pair (xv & 255, xv >> 8) is a xv. Made per panel from the int8
+    factors (a whole layer's, 4 bytes a value, would stream from memory every call)."""
     for q in range(count):
         for o in range(at.shape[2]):
             a = np.int32(at[p0 + q, 0, o])
@@ -381,7 +386,8 @@ def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
 
 @njit(inline="always", cache=True)
 def tiles_rank1(x, r0, rows, packed, comp, block, info, i0, ea, shift, total, out):
-    """``_tile_rank1`` over x rows r0 .. r0 + rows - 1, their info at info[i0 ...]."""
+    """``_tile_rank1`` over x rows r0 .. r0 + rows - 1 (whole pairs: r0 and rows even), their
+    info at info[i0 ...]."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
@@ -389,18 +395,11 @@ def tiles_rank1(x, r0, rows, packed, comp, block, info, i0, ea, shift, total, ou
                     i0 + j, ea, shift, total, out)
         j += TILE_ROWS
     left, m, i = rows - j, r0 + j, i0 + j
-    if left == 1:
-        _tile_rank1(x, (m,), packed, comp, block, info, i, ea, shift, total, out)
-    elif left == 2:
+    if left == 2:
         _tile_rank1(x, (m, m + 1), packed, comp, block, info, i, ea, shift, total, out)
-    elif left == 3:
-        _tile_rank1(x, (m, m + 1, m + 2), packed, comp, block, info, i, ea, shift, total, out)
     elif left == 4:
         _tile_rank1(x, (m, m + 1, m + 2, m + 3), packed, comp, block, info, i, ea, shift,
                     total, out)
-    elif left == 5:
-        _tile_rank1(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, info, i, ea,
-                    shift, total, out)
 
 
 @njit(inline="always", cache=True)
