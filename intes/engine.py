@@ -149,8 +149,14 @@ class Engine:
 
     @property
     def prepared(self) -> dict:
+        """The backend's forms of the matrices (``prepare``), made once per set of weights, in
+        groups of near-equal size on the backend's threads (packing is real work for some)."""
         if self._prepared is None:
-            self._prepared = prepare(self.backend, self.specs, self.params)
+            matrices = [s for s in self.specs if s.kind == "matrix"]
+            groups = es.balanced_groups([int(np.prod(s.shape)) for s in matrices], self.threads)
+            parts = self.map(lambda ids: prepare(self.backend, [matrices[i] for i in ids],
+                                                 self.params), groups)
+            self._prepared = {name: form for part in parts for name, form in part.items()}
         return self._prepared
 
     def member_ops(self, pair_start: int, pair_stop: int) -> Ops:

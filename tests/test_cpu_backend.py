@@ -437,10 +437,13 @@ def test_bad_thread_count_is_a_config_error(monkeypatch, value):
 
 def test_token_block_rule_and_overrides(monkeypatch):
     """By default small slices run blocks of TOKEN_BLOCK tokens and large ones token by
-    token; the environment and the constructor fix it; a bad value is a config error."""
+    token (the fused VNNI engine: blocks at any size); the environment and the constructor
+    fix it; a bad value is a config error."""
     monkeypatch.delenv("INTES_CPU_TOKEN_BLOCK", raising=False)
-    auto = CpuBackend(1)
+    auto = CpuBackend(1, "float32")
     assert auto.token_block(BLOCK_ROWS) == TOKEN_BLOCK and auto.token_block(BLOCK_ROWS + 2) == 1
+    if VNNI is not None:  # the fused engine blocks tokens at any size
+        assert CpuBackend(1, "vnni").token_block(BLOCK_ROWS * 8) == TOKEN_BLOCK
     assert CpuBackend(1, token_block=3).token_block(10**6) == 3
     monkeypatch.setenv("INTES_CPU_TOKEN_BLOCK", "6")
     assert CpuBackend(1).token_block(2) == 6

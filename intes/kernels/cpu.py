@@ -73,10 +73,13 @@ from intes.kernels.vnni_gemm import (
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
-# Tokens per forward call (see CpuBackend.token_block): a slice of at most BLOCK_ROWS rows runs
-# TOKEN_BLOCK tokens at once, a larger one token by token. Measured on 2 cores at width 256
-# (ES step, blocks 1, 2, 4, 8): 256 and 512 rows ran fastest at 4 (+12-25% over 1), 1024 and
-# 2048 rows at 1 (blocks of 2 or 4 were 8-14% slower there).
+# Tokens per forward call (see CpuBackend.token_block). With the int8 and float32 engines a
+# slice of at most BLOCK_ROWS rows runs TOKEN_BLOCK tokens at once, a larger one token by token:
+# measured on 2 cores at width 256 (ES step, blocks 1, 2, 4, 8), 256 and 512 rows ran fastest
+# at 4 (+12-25% over 1), 1024 and 2048 rows at 1 (blocks of 2 or 4 were 8-14% slower there,
+# their int32 products streaming through memory). The fused VNNI engine keeps no product in
+# memory and runs TOKEN_BLOCK at every size: at 2048 rows ES tokens/s rose by 3% (width 256)
+# and 15% (width 96) over single tokens, at 512 rows blocks of 4 and 8 tied.
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 
 
@@ -836,8 +839,8 @@ class CpuElementwise:
 class CpuBackend:
     """numba/BLAS backend; ``ew`` and ``noise_source`` are its elementwise ops and generator.
 
-    ``token_block`` (fixed, INTES_CPU_TOKEN_BLOCK, or by default the measured rule at
-    ``BLOCK_ROWS``): tokens per forward call (see ``intes.kernels.base``). A block makes each
+    ``token_block`` (fixed, INTES_CPU_TOKEN_BLOCK, or by default the measured rule, see
+    ``TOKEN_BLOCK``): tokens per forward call (see ``intes.kernels.base``). A block makes each
     op one call over T times the rows, which pays where a slice's rows are few and per-call
     costs (Python, GEMM dispatch) a large share.
     """
@@ -861,7 +864,7 @@ class CpuBackend:
         """Tokens per forward call for a slice of ``rows`` member rows."""
         if self.fixed_block is not None:
             return self.fixed_block
-        return TOKEN_BLOCK if rows <= BLOCK_ROWS else 1
+        return TOKEN_BLOCK if rows <= BLOCK_ROWS or isinstance(self.gemm, VnniGemm) else 1
 
     def prepare(self, w: np.ndarray) -> CpuWeight:
         return CpuWeight(w, self.gemm.prepare(w))
