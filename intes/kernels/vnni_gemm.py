@@ -199,7 +199,7 @@ class _Emit:
 
     def store_int8(self, value, out, row, col, width):
         """sat8 of an int32 vector stored at out[row, col : col + 16], lanes past ``width``
-        left alone (a masked store)."""
+        left alone (a masked store, only where the vector crosses the width)."""
         b = self.builder
         lo, hi = (ir.Constant(_V32, [ir.Constant(_I32, v)] * 16) for v in (-127, 127))
         value = b.select(b.icmp_signed("<", value, lo), lo, value)
@@ -207,11 +207,17 @@ class _Emit:
         v8 = ir.VectorType(ir.IntType(8), 16)
         base = self.row_pointer(out, row, 1, ir.IntType(8))
         pointer = b.bitcast(b.gep(base, [col]), v8.as_pointer())
-        lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
-        mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
-        store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
-                              [v8, v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)])
-        b.call(store, [b.trunc(value, v8), pointer, _I32(1), mask])
+        value = b.trunc(value, v8)
+        with b.if_else(b.icmp_signed("<=", b.add(col, _I64(16)), width)) as (whole, part):
+            with whole:  # the common case: a plain store
+                b.store(value, pointer, align=1)
+            with part:
+                lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
+                mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
+                store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
+                                      [v8, v8.as_pointer(), _I32,
+                                       ir.VectorType(ir.IntType(1), 16)])
+                b.call(store, [value, pointer, _I32(1), mask])
 
 
 @intrinsic
