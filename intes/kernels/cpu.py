@@ -63,6 +63,7 @@ from intes.kernels.vnni_gemm import (
     expand_pairs,
     merged_rescale_fits,
     panel_product,
+    prefetch_rows,
     rank1_info,
     tiles,
     tiles_rank1,
@@ -317,6 +318,7 @@ def _fused_plain(x, packed, comp, tail, half, shift, out):
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for r0 in range(0, x.shape[0], PANEL_ROWS):
         rows = min(PANEL_ROWS, x.shape[0] - r0)
+        prefetch_rows(x, r0 + PANEL_ROWS, PANEL_ROWS, out)  # the next panel's
         if tail.shape[1] == 0:
             for block in range(packed.shape[0]):
                 tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out)
@@ -352,6 +354,9 @@ def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged
     for p0 in range(0, at.shape[0], chunk):
         pairs = min(chunk, at.shape[0] - p0)
         rows = 2 * pairs  # per copy; copy c's rows are panel rows c rows .. (c + 1) rows - 1
+        if p0 + chunk < at.shape[0]:  # the next panel's rows, while this one computes
+            for c in range(copies):
+                prefetch_rows(x, c * members + 2 * (p0 + chunk), 2 * chunk, out)
         c0 = 0
         while c0 + 4 <= copies:
             for q in range(pairs):

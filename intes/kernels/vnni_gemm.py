@@ -345,6 +345,40 @@ def merged_rescale_fits(fan_in: int, sigma_shift: int, shift: int) -> bool:
     return total < 2**31 and (xv >> 8) < 2**15
 
 
+@intrinsic
+def _prefetch(typingctx, array, row, column, write):
+    """Prefetch the cache line of array[row, column] (a 2-D C array) into L1, for writing
+    if ``write`` (a literal bool)."""
+    if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C"
+            and isinstance(write, types.BooleanLiteral)):
+        return None
+    rw = int(write.literal_value)
+    sig = types.void(array, row, column, write)
+
+    def codegen(context, builder, signature, args):
+        e = _Emit(context, builder)
+        a = e.array(signature.args[0], args[0])
+        base = e.row_pointer(a, args[1], 1, ir.IntType(8))
+        pointer = builder.gep(builder.bitcast(base, ir.IntType(8).as_pointer()), [e.i64(args[2])])
+        fn = e.function("llvm.prefetch.p0", ir.VoidType(),
+                        [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        builder.call(fn, [pointer, _I32(rw), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def prefetch_rows(x, r0, rows, out):
+    """Prefetch x's rows r0 .. r0 + rows - 1 for reading and out's for writing: a panel's
+    first touch of memory, issued a panel ahead so that it overlaps the product."""
+    for r in range(r0, min(r0 + rows, x.shape[0])):
+        for k in range(0, x.shape[1], 64):
+            _prefetch(x, r, k, False)
+        for o in range(0, out.shape[1], 64):
+            _prefetch(out, r, o, True)
+
+
 @njit(inline="always", cache=True)
 def tiles(x, r0, rows, packed, comp, block, acc, a0):
     """acc[a0 : a0 + rows, block] for x rows r0 .. r0 + rows - 1: whole tiles, then the
