@@ -478,7 +478,7 @@ class _Run:
 
 
 def gemm_note(backend) -> str:
-    """', int8 GEMM' for the cpu backend's base-product engine; '' for other backends."""
+    """', vnni GEMM' (the cpu backend's base-product engine); '' for other backends."""
     gemm = getattr(backend, "gemm", None)
     return f", {gemm.name} GEMM" if gemm is not None else ""
 

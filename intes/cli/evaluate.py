@@ -13,7 +13,7 @@ from intes.checkpoint import load_checkpoint, resolve_checkpoint
 from intes.data import decode, encode, load_corpus, ngram_bits_per_byte
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
-from intes.kernels.gemm import int8_gemm_unavailable
+from intes.kernels.gemm import gemm_summary
 from intes.sampling import generate
 from intes.trainer import (
     EVAL_LEN,
@@ -107,6 +107,6 @@ def info(checkpoint: str) -> None:
         f"last validation: {'-' if val is None else f'{val:.4f} bits per byte'}",
         f"intes version: {meta.get('intes_version', 'unknown')}",
         f"backends: {backends}",
-        f"cpu GEMM: {int8_gemm_unavailable() or 'int8 (torch._int_mm)'}",
+        f"cpu GEMM: {gemm_summary()}",
     ]
     click.echo("\n".join(lines))

@@ -431,6 +431,12 @@ def make_gemm(name: str | None = None) -> Float32Gemm | Int8Gemm | VnniGemm:
         return Float32Gemm()
 
 
+def gemm_summary() -> str:
+    """One line: the engine 'auto' picks here, and why any faster one cannot run."""
+    notes = [why for why in (vnni_unavailable(), int8_gemm_unavailable()) if why]
+    return "; ".join([f"{make_gemm('auto').description} (auto)", *notes])
+
+
 def int8_gemm_unavailable() -> str | None:
     """None if the int8 GEMM runs here, else one line saying why not."""
     try:
