@@ -2,9 +2,10 @@
 
 A GEMM library returns the int32 product and the epilogue (ES correction, rescale to int8)
 must read it back: at a token block's 2048 rows that is 2-8 MB per layer, streamed out of L2
-and in again, and the projection x . b_p streams x once more. Here the product is made for a
-panel of ``PANEL_ROWS`` rows at a time into a small int32 buffer that stays in cache, and the
-panel's projection, correction and rescale run right there.
+and in again, and the projection x . b_p streams x once more. Here each register tile's
+accumulators are corrected, rescaled and stored as int8 right where they are made
+(``_tile_rescale``, ``_tile_rank1``), panel by panel, and no int32 product reaches memory;
+``_tile`` stores the int32 sums instead, for the other callers (the update, a fan-in tail).
 
 The kernel is the classic register tile: ``TILE_ROWS`` x 64 int32 accumulators (6 x 4
 zmm registers), each step one 4-byte broadcast of every row's x against 4 registers of W,
@@ -19,11 +20,11 @@ W is packed once per step (``pack``): per 64-column block and per 4 consecutive 
 past the width are zero, and a fan-in that is not a multiple of 4 leaves its last 1-3
 columns to a scalar pass (``VnniWeight.tail``).
 
-Measured on the development machine (Zen 5, one core, 2046 x 256 x 256): about 900 GOP/s
-against oneDNN's int8 GEMM at 810 on the same shape.
+The bare product runs at about the rate of oneDNN's int8 GEMM (``intes bench`` reports both,
+``vnni_gemm_gops`` and ``int8_gemm_gops``); what the fusion saves is the memory passes.
 
-numba's on-disk cache keys a kernel on its own source file only: after editing the tile
-intrinsic, delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__``.
+numba's on-disk cache keys a kernel on its own source file only: after editing an
+intrinsic here, delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from intes.noise import NOISE_MAX
 
 TILE_ROWS = 6
 BLOCK_COLS = 64  # columns per packed block: 4 registers of 16 int32 lanes
-PANEL_ROWS = 8 * TILE_ROWS  # rows whose product sits in cache at once (even: pairs stay whole)
+PANEL_ROWS = 8 * TILE_ROWS  # rows made together, a block's W lines in L1 (even: whole pairs)
 _VECS = BLOCK_COLS // 16
 
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
