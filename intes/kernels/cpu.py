@@ -2,8 +2,10 @@
 
 Bit-identical to ``ReferenceBackend`` (the numpy reference defines every answer). The base
 product X @ W^T of every linear layer is ONE GEMM over all member rows, from
-``intes.kernels.gemm``: int8 x int8 -> int32 (torch's oneDNN int8 GEMM) when torch is
-installed, else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel. Where
+``intes.kernels.gemm``: this package's own VNNI kernel where the CPU has AVX-512 VNNI, with
+each layer's projection, correction and rescale (and the update's step) fused into it (the
+``_fused_*`` kernels); else int8 x int8 -> int32 (torch's oneDNN int8 GEMM) when torch is
+installed; else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel. Where
 this module uses floats it is because they are exact for the integers involved; each use
 states its bound next to the code:
 
@@ -307,7 +309,7 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# fused linear layers (the VNNI GEMM): a panel's product, then its epilogue while in cache
+# fused linear layers (the VNNI GEMM): each tile's epilogue applied in its registers
 
 
 @kernel
@@ -337,7 +339,7 @@ def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged
     pair's factors are read from L1 by all its rows. First the panel's projections (four
     copies of a pair in one call: 8 rows against one load of B_p), then its product block by
     block over the copies, each tile corrected and rescaled in registers (``_tile_rank1``
-    against ea, the expanded A: the two shifts merged) where ``merged``
+    against the panel's expanded A, the two shifts merged) where ``merged``
     (``merged_rescale_fits``) and the fan-in has no tail; otherwise through a buffer and the
     unmerged epilogue.
     """

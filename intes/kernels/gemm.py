@@ -371,10 +371,11 @@ class VnniGemm:
         """Z = (A^T diag(f)) B exactly, as ONE VNNI product per tensor: the rows of V^T =
         (diag(f) A)^T against B packed as the weight (its columns are B's rows).
 
-        V is int8 when max|f| * NOISE_MAX <= 127 (sign fitness); otherwise V = 32 H + L
-        with H and L rows interleaved, one product of twice the rows, combined as 32 Z_H +
-        Z_L as each panel is made (wrapping like the reference, whose |Z| < 2^31); the sums
-        bound as in ``Int8Gemm.lowrank_sum``. Wider fitness takes the float path.
+        V is int8 when max|f| * NOISE_MAX <= 127 (sign fitness); otherwise V = 32 H + L,
+        one product of twice the rows (H's, then L's), each panel taking rows o of both and
+        combining 32 Z_H + Z_L as it is made (wrapping like the reference, whose |Z| <
+        2^31); the sums bound as in ``Int8Gemm.lowrank_sum``. Wider fitness takes the float
+        path.
 
         V^T is written grouped, (P r / 4, rows, 4), which the GEMM reads as rows of 4-byte
         groups: the factor-major A transposed by whole words instead of bytes.
