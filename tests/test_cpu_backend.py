@@ -41,7 +41,7 @@ from intes.kernels.vnni import (
     quad_pair_dot,
     quad_pair_dot_loop,
 )
-from intes.kernels.vnni_gemm import vnni_unavailable
+from intes.kernels.vnni_gemm import merged_rescale_fits, vnni_unavailable
 
 CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
@@ -186,6 +186,42 @@ def test_vnni_product_at_extreme_values(fan_in, sign):
         w = np.full((65, fan_in), 127 * sign, dtype=np.int8)
         got = VNNI.base_product(x, VNNI.prepare(w))
         assert (got.astype(np.int64) == value * sign * 127 * fan_in).all()
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+def test_vnni_layers_run_fused_and_rank_above_one_does_not(monkeypatch):
+    """Rank-1 and plain layers take the fused path (never the separate base product), and
+    higher ranks the product plus the numba epilogue: no silent fallback either way."""
+    calls = []
+    backend = CpuBackend(1, "vnni")
+    for name in ("fused_linear", "base_product"):
+        inner = getattr(backend, name)
+        monkeypatch.setattr(backend, name,
+                            lambda *a, _n=name, _f=inner: calls.append(_n) or _f(*a))
+    rng = np.random.default_rng(0)
+    x, w = int8s(rng, (4, 2, 40)), backend.prepare(int8s(rng, (70, 40)))
+    for rank, want in ((None, "fused_linear"), (1, "fused_linear"), (2, "base_product")):
+        noise = None if rank is None else lowrank(rng, 2, 70, 40, rank, "random", 7)
+        calls.clear()
+        same(backend.linear(x, w, 6, noise, 3), REF.linear(x, REF.prepare(w.w), 6, noise, 3))
+        assert calls == [want]
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+@pytest.mark.parametrize("sigma", [3, 8])
+def test_fused_rank1_on_both_sides_of_the_merged_bound(sigma):
+    """The widest fan-in whose merged rescale fits int32 and the next one (which goes
+    through the int32 buffer and the unmerged formula), all-extreme inputs and noise."""
+    fits = [k for k in range(4, 20000, 4) if merged_rescale_fits(k, sigma, 12)]
+    for fan_in in (fits[-1], fits[-1] + 4):
+        assert merged_rescale_fits(fan_in, sigma, 12) == (fan_in == fits[-1])
+        for sign in (1, -1):
+            x = np.full((2, 4, fan_in), 127, dtype=np.int8)
+            w = np.full((3, fan_in), 127 * sign, dtype=np.int8)
+            noise = LowRank(np.full((2, 3, 1), nz.NOISE_MAX, dtype=np.int8),
+                            np.full((2, fan_in, 1), -nz.NOISE_MAX * sign, dtype=np.int8))
+            same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma),
+                 REF.linear(x, REF.prepare(w), 12, noise, sigma))
 
 
 def test_vnni_is_used_where_the_cpu_has_it():
