@@ -65,11 +65,13 @@ from intes.kernels.vnni_gemm import (
     expand_pairs,
     merged_rescale_fits,
     panel_product,
+    panel_z,
     prefetch_rows,
     rank1_info,
     tiles,
     tiles_rank1,
     tiles_rescale,
+    update_chunk,
     update_panel,
 )
 
@@ -81,8 +83,8 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 # measured on 2 cores at width 256 (ES step, blocks 1, 2, 4, 8), 256 and 512 rows ran fastest
 # at 4 (+12-25% over 1), 1024 and 2048 rows at 1 (blocks of 2 or 4 were 8-14% slower there,
 # their int32 products streaming through memory). The fused VNNI engine keeps no product in
-# memory and runs TOKEN_BLOCK at every size: at 2048 rows ES tokens/s rose by 3% (width 256)
-# and 15% (width 96) over single tokens, at 512 rows blocks of 4 and 8 tied.
+# memory and runs TOKEN_BLOCK at every size: at 2048 rows ES tokens/s rose by 15-31% over
+# single tokens at width 96 and tied at width 256; at 512 rows blocks of 4 and 8 tied.
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 
 
@@ -476,34 +478,35 @@ def _log_likelihood(logits, targets, out):
         out[m] = ((target - top) << (LL_FRAC_BITS - LOGIT_FRAC_BITS)) - lse
 
 
+@njit(inline="always", cache=True)
+def _stepped(w, z, threshold):
+    """reference.step_by_sign for one weight: w +- 1 where |z| > threshold, saturated."""
+    move = 0
+    if abs(z) > threshold:
+        move = 1 if z > 0 else (-1 if z < 0 else 0)
+    return _sat8(np.int32(w) + move)
+
+
 @kernel
 def _step_by_sign(w, z, threshold, out):
-    """reference.step_by_sign on flat arrays: w +- 1 where |z| > threshold, saturated."""
+    """reference.step_by_sign on flat arrays."""
     for i in range(w.shape[0]):
-        move = 0
-        if abs(z[i]) > threshold:
-            move = 1 if z[i] > 0 else (-1 if z[i] < 0 else 0)
-        out[i] = _sat8(np.int32(w[i]) + move)
+        out[i] = _stepped(w[i], z[i], threshold)
 
 
 @kernel
 def _fused_update(x, packed, comp, hilo, w, threshold, out):
     """``_step_by_sign`` of Z = x @ B (the VNNI engine's update operands), panel by panel:
     Z is never stored, each panel's moves are made while it is in cache."""
-    chunk = PANEL_ROWS // 2 if hilo else PANEL_ROWS
+    chunk = update_chunk(hilo)
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for o0 in range(0, w.shape[0], chunk):
         count = min(chunk, w.shape[0] - o0)
         update_panel(x, o0, count, hilo, packed, comp, acc)
         for j in range(count):
             for i in range(w.shape[1]):
-                z = acc[j, i]
-                if hilo:
-                    z = np.add(np.left_shift(z, I32(5)), acc[count + j, i])
-                move = 0
-                if abs(z) > threshold:
-                    move = 1 if z > 0 else (-1 if z < 0 else 0)
-                out[o0 + j, i] = _sat8(np.int32(w[o0 + j, i]) + move)
+                out[o0 + j, i] = _stepped(w[o0 + j, i], panel_z(acc, count, j, i, hilo),
+                                          threshold)
 
 
 def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:

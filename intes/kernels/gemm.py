@@ -34,7 +34,7 @@ from numba import njit
 
 from intes.errors import ConfigError
 from intes.intmath import INT8_MAX
-from intes.kernels.vnni_gemm import VnniWeight, grouped_sum, vnni_unavailable
+from intes.kernels.vnni_gemm import HILO_BITS, VnniWeight, grouped_sum, vnni_unavailable
 from intes.kernels.vnni_gemm import pack as vnni_pack
 from intes.kernels.vnni_gemm import product as vnni_product
 from intes.noise import NOISE_MAX
@@ -46,7 +46,7 @@ from intes.noise import NOISE_MAX
 EXACT_K = 1040
 F32_EXACT = 1 << 24
 # f_p A_p split as 32 hi + lo: |f A| <= 15 * 55 = 825 gives hi in [-26, 25], lo in [0, 31]
-_LO_BITS = 5
+_LO_BITS = HILO_BITS
 _LO_MASK = np.int32((1 << _LO_BITS) - 1)
 _BYTE = np.int32(255)
 GEMMS = ("auto", "vnni", "int8", "float32")

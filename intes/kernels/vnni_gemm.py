@@ -29,6 +29,7 @@ intrinsic here, delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pyc
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ BLOCK_COLS = 64  # columns per packed block: 4 registers of 16 int32 lanes
 PANEL_ROWS = 8 * TILE_ROWS  # rows made together, a block's W lines in L1 (even: whole pairs)
 _VECS = BLOCK_COLS // 16
 
+HILO_BITS = 5  # the update's f A = 2^HILO_BITS H + L (``intes.kernels.gemm``)
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _V32 = ir.VectorType(_I32, 16)
 _BIAS = ir.Constant(_I32, 0x80808080 - (1 << 32))  # xor 0x80 in each byte: x + 128 as uint8
@@ -337,6 +339,7 @@ def rank1_info(xv, bias, half, sigma_shift):
     return word, np.add(bias, np.left_shift(half, sigma_shift))
 
 
+@functools.lru_cache(maxsize=256)
 def merged_rescale_fits(fan_in: int, sigma_shift: int, shift: int) -> bool:
     """Whether ``rank1_info``'s merged sum stays inside int32 for any int8 inputs and
     noise, and xv >> 8 inside int16 (its vpdpwssd operand)."""
@@ -505,21 +508,34 @@ def update_panel(x, o0, count, hilo, packed, comp, acc):
             tiles(x, out_rows + o0, count, packed, comp, block, acc, count)
 
 
+@njit(inline="always", cache=True)
+def update_chunk(hilo):
+    """Output rows per update panel: with ``hilo`` each takes two panel rows (H and L)."""
+    return PANEL_ROWS // 2 if hilo else PANEL_ROWS
+
+
+@njit(inline="always", cache=True)
+def panel_z(acc, count, j, i, hilo):
+    """Z[o0 + j, i] from an ``update_panel`` of ``count`` rows: 32 Z_H + Z_L with ``hilo``
+    (int32, wrapping like numpy)."""
+    z = acc[j, i]
+    if hilo:
+        z = np.add(np.left_shift(z, np.int32(HILO_BITS)), acc[count + j, i])
+    return z
+
+
 @njit(nogil=True, cache=True)
 def _grouped_sum(x, packed, comp, hilo, out):
     """out = x @ W^T for grouped x (G, M, 4); with ``hilo`` rows [0, M/2) are H, the rest
     L, and out[o] = 32 (H W^T)[o] + (L W^T)[o], in int32 wrapping like numpy."""
-    chunk = PANEL_ROWS // 2 if hilo else PANEL_ROWS
+    chunk = update_chunk(hilo)
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for o0 in range(0, out.shape[0], chunk):
         count = min(chunk, out.shape[0] - o0)
         update_panel(x, o0, count, hilo, packed, comp, acc)
         for j in range(count):
             for i in range(out.shape[1]):
-                z = acc[j, i]
-                if hilo:
-                    z = np.add(np.left_shift(z, np.int32(5)), acc[count + j, i])
-                out[o0 + j, i] = z
+                out[o0 + j, i] = panel_z(acc, count, j, i, hilo)
 
 
 def grouped_sum(x: np.ndarray, w: VnniWeight, hilo: bool) -> np.ndarray:
