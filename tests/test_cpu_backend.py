@@ -141,8 +141,8 @@ def test_row_dots_are_the_exact_dot_products(seed, n, fill, offset, rows, data):
 def test_fused_linear_over_many_panels(seed, pairs, fan_in, out, sigma, shift, x_fill, w_fill,
                                        n_fill, noisy, tokens):
     """The VNNI engine's fused layers where shapes span several panels, column blocks and
-    tile remainders: up to 40 pairs (a panel holds 48 / (2 copies) of them), widths past
-    and between multiples of 64, fan-in with and without a 1-3 column tail."""
+    tile remainders: up to 40 pairs (a panel holds 24 of them, inside one token's copy),
+    widths past and between multiples of 64, fan-in with and without a 1-3 column tail."""
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)

@@ -62,12 +62,11 @@ from intes.kernels.vnni_gemm import (
     PANEL_ROWS,
     VnniWeight,
     add_tail,
-    expand_pairs,
     merged_rescale_fits,
+    odd_low,
     panel_product,
     panel_z,
     prefetch_rows,
-    rank1_info,
     tiles,
     tiles_rank1,
     tiles_rescale,
@@ -335,70 +334,52 @@ def _fused_plain(x, packed, comp, tail, half, shift, out):
 
 @kernel
 def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged, out):
-    """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel.
+    """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel as in inference.
 
-    A panel is a chunk of pairs in every copy of a token block (rows c N + 2p + s), so each
-    pair's factors are read from L1 by all its rows. First the panel's projections (four
-    copies of a pair in one call: 8 rows against one load of B_p), then its product block by
-    block over the copies, each tile corrected and rescaled in registers (``_tile_rank1``
-    against the panel's expanded A, the two shifts merged) where ``merged``
-    (``merged_rescale_fits``) and the fan-in has no tail; otherwise through a buffer and the
-    unmerged epilogue.
+    A panel is up to PANEL_ROWS consecutive rows of one copy of a token block (whole pairs).
+    First its projections (a pair's two rows against one load of B_p), then its product
+    block by block, each tile corrected and rescaled in registers (``_tile_rank1``, the two
+    shifts merged) where ``merged`` (``merged_rescale_fits``) and the fan-in has no tail;
+    otherwise through a buffer and the unmerged epilogue.
+
+    Panels that instead took a chunk of pairs across all copies, to share each pair's
+    factors among its copies' rows, measured 3-13% slower even with plain tiles: a pair's
+    copies lie N rows apart, a multiple of 4 KB at the usual sizes, so they fall into the
+    same L1 sets, which with the W block's lines fill every way.
     """
     members = 2 * at.shape[0]
-    copies = x.shape[0] // members
-    chunk = max(1, PANEL_ROWS // (2 * copies))  # pairs per panel
     in_registers = merged and tail.shape[1] == 0
     odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
     total = np.add(sigma_shift, shift)
-    acc = np.empty((2 * chunk * copies, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    xb = np.empty(2 * chunk * copies, dtype=np.int32)
-    info = np.empty((2 * chunk * copies, 3), dtype=np.int32)
-    ea = np.empty((chunk, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    for p0 in range(0, at.shape[0], chunk):
-        pairs = min(chunk, at.shape[0] - p0)
-        rows = 2 * pairs  # per copy; copy c's rows are panel rows c rows .. (c + 1) rows - 1
-        if p0 + chunk < at.shape[0]:  # the next panel's rows, while this one computes
-            for c in range(copies):
-                prefetch_rows(x, c * members + 2 * (p0 + chunk), 2 * chunk, out)
-        c0 = 0
-        while c0 + 4 <= copies:
-            for q in range(pairs):
-                d = quad_pair_dot(x, c0 * members + 2 * (p0 + q), members, bt[p0 + q, 0])
-                for c in range(4):
-                    j = (c0 + c) * rows + 2 * q
-                    xb[j] = np.right_shift(d[2 * c], _FRAC)
-                    xb[j + 1] = np.negative(np.right_shift(d[2 * c + 1], _FRAC))
-            c0 += 4
-        for c in range(c0, copies):
-            for q in range(pairs):
-                d0, d1 = _project1(x, c * members + 2 * (p0 + q), p0 + q, bt, 0)
-                xb[c * rows + 2 * q], xb[c * rows + 2 * q + 1] = d0, np.negative(d1)
+    low = odd_low(sigma_shift)
+    acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
+    xb = np.empty(x.shape[0], dtype=np.int32)
+    r0 = 0
+    while r0 < x.shape[0]:
+        m0 = r0 % members  # rows r0 ... are members m0 ... of one copy
+        rows = min(PANEL_ROWS, members - m0)
+        prefetch_rows(x, r0 + rows, PANEL_ROWS, out)  # the next panel's
+        for q in range(0, rows, 2):
+            d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, 0)
+            xb[r0 + q], xb[r0 + q + 1] = d0, np.negative(d1)
         if in_registers:
-            expand_pairs(at, p0, pairs, ea)
-            for j in range(copies * rows):
-                info[j, 0] = (j % rows) // 2
-                info[j, 1], info[j, 2] = rank1_info(xb[j], I32(0) if j % 2 == 0 else odd_bias,
-                                                    half, sigma_shift)
             for block in range(packed.shape[0]):
-                for c in range(copies):
-                    tiles_rank1(x, c * members + 2 * p0, rows, packed, comp, block, info,
-                                c * rows, ea, sigma_shift, total, out)
+                tiles_rank1(x, r0, rows, packed, comp, block, at, m0 // 2, xb, half,
+                            sigma_shift, low, total, out)
+            r0 += rows
             continue
         for block in range(packed.shape[0]):
-            for c in range(copies):
-                tiles(x, c * members + 2 * p0, rows, packed, comp, block, acc, c * rows)
+            tiles(x, r0, rows, packed, comp, block, acc, 0)
         if tail.shape[1] > 0:
-            for c in range(copies):
-                add_tail(x, c * members + 2 * p0, rows, tail, acc, c * rows)
-        for c in range(copies):
-            for r in range(rows):
-                j, m, p = c * rows + r, c * members + 2 * p0 + r, p0 + r // 2
-                xv, bias = xb[j], (I32(0) if r % 2 == 0 else odd_bias)
-                for o in range(out.shape[1]):
-                    v = np.add(np.multiply(xv, I32(at[p, 0, o])), bias)
-                    out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
-                                         half, shift)
+            add_tail(x, r0, rows, tail, acc, 0)
+        for r in range(rows):
+            m, p = r0 + r, (m0 + r) // 2
+            xv, bias = xb[m], (I32(0) if r % 2 == 0 else odd_bias)
+            for o in range(out.shape[1]):
+                v = np.add(np.multiply(xv, I32(at[p, 0, o])), bias)
+                out[m, o] = _rescale(np.add(acc[r, o], np.right_shift(v, sigma_shift)),
+                                     half, shift)
+        r0 += rows
 
 
 # ---------------------------------------------------------------------------------------------

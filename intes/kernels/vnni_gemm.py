@@ -145,8 +145,9 @@ class _Emit:
         return cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(ret, params),
                                               name)
 
-    def sums(self, xt, count, vx, vrows, ap, ac, block):
-        """The tile's int32 sums, [row][vector], for the ``count`` rows of the tuple vrows."""
+    def sums(self, xt, count, vx, vrows, ap, ac, block, offset=None):
+        """The tile's int32 sums, [row][vector], for the ``count`` rows of the tuple vrows,
+        plus ``offset`` (a vector, folded into the accumulators' start) if given."""
         b = self.builder
         ax = self.array(xt, vx)
         x_strides = cgutils.unpack_tuple(b, ax.strides, xt.ndim)
@@ -164,6 +165,8 @@ class _Emit:
         comp_row = b.bitcast(b.gep(ac.data, [b.mul(block, _I64(BLOCK_COLS))]),
                              _V32.as_pointer())
         start = [b.load(b.gep(comp_row, [_I64(c)]), align=4) for c in range(_VECS)]
+        if offset is not None:
+            start = [b.add(v, offset) for v in start]
 
         entry = b.basic_block
         loop = b.append_basic_block("tile.loop")
@@ -200,27 +203,46 @@ class _Emit:
                 results[j].append(phi)
         return results
 
-    def store_int8(self, value, out, row, col, width):
-        """sat8 of an int32 vector stored at out[row, col : col + 16], lanes past ``width``
-        left alone (a masked store, only where the vector crosses the width)."""
+    def store_tile(self, count, row_of, out, block, value_of):
+        """out[row_of(j), 64 block + 16 c ...] = sat8(value_of(j, c, masked)) for the tile's
+        rows and vectors, value_of emitting the int32 vector (rows in order, vectors in order
+        within a row). One branch per tile on whether the block lies inside out's width:
+        plain stores, or (a last, partial block, ``masked``) stores masked to the width.
+        sat8 is vpmaxsd against -127 and vpmovsdb, whose signed saturation gives the 127
+        side."""
         b = self.builder
-        lo, hi = (ir.Constant(_V32, [ir.Constant(_I32, v)] * 16) for v in (-127, 127))
-        value = b.select(b.icmp_signed("<", value, lo), lo, value)
-        value = b.select(b.icmp_signed(">", value, hi), hi, value)
+        width = cgutils.unpack_tuple(b, out.shape, 2)[1]
+        first = b.mul(block, _I64(BLOCK_COLS))
         v8 = ir.VectorType(ir.IntType(8), 16)
-        base = self.row_pointer(out, row, 1, ir.IntType(8))
-        pointer = b.bitcast(b.gep(base, [col]), v8.as_pointer())
-        value = b.trunc(value, v8)
-        with b.if_else(b.icmp_signed("<=", b.add(col, _I64(16)), width)) as (whole, part):
-            with whole:  # the common case: a plain store
-                b.store(value, pointer, align=1)
+        lo = ir.Constant(_V32, [ir.Constant(_I32, -127)] * 16)
+        pack = self.function("llvm.x86.avx512.mask.pmovs.db.512", v8,
+                             [_V32, v8, ir.IntType(16)])
+        store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
+                              [v8, v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)])
+        lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
+
+        def emit(masked: bool) -> None:
+            for j in range(count):
+                base = self.row_pointer(out, row_of(j), 1, ir.IntType(8))
+                for c in range(_VECS):
+                    value = value_of(j, c, masked)
+                    value = b.select(b.icmp_signed("<", value, lo), lo, value)
+                    value = b.call(pack, [value, ir.Constant(v8, ir.Undefined),
+                                          ir.Constant(ir.IntType(16), -1)])
+                    col = b.add(first, _I64(16 * c))
+                    pointer = b.bitcast(b.gep(base, [col]), v8.as_pointer())
+                    if masked:
+                        mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
+                        b.call(store, [value, pointer, _I32(1), mask])
+                    else:
+                        b.store(value, pointer, align=1)
+
+        inside = b.icmp_signed("<=", b.add(first, _I64(BLOCK_COLS)), width)
+        with b.if_else(inside) as (whole, part):
+            with whole:
+                emit(False)
             with part:
-                lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
-                mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
-                store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
-                                      [v8, v8.as_pointer(), _I32,
-                                       ir.VectorType(ir.IntType(1), 16)])
-                b.call(store, [value, pointer, _I32(1), mask])
+                emit(True)
 
 
 @intrinsic
@@ -251,7 +273,8 @@ def _tile(typingctx, x, rows, packed, comp, block, acc, acc_row):
 @intrinsic
 def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out):
     """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's columns
-    (those inside out's width): the inference epilogue applied to the tile's registers."""
+    (those inside out's width): the inference epilogue applied to the tile's registers,
+    ``half`` folded into the accumulators' start."""
     if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)):
         return None
     sig = types.void(x, rows, packed, comp, block, half, shift, out)
@@ -260,89 +283,110 @@ def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out):
         vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout = args
         e = _Emit(context, builder)
         ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
-        block = e.i64(vblock)
-        sums = e.sums(signature.args[0], len(signature.args[1]), vx, vrows, ap, ac, block)
-        width = cgutils.unpack_tuple(builder, ao.shape, 2)[1]
-        halves, shifts = e.splat(vhalf), e.splat(vshift)
-        for j, row_sums in enumerate(sums):
-            row = builder.extract_value(vrows, j)
-            for c, value in enumerate(row_sums):
-                col = builder.add(builder.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
-                e.store_int8(builder.ashr(builder.add(value, halves), shifts), ao, row, col,
-                             width)
+        block, count = e.i64(vblock), len(signature.args[1])
+        sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+        shifts = e.splat(vshift)
+        e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
+                     lambda j, c, masked: builder.ashr(sums[j][c], shifts))
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def _tile_rank1(typingctx, x, rows, packed, comp, block, info, info_row, ea, shift, total,
-                out):
+def _tile_rank1(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
+                total, out):
     """The ES epilogue applied to the tile's registers: out[rows[j], 64 block ...] =
-    sat8(((sums << shift) + a xv + const) >> total) (see ``rank1_info``), with each row's
-    (ea row, xv word, const) in info[info_row + j] and a xv one vpdpwssd against ea (see
-    ``expand_pairs``; its rows are padded to whole blocks). The rows are whole pairs (an
-    even count, rows 2i and 2i + 1 of one pair), which share their ea row."""
+    sat8((((sums + half) << shift) + bias + a xv) >> total) (see ``merged_rescale_fits``).
+
+    ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
+    2^shift - 1 on its odd row (whose xv comes negated), one funnel shift (vpshldvd) against
+    ``odd_low`` = bias << (32 - shift); a xv is one vpdpwssd of the row's xv word against
+    the int16 pairs (a, 256 a), made in registers from the int8 a = at[pair, 0, o] and shared
+    by the pair's two rows. Rows 2i and 2i + 1 of the tuple are pair pair0 + i's; row j's
+    xv is xb[rows[j]]."""
     if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
-            and _is_array(info, (2,), types.int32) and _is_array(ea, (2,), types.int32)
+            and _is_array(at, (3,), types.int8) and _is_array(xb, (1,), types.int32)
             and len(rows) % 2 == 0):
         return None
-    sig = types.void(x, rows, packed, comp, block, info, info_row, ea, shift, total, out)
+    sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
+                     out)
 
     def codegen(context, builder, signature, args):
-        vx, vrows, vpacked, vcomp, vblock, vinfo, vinfo_row, vea, vshift, vtotal, vout = args
-        e = _Emit(context, builder)
-        ap, ac, ai, ae, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 10))
-        block = e.i64(vblock)
-        sums = e.sums(signature.args[0], len(signature.args[1]), vx, vrows, ap, ac, block)
-        width = cgutils.unpack_tuple(builder, ao.shape, 2)[1]
-        shifts, totals = e.splat(vshift), e.splat(vtotal)
+        (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low, vtotal,
+         vout) = args
+        b = builder
+        e = _Emit(context, b)
+        ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
+        block, count = e.i64(vblock), len(signature.args[1])
+        sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+        shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
+        zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
+        v8x4 = ir.VectorType(ir.IntType(8), 64)
+        zero8x4 = ir.Constant(v8x4, [0] * 64)
+        pairs_of = ir.Constant(ir.VectorType(_I32, 64), [
+            v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
         dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
-        for j, row_sums in enumerate(sums):
-            row = builder.extract_value(vrows, j)
-            fields = e.row_pointer(ai, builder.add(e.i64(vinfo_row), _I64(j)), 4, _I32)
-            word, const = (builder.load(builder.gep(fields, [_I32(f)])) for f in (1, 2))
-            if j % 2 == 0:  # a pair's two rows share their factor's loads
-                q = builder.load(builder.gep(fields, [_I32(0)]))
-                ea_row = e.row_pointer(ae, q, 4, _V32)
-                factor = [builder.load(builder.gep(ea_row, [builder.add(builder.mul(
-                    block, _I64(_VECS)), _I64(c))]), align=4) for c in range(_VECS)]
-            words, consts = e.splat(word), e.splat(const)
-            for c, value in enumerate(row_sums):
-                col = builder.add(builder.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
-                v = builder.call(dpwssd, [builder.shl(value, shifts), factor[c], words])
-                e.store_int8(builder.ashr(builder.add(v, consts), totals), ao, row, col, width)
+        fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
+        v8 = ir.VectorType(ir.IntType(8), 16)
+        masked_load = e.function("llvm.masked.load.v16i8.p0", v8,
+                                 [v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), v8])
+        lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
+        width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
+        at_stride = cgutils.unpack_tuple(b, aa.strides, 3)[0]
+        first = b.mul(block, _I64(BLOCK_COLS))
+        state = {}
+
+        def factor(j, c, masked):
+            """(a, 256 a) of row j's pair for vector c as int16 pairs: int8 a sign-extended
+            to bytes (a, s, s, s), then one in-lane byte shuffle (vpshufb) to (a, s, 0, a)."""
+            base = b.gep(aa.data, [b.add(b.mul(b.add(e.i64(vpair0), _I64(j // 2)), at_stride),
+                                         b.add(first, _I64(16 * c)))])
+            pointer = b.bitcast(base, v8.as_pointer())
+            if masked:
+                col = b.add(first, _I64(16 * c))
+                mask = b.icmp_signed("<", lanes, e.splat(b.sub(width, col)))
+                a8 = b.call(masked_load, [pointer, _I32(1), mask, ir.Constant(v8, [0] * 16)])
+            else:
+                a8 = b.load(pointer, align=1)
+            a = b.bitcast(b.sext(a8, _V32), v8x4)  # each lane's bytes (a, s, s, s)
+            return b.bitcast(b.shuffle_vector(a, zero8x4, pairs_of), _V32)  # (a, s, 0, a)
+
+        def value_of(j, c, masked):
+            if c == 0:  # the row's xv word
+                xv = b.load(b.gep(axb.data, [e.i64(b.extract_value(vrows, j))]))
+                word = b.or_(b.and_(xv, _I32(255)),
+                             b.shl(b.ashr(xv, _I32(8)), _I32(16)))
+                state["words"] = e.splat(word)
+            if j % 2 == 0:  # a pair's two rows share the factor
+                state[c] = factor(j, c, masked)
+            scaled = b.call(fshl, [sums[j][c], odd_lows if j % 2 else zeros, shifts])
+            return b.ashr(b.call(dpwssd, [scaled, state[c], state["words"]]), totals)
+
+        e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @njit(inline="always", cache=True)
-def expand_pairs(at, p0, count, ea):
-    """ea[q, o] = the int16 pair (a, 256 a) of a = at[p0 + q, 0, o], as an int32 word: its
-    vpdpwssd against the pair (xv & 255, xv >> 8) is a xv. Made per panel from the int8
-    factors (a whole layer's, 4 bytes a value, would stream from memory every call)."""
-    for q in range(count):
-        for o in range(at.shape[2]):
-            a = np.int32(at[p0 + q, 0, o])
-            ea[q, o] = np.bitwise_or(np.bitwise_and(a, np.int32(0xFFFF)),
-                                     np.left_shift(a, np.int32(24)))
-
-
-@njit(inline="always", cache=True)
-def rank1_info(xv, bias, half, sigma_shift):
-    """(xv word, const) of ``_tile_rank1`` for a row: sat8(rshift_round(acc + ((xv a + bias)
-    >> s), shift)) is floor((acc 2^s + xv a + bias + half 2^s) / 2^(s + shift)), the two
-    floors merged (equal wherever nothing overflows int32: ``merged_rescale_fits``)."""
-    word = np.bitwise_or(np.bitwise_and(xv, np.int32(255)),
-                         np.left_shift(np.right_shift(xv, np.int32(8)), np.int32(16)))
-    return word, np.add(bias, np.left_shift(half, sigma_shift))
+def odd_low(sigma_shift):
+    """The odd row's bias 2^s - 1 placed in the top s bits, for ``_tile_rank1``'s funnel
+    shift (0 at s = 0)."""
+    if sigma_shift == 0:
+        return np.int32(0)
+    bias = np.subtract(np.left_shift(np.int32(1), sigma_shift), np.int32(1))
+    return np.left_shift(bias, np.subtract(np.int32(32), sigma_shift))
 
 
 @functools.lru_cache(maxsize=256)
 def merged_rescale_fits(fan_in: int, sigma_shift: int, shift: int) -> bool:
-    """Whether ``rank1_info``'s merged sum stays inside int32 for any int8 inputs and
-    noise, and xv >> 8 inside int16 (its vpdpwssd operand)."""
+    """Whether ``_tile_rank1``'s merged sum stays inside int32 for any int8 inputs and
+    noise, and xv >> 8 inside int16 (its vpdpwssd word is the pair (xv & 255, xv >> 8)).
+
+    The ES epilogue sat8(rshift_round(acc + ((xv a + bias) >> s), shift)) is floor(((acc +
+    half) 2^s + bias + xv a) / 2^(s + shift)): the two floors merge into one wherever that
+    sum does not overflow."""
     xv = (fan_in * 127 * NOISE_MAX) >> FRAC_BITS
     total = (fan_in * 127 * 127 << sigma_shift) + xv * NOISE_MAX + (1 << sigma_shift) + (
         (1 << (sigma_shift + shift - 1)) if shift > 0 else 0)
@@ -429,21 +473,21 @@ def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
 
 
 @njit(inline="always", cache=True)
-def tiles_rank1(x, r0, rows, packed, comp, block, info, i0, ea, shift, total, out):
-    """``_tile_rank1`` over x rows r0 .. r0 + rows - 1 (whole pairs: r0 and rows even), their
-    info at info[i0 ...]."""
+def tiles_rank1(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
+    """``_tile_rank1`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even) from
+    pair pair0 on."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
-        _tile_rank1(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, info,
-                    i0 + j, ea, shift, total, out)
+        _tile_rank1(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
+                    pair0 + j // 2, xb, half, shift, low, total, out)
         j += TILE_ROWS
-    left, m, i = rows - j, r0 + j, i0 + j
+    left, m, p = rows - j, r0 + j, pair0 + j // 2
     if left == 2:
-        _tile_rank1(x, (m, m + 1), packed, comp, block, info, i, ea, shift, total, out)
+        _tile_rank1(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total, out)
     elif left == 4:
-        _tile_rank1(x, (m, m + 1, m + 2, m + 3), packed, comp, block, info, i, ea, shift,
-                    total, out)
+        _tile_rank1(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift,
+                    low, total, out)
 
 
 @njit(inline="always", cache=True)
