@@ -68,10 +68,35 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# the vector extensions the int8 engines use or would use, as /proc/cpuinfo names them
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi2", "avx_vnni",
+              "avx_vnni_int8", "amx_int8")
+
+
+def cpu_details() -> dict:
+    """The clock /proc/cpuinfo reports and which of ``ISA_FLAGS`` the CPU has: a VM's
+    "model name" can be the same for CPU generations whose int8 throughput differs."""
+    details = {"cpu_mhz": None, "isa": []}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "cpu MHz" and details["cpu_mhz"] is None:
+                    details["cpu_mhz"] = round(float(value))
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    details["isa"] = [f for f in ISA_FLAGS if f in flags]
+                    break
+    except (OSError, ValueError):
+        pass
+    return details
+
+
 def machine_info(load_before: float) -> dict:
-    """Cores, CPU model and the 1-minute load average before and after the measurement: on a
-    shared machine the load says how much the figures were disturbed."""
-    return {"cores": os.cpu_count(), "cpu_model": cpu_model(),
+    """Cores, CPU model, clock and vector extensions, and the 1-minute load average before
+    and after the measurement: on a shared machine the load says how much the figures were
+    disturbed."""
+    return {"cores": os.cpu_count(), "cpu_model": cpu_model(), **cpu_details(),
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from intes import intmath as im
 from intes import noise as nz
+from intes.bench import ISA_FLAGS
 from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
@@ -530,5 +532,10 @@ def test_bench_prints_one_json_object():
         assert result[key] > 0, key
     assert result["gemm"] == CPU.gemm.description
     assert (result["int8_gemm_gops"] is None) == (INT8_MISSING is not None)
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and set(machine["isa"]) <= set(ISA_FLAGS)
+    if Path("/proc/cpuinfo").exists():
+        assert machine["cpu_mhz"] > 0
+        assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).output)
     assert forced["gemm"] == F32.gemm.description
