@@ -66,6 +66,7 @@ from intes.kernels.vnni_gemm import (
     odd_low,
     panel_product,
     panel_z,
+    prefetch_factor_rows,
     prefetch_rows,
     tiles,
     tiles_rank1,
@@ -358,7 +359,10 @@ def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged
     while r0 < x.shape[0]:
         m0 = r0 % members  # rows r0 ... are members m0 ... of one copy
         rows = min(PANEL_ROWS, members - m0)
-        prefetch_rows(x, r0 + rows, PANEL_ROWS, out)  # the next panel's
+        prefetch_rows(x, r0 + rows, PANEL_ROWS, out)  # the next panel's rows and pairs
+        m1 = (r0 + rows) % members
+        prefetch_factor_rows(at, m1 // 2, PANEL_ROWS // 2)
+        prefetch_factor_rows(bt, m1 // 2, PANEL_ROWS // 2)
         for q in range(0, rows, 2):
             d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, 0)
             xb[r0 + q], xb[r0 + q + 1] = d0, np.negative(d1)

@@ -416,6 +416,27 @@ def _prefetch(typingctx, array, row, column, write):
     return sig, codegen
 
 
+@intrinsic
+def _prefetch_factor(typingctx, f, p, k):
+    """Prefetch the cache line of f[p, 0, k] (a 3-D C array) into L1 for reading."""
+    if not (isinstance(f, types.Array) and f.ndim == 3 and f.layout == "C"):
+        return None
+    sig = types.void(f, p, k)
+
+    def codegen(context, builder, signature, args):
+        e = _Emit(context, builder)
+        a = e.array(signature.args[0], args[0])
+        stride = cgutils.unpack_tuple(builder, a.strides, 3)[0]
+        offset = builder.add(builder.mul(e.i64(args[1]), stride), e.i64(args[2]))
+        pointer = builder.gep(builder.bitcast(a.data, ir.IntType(8).as_pointer()), [offset])
+        fn = e.function("llvm.prefetch.p0", ir.VoidType(),
+                        [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        builder.call(fn, [pointer, _I32(0), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(inline="always", cache=True)
 def prefetch_rows(x, r0, rows, out):
     """Prefetch x's rows r0 .. r0 + rows - 1 for reading and out's for writing: a panel's
@@ -425,6 +446,15 @@ def prefetch_rows(x, r0, rows, out):
             _prefetch(x, r, k, False)
         for o in range(0, out.shape[1], 64):
             _prefetch(out, r, o, True)
+
+
+@njit(inline="always", cache=True)
+def prefetch_factor_rows(f, p0, count):
+    """Prefetch rows p0 .. p0 + count - 1 of a (P, 1, n) factor for reading (the next
+    panel's pairs: a step's factors for every layer do not stay in L2 between calls)."""
+    for p in range(p0, min(p0 + count, f.shape[0])):
+        for k in range(0, f.shape[2], 64):
+            _prefetch_factor(f, p, k)
 
 
 @njit(inline="always", cache=True)
