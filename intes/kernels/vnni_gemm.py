@@ -18,7 +18,9 @@ fan-in below 66,000.
 W is packed once per step (``pack``): per 64-column block and per 4 consecutive k, one
 64-byte line holding those 4 bytes of each of the 64 columns (vpdpbusd's layout). Columns
 past the width are zero, and a fan-in that is not a multiple of 4 leaves its last 1-3
-columns to a scalar pass (``VnniWeight.tail``).
+columns to a scalar pass (``VnniWeight.tail``). A last block of at most 32 columns (width
+96: one block in two) runs a tile of 2 registers per row instead of 4, half the work; the
+tile helpers pick it per block, and every other block runs the 4-register tile.
 
 The bare product runs at about the rate of oneDNN's int8 GEMM (``intes bench`` reports both,
 ``vnni_gemm_gops`` and ``int8_gemm_gops``); what the fusion saves is the memory passes.
@@ -117,8 +119,9 @@ def _tile_typing_ok(x, rows, packed, comp) -> bool:
 class _Emit:
     """IR helpers shared by the tile intrinsics."""
 
-    def __init__(self, context, builder) -> None:
+    def __init__(self, context, builder, vecs: int = _VECS) -> None:
         self.context, self.builder = context, builder
+        self.vecs = vecs  # the tile's vectors per row: 4 (64 columns), or 2 for a narrow block
 
     def i64(self, v):
         return self.builder.sext(v, _I64) if v.type.width < 64 else v
@@ -164,7 +167,7 @@ class _Emit:
         lines = b.bitcast(b.gep(ap.data, [b.mul(block, block_bytes)]), _V32.as_pointer())
         comp_row = b.bitcast(b.gep(ac.data, [b.mul(block, _I64(BLOCK_COLS))]),
                              _V32.as_pointer())
-        start = [b.load(b.gep(comp_row, [_I64(c)]), align=4) for c in range(_VECS)]
+        start = [b.load(b.gep(comp_row, [_I64(c)]), align=4) for c in range(self.vecs)]
         if offset is not None:
             start = [b.add(v, offset) for v in start]
 
@@ -175,19 +178,19 @@ class _Emit:
 
         b.position_at_end(loop)
         g = b.phi(_I64)
-        accs = [[b.phi(_V32) for _ in range(_VECS)] for _ in range(count)]
+        accs = [[b.phi(_V32) for _ in range(self.vecs)] for _ in range(count)]
         w = [b.load(b.gep(lines, [b.add(b.mul(g, _I64(_VECS)), _I64(c))]), align=1)
-             for c in range(_VECS)]
+             for c in range(self.vecs)]
         new = []
         for j in range(count):
             word = b.xor(b.load(b.gep(x_rows[j], [b.mul(g, x_step)]), align=1), _BIAS)
             xs = self.splat(word)
-            new.append([b.call(dpbusd, [accs[j][c], xs, w[c]]) for c in range(_VECS)])
+            new.append([b.call(dpbusd, [accs[j][c], xs, w[c]]) for c in range(self.vecs)])
         nxt = b.add(g, _I64(1))
         g.add_incoming(_I64(0), entry)
         g.add_incoming(nxt, loop)
         for j in range(count):
-            for c in range(_VECS):
+            for c in range(self.vecs):
                 accs[j][c].add_incoming(start[c], entry)
                 accs[j][c].add_incoming(new[j][c], loop)
         b.cbranch(b.icmp_signed("<", nxt, groups), loop, done)
@@ -196,7 +199,7 @@ class _Emit:
         results = []
         for j in range(count):
             results.append([])
-            for c in range(_VECS):
+            for c in range(self.vecs):
                 phi = b.phi(_V32)
                 phi.add_incoming(start[c], entry)
                 phi.add_incoming(new[j][c], loop)
@@ -224,7 +227,7 @@ class _Emit:
         def emit(masked: bool) -> None:
             for j in range(count):
                 base = self.row_pointer(out, row_of(j), 1, ir.IntType(8))
-                for c in range(_VECS):
+                for c in range(self.vecs):
                     value = value_of(j, c, masked)
                     value = b.select(b.icmp_signed("<", value, lo), lo, value)
                     value = b.call(pack, [value, ir.Constant(v8, ir.Undefined),
@@ -237,7 +240,7 @@ class _Emit:
                     else:
                         b.store(value, pointer, align=1)
 
-        inside = b.icmp_signed("<=", b.add(first, _I64(BLOCK_COLS)), width)
+        inside = b.icmp_signed("<=", b.add(first, _I64(16 * self.vecs)), width)
         with b.if_else(inside) as (whole, part):
             with whole:
                 emit(False)
@@ -270,103 +273,121 @@ def _tile(typingctx, x, rows, packed, comp, block, acc, acc_row):
     return sig, codegen
 
 
-@intrinsic
-def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out):
-    """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's columns
-    (those inside out's width): the inference epilogue applied to the tile's registers,
-    ``half`` folded into the accumulators' start."""
-    if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)):
-        return None
-    sig = types.void(x, rows, packed, comp, block, half, shift, out)
+def _rescale_tile(vecs: int):
+    """``_tile_rescale`` over ``vecs`` vectors of the block (2: a last block of at most 32
+    columns, half the K loop's work)."""
 
-    def codegen(context, builder, signature, args):
-        vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout = args
-        e = _Emit(context, builder)
-        ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
-        block, count = e.i64(vblock), len(signature.args[1])
-        sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
-        shifts = e.splat(vshift)
-        e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
-                     lambda j, c, masked: builder.ashr(sums[j][c], shifts))
-        return context.get_dummy_value()
+    @intrinsic
+    def tile(typingctx, x, rows, packed, comp, block, half, shift, out):
+        """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's columns
+        (those inside out's width): the inference epilogue applied to the tile's registers,
+        ``half`` folded into the accumulators' start."""
+        if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)):
+            return None
+        sig = types.void(x, rows, packed, comp, block, half, shift, out)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout = args
+            e = _Emit(context, builder, vecs)
+            ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
+            block, count = e.i64(vblock), len(signature.args[1])
+            sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+            shifts = e.splat(vshift)
+            e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
+                         lambda j, c, masked: builder.ashr(sums[j][c], shifts))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
 
 
-@intrinsic
-def _tile_rank1(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-                total, out):
-    """The ES epilogue applied to the tile's registers: out[rows[j], 64 block ...] =
-    sat8((((sums + half) << shift) + bias + a xv) >> total) (see ``merged_rescale_fits``).
+_tile_rescale, _tile_rescale_narrow = _rescale_tile(_VECS), _rescale_tile(_VECS // 2)
 
-    ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
-    2^shift - 1 on its odd row (whose xv comes negated), one funnel shift (vpshldvd) against
-    ``odd_low`` = bias << (32 - shift); a xv is one vpdpwssd of the row's xv word against
-    the int16 pairs (a, 256 a), made in registers from the int8 a = at[pair, 0, o] and shared
-    by the pair's two rows. Rows 2i and 2i + 1 of the tuple are pair pair0 + i's; row j's
-    xv is xb[rows[j]]."""
-    if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
-            and _is_array(at, (3,), types.int8) and _is_array(xb, (1,), types.int32)
-            and len(rows) % 2 == 0):
-        return None
-    sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
-                     out)
 
-    def codegen(context, builder, signature, args):
-        (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low, vtotal,
-         vout) = args
-        b = builder
-        e = _Emit(context, b)
-        ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
-        block, count = e.i64(vblock), len(signature.args[1])
-        sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
-        shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
-        zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
-        v8x4 = ir.VectorType(ir.IntType(8), 64)
-        zero8x4 = ir.Constant(v8x4, [0] * 64)
-        pairs_of = ir.Constant(ir.VectorType(_I32, 64), [
-            v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
-        dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
-        fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
-        v8 = ir.VectorType(ir.IntType(8), 16)
-        masked_load = e.function("llvm.masked.load.v16i8.p0", v8,
-                                 [v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), v8])
-        lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
-        width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
-        at_stride = cgutils.unpack_tuple(b, aa.strides, 3)[0]
-        first = b.mul(block, _I64(BLOCK_COLS))
-        state = {}
+def _rank1_tile(vecs: int):
+    """``_tile_rank1`` over ``vecs`` vectors of the block (2: a last block of at most 32
+    columns, half the K loop's work)."""
 
-        def factor(j, c, masked):
-            """(a, 256 a) of row j's pair for vector c as int16 pairs: int8 a sign-extended
-            to bytes (a, s, s, s), then one in-lane byte shuffle (vpshufb) to (a, s, 0, a)."""
-            base = b.gep(aa.data, [b.add(b.mul(b.add(e.i64(vpair0), _I64(j // 2)), at_stride),
-                                         b.add(first, _I64(16 * c)))])
-            pointer = b.bitcast(base, v8.as_pointer())
-            if masked:
-                col = b.add(first, _I64(16 * c))
-                mask = b.icmp_signed("<", lanes, e.splat(b.sub(width, col)))
-                a8 = b.call(masked_load, [pointer, _I32(1), mask, ir.Constant(v8, [0] * 16)])
-            else:
-                a8 = b.load(pointer, align=1)
-            a = b.bitcast(b.sext(a8, _V32), v8x4)  # each lane's bytes (a, s, s, s)
-            return b.bitcast(b.shuffle_vector(a, zero8x4, pairs_of), _V32)  # (a, s, 0, a)
+    @intrinsic
+    def tile(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
+                    total, out):
+        """The ES epilogue applied to the tile's registers: out[rows[j], 64 block ...] =
+        sat8((((sums + half) << shift) + bias + a xv) >> total) (see ``merged_rescale_fits``).
 
-        def value_of(j, c, masked):
-            if c == 0:  # the row's xv word
-                xv = b.load(b.gep(axb.data, [e.i64(b.extract_value(vrows, j))]))
-                word = b.or_(b.and_(xv, _I32(255)),
-                             b.shl(b.ashr(xv, _I32(8)), _I32(16)))
-                state["words"] = e.splat(word)
-            if j % 2 == 0:  # a pair's two rows share the factor
-                state[c] = factor(j, c, masked)
-            scaled = b.call(fshl, [sums[j][c], odd_lows if j % 2 else zeros, shifts])
-            return b.ashr(b.call(dpwssd, [scaled, state[c], state["words"]]), totals)
+        ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
+        2^shift - 1 on its odd row (whose xv comes negated), one funnel shift (vpshldvd) against
+        ``odd_low`` = bias << (32 - shift); a xv is one vpdpwssd of the row's xv word against
+        the int16 pairs (a, 256 a), made in registers from the int8 a = at[pair, 0, o] and shared
+        by the pair's two rows. Rows 2i and 2i + 1 of the tuple are pair pair0 + i's; row j's
+        xv is xb[rows[j]]."""
+        if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
+                and _is_array(at, (3,), types.int8) and _is_array(xb, (1,), types.int32)
+                and len(rows) % 2 == 0):
+            return None
+        sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
+                         out)
 
-        e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low, vtotal,
+             vout) = args
+            b = builder
+            e = _Emit(context, b, vecs)
+            ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
+            block, count = e.i64(vblock), len(signature.args[1])
+            sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+            shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
+            zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
+            v8x4 = ir.VectorType(ir.IntType(8), 64)
+            zero8x4 = ir.Constant(v8x4, [0] * 64)
+            pairs_of = ir.Constant(ir.VectorType(_I32, 64), [
+                v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
+            dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
+            fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
+            v8 = ir.VectorType(ir.IntType(8), 16)
+            masked_load = e.function("llvm.masked.load.v16i8.p0", v8,
+                                     [v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), v8])
+            lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
+            width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
+            at_stride = cgutils.unpack_tuple(b, aa.strides, 3)[0]
+            first = b.mul(block, _I64(BLOCK_COLS))
+            state = {}
 
-    return sig, codegen
+            def factor(j, c, masked):
+                """(a, 256 a) of row j's pair for vector c as int16 pairs: int8 a sign-extended
+                to bytes (a, s, s, s), then one in-lane byte shuffle (vpshufb) to (a, s, 0, a)."""
+                base = b.gep(aa.data, [b.add(b.mul(b.add(e.i64(vpair0), _I64(j // 2)), at_stride),
+                                             b.add(first, _I64(16 * c)))])
+                pointer = b.bitcast(base, v8.as_pointer())
+                if masked:
+                    col = b.add(first, _I64(16 * c))
+                    mask = b.icmp_signed("<", lanes, e.splat(b.sub(width, col)))
+                    a8 = b.call(masked_load, [pointer, _I32(1), mask, ir.Constant(v8, [0] * 16)])
+                else:
+                    a8 = b.load(pointer, align=1)
+                a = b.bitcast(b.sext(a8, _V32), v8x4)  # each lane's bytes (a, s, s, s)
+                return b.bitcast(b.shuffle_vector(a, zero8x4, pairs_of), _V32)  # (a, s, 0, a)
+
+            def value_of(j, c, masked):
+                if c == 0:  # the row's xv word
+                    xv = b.load(b.gep(axb.data, [e.i64(b.extract_value(vrows, j))]))
+                    word = b.or_(b.and_(xv, _I32(255)),
+                                 b.shl(b.ashr(xv, _I32(8)), _I32(16)))
+                    state["words"] = e.splat(word)
+                if j % 2 == 0:  # a pair's two rows share the factor
+                    state[c] = factor(j, c, masked)
+                scaled = b.call(fshl, [sums[j][c], odd_lows if j % 2 else zeros, shifts])
+                return b.ashr(b.call(dpwssd, [scaled, state[c], state["words"]]), totals)
+
+            e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile_rank1, _tile_rank1_narrow = _rank1_tile(_VECS), _rank1_tile(_VECS // 2)
 
 
 @njit(inline="always", cache=True)
@@ -482,6 +503,15 @@ def tiles(x, r0, rows, packed, comp, block, acc, a0):
 @njit(inline="always", cache=True)
 def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
     """``_tile_rescale`` over x rows r0 .. r0 + rows - 1: whole tiles, then the rest."""
+    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:  # a narrow last block
+        _tiles_rescale_narrow(x, r0, rows, packed, comp, block, half, shift, out)
+    else:
+        _tiles_rescale_wide(x, r0, rows, packed, comp, block, half, shift, out)
+
+
+@njit(inline="always", cache=True)
+def _tiles_rescale_wide(x, r0, rows, packed, comp, block, half, shift, out):
+    """``tiles_rescale`` over whole 64-column blocks."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
@@ -503,9 +533,45 @@ def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
 
 
 @njit(inline="always", cache=True)
+def _tiles_rescale_narrow(x, r0, rows, packed, comp, block, half, shift, out):
+    """``tiles_rescale`` over a last block of at most 32 columns."""
+    j = 0
+    while j + TILE_ROWS <= rows:
+        m = r0 + j
+        _tile_rescale_narrow(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block,
+                             half, shift, out)
+        j += TILE_ROWS
+    left, m = rows - j, r0 + j
+    if left == 1:
+        _tile_rescale_narrow(x, (m,), packed, comp, block, half, shift, out)
+    elif left == 2:
+        _tile_rescale_narrow(x, (m, m + 1), packed, comp, block, half, shift, out)
+    elif left == 3:
+        _tile_rescale_narrow(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out)
+    elif left == 4:
+        _tile_rescale_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift,
+                             out)
+    elif left == 5:
+        _tile_rescale_narrow(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, half,
+                             shift, out)
+
+
+@njit(inline="always", cache=True)
 def tiles_rank1(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
     """``_tile_rank1`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even) from
     pair pair0 on."""
+    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:  # a narrow last block
+        _tiles_rank1_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
+                            total, out)
+    else:
+        _tiles_rank1_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
+                          total, out)
+
+
+@njit(inline="always", cache=True)
+def _tiles_rank1_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total,
+                      out):
+    """``tiles_rank1`` over whole 64-column blocks."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
@@ -518,6 +584,25 @@ def tiles_rank1(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, lo
     elif left == 4:
         _tile_rank1(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift,
                     low, total, out)
+
+
+@njit(inline="always", cache=True)
+def _tiles_rank1_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
+                        total, out):
+    """``tiles_rank1`` over a last block of at most 32 columns."""
+    j = 0
+    while j + TILE_ROWS <= rows:
+        m = r0 + j
+        _tile_rank1_narrow(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
+                           pair0 + j // 2, xb, half, shift, low, total, out)
+        j += TILE_ROWS
+    left, m, p = rows - j, r0 + j, pair0 + j // 2
+    if left == 2:
+        _tile_rank1_narrow(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total,
+                           out)
+    elif left == 4:
+        _tile_rank1_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half,
+                           shift, low, total, out)
 
 
 @njit(inline="always", cache=True)
