@@ -139,16 +139,17 @@ def test_row_dots_are_the_exact_dot_products(seed, n, fill, offset, rows, data):
 @given(seed=seeds, pairs=st.integers(1, 40), fan_in=st.integers(1, 600),
        out=st.integers(1, 200), sigma=st.integers(0, 8), shift=st.integers(0, 14),
        x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
-       tokens=st.sampled_from([None, 1, 2, 3, 4, 5, 8]))
+       tokens=st.sampled_from([None, 1, 2, 3, 4, 5, 8]), rank=st.sampled_from([1, 1, 2, 3]))
 def test_fused_linear_over_many_panels(seed, pairs, fan_in, out, sigma, shift, x_fill, w_fill,
-                                       n_fill, noisy, tokens):
+                                       n_fill, noisy, tokens, rank):
     """The VNNI engine's fused layers where shapes span several panels, column blocks and
     tile remainders: up to 40 pairs (a panel holds 24 of them, inside one token's copy),
-    widths past and between multiples of 64, fan-in with and without a 1-3 column tail."""
+    widths past and between multiples of 64 (and last blocks of at most 32 columns), fan-in
+    with and without a 1-3 column tail, ranks 1-3."""
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
-    noise = lowrank(rng, pairs, out, fan_in, 1, n_fill, seed) if noisy else None
+    noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
     same(VNNI.linear(x, VNNI.prepare(w), shift, noise, sigma),
          REF.linear(x, REF.prepare(w), shift, noise, sigma))
 
@@ -191,9 +192,9 @@ def test_vnni_product_at_extreme_values(fan_in, sign):
 
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
-def test_vnni_layers_run_fused_and_rank_above_one_does_not(monkeypatch):
-    """Rank-1 and plain layers take the fused path (never the separate base product), and
-    higher ranks the product plus the numba epilogue: no silent fallback either way."""
+def test_vnni_layers_run_fused_at_every_rank(monkeypatch):
+    """Plain layers and ES layers at any rank take the fused path, never the separate base
+    product: no silent fallback."""
     calls = []
     backend = CpuBackend(1, "vnni")
     for name in ("fused_linear", "base_product"):
@@ -202,7 +203,8 @@ def test_vnni_layers_run_fused_and_rank_above_one_does_not(monkeypatch):
                             lambda *a, _n=name, _f=inner: calls.append(_n) or _f(*a))
     rng = np.random.default_rng(0)
     x, w = int8s(rng, (4, 2, 40)), backend.prepare(int8s(rng, (70, 40)))
-    for rank, want in ((None, "fused_linear"), (1, "fused_linear"), (2, "base_product")):
+    for rank, want in ((None, "fused_linear"), (1, "fused_linear"), (2, "fused_linear"),
+                       (5, "fused_linear")):
         noise = None if rank is None else lowrank(rng, 2, 70, 40, rank, "random", 7)
         calls.clear()
         same(backend.linear(x, w, 6, noise, 3), REF.linear(x, REF.prepare(w.w), 6, noise, 3))
@@ -210,18 +212,18 @@ def test_vnni_layers_run_fused_and_rank_above_one_does_not(monkeypatch):
 
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
-@pytest.mark.parametrize("sigma", [3, 8])
-def test_fused_rank1_on_both_sides_of_the_merged_bound(sigma):
+@pytest.mark.parametrize(("sigma", "rank"), [(3, 1), (8, 1), (6, 3)])
+def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
     """The widest fan-in whose merged rescale fits int32 and the next one (which goes
     through the int32 buffer and the unmerged formula), all-extreme inputs and noise."""
-    fits = [k for k in range(4, 20000, 4) if merged_rescale_fits(k, sigma, 12)]
+    fits = [k for k in range(4, 20000, 4) if merged_rescale_fits(k, sigma, 12, rank)]
     for fan_in in (fits[-1], fits[-1] + 4):
-        assert merged_rescale_fits(fan_in, sigma, 12) == (fan_in == fits[-1])
+        assert merged_rescale_fits(fan_in, sigma, 12, rank) == (fan_in == fits[-1])
         for sign in (1, -1):
             x = np.full((2, 4, fan_in), 127, dtype=np.int8)
             w = np.full((3, fan_in), 127 * sign, dtype=np.int8)
-            noise = LowRank(np.full((2, 3, 1), nz.NOISE_MAX, dtype=np.int8),
-                            np.full((2, fan_in, 1), -nz.NOISE_MAX * sign, dtype=np.int8))
+            noise = LowRank(np.full((2, 3, rank), nz.NOISE_MAX, dtype=np.int8),
+                            np.full((2, fan_in, rank), -nz.NOISE_MAX * sign, dtype=np.int8))
             same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma),
                  REF.linear(x, REF.prepare(w), 12, noise, sigma))
 

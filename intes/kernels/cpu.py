@@ -69,10 +69,12 @@ from intes.kernels.vnni_gemm import (
     prefetch_factor_rows,
     prefetch_rows,
     tiles,
+    tiles_lowrank,
     tiles_rank1,
     tiles_rescale,
     update_chunk,
     update_panel,
+    xv_word,
 )
 
 # glibc mallopt parameters (malloc.h)
@@ -334,27 +336,30 @@ def _fused_plain(x, packed, comp, tail, half, shift, out):
 
 
 @kernel
-def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged, out):
-    """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel as in inference.
+def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged, out):
+    """ES at any rank, the same bits as ``_correct_rank1`` / ``_linear_lowrank``, panel by
+    panel as in inference.
 
     A panel is up to PANEL_ROWS consecutive rows of one copy of a token block (whole pairs).
-    First its projections (a pair's two rows against one load of B_p), then its product
-    block by block, each tile corrected and rescaled in registers (``_tile_rank1``, the two
-    shifts merged) where ``merged`` (``merged_rescale_fits``) and the fan-in has no tail;
-    otherwise through a buffer and the unmerged epilogue.
+    First its projections (a pair's two rows against one load of each B_p column), then its
+    product block by block, each tile corrected and rescaled in registers (``_tile_rank1``,
+    or ``_tile_lowrank`` above rank 1; the two shifts merged) where ``merged``
+    (``merged_rescale_fits``) and the fan-in has no tail; otherwise through a buffer and the
+    unmerged epilogue.
 
     Panels that instead took a chunk of pairs across all copies, to share each pair's
     factors among its copies' rows, measured 3-13% slower even with plain tiles: a pair's
     copies lie N rows apart, a multiple of 4 KB at the usual sizes, so they fall into the
     same L1 sets, which with the W block's lines fill every way.
     """
-    members = 2 * at.shape[0]
+    members, rank = 2 * at.shape[0], at.shape[1]
     in_registers = merged and tail.shape[1] == 0
     odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
     total = np.add(sigma_shift, shift)
     low = odd_low(sigma_shift)
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    xb = np.empty(x.shape[0], dtype=np.int32)
+    xb = np.empty((rank, x.shape[0]), dtype=np.int32)  # odd rows negated
+    xw = np.empty((rank, x.shape[0]) if rank > 1 else (0, 0), dtype=np.int32)  # as words
     r0 = 0
     while r0 < x.shape[0]:
         m0 = r0 % members  # rows r0 ... are members m0 ... of one copy
@@ -364,24 +369,33 @@ def _fused_rank1(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged
         prefetch_factor_rows(at, m1 // 2, PANEL_ROWS // 2)
         prefetch_factor_rows(bt, m1 // 2, PANEL_ROWS // 2)
         for q in range(0, rows, 2):
-            d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, 0)
-            xb[r0 + q], xb[r0 + q + 1] = d0, np.negative(d1)
+            for r in range(rank):
+                d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, r)
+                xb[r, r0 + q], xb[r, r0 + q + 1] = d0, np.negative(d1)
+                if rank > 1:
+                    xw[r, r0 + q], xw[r, r0 + q + 1] = xv_word(d0), xv_word(np.negative(d1))
         if in_registers:
             for block in range(packed.shape[0]):
-                tiles_rank1(x, r0, rows, packed, comp, block, at, m0 // 2, xb, half,
-                            sigma_shift, low, total, out)
+                if rank == 1:
+                    tiles_rank1(x, r0, rows, packed, comp, block, at, m0 // 2, xb[0], half,
+                                sigma_shift, low, total, out)
+                else:
+                    tiles_lowrank(x, r0, rows, packed, comp, block, at, m0 // 2, xw, half,
+                                  sigma_shift, low, total, out)
             r0 += rows
             continue
         for block in range(packed.shape[0]):
             tiles(x, r0, rows, packed, comp, block, acc, 0)
         if tail.shape[1] > 0:
             add_tail(x, r0, rows, tail, acc, 0)
-        for r in range(rows):
-            m, p = r0 + r, (m0 + r) // 2
-            xv, bias = xb[m], (I32(0) if r % 2 == 0 else odd_bias)
+        for j in range(rows):
+            m, p = r0 + j, (m0 + j) // 2
+            bias = I32(0) if j % 2 == 0 else odd_bias
             for o in range(out.shape[1]):
-                v = np.add(np.multiply(xv, I32(at[p, 0, o])), bias)
-                out[m, o] = _rescale(np.add(acc[r, o], np.right_shift(v, sigma_shift)),
+                v = bias
+                for r in range(rank):
+                    v = np.add(v, np.multiply(xb[r, m], I32(at[p, r, o])))
+                out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
                                      half, shift)
         r0 += rows
 
@@ -871,23 +885,23 @@ class CpuBackend:
     def fused_linear(self, x: np.ndarray, w: CpuWeight, half: np.int32, shift: np.int32,
                      noise: LowRank | None, sigma_shift: int) -> np.ndarray:
         """int8 (rows, out) of a layer whose product and epilogue run fused, panel by panel
-        (the VNNI engine): plain for inference, or ES at rank 1."""
+        (the VNNI engine): plain for inference, or ES at any rank."""
         p, out = w.wt, np.empty((x.shape[0], w.w.shape[0]), dtype=np.int8)
         if noise is None:
             _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
             return out
-        merged = merged_rescale_fits(x.shape[1], sigma_shift, int(shift))
-        _fused_rank1(x, p.packed, p.comp, p.tail, *_factors(noise), I32(sigma_shift), half,
-                     shift, merged, out)
+        merged = merged_rescale_fits(x.shape[1], sigma_shift, int(shift), noise.a.shape[2])
+        _fused_lowrank(x, p.packed, p.comp, p.tail, *_factors(noise), I32(sigma_shift), half,
+                       shift, merged, out)
         return out
 
     def linear(self, x, w, shift, noise, sigma_shift):
         rows = np.ascontiguousarray(_rows2d(x))
         half, shift = _rounding(shift)
-        rank1 = noise is not None and noise.a.shape[2] == 1
-        if isinstance(w.wt, VnniWeight) and (noise is None or rank1):
+        if isinstance(w.wt, VnniWeight):
             out = self.fused_linear(rows, w, half, shift, noise, sigma_shift)
             return out.reshape(*x.shape[:-1], out.shape[1])
+        rank1 = noise is not None and noise.a.shape[2] == 1
         factors = None if noise is None else _factors(noise)
         if rank1:  # projected before the GEMM, while x is in cache
             xb = np.empty(len(rows), dtype=np.int32)

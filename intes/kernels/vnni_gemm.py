@@ -206,6 +206,37 @@ class _Emit:
                 results[j].append(phi)
         return results
 
+    def factor_words(self, at, pair, r, block, c, masked, width):
+        """The int16 pairs (a, 256 a) of a = at[pair, r, 64 block + 16 c ...] (int8, C array),
+        one int32 lane each: a sign-extended to bytes (a, s, s, s), then one in-lane byte
+        shuffle (vpshufb) to (a, s, 0, a). Their vpdpwssd against a row's xv word is a xv.
+        ``masked`` loads only the lanes inside ``width`` (a last, partial block)."""
+        b = self.builder
+        strides = cgutils.unpack_tuple(b, at.strides, 3)
+        col = b.add(b.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
+        offset = b.add(b.add(b.mul(self.i64(pair), strides[0]), b.mul(self.i64(r), strides[1])),
+                       col)
+        v8 = ir.VectorType(ir.IntType(8), 16)
+        pointer = b.bitcast(b.gep(at.data, [offset]), v8.as_pointer())
+        if masked:
+            load = self.function("llvm.masked.load.v16i8.p0", v8,
+                                 [v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), v8])
+            lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
+            mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
+            a8 = b.call(load, [pointer, _I32(1), mask, ir.Constant(v8, [0] * 16)])
+        else:
+            a8 = b.load(pointer, align=1)
+        bytes64 = ir.VectorType(ir.IntType(8), 64)
+        a = b.bitcast(b.sext(a8, _V32), bytes64)
+        pick = ir.Constant(ir.VectorType(_I32, 64), [
+            v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
+        return b.bitcast(b.shuffle_vector(a, ir.Constant(bytes64, [0] * 64), pick), _V32)
+
+    def xv_words(self, xv):
+        """A row's xv as the int16 pair (xv & 255, xv >> 8), in every lane."""
+        b = self.builder
+        return self.splat(b.or_(b.and_(xv, _I32(255)), b.shl(b.ashr(xv, _I32(8)), _I32(16))))
+
     def store_tile(self, count, row_of, out, block, value_of):
         """out[row_of(j), 64 block + 16 c ...] = sat8(value_of(j, c, masked)) for the tile's
         rows and vectors, value_of emitting the int32 vector (rows in order, vectors in order
@@ -311,26 +342,26 @@ def _rank1_tile(vecs: int):
 
     @intrinsic
     def tile(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-                    total, out):
+             total, out):
         """The ES epilogue applied to the tile's registers: out[rows[j], 64 block ...] =
-        sat8((((sums + half) << shift) + bias + a xv) >> total) (see ``merged_rescale_fits``).
+        sat8((((sums + half) << shift) + bias + a xv) >> total) (see
+        ``merged_rescale_fits``).
 
         ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
-        2^shift - 1 on its odd row (whose xv comes negated), one funnel shift (vpshldvd) against
-        ``odd_low`` = bias << (32 - shift); a xv is one vpdpwssd of the row's xv word against
-        the int16 pairs (a, 256 a), made in registers from the int8 a = at[pair, 0, o] and shared
-        by the pair's two rows. Rows 2i and 2i + 1 of the tuple are pair pair0 + i's; row j's
-        xv is xb[rows[j]]."""
+        2^shift - 1 on its odd row (whose xv comes negated), one funnel shift (vpshldvd)
+        against ``odd_low`` = bias << (32 - shift); a xv is one vpdpwssd of the row's xv
+        word against ``factor_words`` of at[pair, 0], shared by the pair's two rows. Rows
+        2i and 2i + 1 of the tuple are pair pair0 + i's; row j's xv is xb[rows[j]]."""
         if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
                 and _is_array(at, (3,), types.int8) and _is_array(xb, (1,), types.int32)
                 and len(rows) % 2 == 0):
             return None
-        sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
-                         out)
+        sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
+                         total, out)
 
         def codegen(context, builder, signature, args):
-            (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low, vtotal,
-             vout) = args
+            (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low,
+             vtotal, vout) = args
             b = builder
             e = _Emit(context, b, vecs)
             ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
@@ -338,44 +369,18 @@ def _rank1_tile(vecs: int):
             sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
             shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
             zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
-            v8x4 = ir.VectorType(ir.IntType(8), 64)
-            zero8x4 = ir.Constant(v8x4, [0] * 64)
-            pairs_of = ir.Constant(ir.VectorType(_I32, 64), [
-                v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
             dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
             fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
-            v8 = ir.VectorType(ir.IntType(8), 16)
-            masked_load = e.function("llvm.masked.load.v16i8.p0", v8,
-                                     [v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), v8])
-            lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
             width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
-            at_stride = cgutils.unpack_tuple(b, aa.strides, 3)[0]
-            first = b.mul(block, _I64(BLOCK_COLS))
             state = {}
 
-            def factor(j, c, masked):
-                """(a, 256 a) of row j's pair for vector c as int16 pairs: int8 a sign-extended
-                to bytes (a, s, s, s), then one in-lane byte shuffle (vpshufb) to (a, s, 0, a)."""
-                base = b.gep(aa.data, [b.add(b.mul(b.add(e.i64(vpair0), _I64(j // 2)), at_stride),
-                                             b.add(first, _I64(16 * c)))])
-                pointer = b.bitcast(base, v8.as_pointer())
-                if masked:
-                    col = b.add(first, _I64(16 * c))
-                    mask = b.icmp_signed("<", lanes, e.splat(b.sub(width, col)))
-                    a8 = b.call(masked_load, [pointer, _I32(1), mask, ir.Constant(v8, [0] * 16)])
-                else:
-                    a8 = b.load(pointer, align=1)
-                a = b.bitcast(b.sext(a8, _V32), v8x4)  # each lane's bytes (a, s, s, s)
-                return b.bitcast(b.shuffle_vector(a, zero8x4, pairs_of), _V32)  # (a, s, 0, a)
-
             def value_of(j, c, masked):
-                if c == 0:  # the row's xv word
-                    xv = b.load(b.gep(axb.data, [e.i64(b.extract_value(vrows, j))]))
-                    word = b.or_(b.and_(xv, _I32(255)),
-                                 b.shl(b.ashr(xv, _I32(8)), _I32(16)))
-                    state["words"] = e.splat(word)
+                if c == 0:
+                    row = e.i64(b.extract_value(vrows, j))
+                    state["words"] = e.xv_words(b.load(b.gep(axb.data, [row])))
                 if j % 2 == 0:  # a pair's two rows share the factor
-                    state[c] = factor(j, c, masked)
+                    pair = b.add(e.i64(vpair0), _I64(j // 2))
+                    state[c] = e.factor_words(aa, pair, _I64(0), block, c, masked, width)
                 scaled = b.call(fshl, [sums[j][c], odd_lows if j % 2 else zeros, shifts])
                 return b.ashr(b.call(dpwssd, [scaled, state[c], state["words"]]), totals)
 
@@ -387,7 +392,75 @@ def _rank1_tile(vecs: int):
     return tile
 
 
+def _lowrank_tile(vecs: int):
+    """``_tile_lowrank`` over ``vecs`` vectors of the block (as ``_rank1_tile``)."""
+
+    @intrinsic
+    def tile(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
+             total, out):
+        """``_tile_rank1`` at any rank R = at.shape[1]: sat8((((sums + half) << shift) +
+        bias + sum_r a_r xv_r) >> total), one vpdpwssd per rank and vector in a loop over
+        the rank, a pair's two rows together against each factor. Row j's xv_r comes as its
+        word (``xv_word``) in xw[r, rows[j]] (xw (R, M)), broadcast straight from memory."""
+        if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
+                and _is_array(at, (3,), types.int8) and _is_array(xb, (2,), types.int32)
+                and len(rows) % 2 == 0):
+            return None
+        sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
+                         total, out)
+
+        def codegen(context, builder, signature, args):
+            (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low,
+             vtotal, vout) = args
+            b = builder
+            e = _Emit(context, b, vecs)
+            ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
+            block, count = e.i64(vblock), len(signature.args[1])
+            sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+            shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
+            zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
+            dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
+            fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
+            width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
+            rank = cgutils.unpack_tuple(b, aa.shape, 3)[1]
+            xb_stride = b.sdiv(cgutils.unpack_tuple(b, axb.strides, 2)[0], _I64(4))
+            slots = [cgutils.alloca_once(b, _V32) for _ in range(2)]
+            done = {}
+
+            def value_of(j, c, masked):
+                if j % 2:  # made with its pair's even row
+                    return done[c]
+                rows = [e.i64(b.extract_value(vrows, j + s)) for s in range(2)]
+                for s in range(2):
+                    b.store(b.call(fshl, [sums[j + s][c], odd_lows if s else zeros, shifts]),
+                            slots[s])
+                pair = b.add(e.i64(vpair0), _I64(j // 2))
+                with cgutils.for_range(b, rank) as loop:
+                    f = e.factor_words(aa, pair, loop.index, block, c, masked, width)
+                    line = b.mul(loop.index, xb_stride)
+                    for s in range(2):
+                        words = e.splat(b.load(b.gep(axb.data, [b.add(line, rows[s])])))
+                        b.store(b.call(dpwssd, [b.load(slots[s]), f, words]), slots[s])
+                done[c] = b.ashr(b.load(slots[1]), totals)
+                return b.ashr(b.load(slots[0]), totals)
+
+            e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
 _tile_rank1, _tile_rank1_narrow = _rank1_tile(_VECS), _rank1_tile(_VECS // 2)
+_tile_lowrank, _tile_lowrank_narrow = _lowrank_tile(_VECS), _lowrank_tile(_VECS // 2)
+
+
+@njit(inline="always", cache=True)
+def xv_word(xv):
+    """xv as the int16 pair (xv & 255, xv >> 8) that ``_tile_lowrank``'s vpdpwssd takes."""
+    return np.bitwise_or(np.bitwise_and(xv, np.int32(255)),
+                         np.left_shift(np.right_shift(xv, np.int32(8)), np.int32(16)))
 
 
 @njit(inline="always", cache=True)
@@ -401,15 +474,16 @@ def odd_low(sigma_shift):
 
 
 @functools.lru_cache(maxsize=256)
-def merged_rescale_fits(fan_in: int, sigma_shift: int, shift: int) -> bool:
-    """Whether ``_tile_rank1``'s merged sum stays inside int32 for any int8 inputs and
-    noise, and xv >> 8 inside int16 (its vpdpwssd word is the pair (xv & 255, xv >> 8)).
+def merged_rescale_fits(fan_in: int, sigma_shift: int, shift: int, rank: int = 1) -> bool:
+    """Whether the fused ES tiles' merged sum stays inside int32 for any int8 inputs and
+    rank-``rank`` noise, and every xv >> 8 inside int16 (its vpdpwssd word is the pair
+    (xv & 255, xv >> 8)).
 
-    The ES epilogue sat8(rshift_round(acc + ((xv a + bias) >> s), shift)) is floor(((acc +
-    half) 2^s + bias + xv a) / 2^(s + shift)): the two floors merge into one wherever that
-    sum does not overflow."""
+    The ES epilogue sat8(rshift_round(acc + ((sum_r xv_r a_r + bias) >> s), shift)) is
+    floor(((acc + half) 2^s + bias + sum_r xv_r a_r) / 2^(s + shift)): the two floors merge
+    into one wherever that sum does not overflow."""
     xv = (fan_in * 127 * NOISE_MAX) >> FRAC_BITS
-    total = (fan_in * 127 * 127 << sigma_shift) + xv * NOISE_MAX + (1 << sigma_shift) + (
+    total = (fan_in * 127 * 127 << sigma_shift) + rank * xv * NOISE_MAX + (1 << sigma_shift) + (
         (1 << (sigma_shift + shift - 1)) if shift > 0 else 0)
     return total < 2**31 and (xv >> 8) < 2**15
 
@@ -602,6 +676,55 @@ def _tiles_rank1_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, s
                            out)
     elif left == 4:
         _tile_rank1_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half,
+                           shift, low, total, out)
+
+
+@njit(inline="always", cache=True)
+def tiles_lowrank(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
+    """``_tile_lowrank`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even)
+    from pair pair0 on."""
+    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:  # a narrow last block
+        _tiles_lowrank_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
+                            total, out)
+    else:
+        _tiles_lowrank_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
+                          total, out)
+
+
+@njit(inline="always", cache=True)
+def _tiles_lowrank_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total,
+                      out):
+    """``tiles_lowrank`` over whole 64-column blocks."""
+    j = 0
+    while j + TILE_ROWS <= rows:
+        m = r0 + j
+        _tile_lowrank(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
+                    pair0 + j // 2, xb, half, shift, low, total, out)
+        j += TILE_ROWS
+    left, m, p = rows - j, r0 + j, pair0 + j // 2
+    if left == 2:
+        _tile_lowrank(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total, out)
+    elif left == 4:
+        _tile_lowrank(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift,
+                    low, total, out)
+
+
+@njit(inline="always", cache=True)
+def _tiles_lowrank_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
+                        total, out):
+    """``tiles_lowrank`` over a last block of at most 32 columns."""
+    j = 0
+    while j + TILE_ROWS <= rows:
+        m = r0 + j
+        _tile_lowrank_narrow(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
+                           pair0 + j // 2, xb, half, shift, low, total, out)
+        j += TILE_ROWS
+    left, m, p = rows - j, r0 + j, pair0 + j // 2
+    if left == 2:
+        _tile_lowrank_narrow(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total,
+                           out)
+    elif left == 4:
+        _tile_lowrank_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half,
                            shift, low, total, out)
 
 
