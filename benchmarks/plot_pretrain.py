@@ -35,7 +35,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for path in args.metrics:
         minutes, bpb = evals(path)
-        label = path.stem.removeprefix("pretrain_").replace("_", ", ")
+        label = path.stem.removeprefix("pretrain_").replace("_", " ")
         ax.plot(minutes, bpb, marker=".", label=f"{label}: {bpb[-1]:.3f}")
     ax.axhline(args.unigram, ls=":", c="gray", label=f"unigram {args.unigram:.3f}")
     ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
