@@ -4,8 +4,9 @@ A GEMM library returns the int32 product and the epilogue (ES correction, rescal
 must read it back: at a token block's 2048 rows that is 2-8 MB per layer, streamed out of L2
 and in again, and the projection x . b_p streams x once more. Here each register tile's
 accumulators are corrected, rescaled and stored as int8 right where they are made
-(``_tile_rescale``, ``_tile_rank1``), panel by panel, and no int32 product reaches memory;
-``_tile`` stores the int32 sums instead, for the other callers (the update, a fan-in tail).
+(``_tile_rescale``, ``_tile_rank1``, ``_tile_lowrank``), panel by panel, and no int32 product
+reaches memory; ``_tile`` stores the int32 sums instead, for the other callers (the update, a
+fan-in tail).
 
 The kernel is the classic register tile: ``TILE_ROWS`` x 64 int32 accumulators (6 x 4
 zmm registers), each step one 4-byte broadcast of every row's x against 4 registers of W,
