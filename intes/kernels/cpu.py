@@ -69,8 +69,7 @@ from intes.kernels.vnni_gemm import (
     prefetch_factor_rows,
     prefetch_rows,
     tiles,
-    tiles_lowrank,
-    tiles_rank1,
+    tiles_es,
     tiles_rescale,
     update_chunk,
     update_panel,
@@ -342,13 +341,13 @@ def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merg
 
     A panel is up to PANEL_ROWS consecutive rows of one copy of a token block (whole pairs).
     First its projections (a pair's two rows against one load of each B_p column), then its
-    product block by block, each tile corrected and rescaled in registers (``_tile_rank1``,
-    or ``_tile_lowrank`` above rank 1; the two shifts merged) where ``merged``
+    product block by block, each tile corrected and rescaled in registers (``_tile_es``, the
+    two shifts merged) where ``merged``
     (``merged_rescale_fits``) and the fan-in has no tail; otherwise through a buffer and the
     unmerged epilogue.
 
     Panels that instead took a chunk of pairs across all copies, to share each pair's
-    factors among its copies' rows, measured 3-13% slower even with plain tiles: a pair's
+    factors among its copies' rows, measured slower even with plain tiles: a pair's
     copies lie N rows apart, a multiple of 4 KB at the usual sizes, so they fall into the
     same L1 sets, which with the W block's lines fill every way.
     """
@@ -358,8 +357,9 @@ def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merg
     total = np.add(sigma_shift, shift)
     low = odd_low(sigma_shift)
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    xb = np.empty((rank, x.shape[0]), dtype=np.int32)  # odd rows negated
-    xw = np.empty((rank, x.shape[0]) if rank > 1 else (0, 0), dtype=np.int32)  # as words
+    # the rows' projections (odd rows negated): as the tiles' words (``xv_word``) for the
+    # in-register path, as values for the buffered one
+    xv = np.empty((rank, x.shape[0]), dtype=np.int32)
     r0 = 0
     while r0 < x.shape[0]:
         m0 = r0 % members  # rows r0 ... are members m0 ... of one copy
@@ -371,17 +371,18 @@ def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merg
         for q in range(0, rows, 2):
             for r in range(rank):
                 d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, r)
-                xb[r, r0 + q], xb[r, r0 + q + 1] = d0, np.negative(d1)
-                if rank > 1:
-                    xw[r, r0 + q], xw[r, r0 + q + 1] = xv_word(d0), xv_word(np.negative(d1))
+                d1 = np.negative(d1)
+                if in_registers:
+                    d0, d1 = xv_word(d0), xv_word(d1)
+                xv[r, r0 + q], xv[r, r0 + q + 1] = d0, d1
         if in_registers:
             for block in range(packed.shape[0]):
                 if rank == 1:
-                    tiles_rank1(x, r0, rows, packed, comp, block, at, m0 // 2, xb[0], half,
-                                sigma_shift, low, total, out)
+                    tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv[0], half,
+                             sigma_shift, low, total, out)
                 else:
-                    tiles_lowrank(x, r0, rows, packed, comp, block, at, m0 // 2, xw, half,
-                                  sigma_shift, low, total, out)
+                    tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv, half,
+                             sigma_shift, low, total, out)
             r0 += rows
             continue
         for block in range(packed.shape[0]):
@@ -394,7 +395,7 @@ def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merg
             for o in range(out.shape[1]):
                 v = bias
                 for r in range(rank):
-                    v = np.add(v, np.multiply(xb[r, m], I32(at[p, r, o])))
+                    v = np.add(v, np.multiply(xv[r, m], I32(at[p, r, o])))
                 out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
                                      half, shift)
         r0 += rows

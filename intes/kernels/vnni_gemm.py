@@ -4,7 +4,7 @@ A GEMM library returns the int32 product and the epilogue (ES correction, rescal
 must read it back: at a token block's 2048 rows that is 2-8 MB per layer, streamed out of L2
 and in again, and the projection x . b_p streams x once more. Here each register tile's
 accumulators are corrected, rescaled and stored as int8 right where they are made
-(``_tile_rescale``, ``_tile_rank1``, ``_tile_lowrank``), panel by panel, and no int32 product
+(``_tile_rescale``, ``_tile_es``), panel by panel, and no int32 product
 reaches memory; ``_tile`` stores the int32 sums instead, for the other callers (the update, a
 fan-in tail).
 
@@ -233,11 +233,6 @@ class _Emit:
             v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
         return b.bitcast(b.shuffle_vector(a, ir.Constant(bytes64, [0] * 64), pick), _V32)
 
-    def xv_words(self, xv):
-        """A row's xv as the int16 pair (xv & 255, xv >> 8), in every lane."""
-        b = self.builder
-        return self.splat(b.or_(b.and_(xv, _I32(255)), b.shl(b.ashr(xv, _I32(8)), _I32(16))))
-
     def store_tile(self, count, row_of, out, block, value_of):
         """out[row_of(j), 64 block + 16 c ...] = sat8(value_of(j, c, masked)) for the tile's
         rows and vectors, value_of emitting the int32 vector (rows in order, vectors in order
@@ -305,168 +300,130 @@ def _tile(typingctx, x, rows, packed, comp, block, acc, acc_row):
     return sig, codegen
 
 
-def _rescale_tile(vecs: int):
-    """``_tile_rescale`` over ``vecs`` vectors of the block (2: a last block of at most 32
-    columns, half the K loop's work)."""
-
-    @intrinsic
-    def tile(typingctx, x, rows, packed, comp, block, half, shift, out):
-        """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's columns
-        (those inside out's width): the inference epilogue applied to the tile's registers,
-        ``half`` folded into the accumulators' start."""
-        if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)):
-            return None
-        sig = types.void(x, rows, packed, comp, block, half, shift, out)
-
-        def codegen(context, builder, signature, args):
-            vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout = args
-            e = _Emit(context, builder, vecs)
-            ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
-            block, count = e.i64(vblock), len(signature.args[1])
-            sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
-            shifts = e.splat(vshift)
-            e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
-                         lambda j, c, masked: builder.ashr(sums[j][c], shifts))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
+def _vector_count(vecs) -> int | None:
+    """A tile's vectors per row from its literal ``vecs`` argument: 4 (the block's 64
+    columns), or 2 (a last block of at most 32 columns, half the K loop's work)."""
+    if isinstance(vecs, types.IntegerLiteral) and vecs.literal_value in (_VECS, _VECS // 2):
+        return vecs.literal_value
+    return None
 
 
-_tile_rescale, _tile_rescale_narrow = _rescale_tile(_VECS), _rescale_tile(_VECS // 2)
+@intrinsic
+def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out, vecs):
+    """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's first
+    16 ``vecs`` columns (those inside out's width): the inference epilogue applied to the
+    tile's registers, ``half`` folded into the accumulators' start."""
+    count_vecs = _vector_count(vecs)
+    if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
+            and _is_array(out, (2,), types.int8)):
+        return None
+    sig = types.void(x, rows, packed, comp, block, half, shift, out, vecs)
+
+    def codegen(context, builder, signature, args):
+        vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout, _ = args
+        e = _Emit(context, builder, count_vecs)
+        ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
+        block, count = e.i64(vblock), len(signature.args[1])
+        sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+        shifts = e.splat(vshift)
+        e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
+                     lambda j, c, masked: builder.ashr(sums[j][c], shifts))
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
-def _rank1_tile(vecs: int):
-    """``_tile_rank1`` over ``vecs`` vectors of the block (2: a last block of at most 32
-    columns, half the K loop's work)."""
+@intrinsic
+def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
+             total, out, vecs):
+    """The ES epilogue applied to the tile's registers, for the block's first 16 ``vecs``
+    columns: out[rows[j], 64 block ...] = sat8((((sums + half) << shift) + bias +
+    sum_r a_r xv_r) >> total) (see ``merged_rescale_fits``).
 
-    @intrinsic
-    def tile(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-             total, out):
-        """The ES epilogue applied to the tile's registers: out[rows[j], 64 block ...] =
-        sat8((((sums + half) << shift) + bias + a xv) >> total) (see
-        ``merged_rescale_fits``).
+    ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
+    2^shift - 1 on its odd row (whose xv come negated), one funnel shift (vpshldvd) against
+    ``odd_low`` = bias << (32 - shift); a_r xv_r is one vpdpwssd of the row's xv word
+    against ``factor_words`` of at[pair, r], shared by the pair's two rows. Rows 2i and
+    2i + 1 of the tuple are pair pair0 + i's.
 
-        ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
-        2^shift - 1 on its odd row (whose xv comes negated), one funnel shift (vpshldvd)
-        against ``odd_low`` = bias << (32 - shift); a xv is one vpdpwssd of the row's xv
-        word against ``factor_words`` of at[pair, 0], shared by the pair's two rows. Rows
-        2i and 2i + 1 of the tuple are pair pair0 + i's; row j's xv is xb[rows[j]]."""
-        if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
-                and _is_array(at, (3,), types.int8) and _is_array(xb, (1,), types.int32)
-                and len(rows) % 2 == 0):
-            return None
-        sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-                         total, out)
+    xb holds the rows' xv as words (``xv_word``): 1-D at rank 1, xb[rows[j]]; 2-D above it
+    (R = at.shape[1]), xb[r, rows[j]], read by a loop over the rank that takes a pair's two
+    rows together against each factor."""
+    count_vecs = _vector_count(vecs)
+    if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
+            and _is_array(out, (2,), types.int8) and _is_array(at, (3,), types.int8)
+            and _is_array(xb, (1, 2), types.int32) and len(rows) % 2 == 0):
+        return None
+    sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
+                     out, vecs)
 
-        def codegen(context, builder, signature, args):
-            (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low,
-             vtotal, vout) = args
-            b = builder
-            e = _Emit(context, b, vecs)
-            ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
-            block, count = e.i64(vblock), len(signature.args[1])
-            sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
-            shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
-            zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
-            dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
-            fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
-            width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
-            state = {}
+    def codegen(context, builder, signature, args):
+        (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low, vtotal,
+         vout, _) = args
+        b = builder
+        e = _Emit(context, b, count_vecs)
+        ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
+        block, count = e.i64(vblock), len(signature.args[1])
+        sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
+        shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
+        zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
+        dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
+        fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
+        width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
 
-            def value_of(j, c, masked):
-                if c == 0:
-                    row = e.i64(b.extract_value(vrows, j))
-                    state["words"] = e.xv_words(b.load(b.gep(axb.data, [row])))
-                if j % 2 == 0:  # a pair's two rows share the factor
-                    pair = b.add(e.i64(vpair0), _I64(j // 2))
-                    state[c] = e.factor_words(aa, pair, _I64(0), block, c, masked, width)
-                scaled = b.call(fshl, [sums[j][c], odd_lows if j % 2 else zeros, shifts])
-                return b.ashr(b.call(dpwssd, [scaled, state[c], state["words"]]), totals)
+        def scaled(j, c):
+            return b.call(fshl, [sums[j][c], odd_lows if j % 2 else zeros, shifts])
 
-            e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
-            return context.get_dummy_value()
+        def pair_of(j):
+            return b.add(e.i64(vpair0), _I64(j // 2))
 
-        return sig, codegen
+        state = {}
 
-    return tile
+        def rank1_value(j, c, masked):
+            if c == 0:
+                row = e.i64(b.extract_value(vrows, j))
+                state["words"] = e.splat(b.load(b.gep(axb.data, [row])))
+            if j % 2 == 0:  # a pair's two rows share the factor
+                state[c] = e.factor_words(aa, pair_of(j), _I64(0), block, c, masked, width)
+            return b.ashr(b.call(dpwssd, [scaled(j, c), state[c], state["words"]]), totals)
 
-
-def _lowrank_tile(vecs: int):
-    """``_tile_lowrank`` over ``vecs`` vectors of the block (as ``_rank1_tile``)."""
-
-    @intrinsic
-    def tile(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-             total, out):
-        """``_tile_rank1`` at any rank R = at.shape[1]: sat8((((sums + half) << shift) +
-        bias + sum_r a_r xv_r) >> total), one vpdpwssd per rank and vector in a loop over
-        the rank, a pair's two rows together against each factor. Row j's xv_r comes as its
-        word (``xv_word``) in xw[r, rows[j]] (xw (R, M)), broadcast straight from memory."""
-        if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(out, (2,), types.int8)
-                and _is_array(at, (3,), types.int8) and _is_array(xb, (2,), types.int32)
-                and len(rows) % 2 == 0):
-            return None
-        sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-                         total, out)
-
-        def codegen(context, builder, signature, args):
-            (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low,
-             vtotal, vout) = args
-            b = builder
-            e = _Emit(context, b, vecs)
-            ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
-            block, count = e.i64(vblock), len(signature.args[1])
-            sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
-            shifts, totals, odd_lows = e.splat(vshift), e.splat(vtotal), e.splat(vodd_low)
-            zeros = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
-            dpwssd = e.function("llvm.x86.avx512.vpdpwssd.512", _V32, [_V32, _V32, _V32])
-            fshl = e.function("llvm.fshl.v16i32", _V32, [_V32, _V32, _V32])
-            width = cgutils.unpack_tuple(b, ao.shape, 2)[1]
+        def lowrank_value(j, c, masked):
+            if j % 2:  # made with its pair's even row
+                return state[c]
+            if "slots" not in state:
+                state["slots"] = [cgutils.alloca_once(b, _V32) for _ in range(2)]
+            slots = state["slots"]
             rank = cgutils.unpack_tuple(b, aa.shape, 3)[1]
-            xb_stride = b.sdiv(cgutils.unpack_tuple(b, axb.strides, 2)[0], _I64(4))
-            slots = [cgutils.alloca_once(b, _V32) for _ in range(2)]
-            done = {}
-
-            def value_of(j, c, masked):
-                if j % 2:  # made with its pair's even row
-                    return done[c]
-                rows = [e.i64(b.extract_value(vrows, j + s)) for s in range(2)]
+            line_words = b.sdiv(cgutils.unpack_tuple(b, axb.strides, 2)[0], _I64(4))
+            rows = [e.i64(b.extract_value(vrows, j + s)) for s in range(2)]
+            for s in range(2):
+                b.store(scaled(j + s, c), slots[s])
+            with cgutils.for_range(b, rank) as loop:
+                f = e.factor_words(aa, pair_of(j), loop.index, block, c, masked, width)
+                line = b.mul(loop.index, line_words)
                 for s in range(2):
-                    b.store(b.call(fshl, [sums[j + s][c], odd_lows if s else zeros, shifts]),
-                            slots[s])
-                pair = b.add(e.i64(vpair0), _I64(j // 2))
-                with cgutils.for_range(b, rank) as loop:
-                    f = e.factor_words(aa, pair, loop.index, block, c, masked, width)
-                    line = b.mul(loop.index, xb_stride)
-                    for s in range(2):
-                        words = e.splat(b.load(b.gep(axb.data, [b.add(line, rows[s])])))
-                        b.store(b.call(dpwssd, [b.load(slots[s]), f, words]), slots[s])
-                done[c] = b.ashr(b.load(slots[1]), totals)
-                return b.ashr(b.load(slots[0]), totals)
+                    words = e.splat(b.load(b.gep(axb.data, [b.add(line, rows[s])])))
+                    b.store(b.call(dpwssd, [b.load(slots[s]), f, words]), slots[s])
+            state[c] = b.ashr(b.load(slots[1]), totals)
+            return b.ashr(b.load(slots[0]), totals)
 
-            e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
-            return context.get_dummy_value()
+        value_of = rank1_value if signature.args[7].ndim == 1 else lowrank_value
+        e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return tile
-
-
-_tile_rank1, _tile_rank1_narrow = _rank1_tile(_VECS), _rank1_tile(_VECS // 2)
-_tile_lowrank, _tile_lowrank_narrow = _lowrank_tile(_VECS), _lowrank_tile(_VECS // 2)
+    return sig, codegen
 
 
 @njit(inline="always", cache=True)
 def xv_word(xv):
-    """xv as the int16 pair (xv & 255, xv >> 8) that ``_tile_lowrank``'s vpdpwssd takes."""
+    """xv as the int16 pair (xv & 255, xv >> 8) that ``_tile_es``'s vpdpwssd takes."""
     return np.bitwise_or(np.bitwise_and(xv, np.int32(255)),
                          np.left_shift(np.right_shift(xv, np.int32(8)), np.int32(16)))
 
 
 @njit(inline="always", cache=True)
 def odd_low(sigma_shift):
-    """The odd row's bias 2^s - 1 placed in the top s bits, for ``_tile_rank1``'s funnel
+    """The odd row's bias 2^s - 1 placed in the top s bits, for ``_tile_es``'s funnel
     shift (0 at s = 0)."""
     if sigma_shift == 0:
         return np.int32(0)
@@ -577,156 +534,66 @@ def tiles(x, r0, rows, packed, comp, block, acc, a0):
 
 @njit(inline="always", cache=True)
 def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
-    """``_tile_rescale`` over x rows r0 .. r0 + rows - 1: whole tiles, then the rest."""
-    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:  # a narrow last block
-        _tiles_rescale_narrow(x, r0, rows, packed, comp, block, half, shift, out)
+    """``_tile_rescale`` over x rows r0 .. r0 + rows - 1, 2 vectors per row for a last
+    block of at most 32 columns, else 4."""
+    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:
+        _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, 2)
     else:
-        _tiles_rescale_wide(x, r0, rows, packed, comp, block, half, shift, out)
+        _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, 4)
 
 
 @njit(inline="always", cache=True)
-def _tiles_rescale_wide(x, r0, rows, packed, comp, block, half, shift, out):
-    """``tiles_rescale`` over whole 64-column blocks."""
+def _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, vecs):
+    """``tiles_rescale`` at a literal ``vecs``: whole tiles, then the rest."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
         _tile_rescale(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, half,
-                      shift, out)
+                      shift, out, vecs)
         j += TILE_ROWS
     left, m = rows - j, r0 + j
     if left == 1:
-        _tile_rescale(x, (m,), packed, comp, block, half, shift, out)
+        _tile_rescale(x, (m,), packed, comp, block, half, shift, out, vecs)
     elif left == 2:
-        _tile_rescale(x, (m, m + 1), packed, comp, block, half, shift, out)
+        _tile_rescale(x, (m, m + 1), packed, comp, block, half, shift, out, vecs)
     elif left == 3:
-        _tile_rescale(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out)
+        _tile_rescale(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out, vecs)
     elif left == 4:
-        _tile_rescale(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift, out)
+        _tile_rescale(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift, out, vecs)
     elif left == 5:
         _tile_rescale(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, half, shift,
-                      out)
+                      out, vecs)
 
 
 @njit(inline="always", cache=True)
-def _tiles_rescale_narrow(x, r0, rows, packed, comp, block, half, shift, out):
-    """``tiles_rescale`` over a last block of at most 32 columns."""
-    j = 0
-    while j + TILE_ROWS <= rows:
-        m = r0 + j
-        _tile_rescale_narrow(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block,
-                             half, shift, out)
-        j += TILE_ROWS
-    left, m = rows - j, r0 + j
-    if left == 1:
-        _tile_rescale_narrow(x, (m,), packed, comp, block, half, shift, out)
-    elif left == 2:
-        _tile_rescale_narrow(x, (m, m + 1), packed, comp, block, half, shift, out)
-    elif left == 3:
-        _tile_rescale_narrow(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out)
-    elif left == 4:
-        _tile_rescale_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift,
-                             out)
-    elif left == 5:
-        _tile_rescale_narrow(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, half,
-                             shift, out)
-
-
-@njit(inline="always", cache=True)
-def tiles_rank1(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
-    """``_tile_rank1`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even) from
-    pair pair0 on."""
-    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:  # a narrow last block
-        _tiles_rank1_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
-                            total, out)
+def tiles_es(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
+    """``_tile_es`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even) from
+    pair pair0 on, 2 vectors per row for a last block of at most 32 columns, else 4."""
+    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:
+        _es_rows(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
+                 2)
     else:
-        _tiles_rank1_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
-                          total, out)
+        _es_rows(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
+                 4)
 
 
 @njit(inline="always", cache=True)
-def _tiles_rank1_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total,
-                      out):
-    """``tiles_rank1`` over whole 64-column blocks."""
+def _es_rows(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
+             vecs):
+    """``tiles_es`` at a literal ``vecs``: whole tiles, then the rest (2 or 4 rows)."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
-        _tile_rank1(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
-                    pair0 + j // 2, xb, half, shift, low, total, out)
+        _tile_es(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
+                 pair0 + j // 2, xb, half, shift, low, total, out, vecs)
         j += TILE_ROWS
     left, m, p = rows - j, r0 + j, pair0 + j // 2
     if left == 2:
-        _tile_rank1(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total, out)
+        _tile_es(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total, out,
+                 vecs)
     elif left == 4:
-        _tile_rank1(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift,
-                    low, total, out)
-
-
-@njit(inline="always", cache=True)
-def _tiles_rank1_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
-                        total, out):
-    """``tiles_rank1`` over a last block of at most 32 columns."""
-    j = 0
-    while j + TILE_ROWS <= rows:
-        m = r0 + j
-        _tile_rank1_narrow(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
-                           pair0 + j // 2, xb, half, shift, low, total, out)
-        j += TILE_ROWS
-    left, m, p = rows - j, r0 + j, pair0 + j // 2
-    if left == 2:
-        _tile_rank1_narrow(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total,
-                           out)
-    elif left == 4:
-        _tile_rank1_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half,
-                           shift, low, total, out)
-
-
-@njit(inline="always", cache=True)
-def tiles_lowrank(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
-    """``_tile_lowrank`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even)
-    from pair pair0 on."""
-    if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:  # a narrow last block
-        _tiles_lowrank_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
-                            total, out)
-    else:
-        _tiles_lowrank_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
-                          total, out)
-
-
-@njit(inline="always", cache=True)
-def _tiles_lowrank_wide(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total,
-                      out):
-    """``tiles_lowrank`` over whole 64-column blocks."""
-    j = 0
-    while j + TILE_ROWS <= rows:
-        m = r0 + j
-        _tile_lowrank(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
-                    pair0 + j // 2, xb, half, shift, low, total, out)
-        j += TILE_ROWS
-    left, m, p = rows - j, r0 + j, pair0 + j // 2
-    if left == 2:
-        _tile_lowrank(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total, out)
-    elif left == 4:
-        _tile_lowrank(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift,
-                    low, total, out)
-
-
-@njit(inline="always", cache=True)
-def _tiles_lowrank_narrow(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low,
-                        total, out):
-    """``tiles_lowrank`` over a last block of at most 32 columns."""
-    j = 0
-    while j + TILE_ROWS <= rows:
-        m = r0 + j
-        _tile_lowrank_narrow(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
-                           pair0 + j // 2, xb, half, shift, low, total, out)
-        j += TILE_ROWS
-    left, m, p = rows - j, r0 + j, pair0 + j // 2
-    if left == 2:
-        _tile_lowrank_narrow(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total,
-                           out)
-    elif left == 4:
-        _tile_lowrank_narrow(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half,
-                           shift, low, total, out)
+        _tile_es(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift, low,
+                 total, out, vecs)
 
 
 @njit(inline="always", cache=True)
