@@ -20,8 +20,9 @@ includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per cor
 ``gemm_gflops`` is this machine's float32 BLAS GEMM at the model's base-product shapes
 (FLOP-weighted over its layers, rows sliced over the threads like the forward, int8 operands
 converted as the float32 engine converts them) and
-``int8_gemm_gops`` and ``vnni_gemm_gops`` the same for the int8 GEMM (where torch runs it)
-and the VNNI GEMM (where the CPU has VNNI); ``base_product_gflops`` is what the shared base
+``int8_gemm_gops``, ``avx2_gemm_gops`` and ``vnni_gemm_gops`` the same for the int8 GEMM
+(where torch runs it), the AVX2 GEMM (where the CPU has AVX2) and the VNNI GEMM (where the CPU
+has VNNI); ``base_product_gflops`` is what the shared base
 product reached inside the ES step, for backends that expose it, and
 ``base_product_fraction`` its ratio to the float32 GEMM. With the VNNI engine the product
 runs fused with its layer's projection, correction and rescale, and the time counted is the
@@ -47,8 +48,9 @@ from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
 from intes.es import ESConfig
 from intes.intmath import FRAC_BITS, rshift_round, sat8
 from intes.kernels import get_backend
+from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import Backend
-from intes.kernels.gemm import Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
+from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
 
@@ -245,10 +247,13 @@ def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
 
 def gemm_engines() -> dict:
     """The bare GEMMs to time: float32 BLAS always (the machine's float reference rate), the
-    int8 GEMM where torch runs it and the VNNI GEMM where the CPU has VNNI."""
+    int8 GEMM where torch runs it, the AVX2 GEMM where the CPU has AVX2 and the VNNI GEMM where
+    the CPU has VNNI."""
     engines = {"float32": Float32Gemm()}
     if int8_gemm_unavailable() is None:
         engines["int8"] = Int8Gemm()
+    if avx2_unavailable() is None:
+        engines["avx2"] = Avx2Gemm()
     if vnni_unavailable() is None:
         engines["vnni"] = VnniGemm()
     return engines
@@ -333,6 +338,7 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
     float_rate = gemm_rates["float32"]
     result.update({"gemm_gflops": float_rate, "int8_gemm_gops": gemm_rates.get("int8"),
+                   "avx2_gemm_gops": gemm_rates.get("avx2"),
                    "vnni_gemm_gops": gemm_rates.get("vnni"),
                    "base_product_gflops": achieved,
                    "base_product_fraction": achieved / float_rate if achieved else None})

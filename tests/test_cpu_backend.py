@@ -2,7 +2,8 @@
 
 Random shapes (fan-in past the float32 chunk size EXACT_K included), values (all +-127
 extremes included), seeds, ranks 1..4, shifts and population chunkings; with every GEMM
-engine that runs here (the fused VNNI kernel, int8 through torch, float32 BLAS).
+engine that runs here (the fused VNNI kernel, int8 through torch, the AVX2 kernel, float32
+BLAS).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
 from intes.kernels import available, get_backend
+from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import LowRank
 from intes.kernels.cpu import (
     BLOCK_ROWS,
@@ -34,7 +36,13 @@ from intes.kernels.cpu import (
     CpuNoise,
     keep_freed_memory,
 )
-from intes.kernels.gemm import EXACT_K, int8_gemm_unavailable, k_chunks, make_gemm
+from intes.kernels.gemm import (
+    EXACT_K,
+    int8_dot_instructions,
+    int8_gemm_unavailable,
+    k_chunks,
+    make_gemm,
+)
 from intes.kernels.reference import ReferenceBackend
 from intes.kernels.vnni import (
     HAVE_VNNI,
@@ -50,8 +58,10 @@ F32 = CpuBackend(gemm="float32")
 INT8_MISSING = int8_gemm_unavailable()
 VNNI_MISSING = vnni_unavailable()
 VNNI = None if VNNI_MISSING else CpuBackend(gemm="vnni")
+AVX2_MISSING = avx2_unavailable()
+AVX2 = None if AVX2_MISSING else CpuBackend(gemm="avx2")
 GEMM_BACKENDS = ([F32] + ([] if INT8_MISSING else [CpuBackend(gemm="int8")])
-                 + ([] if VNNI is None else [VNNI]))
+                 + ([] if AVX2 is None else [AVX2]) + ([] if VNNI is None else [VNNI]))
 FILLS = ("random", "max", "min", "signs")
 seeds = st.integers(0, 2**32 - 1)
 fills = st.sampled_from(FILLS)
@@ -226,6 +236,29 @@ def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
                             np.full((2, fan_in, rank), -nz.NOISE_MAX * sign, dtype=np.int8))
             same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma),
                  REF.linear(x, REF.prepare(w), 12, noise, sigma))
+
+
+@pytest.mark.skipif(AVX2_MISSING is not None, reason=str(AVX2_MISSING))
+@given(rows=st.integers(1, 100), fan_in=st.integers(1, 70), out=st.integers(1, 50),
+       fill=fills, seed=seeds)
+def test_avx2_product_is_exact(rows, fan_in, out, fill, seed):
+    """Every tile height (1-6 rows), panels, odd fan-in and partial column blocks."""
+    rng = np.random.default_rng(seed)
+    x, w = int8s(rng, (rows, fan_in), fill), int8s(rng, (out, fan_in), fill)
+    got = AVX2.base_product(x, AVX2.prepare(w))
+    assert got.shape == (rows, out)
+    assert (got == x.astype(np.int64) @ w.astype(np.int64).T).all()
+
+
+@pytest.mark.skipif(AVX2_MISSING is not None, reason=str(AVX2_MISSING))
+@pytest.mark.parametrize("fan_in", [1, 1041, 4099])
+def test_avx2_product_at_extreme_values(fan_in):
+    """All +-127 operands: every pair sum at its widest, past float32's exact K-chunk."""
+    for value, sign in ((127, 1), (127, -1), (-127, 1)):
+        x = np.full((7, fan_in), value, dtype=np.int8)
+        w = np.full((17, fan_in), 127 * sign, dtype=np.int8)
+        got = AVX2.base_product(x, AVX2.prepare(w))
+        assert (got.astype(np.int64) == value * sign * 127 * fan_in).all()
 
 
 def test_vnni_is_used_where_the_cpu_has_it():
@@ -493,10 +526,13 @@ def test_token_block_rule_and_overrides(monkeypatch):
 
 
 def test_default_gemm_is_the_fastest_that_runs(monkeypatch):
-    """vnni where the CPU has it, else int8 where torch runs it, else float32; an explicit
-    engine that cannot run is an error, not a fallback."""
+    """vnni where the CPU has it, else int8 where torch runs it and the CPU has an int8 dot
+    product instruction, else avx2 where the CPU has AVX2, else float32; an explicit engine
+    that cannot run is an error, not a fallback."""
     monkeypatch.delenv("INTES_CPU_GEMM", raising=False)
-    want = "vnni" if VNNI_MISSING is None else ("float32" if INT8_MISSING else "int8")
+    int8_fast = INT8_MISSING is None and int8_dot_instructions()
+    fallback = "avx2" if AVX2_MISSING is None else "float32"
+    want = "vnni" if VNNI_MISSING is None else ("int8" if int8_fast else fallback)
     assert make_gemm().name == want
     if VNNI_MISSING is not None:
         with pytest.raises(ConfigError, match="vnni"):
@@ -534,6 +570,7 @@ def test_bench_prints_one_json_object():
         assert result[key] > 0, key
     assert result["gemm"] == CPU.gemm.description
     assert (result["int8_gemm_gops"] is None) == (INT8_MISSING is not None)
+    assert (result["avx2_gemm_gops"] is None) == (AVX2_MISSING is not None)
     machine = result["machine"]
     assert machine["cores"] >= 1 and set(machine["isa"]) <= set(ISA_FLAGS)
     if Path("/proc/cpuinfo").exists():

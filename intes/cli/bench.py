@@ -27,8 +27,8 @@ from intes.kernels.gemm import GEMMS
                    "INTES_CPU_THREADS or one per usable core]")
 @click.option("--gemm", type=click.Choice(GEMMS), default=None,
               help="The cpu backend's base-product GEMM  [default: INTES_CPU_GEMM or auto: "
-                   "vnni where the CPU has AVX-512 VNNI, else int8 where torch runs it, else "
-                   "float32]")
+                   "vnni where the CPU has AVX-512 VNNI, else int8 where torch runs it and the "
+                   "CPU has VNNI or AMX, else avx2 where the CPU has AVX2, else float32]")
 def bench(model: str, dim: int, layers: int, population: int, seq_len: int, rank: int,
           backend: str, repeats: int, naive: bool, threads: int | None,
           gemm: str | None) -> None:

@@ -5,7 +5,8 @@ product X @ W^T of every linear layer is ONE GEMM over all member rows, from
 ``intes.kernels.gemm``: this package's own VNNI kernel where the CPU has AVX-512 VNNI, with
 each layer's projection, correction and rescale (and the update's step) fused into it (the
 ``_fused_*`` kernels); else int8 x int8 -> int32 (torch's oneDNN int8 GEMM) when torch is
-installed; else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel. Where
+installed and the CPU has an int8 dot-product instruction; else this package's int16-pair
+AVX2 kernel; else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel. Where
 this module uses floats it is because they are exact for the integers involved; each use
 states its bound next to the code:
 
@@ -55,7 +56,7 @@ from intes.intmath import (
     WKV_FRAC_BITS,
 )
 from intes.kernels.base import LowRank
-from intes.kernels.gemm import Float32Gemm, Int8Gemm, VnniGemm, make_gemm
+from intes.kernels.gemm import GemmEngine, VnniGemm, make_gemm
 from intes.kernels.vnni import pair_dot, quad_pair_dot
 from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
@@ -867,7 +868,7 @@ class CpuBackend:
         self.fixed_block = token_block or default_token_block()
         if self.fixed_block is not None and self.fixed_block < 1:
             raise ConfigError(f"token block must be >= 1, got {self.fixed_block}")
-        self.gemm: VnniGemm | Int8Gemm | Float32Gemm = make_gemm(gemm)
+        self.gemm: GemmEngine = make_gemm(gemm)
         keep_freed_memory()
 
     def token_block(self, rows: int) -> int:

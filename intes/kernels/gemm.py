@@ -1,6 +1,6 @@
 """Exact integer GEMMs for the cpu backend's shared base product X (N, in) @ W^T (in, out).
 
-Three engines, the same bits (every product of int8 values is summed exactly):
+Four engines, the same bits (every product of int8 values is summed exactly):
 
 - ``VnniGemm``: this package's own AVX-512 VNNI kernel (``intes.kernels.vnni_gemm``). Its
   product is no faster than a library's; its point is that the cpu backend fuses each
@@ -8,9 +8,15 @@ Three engines, the same bits (every product of int8 values is summed exactly):
   update's Z and step likewise. The default where the CPU has VNNI; needs no torch.
 - ``Int8Gemm``: int8 x int8 -> int32 through ``torch._int_mm`` (oneDNN; VNNI dot-product
   instructions where the CPU has them). Exact by construction: int32 holds any sum of up to
-  2^31 / 127^2 = 133,143 products, far past any layer width here. It ran 5-7x the float32
-  BLAS GEMM of the same shapes on the development machine; the default without VNNI when
+  2^31 / 127^2 = 133,143 products, far past any layer width here. Fast only where the CPU
+  has a VNNI dot-product instruction: it ran 5-7x the float32 BLAS GEMM of the same shapes
+  on an AVX-512 VNNI machine, and at 4% of it (5.7 Gop/s against 128 Gflop/s) on an
+  AVX2-only Zen 3. The default without AVX-512 VNNI where the CPU has AVX-VNNI or AMX and
   torch is installed.
+- ``Avx2Gemm``: this package's own AVX2 kernel (``intes.kernels.avx2_gemm``): int16 pairs by
+  vpmaddwd, exact for int8 operands at any fan-in below 133,000. It ran 1.6-1.8x the float32
+  BLAS GEMM of the same shapes on one core of an AVX2-only Zen 3; the default on AVX2 CPUs
+  with no int8 dot-product instruction.
 - ``Float32Gemm``: a float32 BLAS GEMM, exact while every partial sum is an integer below 2^24
   (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32. Needs only numpy.
 
@@ -30,10 +36,15 @@ import threading
 from typing import Any
 
 import numpy as np
+from llvmlite import binding as llvm
 from numba import njit
 
 from intes.errors import ConfigError
 from intes.intmath import INT8_MAX
+from intes.kernels.avx2_gemm import PANEL_ROWS as AVX2_PANEL_ROWS
+from intes.kernels.avx2_gemm import Avx2Weight, avx2_unavailable
+from intes.kernels.avx2_gemm import pack as avx2_pack
+from intes.kernels.avx2_gemm import product_into as avx2_product_into
 from intes.kernels.vnni_gemm import HILO_BITS, VnniWeight, grouped_sum, vnni_unavailable
 from intes.kernels.vnni_gemm import pack as vnni_pack
 from intes.kernels.vnni_gemm import product as vnni_product
@@ -49,7 +60,7 @@ F32_EXACT = 1 << 24
 _LO_BITS = HILO_BITS
 _LO_MASK = np.int32((1 << _LO_BITS) - 1)
 _BYTE = np.int32(255)
-GEMMS = ("auto", "vnni", "int8", "float32")
+GEMMS = ("auto", "vnni", "int8", "avx2", "float32")
 _SCRATCH_LIMIT = 64  # distinct scratch shapes kept per thread before the cache is dropped
 _BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
                  "openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
@@ -211,6 +222,38 @@ class Float32Gemm:
         acc = self._scratch.get("sum", base.shape[1:], lambda s: np.empty(s, np.int32))
         _sum_chunks(base, acc)
         return acc
+
+    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+        return float_lowrank_sum(at, bt, fitness)
+
+    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return vector_sum(fitness, noise)
+
+
+class Avx2Gemm:
+    """X @ W^T by this package's own AVX2 kernel (``intes.kernels.avx2_gemm``); the update's
+    Z through float BLAS (``float_lowrank_sum``: about 1% of a step). Needs no torch."""
+
+    name = "avx2"
+    description = "int16-pair AVX2 GEMM (numba, vpmaddwd)"
+
+    def __init__(self) -> None:
+        reason = avx2_unavailable()
+        if reason is not None:
+            raise RuntimeError(reason)
+        pin_blas_threads(1)
+        self._scratch = Scratch()
+
+    def prepare(self, w: np.ndarray) -> Avx2Weight:
+        return avx2_pack(w)
+
+    def product(self, x: np.ndarray, wt: Avx2Weight) -> np.ndarray:
+        """(N, out) exact int32 X @ W^T, written into a per-thread buffer."""
+        out = self._scratch.get("acc", (x.shape[0], wt.out_dim), lambda s: np.empty(s, np.int32))
+        panel = self._scratch.get("panel", (AVX2_PANEL_ROWS, 2 * wt.packed.shape[1]),
+                                  lambda s: np.empty(s, np.int16))
+        avx2_product_into(np.ascontiguousarray(x, dtype=np.int8), wt, panel, out)
+        return out
 
     def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
         return float_lowrank_sum(at, bt, fitness)
@@ -407,34 +450,55 @@ class VnniGemm:
         return vector_sum(fitness, noise)
 
 
-def make_gemm(name: str | None = None) -> Float32Gemm | Int8Gemm | VnniGemm:
-    """The named GEMM engine; 'auto' (or INTES_CPU_GEMM) takes the VNNI kernel where the CPU
-    has AVX-512 VNNI, else int8 when torch can run it, else float32.
+def int8_dot_instructions() -> list[str]:
+    """The int8 dot-product extensions (as LLVM names them) this CPU has: without one,
+    oneDNN's int8 GEMM falls back to code far slower than float32 BLAS."""
+    features = llvm.get_host_cpu_features()
+    return [f for f in ("avx512vnni", "avxvnni", "amx-int8") if features.get(f, False)]
 
-    An explicit 'vnni' or 'int8' that cannot run is an error, never a quiet fallback.
+
+GemmEngine = Float32Gemm | Avx2Gemm | Int8Gemm | VnniGemm
+
+
+def make_gemm(name: str | None = None) -> GemmEngine:
+    """The named GEMM engine; 'auto' (or INTES_CPU_GEMM) takes the VNNI kernel where the CPU
+    has AVX-512 VNNI, else int8 when torch can run it and the CPU has an int8 dot-product
+    instruction, else the AVX2 kernel where the CPU has AVX2, else float32.
+
+    An explicit 'vnni', 'int8' or 'avx2' that cannot run is an error, never a quiet fallback.
     """
     name = name or os.environ.get("INTES_CPU_GEMM", "auto")
     if name not in GEMMS:
         raise ConfigError(f"unknown cpu GEMM {name!r}; choose one of {GEMMS}")
     if name == "float32":
         return Float32Gemm()
+    if name == "avx2":
+        reason = avx2_unavailable()
+        if reason is not None:
+            raise ConfigError(f"the avx2 GEMM cannot run here: {reason}")
+        return Avx2Gemm()
     if name in ("auto", "vnni"):
         reason = vnni_unavailable()
         if reason is None:
             return VnniGemm()
         if name == "vnni":
             raise ConfigError(f"the vnni GEMM cannot run here: {reason}")
-    try:
-        return Int8Gemm()
-    except (ImportError, AttributeError, RuntimeError) as err:
-        if name == "int8":
-            raise ConfigError(f"the int8 GEMM needs torch>=2.4 with torch._int_mm: {err}") from err
-        return Float32Gemm()
+    if name == "int8" or int8_dot_instructions():
+        try:
+            return Int8Gemm()
+        except (ImportError, AttributeError, RuntimeError) as err:
+            if name == "int8":
+                raise ConfigError(
+                    f"the int8 GEMM needs torch>=2.4 with torch._int_mm: {err}") from err
+    return Avx2Gemm() if avx2_unavailable() is None else Float32Gemm()
 
 
 def gemm_summary() -> str:
     """One line: the engine 'auto' picks here, and why any faster one cannot run."""
-    notes = [why for why in (vnni_unavailable(), int8_gemm_unavailable()) if why]
+    slow_int8 = None if int8_dot_instructions() else (
+        "auto skips the int8 GEMM: this CPU has no int8 dot-product instruction (VNNI, AMX)")
+    notes = [why for why in (vnni_unavailable(), int8_gemm_unavailable(), slow_int8,
+                             avx2_unavailable()) if why]
     return "; ".join([f"{make_gemm('auto').description} (auto)", *notes])
 
 
