@@ -62,14 +62,12 @@ from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
     PANEL_ROWS,
     VnniWeight,
-    add_tail,
     merged_rescale_fits,
     odd_low,
     panel_product,
     panel_z,
     prefetch_factor_rows,
     prefetch_rows,
-    tiles,
     tiles_es,
     tiles_rescale,
     update_chunk,
@@ -335,61 +333,93 @@ def _fused_plain(x, packed, comp, tail, half, shift, out):
                 out[r0 + j, o] = _rescale(acc[j, o], half, shift)
 
 
+@njit(inline="always", cache=True)
+def _es_panel(x, r0, m0, rows, at, bt, xv, words, out):
+    """Start the ES panel of rows r0 .. r0 + rows - 1 (members m0 ... of one copy of a token
+    block, whole pairs): the next panel's rows and pairs prefetched, and xv[r, r0 + j] = the
+    projections of its rows (odd rows negated), as the tiles' words (``xv_word``) if
+    ``words``, else as values.
+
+    Panels go pair-major (``_es_panels``), so the next panel is the same members' in the next
+    copy, or the next members' in the first copy."""
+    members = 2 * at.shape[0]
+    nxt = r0 + members if r0 + members < x.shape[0] else m0 + rows
+    prefetch_rows(x, nxt, PANEL_ROWS, out)
+    if nxt < members:  # new pairs
+        prefetch_factor_rows(at, nxt // 2, PANEL_ROWS // 2)
+        prefetch_factor_rows(bt, nxt // 2, PANEL_ROWS // 2)
+    for q in range(0, rows, 2):
+        for r in range(xv.shape[0]):
+            d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, r)
+            d1 = np.negative(d1)
+            if words:
+                d0, d1 = xv_word(d0), xv_word(d1)
+            xv[r, r0 + q], xv[r, r0 + q + 1] = d0, d1
+
+
+@njit(inline="always", cache=True)
+def _es_panels(x, at):
+    """The ES panels' (first row, first member, rows): up to PANEL_ROWS consecutive rows of
+    one copy of a token block (whole pairs), pair-major: a chunk of pairs in every copy,
+    then the next chunk. A chunk's factors, PANEL_ROWS / 2 (in + out) bytes per rank, stay
+    in L1 and L2 across its copies; copy-major they were read once per copy, and ES layers
+    ran 2-4% slower.
+
+    A panel holds one copy's rows: panels that took a chunk of pairs across all copies, to
+    share each pair's factors among its copies' rows, measured slower even with plain
+    tiles, as a pair's copies lie N rows apart, a multiple of 4 KB at the usual sizes, so
+    they fall into the same L1 sets, which with the W block's lines fill every way."""
+    members = 2 * at.shape[0]
+    panels = []
+    for m0 in range(0, members, PANEL_ROWS):
+        for r0 in range(m0, x.shape[0], members):
+            panels.append((r0, m0, min(PANEL_ROWS, members - m0)))
+    return panels
+
+
 @kernel
-def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merged, out):
-    """ES at any rank, the same bits as ``_correct_rank1`` / ``_linear_lowrank``, panel by
-    panel as in inference.
+def _fused_rank1(x, packed, comp, at, bt, sigma_shift, half, shift, out):
+    """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel (``_es_panels``):
+    first the panel's projections (a pair's two rows against one load of B_p), then its
+    product block by block, each tile corrected and rescaled in registers (``_tile_es``,
+    the two shifts merged). Only where ``merged_rescale_fits`` and the fan-in has no tail.
 
-    A panel is up to PANEL_ROWS consecutive rows of one copy of a token block (whole pairs).
-    First its projections (a pair's two rows against one load of each B_p column), then its
-    product block by block, each tile corrected and rescaled in registers (``_tile_es``, the
-    two shifts merged) where ``merged``
-    (``merged_rescale_fits``) and the fan-in has no tail; otherwise through a buffer and the
-    unmerged epilogue.
-
-    Panels that instead took a chunk of pairs across all copies, to share each pair's
-    factors among its copies' rows, measured slower even with plain tiles: a pair's
-    copies lie N rows apart, a multiple of 4 KB at the usual sizes, so they fall into the
-    same L1 sets, which with the W block's lines fill every way.
-    """
-    members, rank = 2 * at.shape[0], at.shape[1]
-    in_registers = merged and tail.shape[1] == 0
-    odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
-    total = np.add(sigma_shift, shift)
-    low = odd_low(sigma_shift)
-    acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    # the rows' projections (odd rows negated): as the tiles' words (``xv_word``) for the
-    # in-register path, as values for the buffered one
-    xv = np.empty((rank, x.shape[0]), dtype=np.int32)
-    r0 = 0
-    while r0 < x.shape[0]:
-        m0 = r0 % members  # rows r0 ... are members m0 ... of one copy
-        rows = min(PANEL_ROWS, members - m0)
-        prefetch_rows(x, r0 + rows, PANEL_ROWS, out)  # the next panel's rows and pairs
-        m1 = (r0 + rows) % members
-        prefetch_factor_rows(at, m1 // 2, PANEL_ROWS // 2)
-        prefetch_factor_rows(bt, m1 // 2, PANEL_ROWS // 2)
-        for q in range(0, rows, 2):
-            for r in range(rank):
-                d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, r)
-                d1 = np.negative(d1)
-                if in_registers:
-                    d0, d1 = xv_word(d0), xv_word(d1)
-                xv[r, r0 + q], xv[r, r0 + q + 1] = d0, d1
-        if in_registers:
-            for block in range(packed.shape[0]):
-                if rank == 1:
-                    tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv[0], half,
-                             sigma_shift, low, total, out)
-                else:
-                    tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv, half,
-                             sigma_shift, low, total, out)
-            r0 += rows
-            continue
+    A kernel of its own, not a branch of ``_fused_lowrank``: with both tile kinds inlined in
+    one function the rank-1 path ran 3-5% slower."""
+    total, low = np.add(sigma_shift, shift), odd_low(sigma_shift)
+    xv = np.empty((1, x.shape[0]), dtype=np.int32)
+    for r0, m0, rows in _es_panels(x, at):
+        _es_panel(x, r0, m0, rows, at, bt, xv, True, out)
         for block in range(packed.shape[0]):
-            tiles(x, r0, rows, packed, comp, block, acc, 0)
-        if tail.shape[1] > 0:
-            add_tail(x, r0, rows, tail, acc, 0)
+            tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv[0], half, sigma_shift,
+                     low, total, out)
+
+
+@kernel
+def _fused_lowrank(x, packed, comp, at, bt, sigma_shift, half, shift, out):
+    """``_fused_rank1`` at any rank: each tile sums the rank's corrections before the merged
+    shift. The same bits as ``_linear_lowrank``."""
+    total, low = np.add(sigma_shift, shift), odd_low(sigma_shift)
+    xv = np.empty((at.shape[1], x.shape[0]), dtype=np.int32)
+    for r0, m0, rows in _es_panels(x, at):
+        _es_panel(x, r0, m0, rows, at, bt, xv, True, out)
+        for block in range(packed.shape[0]):
+            tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv, half, sigma_shift,
+                     low, total, out)
+
+
+@kernel
+def _fused_buffered(x, packed, comp, tail, at, bt, sigma_shift, half, shift, out):
+    """ES at any rank where the merged shift could overflow or the fan-in has a tail: each
+    panel's int32 product through a buffer, then the unmerged epilogue of
+    ``_linear_lowrank``."""
+    rank = at.shape[1]
+    odd_bias = np.subtract(np.left_shift(I32(1), sigma_shift), I32(1))
+    acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
+    xv = np.empty((rank, x.shape[0]), dtype=np.int32)
+    for r0, m0, rows in _es_panels(x, at):
+        _es_panel(x, r0, m0, rows, at, bt, xv, False, out)
+        panel_product(x, r0, rows, packed, comp, tail, acc)
         for j in range(rows):
             m, p = r0 + j, (m0 + j) // 2
             bias = I32(0) if j % 2 == 0 else odd_bias
@@ -399,7 +429,6 @@ def _fused_lowrank(x, packed, comp, tail, at, bt, sigma_shift, half, shift, merg
                     v = np.add(v, np.multiply(xv[r, m], I32(at[p, r, o])))
                 out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
                                      half, shift)
-        r0 += rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,9 +921,14 @@ class CpuBackend:
         if noise is None:
             _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
             return out
-        merged = merged_rescale_fits(x.shape[1], sigma_shift, int(shift), noise.a.shape[2])
-        _fused_lowrank(x, p.packed, p.comp, p.tail, *_factors(noise), I32(sigma_shift), half,
-                       shift, merged, out)
+        at, bt = _factors(noise)
+        rank = at.shape[1]
+        if p.tail.shape[1] or not merged_rescale_fits(x.shape[1], sigma_shift, int(shift), rank):
+            _fused_buffered(x, p.packed, p.comp, p.tail, at, bt, I32(sigma_shift), half, shift,
+                            out)
+        else:
+            kernel = _fused_rank1 if rank == 1 else _fused_lowrank
+            kernel(x, p.packed, p.comp, at, bt, I32(sigma_shift), half, shift, out)
         return out
 
     def linear(self, x, w, shift, noise, sigma_shift):
