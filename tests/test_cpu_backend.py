@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from intes import intmath as im
@@ -38,9 +38,11 @@ from intes.kernels.cpu import (
 )
 from intes.kernels.gemm import (
     EXACT_K,
+    MAX_LEVELS,
     int8_dot_instructions,
     int8_gemm_unavailable,
     k_chunks,
+    level_plan,
     make_gemm,
 )
 from intes.kernels.reference import ReferenceBackend
@@ -166,12 +168,14 @@ def test_fused_linear_over_many_panels(seed, pairs, fan_in, out, sigma, shift, x
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
 @given(seed=seeds, pairs=st.integers(1, 64), rows=st.integers(1, 150), cols=st.integers(1, 150),
-       rank=ranks, kind=st.sampled_from(["sign", "normalized", "extreme"]), w_fill=fills,
-       n_fill=fills, threshold=st.integers(0, 40000))
+       rank=ranks, kind=st.sampled_from(["sign", "normalized", "extreme", "wide", "many"]),
+       w_fill=fills, n_fill=fills, threshold=st.integers(0, 40000))
 def test_fused_update_over_many_panels(seed, pairs, rows, cols, rank, kind, w_fill, n_fill,
                                        threshold):
     """The VNNI engine's fused update (Z never stored) where the tensor spans several
-    panels and column blocks and P r is not a multiple of 4."""
+    panels and column blocks, P r is not a multiple of 4 and the pairs fall into up to 15
+    levels of |f|, or a few far wider (any |f| is one level), or more distinct |f| than
+    MAX_LEVELS (the float path)."""
     rng = np.random.default_rng(seed)
     w = int8s(rng, (rows, cols), w_fill)
     noise = lowrank(rng, pairs, rows, cols, rank, n_fill, seed)
@@ -179,6 +183,12 @@ def test_fused_update_over_many_panels(seed, pairs, rows, cols, rank, kind, w_fi
     fitness = rng.integers(-fmax, fmax + 1, pairs).astype(np.int32)
     if kind == "extreme":
         fitness = np.where(fitness < 0, -fmax, fmax).astype(np.int32)
+    if kind == "wide":  # |Z| stays below 2^31 (64 pairs x rank 3 x 1000 x 55^2)
+        fitness = rng.choice(rng.integers(-1000, 1001, 5), pairs).astype(np.int32)
+    if kind == "many":
+        assume(pairs > MAX_LEVELS)
+        fitness = (rng.permutation(pairs) + 1) * rng.choice([-1, 1], pairs)
+        fitness = fitness.astype(np.int32)
     same(VNNI.update_matrix(w, noise, fitness, threshold),
          REF.update_matrix(w, noise, fitness, threshold))
     z = VNNI.gemm.lowrank_sum(*(np.ascontiguousarray(f.transpose(0, 2, 1))
@@ -578,3 +588,31 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).output)
     assert forced["gemm"] == F32.gemm.description
+
+
+@given(seed=seeds, pairs=st.integers(1, 80), rank=ranks, spread=st.integers(1, 40))
+def test_level_plan_groups_pairs_by_magnitude(seed, pairs, rank, spread):
+    """Every k = p r + r' with f_p != 0 sits once in the level of its |f|, signed as f_p;
+    each level is whole groups of 4 with zero padding; past MAX_LEVELS there is no plan."""
+    rng = np.random.default_rng(seed)
+    fitness = rng.integers(-spread, spread + 1, pairs).astype(np.int32)
+    plan = level_plan(fitness.tobytes(), rank)
+    distinct = len(np.unique(np.abs(fitness[fitness != 0])))
+    if distinct > MAX_LEVELS:
+        assert plan is None
+        return
+    slots, weights, levels = plan
+    assert len(slots) % 4 == 0 and len(levels) == distinct
+    start = 0
+    for end, v in levels:
+        assert end > start
+        level = slots[4 * start:4 * end]
+        k = np.abs(level[level != 0]) - 1
+        assert (np.abs(fitness[k // rank]) == v).all()
+        assert (np.sign(level[level != 0]) == np.sign(fitness[k // rank])).all()
+        assert (weights[4 * start:4 * end] == np.where(level != 0, v, 0)).all()
+        assert np.count_nonzero(level == 0) < 4
+        start = end
+    k = np.sort(np.abs(slots[slots != 0]) - 1)
+    want = np.flatnonzero(np.repeat(fitness != 0, rank))
+    np.testing.assert_array_equal(k, want)

@@ -62,16 +62,14 @@ from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
     PANEL_ROWS,
     VnniWeight,
+    level_panel,
     merged_rescale_fits,
     odd_low,
     panel_product,
-    panel_z,
     prefetch_factor_rows,
     prefetch_rows,
     tiles_es,
     tiles_rescale,
-    update_chunk,
-    update_panel,
     xv_word,
 )
 
@@ -525,18 +523,17 @@ def _step_by_sign(w, z, threshold, out):
 
 
 @kernel
-def _fused_update(x, packed, comp, hilo, w, threshold, out):
-    """``_step_by_sign`` of Z = x @ B (the VNNI engine's update operands), panel by panel:
-    Z is never stored, each panel's moves are made while it is in cache."""
-    chunk = update_chunk(hilo)
+def _fused_update(x, packed, comp, levels, w, threshold, out):
+    """``_step_by_sign`` of Z = x @ B (the VNNI engine's update operands, pairs grouped by
+    |f|: ``_tile_levels``), panel by panel: Z is never stored, each panel's moves are made
+    while it is in cache."""
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    for o0 in range(0, w.shape[0], chunk):
-        count = min(chunk, w.shape[0] - o0)
-        update_panel(x, o0, count, hilo, packed, comp, acc)
+    for o0 in range(0, w.shape[0], PANEL_ROWS):
+        count = min(PANEL_ROWS, w.shape[0] - o0)
+        level_panel(x, o0, count, packed, comp, levels, acc)
         for j in range(count):
             for i in range(w.shape[1]):
-                out[o0 + j, i] = _stepped(w[o0 + j, i], panel_z(acc, count, j, i, hilo),
-                                          threshold)
+                out[o0 + j, i] = _stepped(w[o0 + j, i], acc[j, i], threshold)
 
 
 def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
@@ -974,9 +971,9 @@ class CpuBackend:
         if isinstance(self.gemm, VnniGemm):
             operands = self.gemm.update_operands(*factors, fitness)
             if operands is not None:
-                x, b, hilo = operands
+                x, b, levels = operands
                 out = np.empty(w.shape, dtype=np.int8)
-                _fused_update(x, b.packed, b.comp, hilo, np.ascontiguousarray(w), threshold,
+                _fused_update(x, b.packed, b.comp, levels, np.ascontiguousarray(w), threshold,
                               out)
                 return out
         return step_by_sign(w, self.gemm.lowrank_sum(*factors, fitness), threshold)

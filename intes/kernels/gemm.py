@@ -45,7 +45,7 @@ from intes.kernels.avx2_gemm import PANEL_ROWS as AVX2_PANEL_ROWS
 from intes.kernels.avx2_gemm import Avx2Weight, avx2_unavailable
 from intes.kernels.avx2_gemm import pack as avx2_pack
 from intes.kernels.avx2_gemm import product_into as avx2_product_into
-from intes.kernels.vnni_gemm import HILO_BITS, VnniWeight, grouped_sum, vnni_unavailable
+from intes.kernels.vnni_gemm import BLOCK_COLS, VnniWeight, level_sum, vnni_unavailable
 from intes.kernels.vnni_gemm import pack as vnni_pack
 from intes.kernels.vnni_gemm import product as vnni_product
 from intes.noise import NOISE_MAX
@@ -57,7 +57,7 @@ from intes.noise import NOISE_MAX
 EXACT_K = 1040
 F32_EXACT = 1 << 24
 # f_p A_p split as 32 hi + lo: |f A| <= 15 * 55 = 825 gives hi in [-26, 25], lo in [0, 31]
-_LO_BITS = HILO_BITS
+_LO_BITS = 5  # Int8Gemm's update: f A = 2^_LO_BITS H + L
 _LO_MASK = np.int32((1 << _LO_BITS) - 1)
 _BYTE = np.int32(255)
 GEMMS = ("auto", "vnni", "int8", "avx2", "float32")
@@ -361,32 +361,77 @@ def _word(b0, b1, b2, b3):
             np.bitwise_and(b2, _BYTE), np.int32(16)), np.left_shift(b3, np.int32(24))))
 
 
+MAX_LEVELS = 32  # distinct |f| the VNNI update groups pairs by; wider fitness: the float path
+
+
+@functools.lru_cache(maxsize=8)
+def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """How the VNNI update orders the k = p r + r' of Z = sum_k f_k a_k b_k^T: pairs grouped
+    by |f| (zero left out), each level padded to whole groups of 4 k. Made once per step
+    (cached on the fitness bytes) and shared by every tensor.
+
+    Returns (slots, weights, levels): slots[s] = sign(f) (k + 1) of the k in slot s, 0 for
+    padding; weights[s] = its |f| (0 for padding); levels (L, 2) int32 = (end group, |f|) per
+    level, as ``_tile_levels`` reads them. None past MAX_LEVELS distinct |f|.
+    """
+    f = np.frombuffer(fitness, dtype=np.int32).astype(np.int64)
+    mags = np.abs(f)
+    values = np.unique(mags[mags > 0])
+    if len(values) > MAX_LEVELS:
+        return None
+    slots, weights, levels, filled = [], [], [], 0
+    for v in values[::-1]:
+        pairs = np.flatnonzero(mags == v)
+        k = (pairs[:, None] * rank + np.arange(rank)).ravel()
+        pad = -len(k) % 4
+        slots += [np.repeat(np.sign(f[pairs]), rank) * (k + 1), np.zeros(pad, np.int64)]
+        weights += [np.full(len(k), v), np.zeros(pad, np.int64)]
+        filled += len(k) + pad
+        levels.append((filled // 4, v))
+    if not levels:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int32)
+    return (np.concatenate(slots), np.concatenate(weights),
+            np.array(levels, dtype=np.int64).astype(np.int32))
+
+
 @njit(nogil=True, cache=True)
-def _scale_words(at, fitness, hilo, x):
-    """The update's rows for the VNNI GEMM, as words: x[g, o] holds the 4 bytes f_k A[k, o]
-    of k = 4g .. 4g + 3 (k = p r + r'), so x viewed as int8 (G, rows, 4) is the grouped V^T.
-    With ``hilo`` f A = 32 H + L (``_scale_split``): H's words in x[g, o], L's in
-    x[g, rows + o]. k past P r is zero. Word lanes vectorize where byte stores would not."""
-    pairs, rank, rows = at.shape
-    flat = at.reshape(pairs * rank, rows)
-    last = flat.shape[0] - 1
-    f, k = np.zeros(4, dtype=np.int32), np.zeros(4, dtype=np.int64)
-    for g in range(x.shape[0]):
-        for b in range(4):  # past the last k: any row, times 0
-            k[b] = min(4 * g + b, last)
-            f[b] = fitness[k[b] // rank] if 4 * g + b <= last else 0
-        f0, f1, f2, f3, k0, k1, k2, k3 = f[0], f[1], f[2], f[3], k[0], k[1], k[2], k[3]
-        for o in range(rows):
-            v0 = np.multiply(f0, np.int32(flat[k0, o]))
-            v1 = np.multiply(f1, np.int32(flat[k1, o]))
-            v2 = np.multiply(f2, np.int32(flat[k2, o]))
-            v3 = np.multiply(f3, np.int32(flat[k3, o]))
-            if hilo:
-                x[g, o] = _word(v0 >> _LO_BITS, v1 >> _LO_BITS, v2 >> _LO_BITS, v3 >> _LO_BITS)
-                x[g, rows + o] = _word(v0 & _LO_MASK, v1 & _LO_MASK, v2 & _LO_MASK,
-                                       v3 & _LO_MASK)
-            else:
-                x[g, o] = _word(v0, v1, v2, v3)
+def _level_operands(at, bt, slots, weights, words, packed, comp):
+    """The VNNI update's operands in ``level_plan`` order: words[g, o] holds the 4 bytes
+    sign(f_k) A[k, o] of slots 4 g .. 4 g + 3, so words viewed as int8 (G, rows, 4) is the
+    grouped V^T; packed (as int32 words, (blocks, G, 64)) holds B[k] in vpdpbusd's layout,
+    zero past the width and in padding; comp[block, c] = -128 sum_s |f_s| B[k_s, 64 block + c],
+    the x + 128 compensation summed over the levels as ``_tile_levels`` adds them (int32,
+    wrapping like its sums). Word lanes vectorize where byte stores would not."""
+    a = at.reshape(at.shape[0] * at.shape[1], at.shape[2])
+    b = bt.reshape(bt.shape[0] * bt.shape[1], bt.shape[2])
+    cols = b.shape[1]
+    k = np.zeros(4, dtype=np.int64)
+    sign, weight = np.zeros(4, dtype=np.int32), np.zeros(4, dtype=np.int32)
+    total = np.zeros((packed.shape[0], BLOCK_COLS), dtype=np.int32)
+    packed[:] = 0
+    for g in range(words.shape[0]):
+        for i in range(4):
+            s = slots[4 * g + i]
+            k[i] = abs(s) - 1 if s != 0 else 0
+            sign[i] = 1 if s > 0 else (-1 if s < 0 else 0)
+            weight[i] = weights[4 * g + i]
+        k0, k1, k2, k3 = k[0], k[1], k[2], k[3]
+        s0, s1, s2, s3 = sign[0], sign[1], sign[2], sign[3]
+        for o in range(words.shape[1]):
+            words[g, o] = _word(s0 * np.int32(a[k0, o]), s1 * np.int32(a[k1, o]),
+                                s2 * np.int32(a[k2, o]), s3 * np.int32(a[k3, o]))
+        w0, w1, w2, w3 = s0 * s0, s1 * s1, s2 * s2, s3 * s3  # 0 in padding
+        f0, f1, f2, f3 = weight[0], weight[1], weight[2], weight[3]
+        for block in range(packed.shape[0]):
+            for c in range(min(BLOCK_COLS, cols - block * BLOCK_COLS)):
+                o = block * BLOCK_COLS + c
+                v0, v1 = w0 * np.int32(b[k0, o]), w1 * np.int32(b[k1, o])
+                v2, v3 = w2 * np.int32(b[k2, o]), w3 * np.int32(b[k3, o])
+                packed[block, g, c] = _word(v0, v1, v2, v3)
+                total[block, c] += f0 * v0 + f1 * v1 + f2 * v2 + f3 * v3
+    for block in range(packed.shape[0]):
+        for c in range(BLOCK_COLS):
+            comp[block, c] = np.int32(-128) * total[block, c]
 
 
 class VnniGemm:
@@ -412,39 +457,41 @@ class VnniGemm:
 
     def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
         """Z = (A^T diag(f)) B exactly, as ONE VNNI product per tensor: the rows of V^T =
-        (diag(f) A)^T against B packed as the weight (its columns are B's rows).
-
-        V is int8 when max|f| * NOISE_MAX <= 127 (sign fitness); otherwise V = 32 H + L,
-        one product of twice the rows (H's, then L's), each panel taking rows o of both and
-        combining 32 Z_H + Z_L as it is made (wrapping like the reference, whose |Z| <
-        2^31); the sums bound as in ``Int8Gemm.lowrank_sum``. Wider fitness takes the float
-        path.
-
-        V^T is written grouped, (P r / 4, rows, 4), which the GEMM reads as rows of 4-byte
-        groups: the factor-major A transposed by whole words instead of bytes.
-        """
+        (sign(f) A)^T against B packed as the weight (its columns are B's rows), the pairs
+        grouped by |f| (``level_plan``, ``_tile_levels``). More than MAX_LEVELS distinct
+        |f| take the float path."""
         operands = self.update_operands(at, bt, fitness)
         if operands is None:
             return float_lowrank_sum(at, bt, fitness)
-        return grouped_sum(*operands)
+        x, b, levels = operands
+        return level_sum(x, b, levels)
 
     @staticmethod
     def update_operands(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray
-                        ) -> tuple[np.ndarray, VnniWeight, bool] | None:
-        """(grouped V^T rows, B packed as the weight, hilo) for ``grouped_sum`` or a fused
-        update; None where the fitness is wider than any shaping makes (|f A| >= 127 * 32)."""
+                        ) -> tuple[np.ndarray, VnniWeight, np.ndarray] | None:
+        """(grouped V^T rows, B packed as the weight with level-weighted comp, levels) for
+        ``level_sum`` or a fused update; None past MAX_LEVELS distinct |f|.
+
+        Each pair's term is one int8 product whatever its |f| (sign(f) a is int8), so Z
+        costs one product of about P r (f = 0 left out), where a fitness-scaled A split
+        into int8 halves costs two of P r.
+        """
         pairs, rank, rows = at.shape
-        widest = int(np.abs(fitness).max(initial=0)) * NOISE_MAX
-        if widest >= INT8_MAX << _LO_BITS:
+        plan = level_plan(np.ascontiguousarray(fitness, dtype=np.int32).tobytes(), rank)
+        if plan is None:
             return None
-        hilo, k = widest > INT8_MAX, pairs * rank
-        groups = -(-k // 4)
-        b = bt.reshape(k, -1)
-        if k % 4:  # zero rows up to whole groups (the grouped rows are zero there too)
-            b = np.concatenate([b, np.zeros((4 * groups - k, b.shape[1]), dtype=np.int8)])
-        words = np.empty((groups, 2 * rows if hilo else rows), dtype=np.int32)
-        _scale_words(at, np.ascontiguousarray(fitness, dtype=np.int32), hilo, words)
-        return words.view(np.int8).reshape(groups, words.shape[1], 4), vnni_pack(b.T), hilo
+        slots, weights, levels = plan
+        groups, cols = len(slots) // 4, bt.shape[2]
+        blocks = -(-cols // BLOCK_COLS)
+        words = np.empty((groups, rows), dtype=np.int32)
+        packed = np.empty((blocks, groups, BLOCK_COLS), dtype=np.int32)
+        comp = np.empty((blocks, BLOCK_COLS), dtype=np.int32)
+        _level_operands(at, bt, slots, weights, words, packed, comp)
+        shape_only = np.broadcast_to(np.int8(0), (cols, 4 * groups))  # W = B^T, not read
+        weight = VnniWeight(shape_only,
+                            packed.view(np.int8).reshape(blocks, groups, 4 * BLOCK_COLS), comp,
+                            np.zeros((cols, 0), dtype=np.int8))
+        return words.view(np.int8).reshape(groups, rows, 4), weight, levels
 
     def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
         return vector_sum(fitness, noise)

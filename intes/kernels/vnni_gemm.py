@@ -50,7 +50,6 @@ BLOCK_COLS = 64  # columns per packed block: 4 registers of 16 int32 lanes
 PANEL_ROWS = 8 * TILE_ROWS  # rows made together, a block's W lines in L1 (even: whole pairs)
 _VECS = BLOCK_COLS // 16
 
-HILO_BITS = 5  # the update's f A = 2^HILO_BITS H + L (``intes.kernels.gemm``)
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _V32 = ir.VectorType(_I32, 16)
 _BIAS = ir.Constant(_I32, 0x80808080 - (1 << 32))  # xor 0x80 in each byte: x + 128 as uint8
@@ -111,8 +110,9 @@ def _is_array(t, ndims: tuple[int, ...], dtype) -> bool:
             and t.dtype == dtype)
 
 
-def _tile_typing_ok(x, rows, packed, comp) -> bool:
-    return (_is_array(x, (2, 3), types.int8) and _is_array(packed, (3,), types.int8)
+def _tile_typing_ok(x, rows, packed, comp, x_ndim: int = 2) -> bool:
+    """x (M, K), or grouped (G, M, 4) with ``x_ndim`` 3 (``_tile_levels``)."""
+    return (_is_array(x, (x_ndim,), types.int8) and _is_array(packed, (3,), types.int8)
             and _is_array(comp, (2,), types.int32) and isinstance(rows, types.UniTuple)
             and isinstance(rows.dtype, types.Integer) and 1 <= len(rows) <= TILE_ROWS)
 
@@ -154,11 +154,7 @@ class _Emit:
         plus ``offset`` (a vector, folded into the accumulators' start) if given."""
         b = self.builder
         ax = self.array(xt, vx)
-        x_strides = cgutils.unpack_tuple(b, ax.strides, xt.ndim)
-        if xt.ndim == 2:  # (M, K): a row's groups are consecutive words
-            x_stride, x_step = x_strides[0], _I64(1)
-        else:  # grouped (G, M, 4): group g of row m at x[g, m], G x M words apart
-            x_stride, x_step = x_strides[1], b.sdiv(x_strides[0], _I64(4))
+        x_stride = cgutils.unpack_tuple(b, ax.strides, 2)[0]  # a row's groups: consecutive words
         groups = cgutils.unpack_tuple(b, ap.shape, 3)[1]
         block_bytes = cgutils.unpack_tuple(b, ap.strides, 3)[0]
         dpbusd = self.function("llvm.x86.avx512.vpdpbusd.512", _V32, [_V32, _V32, _V32])
@@ -184,7 +180,7 @@ class _Emit:
              for c in range(self.vecs)]
         new = []
         for j in range(count):
-            word = b.xor(b.load(b.gep(x_rows[j], [b.mul(g, x_step)]), align=1), _BIAS)
+            word = b.xor(b.load(b.gep(x_rows[j], [g]), align=1), _BIAS)
             xs = self.splat(word)
             new.append([b.call(dpbusd, [accs[j][c], xs, w[c]]) for c in range(self.vecs)])
         nxt = b.add(g, _I64(1))
@@ -278,8 +274,7 @@ class _Emit:
 @intrinsic
 def _tile(typingctx, x, rows, packed, comp, block, acc, acc_row):
     """acc[acc_row + j, 64 block : 64 block + 64] = x[rows[j], :4G] @ W^T for the block's 64
-    columns (G = packed.shape[1] groups of 4), for the R = len(rows) rows of the tuple. x is
-    (M, K), or grouped (G, M, 4): x[g, m] is row m's k = 4 g .. 4 g + 3."""
+    columns (G = packed.shape[1] groups of 4), for the R = len(rows) rows of the tuple."""
     if not (_tile_typing_ok(x, rows, packed, comp) and _is_array(acc, (2,), types.int32)):
         return None
     sig = types.void(x, rows, packed, comp, block, acc, acc_row)
@@ -647,55 +642,147 @@ def product(x: np.ndarray, w: VnniWeight) -> np.ndarray:
     return out
 
 
+@intrinsic
+def _tile_levels(typingctx, x, rows, packed, comp, block, levels, acc, acc_row):
+    """acc[acc_row + j, 64 block ...] = comp[block] + sum_l v_l R_l[j], for the rows of the
+    tuple, where R_l = x[g, rows[j]] @ W^T over the groups g of level l, levels[l] = (its
+    end group, v_l): a level starts where the previous one ends and holds at least one
+    group. x is grouped (G, M, 4) like the update's V^T.
+
+    Z = sum_l v_l R_l is the update's sum_p f_p a_p b_p^T with the pairs grouped by |f_p|
+    (the sign in a), so each pair's term is one int8 product, whatever |f|. R_l runs in
+    the registers of a full tile (6 x 64); Z lives in acc's rows (L1), which take v_l R_l
+    once per level. Every sum wraps mod 2^32 (vpdpbusd, vpmulld), like the reference's
+    int32 product, in any order."""
+    if not (_tile_typing_ok(x, rows, packed, comp, 3)
+            and _is_array(levels, (2,), types.int32) and _is_array(acc, (2,), types.int32)):
+        return None
+    sig = types.void(x, rows, packed, comp, block, levels, acc, acc_row)
+    count = len(rows)
+
+    def codegen(context, b, signature, args):
+        vx, vrows, _, _, vblock, _, _, vacc_row = args
+        e = _Emit(context, b)
+        ax, ap, ac, al, aa = (e.array(signature.args[i], args[i]) for i in (0, 2, 3, 5, 6))
+        block = e.i64(vblock)
+        x_strides = cgutils.unpack_tuple(b, ax.strides, 3)
+        x_step = b.sdiv(x_strides[0], _I64(4))  # words from one group to the next
+        x_rows = [b.bitcast(b.gep(ax.data, [b.mul(e.i64(b.extract_value(vrows, j)),
+                                                  x_strides[1])]), _I32.as_pointer())
+                  for j in range(count)]
+        block_bytes = cgutils.unpack_tuple(b, ap.strides, 3)[0]
+        lines = b.bitcast(b.gep(ap.data, [b.mul(block, block_bytes)]), _V32.as_pointer())
+        comp_row = b.bitcast(b.gep(ac.data, [b.mul(block, _I64(BLOCK_COLS))]),
+                             _V32.as_pointer())
+        col = b.mul(block, _I64(_VECS))
+        z_at = [[b.gep(e.row_pointer(aa, b.add(e.i64(vacc_row), _I64(j)), 4, _V32),
+                       [b.add(col, _I64(c))]) for c in range(_VECS)] for j in range(count)]
+        level_count = cgutils.unpack_tuple(b, al.shape, 2)[0]
+        dpbusd = e.function("llvm.x86.avx512.vpdpbusd.512", _V32, [_V32, _V32, _V32])
+        zero = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
+        for c in range(_VECS):
+            start = b.load(b.gep(comp_row, [_I64(c)]), align=4)
+            for j in range(count):
+                b.store(start, z_at[j][c], align=4)
+
+        entry = b.basic_block
+        level = b.append_basic_block("levels.level")
+        group = b.append_basic_block("levels.group")
+        level_end = b.append_basic_block("levels.level_end")
+        done = b.append_basic_block("levels.done")
+        b.cbranch(b.icmp_signed(">", level_count, _I64(0)), level, done)
+
+        b.position_at_end(level)
+        lv, g0 = b.phi(_I64), b.phi(_I64)
+        row = b.gep(al.data, [b.mul(lv, _I64(2))])
+        g1 = e.i64(b.load(row))
+        v = e.splat(b.load(b.gep(row, [_I64(1)])))
+        size = b.sub(g1, g0)  # a counted loop from 0, as in ``sums``
+        level_lines = b.gep(lines, [b.mul(g0, _I64(_VECS))])
+        level_rows = [b.gep(x_rows[j], [b.mul(g0, x_step)]) for j in range(count)]
+        b.branch(group)
+
+        b.position_at_end(group)
+        g = b.phi(_I64)
+        rs = [[b.phi(_V32) for _ in range(_VECS)] for _ in range(count)]
+        w = [b.load(b.gep(level_lines, [b.add(b.mul(g, _I64(_VECS)), _I64(c))]), align=1)
+             for c in range(_VECS)]
+        new = []
+        for j in range(count):
+            word = b.xor(b.load(b.gep(level_rows[j], [b.mul(g, x_step)]), align=1), _BIAS)
+            xs = e.splat(word)
+            new.append([b.call(dpbusd, [rs[j][c], xs, w[c]]) for c in range(_VECS)])
+        g_next = b.add(g, _I64(1))
+        g.add_incoming(_I64(0), level)
+        g.add_incoming(g_next, group)
+        for j in range(count):
+            for c in range(_VECS):
+                rs[j][c].add_incoming(zero, level)
+                rs[j][c].add_incoming(new[j][c], group)
+        b.cbranch(b.icmp_signed("<", g_next, size), group, level_end)
+
+        b.position_at_end(level_end)
+        for j in range(count):
+            for c in range(_VECS):
+                z = b.load(z_at[j][c], align=4)
+                b.store(b.add(z, b.mul(new[j][c], v)), z_at[j][c], align=4)
+        lv_next = b.add(lv, _I64(1))
+        lv.add_incoming(_I64(0), entry)
+        lv.add_incoming(lv_next, level_end)
+        g0.add_incoming(_I64(0), entry)
+        g0.add_incoming(g1, level_end)
+        b.cbranch(b.icmp_signed("<", lv_next, level_count), level, done)
+        b.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(inline="always", cache=True)
-def update_panel(x, o0, count, hilo, packed, comp, acc):
-    """acc[:count] = rows o0 .. o0 + count - 1 of the update's x @ W^T; with ``hilo`` the
-    L rows (x rows out + o) in acc[count : 2 count], to be combined as 32 H + L."""
-    out_rows = x.shape[1] // 2 if hilo else x.shape[1]
+def level_panel(x, o0, count, packed, comp, levels, acc):
+    """acc[:count, :64 blocks] = rows o0 .. o0 + count - 1 of the update's Z (see
+    ``_tile_levels``), block by block so that a block's lines stay in L1 across the rows."""
     for block in range(packed.shape[0]):
-        tiles(x, o0, count, packed, comp, block, acc, 0)
-        if hilo:
-            tiles(x, out_rows + o0, count, packed, comp, block, acc, count)
-
-
-@njit(inline="always", cache=True)
-def update_chunk(hilo):
-    """Output rows per update panel: with ``hilo`` each takes two panel rows (H and L)."""
-    return PANEL_ROWS // 2 if hilo else PANEL_ROWS
-
-
-@njit(inline="always", cache=True)
-def panel_z(acc, count, j, i, hilo):
-    """Z[o0 + j, i] from an ``update_panel`` of ``count`` rows: 32 Z_H + Z_L with ``hilo``
-    (int32, wrapping like numpy)."""
-    z = acc[j, i]
-    if hilo:
-        z = np.add(np.left_shift(z, np.int32(HILO_BITS)), acc[count + j, i])
-    return z
+        j = 0
+        while j + TILE_ROWS <= count:
+            m = o0 + j
+            _tile_levels(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, levels,
+                         acc, j)
+            j += TILE_ROWS
+        left, m = count - j, o0 + j
+        if left == 1:
+            _tile_levels(x, (m,), packed, comp, block, levels, acc, j)
+        elif left == 2:
+            _tile_levels(x, (m, m + 1), packed, comp, block, levels, acc, j)
+        elif left == 3:
+            _tile_levels(x, (m, m + 1, m + 2), packed, comp, block, levels, acc, j)
+        elif left == 4:
+            _tile_levels(x, (m, m + 1, m + 2, m + 3), packed, comp, block, levels, acc, j)
+        elif left == 5:
+            _tile_levels(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, levels, acc,
+                         j)
 
 
 @njit(nogil=True, cache=True)
-def _grouped_sum(x, packed, comp, hilo, out):
-    """out = x @ W^T for grouped x (G, M, 4); with ``hilo`` rows [0, M/2) are H, the rest
-    L, and out[o] = 32 (H W^T)[o] + (L W^T)[o], in int32 wrapping like numpy."""
-    chunk = update_chunk(hilo)
+def _level_sum(x, packed, comp, levels, out):
+    """out = the update's Z (``_tile_levels``), panel by panel."""
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
-    for o0 in range(0, out.shape[0], chunk):
-        count = min(chunk, out.shape[0] - o0)
-        update_panel(x, o0, count, hilo, packed, comp, acc)
+    for o0 in range(0, out.shape[0], PANEL_ROWS):
+        count = min(PANEL_ROWS, out.shape[0] - o0)
+        level_panel(x, o0, count, packed, comp, levels, acc)
         for j in range(count):
             for i in range(out.shape[1]):
-                out[o0 + j, i] = panel_z(acc, count, j, i, hilo)
+                out[o0 + j, i] = acc[j, i]
 
 
-def grouped_sum(x: np.ndarray, w: VnniWeight, hilo: bool) -> np.ndarray:
-    """int32 x @ W^T of a grouped x (G, M, 4) against W packed with G groups and no tail;
-    with ``hilo``, M = 2 out rows combined as 32 H + L (see ``_grouped_sum``)."""
-    groups, rows, _ = x.shape
-    if w.packed.shape[1] != groups or w.tail.shape[1]:
-        raise ValueError(f"W packs {w.packed.shape[1]} groups (+{w.tail.shape[1]}), x {groups}")
-    out = np.empty((rows // 2 if hilo else rows, w.shape[0]), dtype=np.int32)
-    _grouped_sum(x, w.packed, w.comp, hilo, out)
+def level_sum(x: np.ndarray, w: VnniWeight, levels: np.ndarray) -> np.ndarray:
+    """int32 Z (rows, out) of a grouped x (G, rows, 4) against W packed with G groups, no
+    tail and ``comp`` weighted by level (see ``_tile_levels``)."""
+    if w.packed.shape[1] != x.shape[0] or w.tail.shape[1]:
+        raise ValueError(f"W packs {w.packed.shape[1]} groups (+{w.tail.shape[1]}), "
+                         f"x {x.shape[0]}")
+    out = np.empty((x.shape[1], w.shape[0]), dtype=np.int32)
+    _level_sum(x, w.packed, w.comp, levels, out)
     return out
 
 
