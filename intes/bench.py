@@ -5,8 +5,8 @@ runs after one untimed warm-up (numba compiles there). The three ways of spendin
 compute on the same N members and T tokens:
 
 - es: ``Engine.step`` (noise, forward of all N members with a shared base product per
-  layer, fitness, shaped update from seeds), timed as its two halves to report the update's
-  share;
+  layer, fitness, shaped update from seeds) and the new weights' packed forms (``prepare``,
+  which the next step needs), timed as forward and update to report the update's share;
 - inference: ``Engine.log_likelihood`` on the same N streams (forward + scoring, no noise,
   no update), i.e. what ``intes eval`` does;
 - naive: full-rank ES, each member's perturbation E_m = A_m B_m^T materialized into its own
@@ -232,6 +232,7 @@ def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
             raw = engine.population_fitness(windows)
             with Clock() as update:
                 engine.apply_fitness(raw)
+                _ = engine.prepared  # the new weights' packed forms: the update's cost
         run = {"wall": step.wall, "cpu": step.cpu, "update_s": update.wall,
                "base_s": timer.seconds if timer else None,
                "base_flops": timer.flops if timer else None}

@@ -74,35 +74,34 @@ class VnniWeight:
 
 
 @njit(nogil=True, cache=True)
-def _pack_lines(w, packed, comp):
-    """packed[block, g, 4 c + b] = W[64 block + c, 4 g + b] (zero past the width) and comp the
-    blocks' -128 column sums over the packed k. Any strides (the update packs B^T views):
-    each line is written in order, from 4 streams of a B^T view's rows."""
-    out_dim = w.shape[0]
-    total = np.empty(BLOCK_COLS, dtype=np.int32)
+def _pack_words(w, words, packed, comp):
+    """packed[block, g, c] = words[64 block + c, g] (W's 4 consecutive k of a column as one
+    int32 word, zero past the width) and comp the blocks' -128 column sums over those k: a
+    transpose of words, one per 4 weights, where byte stores ran 4x as many."""
+    out_dim = words.shape[0]
+    packed[:] = 0
+    comp[:] = 0
     for block in range(packed.shape[0]):
-        width = min(BLOCK_COLS, out_dim - block * BLOCK_COLS)
-        total[:] = 0
-        packed[block] = 0
-        for g in range(packed.shape[1]):
-            for c in range(width):
-                o = block * BLOCK_COLS + c
-                for b in range(4):
-                    v = w[o, 4 * g + b]
-                    packed[block, g, 4 * c + b] = v
-                    total[c] += np.int32(v)
-        for c in range(BLOCK_COLS):
-            comp[block, c] = np.int32(-128) * total[c]
+        for c in range(min(BLOCK_COLS, out_dim - block * BLOCK_COLS)):
+            o = block * BLOCK_COLS + c
+            for g in range(words.shape[1]):
+                packed[block, g, c] = words[o, g]
+            total = np.int32(0)
+            for k in range(4 * words.shape[1]):
+                total += np.int32(w[o, k])
+            comp[block, c] = np.int32(-128) * total
 
 
 def pack(w: np.ndarray) -> VnniWeight:
-    """The packed form of an int8 matrix W (out, in), any strides."""
+    """The packed form of an int8 matrix W (out, in) (see the module docstring)."""
     out_dim, fan_in = w.shape
     blocks, groups = -(-out_dim // BLOCK_COLS), fan_in // 4
-    packed = np.empty((blocks, groups, 4 * BLOCK_COLS), dtype=np.int8)
+    packed = np.empty((blocks, groups, BLOCK_COLS), dtype=np.int32)
     comp = np.empty((blocks, BLOCK_COLS), dtype=np.int32)
-    _pack_lines(w, packed, comp)
-    return VnniWeight(w, packed, comp, np.ascontiguousarray(w[:, groups * 4:]))
+    words = np.ascontiguousarray(w[:, :groups * 4]).view(np.int32)
+    _pack_words(w, words, packed, comp)
+    return VnniWeight(w, packed.view(np.int8).reshape(blocks, groups, 4 * BLOCK_COLS), comp,
+                      np.ascontiguousarray(w[:, groups * 4:]))
 
 
 def _is_array(t, ndims: tuple[int, ...], dtype) -> bool:
