@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -139,11 +139,14 @@ def default_threads() -> int:
 class CpuWeight:
     """A matrix in the form the base product wants, made once per step by ``prepare``.
 
-    ``wt`` is W^T in the GEMM engine's own form (see ``intes.kernels.gemm``).
+    ``wt`` is W^T in the GEMM engine's own form (see ``intes.kernels.gemm``); ``es_plans``
+    the ES layer plans made against it (``CpuBackend.fused_linear``), which go with it when
+    the next step prepares new weights.
     """
 
     w: np.ndarray
     wt: Any
+    es_plans: dict = field(default_factory=dict, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +198,7 @@ def _rescale(acc, half, shift):
     return _sat8(np.right_shift(np.add(acc, half), shift))
 
 
+@functools.lru_cache(maxsize=64)
 def _rounding(shift: int) -> tuple[np.int32, np.int32]:
     """(half, shift) of intmath.rshift_round as int32; a shift <= 0 leaves values as they are."""
     return (I32(1 << (shift - 1)), I32(shift)) if shift > 0 else (I32(0), I32(0))
@@ -873,6 +877,29 @@ class CpuElementwise:
 # ---------------------------------------------------------------------------------------------
 
 
+_ES_PLANS = 64  # plans kept per weight: one per population slice (or chunk) of a step
+
+
+def _es_plan(w: CpuWeight, noise: LowRank, fan_in: int, sigma_shift: int,
+             shift: np.int32) -> tuple:
+    """(noise, kernel, its arguments before (half, shift, out)) of an ES layer, kept with
+    its weight for the step: the same for all of the layer's token blocks, so each call
+    after the first skips the factor views, the bound check and the kernel choice (a few
+    microseconds a call, most of an ES layer's Python)."""
+    p = w.wt
+    at, bt = _factors(noise)
+    rank = at.shape[1]
+    if p.tail.shape[1] or not merged_rescale_fits(fan_in, sigma_shift, int(shift), rank):
+        kernel, args = _fused_buffered, (p.packed, p.comp, p.tail, at, bt, I32(sigma_shift))
+    else:
+        kernel = _fused_rank1 if rank == 1 else _fused_lowrank
+        args = (p.packed, p.comp, at, bt, I32(sigma_shift))
+    if len(w.es_plans) >= _ES_PLANS:  # forward after forward on the same weights
+        w.es_plans.clear()
+    plan = w.es_plans[id(noise), sigma_shift, int(shift)] = (noise, kernel, args)
+    return plan
+
+
 class CpuBackend:
     """numba/BLAS backend; ``ew`` and ``noise_source`` are its elementwise ops and generator.
 
@@ -918,14 +945,11 @@ class CpuBackend:
         if noise is None:
             _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
             return out
-        at, bt = _factors(noise)
-        rank = at.shape[1]
-        if p.tail.shape[1] or not merged_rescale_fits(x.shape[1], sigma_shift, int(shift), rank):
-            _fused_buffered(x, p.packed, p.comp, p.tail, at, bt, I32(sigma_shift), half, shift,
-                            out)
-        else:
-            kernel = _fused_rank1 if rank == 1 else _fused_lowrank
-            kernel(x, p.packed, p.comp, at, bt, I32(sigma_shift), half, shift, out)
+        plan = w.es_plans.get((id(noise), sigma_shift, int(shift)))
+        if plan is None or plan[0] is not noise:
+            plan = _es_plan(w, noise, x.shape[1], sigma_shift, shift)
+        _, kernel, args = plan
+        kernel(x, *args, half, shift, out)
         return out
 
     def linear(self, x, w, shift, noise, sigma_shift):
