@@ -5,8 +5,8 @@ must read it back: at a token block's 2048 rows that is 2-8 MB per layer, stream
 and in again, and the projection x . b_p streams x once more. Here each register tile's
 accumulators are corrected, rescaled and stored as int8 right where they are made
 (``_tile_rescale``, ``_tile_es``), panel by panel, and no int32 product
-reaches memory; ``_tile`` stores the int32 sums instead, for the other callers (the update, a
-fan-in tail).
+reaches memory; ``_tile`` stores the int32 sums instead, for a fan-in tail and the bare
+product, and ``_tile_levels`` makes the update's Z with the pairs grouped by |f|.
 
 The kernel is the classic register tile: ``TILE_ROWS`` x 64 int32 accumulators (6 x 4
 zmm registers), each step one 4-byte broadcast of every row's x against 4 registers of W,
@@ -156,7 +156,6 @@ class _Emit:
         x_stride = cgutils.unpack_tuple(b, ax.strides, 2)[0]  # a row's groups: consecutive words
         groups = cgutils.unpack_tuple(b, ap.shape, 3)[1]
         block_bytes = cgutils.unpack_tuple(b, ap.strides, 3)[0]
-        dpbusd = self.function("llvm.x86.avx512.vpdpbusd.512", _V32, [_V32, _V32, _V32])
         x_rows = [b.bitcast(b.gep(ax.data, [b.mul(self.i64(b.extract_value(vrows, j)),
                                                   x_stride)]), _I32.as_pointer())
                   for j in range(count)]
@@ -166,7 +165,15 @@ class _Emit:
         start = [b.load(b.gep(comp_row, [_I64(c)]), align=4) for c in range(self.vecs)]
         if offset is not None:
             start = [b.add(v, offset) for v in start]
+        return self.k_loop(x_rows, _I64(1), lines, groups, [start] * count)
 
+    def k_loop(self, x_rows, x_step, lines, groups, start):
+        """The register tile's loop: start[j][c] + sum over g < groups of (x_rows[j][g x_step]
+        as x + 128) . lines[4 g + c] by vpdpbusd, [row][vector], in the block where the loop
+        ends (``groups`` may be 0)."""
+        b = self.builder
+        count = len(x_rows)
+        dpbusd = self.function("llvm.x86.avx512.vpdpbusd.512", _V32, [_V32, _V32, _V32])
         entry = b.basic_block
         loop = b.append_basic_block("tile.loop")
         done = b.append_basic_block("tile.done")
@@ -179,7 +186,7 @@ class _Emit:
              for c in range(self.vecs)]
         new = []
         for j in range(count):
-            word = b.xor(b.load(b.gep(x_rows[j], [g]), align=1), _BIAS)
+            word = b.xor(b.load(b.gep(x_rows[j], [b.mul(g, x_step)]), align=1), _BIAS)
             xs = self.splat(word)
             new.append([b.call(dpbusd, [accs[j][c], xs, w[c]]) for c in range(self.vecs)])
         nxt = b.add(g, _I64(1))
@@ -187,19 +194,16 @@ class _Emit:
         g.add_incoming(nxt, loop)
         for j in range(count):
             for c in range(self.vecs):
-                accs[j][c].add_incoming(start[c], entry)
+                accs[j][c].add_incoming(start[j][c], entry)
                 accs[j][c].add_incoming(new[j][c], loop)
         b.cbranch(b.icmp_signed("<", nxt, groups), loop, done)
 
         b.position_at_end(done)
-        results = []
+        results = [[b.phi(_V32) for _ in range(self.vecs)] for _ in range(count)]
         for j in range(count):
-            results.append([])
             for c in range(self.vecs):
-                phi = b.phi(_V32)
-                phi.add_incoming(start[c], entry)
-                phi.add_incoming(new[j][c], loop)
-                results[j].append(phi)
+                results[j][c].add_incoming(start[j][c], entry)
+                results[j][c].add_incoming(new[j][c], loop)
         return results
 
     def factor_words(self, at, pair, r, block, c, masked, width):
@@ -677,7 +681,6 @@ def _tile_levels(typingctx, x, rows, packed, comp, block, levels, acc, acc_row):
         z_at = [[b.gep(e.row_pointer(aa, b.add(e.i64(vacc_row), _I64(j)), 4, _V32),
                        [b.add(col, _I64(c))]) for c in range(_VECS)] for j in range(count)]
         level_count = cgutils.unpack_tuple(b, al.shape, 2)[0]
-        dpbusd = e.function("llvm.x86.avx512.vpdpbusd.512", _V32, [_V32, _V32, _V32])
         zero = ir.Constant(_V32, [ir.Constant(_I32, 0)] * 16)
         for c in range(_VECS):
             start = b.load(b.gep(comp_row, [_I64(c)]), align=4)
@@ -686,8 +689,6 @@ def _tile_levels(typingctx, x, rows, packed, comp, block, levels, acc, acc_row):
 
         entry = b.basic_block
         level = b.append_basic_block("levels.level")
-        group = b.append_basic_block("levels.group")
-        level_end = b.append_basic_block("levels.level_end")
         done = b.append_basic_block("levels.done")
         b.cbranch(b.icmp_signed(">", level_count, _I64(0)), level, done)
 
@@ -696,35 +697,14 @@ def _tile_levels(typingctx, x, rows, packed, comp, block, levels, acc, acc_row):
         row = b.gep(al.data, [b.mul(lv, _I64(2))])
         g1 = e.i64(b.load(row))
         v = e.splat(b.load(b.gep(row, [_I64(1)])))
-        size = b.sub(g1, g0)  # a counted loop from 0, as in ``sums``
         level_lines = b.gep(lines, [b.mul(g0, _I64(_VECS))])
         level_rows = [b.gep(x_rows[j], [b.mul(g0, x_step)]) for j in range(count)]
-        b.branch(group)
-
-        b.position_at_end(group)
-        g = b.phi(_I64)
-        rs = [[b.phi(_V32) for _ in range(_VECS)] for _ in range(count)]
-        w = [b.load(b.gep(level_lines, [b.add(b.mul(g, _I64(_VECS)), _I64(c))]), align=1)
-             for c in range(_VECS)]
-        new = []
-        for j in range(count):
-            word = b.xor(b.load(b.gep(level_rows[j], [b.mul(g, x_step)]), align=1), _BIAS)
-            xs = e.splat(word)
-            new.append([b.call(dpbusd, [rs[j][c], xs, w[c]]) for c in range(_VECS)])
-        g_next = b.add(g, _I64(1))
-        g.add_incoming(_I64(0), level)
-        g.add_incoming(g_next, group)
-        for j in range(count):
-            for c in range(_VECS):
-                rs[j][c].add_incoming(zero, level)
-                rs[j][c].add_incoming(new[j][c], group)
-        b.cbranch(b.icmp_signed("<", g_next, size), group, level_end)
-
-        b.position_at_end(level_end)
+        rs = e.k_loop(level_rows, x_step, level_lines, b.sub(g1, g0), [[zero] * _VECS] * count)
         for j in range(count):
             for c in range(_VECS):
                 z = b.load(z_at[j][c], align=4)
-                b.store(b.add(z, b.mul(new[j][c], v)), z_at[j][c], align=4)
+                b.store(b.add(z, b.mul(rs[j][c], v)), z_at[j][c], align=4)
+        level_end = b.basic_block
         lv_next = b.add(lv, _I64(1))
         lv.add_incoming(_I64(0), entry)
         lv.add_incoming(lv_next, level_end)
