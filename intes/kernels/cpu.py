@@ -877,7 +877,7 @@ class CpuElementwise:
 # ---------------------------------------------------------------------------------------------
 
 
-_ES_PLANS = 64  # plans kept per weight: one per population slice (or chunk) of a step
+ES_PLANS = 64  # plans kept per weight: one per population slice (or chunk) of a step
 
 
 def _es_plan(w: CpuWeight, noise: LowRank, fan_in: int, sigma_shift: int,
@@ -894,7 +894,7 @@ def _es_plan(w: CpuWeight, noise: LowRank, fan_in: int, sigma_shift: int,
     else:
         kernel = _fused_rank1 if rank == 1 else _fused_lowrank
         args = (p.packed, p.comp, at, bt, I32(sigma_shift))
-    if len(w.es_plans) >= _ES_PLANS:  # forward after forward on the same weights
+    if len(w.es_plans) >= ES_PLANS:  # forward after forward on the same weights
         w.es_plans.clear()
     plan = w.es_plans[id(noise), sigma_shift, int(shift)] = (noise, kernel, args)
     return plan

@@ -188,7 +188,18 @@ def float_lowrank_sum(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np
     return af.reshape(pairs * rank, rows).T @ bt.reshape(pairs * rank, -1).astype(dtype)
 
 
-class Float32Gemm:
+class FloatUpdate:
+    """The update's sums for engines without an int8 product of their own to make them
+    with: Z by ``float_lowrank_sum`` (exact), vectors by ``vector_sum``."""
+
+    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+        return float_lowrank_sum(at, bt, fitness)
+
+    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return vector_sum(fitness, noise)
+
+
+class Float32Gemm(FloatUpdate):
     """X @ W^T as float32 BLAS GEMMs over exact K-chunks (see ``EXACT_K``)."""
 
     name = "float32"
@@ -223,14 +234,8 @@ class Float32Gemm:
         _sum_chunks(base, acc)
         return acc
 
-    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
-        return float_lowrank_sum(at, bt, fitness)
 
-    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        return vector_sum(fitness, noise)
-
-
-class Avx2Gemm:
+class Avx2Gemm(FloatUpdate):
     """X @ W^T by this package's own AVX2 kernel (``intes.kernels.avx2_gemm``); the update's
     Z through float BLAS (``float_lowrank_sum``: about 1% of a step). Needs no torch."""
 
@@ -254,12 +259,6 @@ class Avx2Gemm:
                                   lambda s: np.empty(s, np.int16))
         avx2_product_into(np.ascontiguousarray(x, dtype=np.int8), wt, panel, out)
         return out
-
-    def lowrank_sum(self, at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np.ndarray:
-        return float_lowrank_sum(at, bt, fitness)
-
-    def vector_sum(self, fitness: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        return vector_sum(fitness, noise)
 
 
 class Int8Gemm:
@@ -365,37 +364,33 @@ MAX_LEVELS = 32  # distinct |f| the VNNI update groups pairs by; wider fitness: 
 
 
 @functools.lru_cache(maxsize=8)
-def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
     """How the VNNI update orders the k = p r + r' of Z = sum_k f_k a_k b_k^T: pairs grouped
     by |f| (zero left out), each level padded to whole groups of 4 k. Made once per step
     (cached on the fitness bytes) and shared by every tensor.
 
-    Returns (slots, weights, levels): slots[s] = sign(f) (k + 1) of the k in slot s, 0 for
-    padding; weights[s] = its |f| (0 for padding); levels (L, 2) int32 = (end group, |f|) per
-    level, as ``_tile_levels`` reads them. None past MAX_LEVELS distinct |f|.
+    Returns (slots, levels): slots[s] = sign(f) (k + 1) of the k in slot s, 0 for padding;
+    levels (L, 2) int32 = (end group, |f|) per level, as ``_tile_levels`` reads them. None
+    past MAX_LEVELS distinct |f|.
     """
     f = np.frombuffer(fitness, dtype=np.int32).astype(np.int64)
     mags = np.abs(f)
     values = np.unique(mags[mags > 0])
     if len(values) > MAX_LEVELS:
         return None
-    slots, weights, levels, filled = [], [], [], 0
+    slots, levels, filled = [np.zeros(0, np.int64)], [], 0
     for v in values[::-1]:
         pairs = np.flatnonzero(mags == v)
         k = (pairs[:, None] * rank + np.arange(rank)).ravel()
         pad = -len(k) % 4
         slots += [np.repeat(np.sign(f[pairs]), rank) * (k + 1), np.zeros(pad, np.int64)]
-        weights += [np.full(len(k), v), np.zeros(pad, np.int64)]
         filled += len(k) + pad
         levels.append((filled // 4, v))
-    if not levels:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int32)
-    return (np.concatenate(slots), np.concatenate(weights),
-            np.array(levels, dtype=np.int64).astype(np.int32))
+    return np.concatenate(slots), np.array(levels, dtype=np.int64).reshape(-1, 2).astype(np.int32)
 
 
 @njit(nogil=True, cache=True)
-def _level_operands(at, bt, slots, weights, words, packed, comp):
+def _level_operands(at, bt, slots, levels, words, packed, comp):
     """The VNNI update's operands in ``level_plan`` order: words[g, o] holds the 4 bytes
     sign(f_k) A[k, o] of slots 4 g .. 4 g + 3, so words viewed as int8 (G, rows, 4) is the
     grouped V^T; packed (as int32 words, (blocks, G, 64)) holds B[k] in vpdpbusd's layout,
@@ -406,29 +401,31 @@ def _level_operands(at, bt, slots, weights, words, packed, comp):
     b = bt.reshape(bt.shape[0] * bt.shape[1], bt.shape[2])
     cols = b.shape[1]
     k = np.zeros(4, dtype=np.int64)
-    sign, weight = np.zeros(4, dtype=np.int32), np.zeros(4, dtype=np.int32)
+    sign = np.zeros(4, dtype=np.int32)
     total = np.zeros((packed.shape[0], BLOCK_COLS), dtype=np.int32)
     packed[:] = 0
+    level = 0
     for g in range(words.shape[0]):
+        while g >= levels[level, 0]:
+            level += 1
+        v = levels[level, 1]  # the group's |f|
         for i in range(4):
             s = slots[4 * g + i]
             k[i] = abs(s) - 1 if s != 0 else 0
             sign[i] = 1 if s > 0 else (-1 if s < 0 else 0)
-            weight[i] = weights[4 * g + i]
         k0, k1, k2, k3 = k[0], k[1], k[2], k[3]
         s0, s1, s2, s3 = sign[0], sign[1], sign[2], sign[3]
         for o in range(words.shape[1]):
             words[g, o] = _word(s0 * np.int32(a[k0, o]), s1 * np.int32(a[k1, o]),
                                 s2 * np.int32(a[k2, o]), s3 * np.int32(a[k3, o]))
         w0, w1, w2, w3 = s0 * s0, s1 * s1, s2 * s2, s3 * s3  # 0 in padding
-        f0, f1, f2, f3 = weight[0], weight[1], weight[2], weight[3]
         for block in range(packed.shape[0]):
             for c in range(min(BLOCK_COLS, cols - block * BLOCK_COLS)):
                 o = block * BLOCK_COLS + c
                 v0, v1 = w0 * np.int32(b[k0, o]), w1 * np.int32(b[k1, o])
                 v2, v3 = w2 * np.int32(b[k2, o]), w3 * np.int32(b[k3, o])
                 packed[block, g, c] = _word(v0, v1, v2, v3)
-                total[block, c] += f0 * v0 + f1 * v1 + f2 * v2 + f3 * v3
+                total[block, c] += v * (v0 + v1 + v2 + v3)
     for block in range(packed.shape[0]):
         for c in range(BLOCK_COLS):
             comp[block, c] = np.int32(-128) * total[block, c]
@@ -480,13 +477,13 @@ class VnniGemm:
         plan = level_plan(np.ascontiguousarray(fitness, dtype=np.int32).tobytes(), rank)
         if plan is None:
             return None
-        slots, weights, levels = plan
+        slots, levels = plan
         groups, cols = len(slots) // 4, bt.shape[2]
         blocks = -(-cols // BLOCK_COLS)
         words = np.empty((groups, rows), dtype=np.int32)
         packed = np.empty((blocks, groups, BLOCK_COLS), dtype=np.int32)
         comp = np.empty((blocks, BLOCK_COLS), dtype=np.int32)
-        _level_operands(at, bt, slots, weights, words, packed, comp)
+        _level_operands(at, bt, slots, levels, words, packed, comp)
         shape_only = np.broadcast_to(np.int8(0), (cols, 4 * groups))  # W = B^T, not read
         weight = VnniWeight(shape_only,
                             packed.view(np.int8).reshape(blocks, groups, 4 * BLOCK_COLS), comp,
