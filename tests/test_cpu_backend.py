@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from numba import njit
 
 from intes import intmath as im
 from intes import noise as nz
@@ -49,8 +50,10 @@ from intes.kernels.gemm import (
 from intes.kernels.reference import ReferenceBackend
 from intes.kernels.vnni import (
     HAVE_VNNI,
+    factor_sums,
     pair_dot,
     pair_dot_loop,
+    project_pairs,
     quad_pair_dot,
     quad_pair_dot_loop,
 )
@@ -271,6 +274,39 @@ def test_avx2_product_at_extreme_values(fan_in):
         got = AVX2.base_product(x, AVX2.prepare(w))
         assert (got.astype(np.int64) == value * sign * 127 * fan_in).all()
 
+
+
+@njit
+def _projections(x, m0, rows, bt, bsum, xv, words):
+    """project_pairs with its ``words`` made literal (the fused kernels pass a constant)."""
+    if words:
+        project_pairs(x, m0, m0, rows, bt, bsum, xv, True)
+    else:
+        project_pairs(x, m0, m0, rows, bt, bsum, xv, False)
+
+
+@pytest.mark.skipif(not HAVE_VNNI, reason="this CPU has no AVX-512 VNNI")
+@given(seed=seeds, pairs=st.integers(1, 30), n=st.integers(1, 300), rank=st.integers(1, 3),
+       fill=fills, words=st.booleans(), data=st.data())
+def test_pair_projections_are_the_shifted_dot_products(seed, pairs, n, rank, fill, words, data):
+    """The fused ES panels' projections (``project_pairs``: 16, 8, 4 and 2 rows per call)
+    are each row's (x . B_p[:, r]) >> 4 against its own pair's factor, negated on odd rows
+    (and as int16 words (v & 255, v >> 8) where asked), at any length, rank and offset."""
+    rng = np.random.default_rng(seed)
+    m0 = 2 * data.draw(st.integers(0, pairs - 1), label="first pair")
+    rows = 2 * data.draw(st.integers(1, pairs - m0 // 2), label="pairs projected")
+    x = int8s(rng, (2 * pairs, n), fill)
+    bt = int8s(rng, (pairs, rank, n), fill)
+    xv = np.zeros((rank, 2 * pairs), dtype=np.int32)
+    _projections(x, m0, rows, bt, factor_sums(bt), xv, words)
+    members = np.arange(m0, m0 + rows)
+    dots = np.einsum("mk,mrk->rm", x[members].astype(np.int64),
+                     bt[members // 2].astype(np.int64)) >> 4
+    want = np.where(members % 2, -dots, dots)
+    if words:
+        want = (want & 255) | ((want >> 8) << 16)
+    assert (xv[:, members] == want).all()
+    assert not xv[:, :m0].any() and not xv[:, m0 + rows:].any()
 
 def test_vnni_is_used_where_the_cpu_has_it():
     from llvmlite import binding

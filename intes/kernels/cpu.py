@@ -57,7 +57,7 @@ from intes.intmath import (
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import GemmEngine, VnniGemm, make_gemm
-from intes.kernels.vnni import pair_dot, quad_pair_dot
+from intes.kernels.vnni import factor_sums, pair_dot, project_pairs, quad_pair_dot
 from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
     PANEL_ROWS,
@@ -70,7 +70,6 @@ from intes.kernels.vnni_gemm import (
     prefetch_rows,
     tiles_es,
     tiles_rescale,
-    xv_word,
 )
 
 # glibc mallopt parameters (malloc.h)
@@ -336,11 +335,11 @@ def _fused_plain(x, packed, comp, tail, half, shift, out):
 
 
 @njit(inline="always", cache=True)
-def _es_panel(x, r0, m0, rows, at, bt, xv, words, out):
+def _es_panel(x, r0, m0, rows, at, bt, bsum, xv, words, out):
     """Start the ES panel of rows r0 .. r0 + rows - 1 (members m0 ... of one copy of a token
     block, whole pairs): the next panel's rows and pairs prefetched, and xv[r, r0 + j] = the
-    projections of its rows (odd rows negated), as the tiles' words (``xv_word``) if
-    ``words``, else as values.
+    projections of its rows (odd rows negated), as the tiles' int16 words if ``words``, else
+    as values (``project_pairs``, 16 rows at a time; bsum is ``factor_sums(bt)``).
 
     Panels go pair-major (``_es_panels``), so the next panel is the same members' in the next
     copy, or the next members' in the first copy."""
@@ -350,13 +349,7 @@ def _es_panel(x, r0, m0, rows, at, bt, xv, words, out):
     if nxt < members:  # new pairs
         prefetch_factor_rows(at, nxt // 2, PANEL_ROWS // 2)
         prefetch_factor_rows(bt, nxt // 2, PANEL_ROWS // 2)
-    for q in range(0, rows, 2):
-        for r in range(xv.shape[0]):
-            d0, d1 = _project1(x, r0 + q, (m0 + q) // 2, bt, r)
-            d1 = np.negative(d1)
-            if words:
-                d0, d1 = xv_word(d0), xv_word(d1)
-            xv[r, r0 + q], xv[r, r0 + q + 1] = d0, d1
+    project_pairs(x, r0, m0, rows, bt, bsum, xv, words)
 
 
 @njit(inline="always", cache=True)
@@ -380,7 +373,7 @@ def _es_panels(x, at):
 
 
 @kernel
-def _fused_rank1(x, packed, comp, at, bt, sigma_shift, half, shift, out):
+def _fused_rank1(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out):
     """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel (``_es_panels``):
     first the panel's projections (a pair's two rows against one load of B_p), then its
     product block by block, each tile corrected and rescaled in registers (``_tile_es``,
@@ -391,27 +384,27 @@ def _fused_rank1(x, packed, comp, at, bt, sigma_shift, half, shift, out):
     total, low = np.add(sigma_shift, shift), odd_low(sigma_shift)
     xv = np.empty((1, x.shape[0]), dtype=np.int32)
     for r0, m0, rows in _es_panels(x, at):
-        _es_panel(x, r0, m0, rows, at, bt, xv, True, out)
+        _es_panel(x, r0, m0, rows, at, bt, bsum, xv, True, out)
         for block in range(packed.shape[0]):
             tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv[0], half, sigma_shift,
                      low, total, out)
 
 
 @kernel
-def _fused_lowrank(x, packed, comp, at, bt, sigma_shift, half, shift, out):
+def _fused_lowrank(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out):
     """``_fused_rank1`` at any rank: each tile sums the rank's corrections before the merged
     shift. The same bits as ``_linear_lowrank``."""
     total, low = np.add(sigma_shift, shift), odd_low(sigma_shift)
     xv = np.empty((at.shape[1], x.shape[0]), dtype=np.int32)
     for r0, m0, rows in _es_panels(x, at):
-        _es_panel(x, r0, m0, rows, at, bt, xv, True, out)
+        _es_panel(x, r0, m0, rows, at, bt, bsum, xv, True, out)
         for block in range(packed.shape[0]):
             tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv, half, sigma_shift,
                      low, total, out)
 
 
 @kernel
-def _fused_buffered(x, packed, comp, tail, at, bt, sigma_shift, half, shift, out):
+def _fused_buffered(x, packed, comp, tail, at, bt, bsum, sigma_shift, half, shift, out):
     """ES at any rank where the merged shift could overflow or the fan-in has a tail: each
     panel's int32 product through a buffer, then the unmerged epilogue of
     ``_linear_lowrank``."""
@@ -420,7 +413,7 @@ def _fused_buffered(x, packed, comp, tail, at, bt, sigma_shift, half, shift, out
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     xv = np.empty((rank, x.shape[0]), dtype=np.int32)
     for r0, m0, rows in _es_panels(x, at):
-        _es_panel(x, r0, m0, rows, at, bt, xv, False, out)
+        _es_panel(x, r0, m0, rows, at, bt, bsum, xv, False, out)
         panel_product(x, r0, rows, packed, comp, tail, acc)
         for j in range(rows):
             m, p = r0 + j, (m0 + j) // 2
@@ -888,12 +881,13 @@ def _es_plan(w: CpuWeight, noise: LowRank, fan_in: int, sigma_shift: int,
     microseconds a call, most of an ES layer's Python)."""
     p = w.wt
     at, bt = _factors(noise)
-    rank = at.shape[1]
+    rank, bsum = at.shape[1], factor_sums(bt)
     if p.tail.shape[1] or not merged_rescale_fits(fan_in, sigma_shift, int(shift), rank):
-        kernel, args = _fused_buffered, (p.packed, p.comp, p.tail, at, bt, I32(sigma_shift))
+        kernel = _fused_buffered
+        args = (p.packed, p.comp, p.tail, at, bt, bsum, I32(sigma_shift))
     else:
         kernel = _fused_rank1 if rank == 1 else _fused_lowrank
-        args = (p.packed, p.comp, at, bt, I32(sigma_shift))
+        args = (p.packed, p.comp, at, bt, bsum, I32(sigma_shift))
     if len(w.es_plans) >= ES_PLANS:  # forward after forward on the same weights
         w.es_plans.clear()
     plan = w.es_plans[id(noise), sigma_shift, int(shift)] = (noise, kernel, args)

@@ -344,9 +344,9 @@ def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift
     against ``factor_words`` of at[pair, r], shared by the pair's two rows. Rows 2i and
     2i + 1 of the tuple are pair pair0 + i's.
 
-    xb holds the rows' xv as words (``xv_word``): 1-D at rank 1, xb[rows[j]]; 2-D above it
-    (R = at.shape[1]), xb[r, rows[j]], read by a loop over the rank that takes a pair's two
-    rows together against each factor."""
+    xb holds the rows' xv as int16 words (xv & 255, xv >> 8) (``project_pairs``): 1-D at
+    rank 1, xb[rows[j]]; 2-D above it (R = at.shape[1]), xb[r, rows[j]], read by a loop over
+    the rank that takes a pair's two rows together against each factor."""
     count_vecs = _vector_count(vecs)
     if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
             and _is_array(out, (2,), types.int8) and _is_array(at, (3,), types.int8)
@@ -410,13 +410,6 @@ def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-@njit(inline="always", cache=True)
-def xv_word(xv):
-    """xv as the int16 pair (xv & 255, xv >> 8) that ``_tile_es``'s vpdpwssd takes."""
-    return np.bitwise_or(np.bitwise_and(xv, np.int32(255)),
-                         np.left_shift(np.right_shift(xv, np.int32(8)), np.int32(16)))
 
 
 @njit(inline="always", cache=True)
