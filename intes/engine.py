@@ -82,14 +82,14 @@ def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np
     """Summed int32 log2-likelihood (1/256 bit) of windows[:, 1:] given windows[:, :-1].
 
     The recurrent state of a row is reset where its input token is 0 (document separator).
-    Where the backend's ``token_block(rows)`` is above 1 the model runs that many tokens at
-    once (``forward_block``); the bits are the same.
+    Where the backend's ``token_block(rows, width)`` is above 1 the model runs that many
+    tokens at once (``forward_block``); the bits are the same.
     """
     rows, length = windows.shape
     state = model.init_state(rows) if state is None else state
     total = np.zeros(rows, dtype=np.int32)
     token_block = getattr(ops.backend, "token_block", None)
-    block = token_block(rows) if token_block else 1
+    block = token_block(rows, model.dim) if token_block else 1
     if block > 1:
         for t0 in range(0, length - 1, block):
             t1 = min(t0 + block, length - 1)

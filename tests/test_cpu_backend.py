@@ -32,6 +32,8 @@ from intes.kernels.base import LowRank
 from intes.kernels.cpu import (
     BLOCK_ROWS,
     ES_PLANS,
+    FUSED_BLOCK,
+    FUSED_BLOCK_BYTES,
     TOKEN_BLOCK,
     CpuBackend,
     CpuElementwise,
@@ -557,16 +559,22 @@ def test_bad_thread_count_is_a_config_error(monkeypatch, value):
 
 def test_token_block_rule_and_overrides(monkeypatch):
     """By default small slices run blocks of TOKEN_BLOCK tokens and large ones token by
-    token (the fused VNNI engine: blocks at any size); the environment and the constructor
-    fix it; a bad value is a config error."""
+    token; the fused VNNI engine blocks tokens at any size, FUSED_BLOCK of them where one
+    block's activation fits FUSED_BLOCK_BYTES; the environment and the constructor fix it;
+    a bad value is a config error."""
     monkeypatch.delenv("INTES_CPU_TOKEN_BLOCK", raising=False)
     auto = CpuBackend(1, "float32")
-    assert auto.token_block(BLOCK_ROWS) == TOKEN_BLOCK and auto.token_block(BLOCK_ROWS + 2) == 1
-    if VNNI is not None:  # the fused engine blocks tokens at any size
-        assert CpuBackend(1, "vnni").token_block(BLOCK_ROWS * 8) == TOKEN_BLOCK
-    assert CpuBackend(1, token_block=3).token_block(10**6) == 3
+    assert auto.token_block(BLOCK_ROWS, 256) == TOKEN_BLOCK
+    assert auto.token_block(BLOCK_ROWS + 2, 256) == 1
+    if VNNI is not None:
+        fused = CpuBackend(1, "vnni")
+        assert fused.token_block(BLOCK_ROWS * 8, 256) == TOKEN_BLOCK
+        rows = FUSED_BLOCK_BYTES // (FUSED_BLOCK * 256)
+        assert fused.token_block(rows, 256) == FUSED_BLOCK
+        assert fused.token_block(rows + 2, 256) == TOKEN_BLOCK
+    assert CpuBackend(1, token_block=3).token_block(10**6, 256) == 3
     monkeypatch.setenv("INTES_CPU_TOKEN_BLOCK", "6")
-    assert CpuBackend(1).token_block(2) == 6
+    assert CpuBackend(1).token_block(2, 8) == 6
     monkeypatch.setenv("INTES_CPU_TOKEN_BLOCK", "0")
     with pytest.raises(ConfigError, match="INTES_CPU_TOKEN_BLOCK"):
         CpuBackend(1)

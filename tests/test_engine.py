@@ -397,7 +397,7 @@ class BlockReference(ReferenceBackend):
     def __init__(self, block: int):
         self.block = block
 
-    def token_block(self, rows: int) -> int:
+    def token_block(self, rows: int, width: int) -> int:
         return self.block
 
 

@@ -34,9 +34,9 @@ class Backend(Protocol):
     factor generators of ``intes.noise`` (lowrank_factors, vector_noise). Without them the numpy
     versions are used.
 
-    ``token_block(rows)`` (default 1) is how many tokens a forward over that many member
-    rows passes at once, as (T, rows, d) blocks: a backend that answers above 1 takes such
-    blocks in every op.
+    ``token_block(rows, width)`` (default 1) is how many tokens a forward over that many
+    member rows of a model that wide passes at once, as (T, rows, d) blocks: a backend that
+    answers above 1 takes such blocks in every op.
     """
 
     name: str
