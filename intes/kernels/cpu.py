@@ -85,9 +85,9 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 # Blocks amortize ES's own reads (each layer's noise factors and the per-member vectors,
 # read once per block): with the VNNI engine a block of FUSED_BLOCK tokens is taken where
 # one (T, rows, width) activation stays within FUSED_BLOCK_BYTES, i.e. 512 rows at width
-# 256. Measured there (2 cores, processes alternated, ES step: fused projections of 16 rows),
-# blocks of 8 against 4: ES steps 2-10% faster, inference the same, ES / inference 0.921 ->
-# 0.937 (rwkv) and 0.921 -> 0.935 (egg); blocks of 16 slowed ES and inference down.
+# 256. Measured there (2 cores, processes alternated, medians): blocks of 8 against 4 made
+# the ES step about 2% faster and left inference as it was, ES / inference 0.921 -> 0.937
+# (rwkv) and 0.921 -> 0.935 (egg); blocks of 16 slowed ES and inference down.
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 FUSED_BLOCK, FUSED_BLOCK_BYTES = 8, 1 << 20
 
@@ -382,7 +382,7 @@ def _es_panels(x, at):
 @kernel
 def _fused_rank1(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out):
     """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel (``_es_panels``):
-    first the panel's projections (a pair's two rows against one load of B_p), then its
+    first the panel's projections (``project_pairs``, 16 rows per call), then its
     product block by block, each tile corrected and rescaled in registers (``_tile_es``,
     the two shifts merged). Only where ``merged_rescale_fits`` and the fan-in has no tail.
 

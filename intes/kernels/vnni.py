@@ -17,6 +17,11 @@ every copy) go 8 rows at a time (``quad_pair_dot``). Measured per row (2048 x 25
 cache): 8 at a time 2.7 ns, 2 at a time 3.8 ns, and 4.9 ns before, with a horizontal sum per
 row and a masked tail block even where the width needed none.
 
+The fused ES layers project a panel's rows 16 at a time, each pair's two rows against their
+own factor (``project_pairs``): the same tree reduces rows of different pairs, and 128 sum(b)
+is made once per layer and step (``factor_sums``) instead of by a vpdpbusd against ones in
+every call.
+
 numba's on-disk cache keys a kernel on its own source file only: after editing this module,
 delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__`` (or touch cpu.py), or
 the cpu kernels keep the old inlined code.
