@@ -81,13 +81,14 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 # at 4 (+12-25% over 1), 1024 and 2048 rows at 1 (blocks of 2 or 4 were 8-14% slower there,
 # their int32 products streaming through memory). The fused VNNI engine keeps no product in
 # memory and runs TOKEN_BLOCK at every size: at 2048 rows ES tokens/s rose by 15-31% over
-# single tokens at width 96 and tied at width 256; at 512 rows blocks of 4 and 8 tied.
-# Blocks amortize ES's own reads (each layer's noise factors and the per-member vectors,
-# read once per block): with the VNNI engine a block of FUSED_BLOCK tokens is taken where
-# one (T, rows, width) activation stays within FUSED_BLOCK_BYTES, i.e. 512 rows at width
-# 256. Measured there (2 cores, processes alternated, medians): blocks of 8 against 4 made
-# the ES step about 2% faster and left inference as it was, ES / inference 0.921 -> 0.937
-# (rwkv) and 0.921 -> 0.935 (egg); blocks of 16 slowed ES and inference down.
+# single tokens at width 96 and tied at width 256. Blocks also amortize ES's own reads (each
+# layer's noise factors and the per-member vectors, read once per block), so the fused
+# engine takes FUSED_BLOCK tokens where one (T, rows, width) activation stays within
+# FUSED_BLOCK_BYTES, i.e. 512 rows at width 256. Measured there (2 cores,
+# INTES_CPU_TOKEN_BLOCK=4, 8 and 16 in turn under benchmarks/paired_rounds.py, medians):
+# blocks of 8 against 4 made the ES step about 2% faster and left inference as it was,
+# ES / inference 0.921 -> 0.937 (rwkv) and 0.921 -> 0.935 (egg); blocks of 16 slowed ES
+# and inference down. (Single runs of intes bench had not told 4 and 8 apart.)
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 FUSED_BLOCK, FUSED_BLOCK_BYTES = 8, 1 << 20
 
