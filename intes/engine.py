@@ -21,7 +21,7 @@ from intes.kernels import get_backend
 from intes.kernels.base import Backend
 from intes.kernels.reference import linear_bound
 from intes.models import MODELS, build_model
-from intes.models.base import Ops, init_params, make_noise, prepare
+from intes.models.base import Ops, ParamSpec, init_params, make_noise, prepare
 
 MAX_SEQ_LEN = 1 << 16  # per-token |log-likelihood| < 2^15 (1/256 bit), so T * 2^15 < 2^31
 T = TypeVar("T")
@@ -149,8 +149,9 @@ class Engine:
 
     @property
     def prepared(self) -> dict:
-        """The backend's forms of the matrices (``prepare``), made once per set of weights, in
-        groups of near-equal size on the backend's threads (packing is real work for some)."""
+        """The backend's forms of the matrices (``prepare``), made once per set of weights: by
+        ``apply_fitness`` inside the update's tasks, else here in groups of near-equal size
+        on the backend's threads (packing is real work for some)."""
         if self._prepared is None:
             matrices = [s for s in self.specs if s.kind == "matrix"]
             groups = es.balanced_groups([int(np.prod(s.shape)) for s in matrices], self.threads)
@@ -202,9 +203,15 @@ class Engine:
         """Shape member fitness, update the weights from seeds, advance the step."""
         cfg = self.config
         shaped = es.shape_fitness(raw, cfg.es.fitness)
+        prepared = {}
+
+        def prepare_matrix(spec: ParamSpec, new: np.ndarray) -> None:
+            if spec.kind == "matrix":  # the next forward's form, made where the update ran
+                prepared[spec.name] = self.backend.prepare(new)
+
         self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
-                              shaped, cfg.es, self.map, self.threads)
-        self._prepared = None
+                              shaped, cfg.es, self.map, self.threads, prepare_matrix)
+        self._prepared = prepared
         self.step_index += 1
         return shaped
 

@@ -98,13 +98,17 @@ def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]
 def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray], seed: int,
          step: int, fitness: np.ndarray, cfg: ESConfig,
          map_fn: Callable[[Callable, Iterable], list] | None = None,
-         parts: int = 1) -> dict[str, np.ndarray]:
+         parts: int = 1,
+         on_update: Callable[[ParamSpec, np.ndarray], None] | None = None
+         ) -> dict[str, np.ndarray]:
     """New weights from (seed, step, shaped fitness) alone: noise is regenerated, not stored.
 
     Tensors are independent, so ``map_fn`` (like ``map``, returning a list) may update them
     concurrently, in ``parts`` groups of near-equal work (one task per thread: a task per
     tensor would pay a thread handoff per tensor, most of them small); each regenerates its
-    own noise.
+    own noise. ``on_update(spec, new)`` runs in the same task right after each tensor's
+    update, while the new weights are in cache (the engine packs them there for the next
+    forward, not in a pass of its own).
     """
     thr_matrix, thr_vector = thresholds(step, fitness, cfg)
     pairs = np.arange(len(fitness))
@@ -114,8 +118,12 @@ def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray]
         noise = tensor_noise(s, tensor_id, seed, step, pairs, cfg.rank, cfg.noise_reuse,
                              backend)
         if s.kind == "vector":
-            return backend.update_vector(params[s.name], noise, fitness, thr_vector)
-        return backend.update_matrix(params[s.name], noise, fitness, thr_matrix)
+            new = backend.update_vector(params[s.name], noise, fitness, thr_vector)
+        else:
+            new = backend.update_matrix(params[s.name], noise, fitness, thr_matrix)
+        if on_update is not None:
+            on_update(s, new)
+        return new
 
     groups = balanced_groups([int(np.prod(s.shape)) for s in specs], parts)
     done = (map_fn or _serial_map)(lambda ids: [(i, update(i)) for i in ids], groups)

@@ -318,6 +318,20 @@ def test_weights_move_at_most_one_per_step(case, k):
             assert np.all((v64 >= -127) & (v64 <= 127)), name
 
 
+@ENGINE
+@given(cases(), st.integers(1, 3))
+def test_update_prepares_the_new_weights(case, k):
+    """The forms the update makes for the next forward (``apply_fitness``) are those of the
+    new weights: every matrix, none stale."""
+    e = case.engine()
+    for _ in range(k):
+        e.step(case.windows(e.step_index))
+        matrices = {s.name for s in e.specs if s.kind == "matrix"}
+        assert set(e.prepared) == matrices
+        for name in matrices:
+            assert np.array_equal(e.prepared[name], e.params[name]), name
+
+
 def test_saturated_weights_stay_in_range():
     """Weights pinned at +-127 stay within [-127, 127] through several steps."""
     cfg = TrainConfig(model=ModelConfig(kind="egg", vocab_size=VOCAB, dim=8, layers=1),
