@@ -26,7 +26,7 @@ from intes.kernels.cpu import CpuBackend
 KERNELS = ("_linear_plain", "_project_rank1", "_correct_rank1", "_linear_lowrank", "_fused_plain",
            "_fused_rank1", "_fused_lowrank", "_fused_buffered",
            "_embed_plain", "_embed_rank1", "_embed_lowrank", "_member_vectors",
-           "_log_likelihood", "_norm", "_token_mix", "_sigmoid_gate", "_relu_sq", "_wkv_step",
+           "_log_likelihood", "_norm", "_token_mix", "sigmoid_gate_flat", "_relu_sq", "_wkv_step",
            "_wkv_scan", "_sat_add2", "_sat_add3", "_gru_blend")
 
 

@@ -26,7 +26,7 @@ from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
-from intes.kernels import available, get_backend
+from intes.kernels import available, get_backend, vbmi
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import LowRank
 from intes.kernels.cpu import (
@@ -440,6 +440,20 @@ def test_noise_source(seed, step, first, pairs, tid, rows, cols, rank):
 
 # ---------------------------------------------------------------------------------------------
 # elementwise ops: CpuElementwise vs intes.intmath
+
+
+@given(length=st.integers(0, 300), start=st.integers(0, 254))
+def test_sigmoid_gate_covers_every_input_pair(length, start):
+    """The gate's 64-byte table lookups (VBMI where the CPU has it) and their scalar tail
+    equal the reference for every (r, v) pair, in any stretch of them and at any length."""
+    grid = np.arange(-127, 128, dtype=np.int8)
+    r, v = grid.repeat(255), np.tile(grid, 255)  # all 255 x 255 pairs
+    same(CpuElementwise.sigmoid_gate(r, v), im.sigmoid_gate(r, v))
+    part = slice(start * 255, start * 255 + length)
+    same(CpuElementwise.sigmoid_gate(r[part], v[part]), im.sigmoid_gate(r[part], v[part]))
+    loop = np.empty(length, dtype=np.int8)  # the loop CPUs without VBMI run
+    vbmi._gate_loop(r[part], v[part], loop, vbmi.GATE_TABLE)
+    same(loop, im.sigmoid_gate(r[part], v[part]))
 
 
 @given(seed=seeds, rows=st.integers(1, 9), dim=st.integers(1, 70), shared=st.booleans(),

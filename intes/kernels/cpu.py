@@ -51,12 +51,12 @@ from intes.intmath import (
     LL_FRAC_BITS,
     LOG2_MANTISSA,
     LOGIT_FRAC_BITS,
-    SIGMOID_TABLE,
     WKV_EXP_TABLE,
     WKV_FRAC_BITS,
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import GemmEngine, VnniGemm, make_gemm
+from intes.kernels.vbmi import sigmoid_gate_flat
 from intes.kernels.vnni import factor_sums, pair_dot, project_pairs, quad_pair_dot
 from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
@@ -683,14 +683,6 @@ def _token_mix(x, prev, mu, out):
 
 
 @kernel
-def _sigmoid_gate(r, v, out):
-    for m in range(v.shape[0]):
-        for j in range(v.shape[1]):
-            g = SIGMOID_TABLE[np.int64(r[m, j]) + INT8_MAX]
-            out[m, j] = _sat8(np.right_shift(np.multiply(g, I32(v[m, j])), _S7))
-
-
-@kernel
 def _relu_sq(x, out):
     """RELU_SQ_TABLE's own formula, (max(x, 0)^2) >> 7: arithmetic vectorizes, a gather not."""
     for m in range(x.shape[0]):
@@ -818,8 +810,9 @@ class CpuElementwise:
 
     @staticmethod
     def sigmoid_gate(r: np.ndarray, v: np.ndarray) -> np.ndarray:
-        out, rows = _like(v)
-        _sigmoid_gate(_rows2d(r), _rows2d(v), rows)
+        out = np.empty(v.shape, dtype=np.int8)
+        sigmoid_gate_flat(np.ascontiguousarray(r).reshape(-1), np.ascontiguousarray(v).reshape(-1),
+                          out.reshape(-1))
         return out
 
     @staticmethod

@@ -1,0 +1,110 @@
+"""A 256-entry byte table looked up 64 bytes at a time, on AVX-512 VBMI.
+
+RWKV's receptance gate sat8((sigmoid(r) v) >> 7) reads one table entry per element. numba
+compiles that read to a scalar load per element (a gather, which LLVM does not vectorize
+profitably), so the gate ran at about 2 cycles per element, as long as a whole GEMM layer's
+epilogue. VBMI's vpermi2b picks 64 bytes out of 128 in one instruction: two of them cover
+the 256 entries, bit 7 of each index chooses between them (``_lookup``), and the gate's
+product and shift run in int16 lanes, 32 per register.
+
+``HAVE_VBMI`` says whether this CPU has it (as LLVM sees the host); without it
+``sigmoid_gate_flat`` is numba's own loop, with the same results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from intes.intmath import INT8_MAX, SIGMOID_TABLE
+
+LANES = 64
+HAVE_VBMI = bool(llvm.get_host_cpu_features().get("avx512vbmi", False))
+
+_I8, _I16, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
+_V8 = ir.VectorType(_I8, LANES)
+_V16 = ir.VectorType(_I16, LANES)
+
+# sigmoid(r) for r + 127 in 0..254, as bytes (0..128 fits uint8), padded to 256 entries
+GATE_TABLE = np.zeros(256, dtype=np.uint8)
+GATE_TABLE[:len(SIGMOID_TABLE)] = SIGMOID_TABLE
+assert SIGMOID_TABLE.min() >= 0 and SIGMOID_TABLE.max() <= 128  # |g v| <= 128 * 127 < 2^15
+
+
+def _splat(vec_type: ir.VectorType, value: int) -> ir.Constant:
+    return ir.Constant(vec_type, [ir.Constant(vec_type.element, value)] * vec_type.count)
+
+
+def _lookup(builder: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value:
+    """table[index] for 64 byte indices, table a pointer to 256 bytes (as 4 x 64)."""
+    permute = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]),
+        "llvm.x86.avx512.vpermi2var.qi.512")
+    quarters = [builder.load(builder.gep(table, [ir.Constant(_I64, q)]), align=1)
+                for q in range(4)]
+    low = builder.call(permute, [quarters[0], index, quarters[1]])  # entries 0..127
+    high = builder.call(permute, [quarters[2], index, quarters[3]])  # entries 128..255
+    upper = builder.icmp_signed("<", index, _splat(_V8, 0))  # bit 7 set
+    return builder.select(upper, high, low)
+
+
+@intrinsic
+def _gate64(typingctx, r, v, out, i, table):
+    """out[i : i + 64] = (table[r + 127] v) >> 7 for int8 r, v, out (1-D, C) and a uint8
+    table of 256 entries: int16 products, exact for entries up to 128."""
+    arrays = (r, v, out)
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                and a.dtype == types.int8 for a in arrays)
+            and isinstance(table, types.Array) and table.ndim == 1 and table.layout == "C"
+            and table.dtype == types.uint8):
+        return None
+    sig = types.void(r, v, out, i, table)
+
+    def codegen(context, builder, signature, args):
+        vr, vv, vout, vi, vtable = args
+        ar, av, aout, atable = (context.make_array(signature.args[k])(context, builder, args[k])
+                                for k in (0, 1, 2, 4))
+        start = builder.sext(vi, _I64) if vi.type.width < 64 else vi
+
+        def block(array):
+            return builder.bitcast(builder.gep(array.data, [start]), _V8.as_pointer())
+
+        index = builder.add(builder.load(block(ar), align=1), _splat(_V8, INT8_MAX))
+        gate = _lookup(builder, builder.bitcast(atable.data, _V8.as_pointer()), index)
+        product = builder.mul(builder.zext(gate, _V16),
+                              builder.sext(builder.load(block(av), align=1), _V16))
+        result = builder.trunc(builder.ashr(product, _splat(_V16, 7)), _V8)
+        builder.store(result, block(aout), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _gate_vbmi(r, v, out, table):
+    n = v.shape[0]
+    i = 0
+    while i + LANES <= n:
+        _gate64(r, v, out, i, table)
+        i += LANES
+    for j in range(i, n):
+        out[j] = np.int8((np.int32(table[np.int32(r[j]) + INT8_MAX]) * np.int32(v[j])) >> 7)
+
+
+@njit(nogil=True, cache=True)
+def _gate_loop(r, v, out, table):
+    for j in range(v.shape[0]):
+        out[j] = np.int8((np.int32(table[np.int32(r[j]) + INT8_MAX]) * np.int32(v[j])) >> 7)
+
+
+_gate = _gate_vbmi if HAVE_VBMI else _gate_loop
+
+
+def sigmoid_gate_flat(r: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+    """out = sat8((sigmoid(r) v) >> 7) elementwise over 1-D C-contiguous int8 arrays (the
+    product lies within +-127 already: no saturation is needed)."""
+    _gate(r, v, out, GATE_TABLE)
