@@ -34,10 +34,13 @@ from intes.kernels.cpu import (
     ES_PLANS,
     FUSED_BLOCK,
     FUSED_BLOCK_BYTES,
+    NORM_BITS,
     TOKEN_BLOCK,
     CpuBackend,
     CpuElementwise,
     CpuNoise,
+    _div_by_reciprocal,
+    _row_reciprocal,
     keep_freed_memory,
 )
 from intes.kernels.gemm import (
@@ -440,6 +443,28 @@ def test_noise_source(seed, step, first, pairs, tid, rows, cols, rank):
 
 # ---------------------------------------------------------------------------------------------
 # elementwise ops: CpuElementwise vs intes.intmath
+
+
+@njit
+def _reciprocal_mismatches(limit, dens):
+    """Count of (n, den), |n| < limit, den in dens, where the norm's reciprocal division
+    differs from truncating division."""
+    bad = 0
+    for den in dens:
+        m, k = _row_reciprocal(den)
+        for n in range(-limit + 1, limit):
+            q = abs(n) // den
+            if _div_by_reciprocal(np.int32(n), m, k) != (-q if n < 0 else q):
+                bad += 1
+    return bad
+
+
+def test_norm_reciprocal_divides_exactly():
+    """The norm's per-row reciprocal gives truncating division for every numerator it can
+    meet (|x w| < 2^15) and every divisor 1..256 (mean |x| is at most 128); one more bit of
+    numerator and it would not: the bound is tight where it matters."""
+    assert _reciprocal_mismatches(1 << NORM_BITS, np.arange(1, 257)) == 0
+    assert _reciprocal_mismatches(1 << (NORM_BITS + 1), np.arange(1, 257)) > 0
 
 
 @given(length=st.integers(0, 300), start=st.integers(0, 254))

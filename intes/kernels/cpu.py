@@ -12,7 +12,9 @@ states its bound next to the code:
 
 - update Z = A^T diag(f) B: the GEMM engine's ``lowrank_sum``, exact in int32 (int8) or in
   float32/float64 below their bounds (float32; see intes.kernels.gemm).
-- truncating integer division a / b: float64 division then truncation (``_div_trunc``).
+- truncating integer division a / b: float64 division then truncation (``_div_trunc``), in
+  the WKV recurrence, whose divisor changes with every element. The norm's divisor is one
+  per row, so it divides by an integer reciprocal instead (``_row_reciprocal``).
 
 Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
 same way), so results agree even outside the argued bounds. Inputs follow DESIGN.md: int8
@@ -189,6 +191,32 @@ def _div_trunc(num, den):
     true for all int32 operands. An exact quotient is represented exactly.
     """
     q = I32(np.abs(np.float64(num)) / np.float64(den))
+    return np.negative(q) if num < 0 else q
+
+
+NORM_BITS = 15  # |x w| <= 128 * 128 < 2^15 for any int8 x, w
+
+
+@njit(inline="always", cache=True)
+def _row_reciprocal(den):
+    """(m, k) with trunc(n / den) = sign(n) ((|n| m) >> k) for every |n| < 2^NORM_BITS and
+    1 <= den <= 2^8: k = NORM_BITS + ceil(log2 den), m = ceil(2^k / den).
+
+    Exact: m den = 2^k + e with 0 <= e < den <= 2^ceil(log2 den), so |n| m / 2^k =
+    |n| / den + |n| e / (den 2^k), and |n| e < 2^k keeps the excess below 1 / den, less
+    than the gap from |n| / den up to the next integer. |n| m < 2^15 2^16 fits int32, so
+    the row divides in int32 lanes that vectorize (tested against every n and den)."""
+    bits = 0
+    while (1 << bits) < den:
+        bits += 1
+    k = NORM_BITS + bits
+    return I32(((1 << k) + den - 1) // den), I32(k)
+
+
+@njit(inline="always", cache=True)
+def _div_by_reciprocal(num, m, k):
+    """trunc(num / den) for (m, k) = ``_row_reciprocal(den)``."""
+    q = np.right_shift(np.multiply(np.abs(num), m), k)
     return np.negative(q) if num < 0 else q
 
 
@@ -667,9 +695,10 @@ def _norm(x, w, out):
         total = I32(0)
         for j in range(d):
             total = np.add(total, np.abs(I32(x[m, j])))
-        mean_abs = max(total // d, 1)
+        recip, k = _row_reciprocal(max(total // d, 1))  # mean |x| <= 128
         for j in range(d):
-            out[m, j] = _sat8(_div_trunc(np.multiply(I32(x[m, j]), I32(w[wr, j])), mean_abs))
+            out[m, j] = _sat8(_div_by_reciprocal(np.multiply(I32(x[m, j]), I32(w[wr, j])),
+                                                 recip, k))
 
 
 @kernel
