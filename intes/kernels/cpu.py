@@ -58,7 +58,7 @@ from intes.intmath import (
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import GemmEngine, VnniGemm, make_gemm
-from intes.kernels.vbmi import sigmoid_gate_flat
+from intes.kernels.vbmi import WKV_EXP_BYTES, lookup_flat, sigmoid_gate_flat
 from intes.kernels.vnni import factor_sums, pair_dot, project_pairs, quad_pair_dot
 from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
@@ -744,11 +744,12 @@ def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
 
 
 @kernel
-def _wkv_scan(num, den, k, v, decay, resets, has_resets, wkv, num_out, den_out):
-    """_wkv_step over a token block k, v (T, N, d), row by row so a row's states stay in L1
-    across its T tokens; with ``has_resets``, a row's states are cleared before token t
-    where resets[t, m]."""
-    tokens, rows, dim = k.shape
+def _wkv_scan(num, den, k_exp, v, decay, resets, has_resets, wkv, num_out, den_out):
+    """_wkv_step over a token block v (T, N, d), row by row so a row's states stay in L1
+    across its T tokens, k_exp holding WKV_EXP_TABLE[k] (``vbmi.lookup_flat``: read as
+    bytes, not gathered from the table); with ``has_resets``, a row's states are cleared
+    before token t where resets[t, m]."""
+    tokens, rows, dim = k_exp.shape
     for m in range(rows):
         dr = _row(m, decay.shape[0])
         for j in range(dim):
@@ -759,7 +760,7 @@ def _wkv_scan(num, den, k, v, decay, resets, has_resets, wkv, num_out, den_out):
                     num_out[m, j], den_out[m, j] = 0, 0
             for j in range(dim):
                 w = np.add(I32(decay[dr, j]), _W0)
-                e = np.left_shift(WKV_EXP_TABLE[np.int64(k[t, m, j]) + INT8_MAX], _WKV_FRAC)
+                e = np.left_shift(I32(k_exp[t, m, j]), _WKV_FRAC)
                 n32 = np.add(_decay(num_out[m, j], w), np.multiply(e, I32(v[t, m, j])))
                 d32 = np.add(_decay(den_out[m, j], w), e)
                 num_out[m, j], den_out[m, j] = n32, d32
@@ -862,8 +863,9 @@ class CpuElementwise:
                  decay: np.ndarray, resets: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         wkv, num_out, den_out = _like(k)[0], _like(num, np.int32)[0], _like(den, np.int32)[0]
-        _wkv_scan(num, den, k, v, _rows2d(decay), _NO_RESETS if resets is None else resets,
-                  resets is not None, wkv, num_out, den_out)
+        _wkv_scan(num, den, lookup_flat(k, WKV_EXP_BYTES), v, _rows2d(decay),
+                  _NO_RESETS if resets is None else resets, resets is not None, wkv, num_out,
+                  den_out)
         return wkv, num_out, den_out
 
     token_shift = staticmethod(intmath.token_shift)  # numpy's: one copy, nothing to fuse

@@ -1,14 +1,17 @@
-"""A 256-entry byte table looked up 64 bytes at a time, on AVX-512 VBMI.
+"""256-entry byte tables looked up 64 bytes at a time, on AVX-512 VBMI.
 
 RWKV's receptance gate sat8((sigmoid(r) v) >> 7) reads one table entry per element. numba
 compiles that read to a scalar load per element (a gather, which LLVM does not vectorize
 profitably): in one-thread profiles the gate took about 6% of an inference pass, and a
 tenth of that with the lookup below. VBMI's vpermi2b picks 64 bytes out of 128 in one
 instruction: two of them cover the 256 entries, bit 7 of each index chooses between them
-(``_lookup``), and the gate's product and shift run in int16 lanes, 32 per register.
+(``_lookup``), and the gate's product and shift run in int16 lanes, 32 per register. The
+WKV recurrence's exponent table (entries 1..251) is looked up the same way, for a whole
+token block before the recurrence (``lookup_flat``), so the recurrence's loop reads bytes
+where it gathered table entries.
 
-``HAVE_VBMI`` says whether this CPU has it (as LLVM sees the host); without it
-``sigmoid_gate_flat`` is numba's own loop, with the same results.
+``HAVE_VBMI`` says whether this CPU has it (as LLVM sees the host); without it both are
+numba's own loops, with the same results.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from intes.intmath import INT8_MAX, SIGMOID_TABLE
+from intes.intmath import INT8_MAX, SIGMOID_TABLE, WKV_EXP_TABLE
 
 LANES = 64
 HAVE_VBMI = bool(llvm.get_host_cpu_features().get("avx512vbmi", False))
@@ -29,10 +32,18 @@ _I8, _I16, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
 _V8 = ir.VectorType(_I8, LANES)
 _V16 = ir.VectorType(_I16, LANES)
 
-# sigmoid(r) for r + 127 in 0..254, as bytes (0..128 fits uint8), padded to 256 entries
-GATE_TABLE = np.zeros(256, dtype=np.uint8)
-GATE_TABLE[:len(SIGMOID_TABLE)] = SIGMOID_TABLE
-assert SIGMOID_TABLE.min() >= 0 and SIGMOID_TABLE.max() <= 128  # |g v| <= 128 * 127 < 2^15
+def byte_table(table: np.ndarray) -> np.ndarray:
+    """An int8-indexed table (entry x + 127 for x in -127..127) as 256 uint8 bytes."""
+    if table.min() < 0 or table.max() > 255 or len(table) > 256:
+        raise ValueError("a byte table holds at most 256 entries in 0..255")
+    out = np.zeros(256, dtype=np.uint8)
+    out[:len(table)] = table
+    return out
+
+
+GATE_TABLE = byte_table(SIGMOID_TABLE)  # sigmoid in 0..128: |g v| <= 128 * 127 < 2^15
+assert SIGMOID_TABLE.max() <= 128
+WKV_EXP_BYTES = byte_table(WKV_EXP_TABLE)
 
 
 def _splat(vec_type: ir.VectorType, value: int) -> ir.Constant:
@@ -82,6 +93,60 @@ def _gate64(typingctx, r, v, out, i, table):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def _lookup64(typingctx, x, out, i, table):
+    """out[i : i + 64] = table[x + 127] for int8 x, uint8 out (1-D, C) and 256 table bytes."""
+    if not (isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C"
+            and x.dtype == types.int8 and isinstance(out, types.Array) and out.ndim == 1
+            and out.layout == "C" and out.dtype == types.uint8
+            and isinstance(table, types.Array) and table.ndim == 1 and table.layout == "C"
+            and table.dtype == types.uint8):
+        return None
+    sig = types.void(x, out, i, table)
+
+    def codegen(context, builder, signature, args):
+        ax, aout, atable = (context.make_array(signature.args[k])(context, builder, args[k])
+                            for k in (0, 1, 3))
+        start = builder.sext(args[2], _I64) if args[2].type.width < 64 else args[2]
+
+        def block(array):
+            return builder.bitcast(builder.gep(array.data, [start]), _V8.as_pointer())
+
+        index = builder.add(builder.load(block(ax), align=1), _splat(_V8, INT8_MAX))
+        value = _lookup(builder, builder.bitcast(atable.data, _V8.as_pointer()), index)
+        builder.store(value, block(aout), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _lookup_vbmi(x, out, table):
+    n = x.shape[0]
+    i = 0
+    while i + LANES <= n:
+        _lookup64(x, out, i, table)
+        i += LANES
+    for j in range(i, n):
+        out[j] = table[np.int32(x[j]) + INT8_MAX]
+
+
+@njit(nogil=True, cache=True)
+def _lookup_loop(x, out, table):
+    for j in range(x.shape[0]):
+        out[j] = table[np.int32(x[j]) + INT8_MAX]
+
+
+_lookup_bytes = _lookup_vbmi if HAVE_VBMI else _lookup_loop
+
+
+def lookup_flat(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 table[x + 127] for an int8 array x of any shape (``byte_table``'s 256 bytes)."""
+    out = np.empty(x.shape, dtype=np.uint8)
+    _lookup_bytes(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), table)
+    return out
 
 
 @njit(nogil=True, cache=True)
