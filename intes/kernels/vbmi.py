@@ -2,8 +2,8 @@
 
 RWKV's receptance gate sat8((sigmoid(r) v) >> 7) reads one table entry per element. numba
 compiles that read to a scalar load per element (a gather, which LLVM does not vectorize
-profitably): in one-thread profiles the gate took about 6% of an inference pass, and a
-tenth of that with the lookup below. VBMI's vpermi2b picks 64 bytes out of 128 in one
+profitably): in one-thread profiles the gate took about 5% of an inference pass, and
+about 1% with the lookup below. VBMI's vpermi2b picks 64 bytes out of 128 in one
 instruction: two of them cover the 256 entries, bit 7 of each index chooses between them
 (``_lookup``), and the gate's product and shift run in int16 lanes, 32 per register. The
 WKV recurrence's exponent table (entries 1..251) is looked up the same way, for a whole
