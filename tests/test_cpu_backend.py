@@ -441,6 +441,27 @@ def test_noise_source(seed, step, first, pairs, tid, rows, cols, rank):
                                                                             cols))
 
 
+@given(seed=seeds, step=seeds, first=st.integers(0, 2**20), pairs=st.integers(1, 6), rank=ranks,
+       shapes=st.lists(st.tuples(st.integers(1, 30), st.integers(0, 30)), min_size=1,
+                       max_size=6),
+       tids=st.lists(st.integers(0, 2**32 - 1), min_size=6, max_size=6, unique=True))
+def test_tensor_noises_in_one_call(seed, step, first, pairs, rank, shapes, tids):
+    """The batched generator gives every tensor the bits of its own generator call, for any
+    mix of low-rank (2-D) and vector (1-D: a zero second size) tensors, ids and pairs."""
+    ids = np.arange(first, first + pairs)
+    requests = [(tid, (rows, cols) if cols else (rows,))
+                for tid, (rows, cols) in zip(tids, shapes, strict=False)]
+    made = CpuNoise.tensor_noises(seed, step, ids, rank, requests)
+    assert len(made) == len(requests)
+    for (tid, shape), got in zip(requests, made, strict=True):
+        if len(shape) == 1:
+            same(got, nz.vector_noise(seed, step, ids, tid, shape[0]))
+            continue
+        for g, w in zip(got, nz.lowrank_factors(seed, step, ids, tid, *shape, rank),
+                        strict=True):
+            same(g, w)
+
+
 # ---------------------------------------------------------------------------------------------
 # elementwise ops: CpuElementwise vs intes.intmath
 

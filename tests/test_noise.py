@@ -296,3 +296,13 @@ def test_antithetic_linear_outputs(seed, step, pairs, cols, rows, rank, sigma, x
     ok = np.abs(base64 + corr) < 127
     ok = ok[0::2] & ok[1::2] & (np.abs(base64[0::2]) < 127)
     assert np.array_equal((y - base)[0::2][ok], -(y - base)[1::2][ok])
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**40),
+       st.lists(st.integers(0, 2**33), min_size=1, max_size=8))
+def test_key_prefixes_match_key_prefix(seed, step, tids):
+    """The vectorized prefixes are key_prefix's, tensor by tensor (ids and fields wrap mod
+    2^32 alike)."""
+    got = nz.key_prefixes(seed, step, np.array(tids))
+    assert got.dtype == nz.U32
+    assert [int(v) for v in got] == [nz.key_prefix(seed, step, t) for t in tids]

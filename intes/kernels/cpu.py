@@ -652,6 +652,34 @@ def _stream_indices(n: int) -> np.ndarray:
     return idx
 
 
+@kernel
+def _tensor_streams(prefixes, pairs, idx, layout, buf):
+    """Every requested tensor's noise for these pairs in one call (``CpuNoise.tensor_noises``):
+    tensor t's streams use key mix32(prefixes[t] ^ mix32(pair ^ PAIR_SALT)), the pair's half
+    made once for all tensors. layout[t] = (rows, cols, rank, offset): a low-rank tensor's
+    factor-major A (P, rank, rows) then B (P, rank, cols) at buf[offset:], as
+    ``_factor_streams`` writes them; cols = 0 marks a vector tensor, (P, rows) as
+    ``_gaussian_streams`` writes it."""
+    count = pairs.shape[0]
+    pair_mix = np.empty(count, dtype=np.uint32)
+    for p in range(count):
+        pair_mix[p] = _mix32(_U32(pairs[p]) ^ _PAIR_SALT)
+    keys = np.empty(count, dtype=np.uint32)
+    for t in range(layout.shape[0]):
+        rows, cols, rank, offset = layout[t, 0], layout[t, 1], layout[t, 2], layout[t, 3]
+        for p in range(count):
+            keys[p] = _mix32(prefixes[t] ^ pair_mix[p])
+        if cols == 0:
+            out = buf[offset:offset + count * rows].reshape((count, rows))
+            _gaussian_streams(keys, idx[:rows], out)
+        else:
+            a_size = count * rank * rows
+            at = buf[offset:offset + a_size].reshape((count, rank, rows))
+            bt = buf[offset + a_size:offset + a_size + count * rank * cols].reshape(
+                (count, rank, cols))
+            _factor_streams(keys, idx, at, bt)
+
+
 def _factors(noise: LowRank) -> tuple[np.ndarray, np.ndarray]:
     """The factor-major (P, r, n) C-contiguous forms of A and B: free for CpuNoise's output."""
     return (np.ascontiguousarray(noise.a.transpose(0, 2, 1)),
@@ -680,6 +708,37 @@ class CpuNoise:
         keys, idx = _stream_setup(seed, step, pairs, tensor_id, size)
         out = np.empty((len(keys), size), dtype=np.int8)
         _gaussian_streams(keys, idx, out)
+        return out
+
+    @staticmethod
+    def tensor_noises(seed: int, step: int, pairs: np.ndarray, rank: int,
+                      requests: list[tuple[int, tuple[int, ...]]]) -> list:
+        """``lowrank_factors`` (2-D shapes) or ``vector_noise`` (1-D) of every (tensor_id,
+        shape) in ``requests``, the same bits, from one kernel call into one buffer: a
+        step's noise for a population slice is 33 tensors for a 2-layer model, and the
+        Python around each call, taken in turn by the slices' threads under the GIL,
+        delayed every slice's forward by a few milliseconds."""
+        count = len(pairs)
+        layout = np.empty((len(requests), 4), dtype=np.int64)
+        offset, longest = 0, 0
+        for t, (_, shape) in enumerate(requests):
+            rows, cols, r = (shape[0], shape[1], rank) if len(shape) == 2 else (shape[0], 0, 1)
+            layout[t] = rows, cols, r, offset
+            offset += count * r * (rows + cols)
+            longest = max(longest, r * (rows + cols))
+        buf = np.empty(offset, dtype=np.int8)
+        prefixes = nz.key_prefixes(seed, step, np.array([tid for tid, _ in requests]))
+        _tensor_streams(prefixes, np.ascontiguousarray(pairs, dtype=np.int64),
+                        _stream_indices(longest), layout, buf)
+        out = []
+        for rows, cols, r, start in layout.tolist():
+            if cols == 0:
+                out.append(buf[start:start + count * rows].reshape(count, rows))
+                continue
+            a_end = start + count * r * rows
+            at = buf[start:a_end].reshape(count, r, rows)
+            bt = buf[a_end:a_end + count * r * cols].reshape(count, r, cols)
+            out.append((at.transpose(0, 2, 1), bt.transpose(0, 2, 1)))
         return out
 
 

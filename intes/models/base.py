@@ -130,9 +130,16 @@ def prepare(backend: Backend, specs: list[ParamSpec], params: dict) -> dict:
 
 def make_noise(specs: list[ParamSpec], seed: int, step: int, pairs: np.ndarray, rank: int,
                noise_reuse: int = 1, backend: Backend | None = None) -> dict:
-    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone."""
-    return {s.name: tensor_noise(s, tid, seed, step, pairs, rank, noise_reuse, backend)
-            for tid, s in enumerate(specs)}
+    """Every tensor's noise for these pairs at this step, rebuilt from the hash alone: in one
+    call where the backend's generator makes many tensors at once (``tensor_noises``)."""
+    many = getattr(getattr(backend, "noise_source", None), "tensor_noises", None)
+    if many is None:
+        return {s.name: tensor_noise(s, tid, seed, step, pairs, rank, noise_reuse, backend)
+                for tid, s in enumerate(specs)}
+    made = many(seed, nz.effective_step(step, noise_reuse), pairs, rank,
+                [(tid, s.shape) for tid, s in enumerate(specs)])
+    return {s.name: LowRank(*m) if s.kind != "vector" else m
+            for s, m in zip(specs, made, strict=True)}
 
 
 def tensor_noise(spec: ParamSpec, tensor_id: int, seed: int, step: int, pairs: np.ndarray,
