@@ -32,13 +32,14 @@ _I8, _I16, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
 _V8 = ir.VectorType(_I8, LANES)
 _V16 = ir.VectorType(_I16, LANES)
 
+
 def byte_table(table: np.ndarray) -> np.ndarray:
-    """An int8-indexed table (entry x + 127 for x in -127..127) as 256 uint8 bytes."""
-    if table.min() < 0 or table.max() > 255 or len(table) > 256:
-        raise ValueError("a byte table holds at most 256 entries in 0..255")
-    out = np.zeros(256, dtype=np.uint8)
-    out[:len(table)] = table
-    return out
+    """An int8-indexed table of 255 entries (x + 127 for x in -127..127) as 256 uint8 bytes.
+    The last byte, which x = -128 reads (outside the int8 convention), repeats the last
+    entry, as numpy's index -1 does in the reference."""
+    if len(table) != 255 or table.min() < 0 or table.max() > 255:
+        raise ValueError("a byte table holds 255 entries in 0..255")
+    return np.append(table, table[-1]).astype(np.uint8)
 
 
 GATE_TABLE = byte_table(SIGMOID_TABLE)  # sigmoid in 0..128: |g v| <= 128 * 127 < 2^15
