@@ -506,10 +506,10 @@ def test_byte_table_lookups(length, start, table):
 def test_sigmoid_gate_covers_every_input_pair(length, start):
     """The gate's 64-byte table lookups (VBMI where the CPU has it) and their scalar tail
     equal the reference for every (r, v) pair, in any stretch of them and at any length."""
-    grid = np.arange(-127, 128, dtype=np.int8)
-    r, v = grid.repeat(255), np.tile(grid, 255)  # all 255 x 255 pairs
+    grid = np.arange(-128, 128, dtype=np.int8)  # -128 too, outside the int8 convention
+    r, v = grid.repeat(256), np.tile(grid, 256)  # all 256 x 256 pairs
     same(CpuElementwise.sigmoid_gate(r, v), im.sigmoid_gate(r, v))
-    part = slice(start * 255, start * 255 + length)
+    part = slice(start * 256, start * 256 + length)
     same(CpuElementwise.sigmoid_gate(r[part], v[part]), im.sigmoid_gate(r[part], v[part]))
     loop = np.empty(length, dtype=np.int8)  # the loop CPUs without VBMI run
     vbmi._gate_loop(r[part], v[part], loop, vbmi.GATE_TABLE)

@@ -66,8 +66,10 @@ def _lookup(builder: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value
 
 @intrinsic
 def _gate64(typingctx, r, v, out, i, table):
-    """out[i : i + 64] = (table[r + 127] v) >> 7 for int8 r, v, out (1-D, C) and a uint8
-    table of 256 entries: int16 products, exact for entries up to 128."""
+    """out[i : i + 64] = sat8((table[r + 127] v) >> 7) for int8 r, v, out (1-D, C) and a
+    uint8 table of 256 entries: int16 products, exact for entries up to 128. Within the int8
+    convention the result needs no saturation; v = -128 outside it does, as in the
+    reference."""
     arrays = (r, v, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
                 and a.dtype == types.int8 for a in arrays)
@@ -89,7 +91,11 @@ def _gate64(typingctx, r, v, out, i, table):
         gate = _lookup(builder, builder.bitcast(atable.data, _V8.as_pointer()), index)
         product = builder.mul(builder.zext(gate, _V16),
                               builder.sext(builder.load(block(av), align=1), _V16))
-        result = builder.trunc(builder.ashr(product, _splat(_V16, 7)), _V8)
+        shifted = builder.ashr(product, _splat(_V16, 7))
+        low, high = _splat(_V16, -INT8_MAX), _splat(_V16, INT8_MAX)
+        shifted = builder.select(builder.icmp_signed("<", shifted, low), low, shifted)
+        shifted = builder.select(builder.icmp_signed(">", shifted, high), high, shifted)
+        result = builder.trunc(shifted, _V8)
         builder.store(result, block(aout), align=1)
         return context.get_dummy_value()
 
@@ -150,6 +156,12 @@ def lookup_flat(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
+@njit(inline="always", cache=True)
+def _gate_one(r, v, table):
+    g = (np.int32(table[np.int32(r) + INT8_MAX]) * np.int32(v)) >> 7
+    return np.int8(min(max(g, -INT8_MAX), INT8_MAX))
+
+
 @njit(nogil=True, cache=True)
 def _gate_vbmi(r, v, out, table):
     n = v.shape[0]
@@ -158,19 +170,18 @@ def _gate_vbmi(r, v, out, table):
         _gate64(r, v, out, i, table)
         i += LANES
     for j in range(i, n):
-        out[j] = np.int8((np.int32(table[np.int32(r[j]) + INT8_MAX]) * np.int32(v[j])) >> 7)
+        out[j] = _gate_one(r[j], v[j], table)
 
 
 @njit(nogil=True, cache=True)
 def _gate_loop(r, v, out, table):
     for j in range(v.shape[0]):
-        out[j] = np.int8((np.int32(table[np.int32(r[j]) + INT8_MAX]) * np.int32(v[j])) >> 7)
+        out[j] = _gate_one(r[j], v[j], table)
 
 
 _gate = _gate_vbmi if HAVE_VBMI else _gate_loop
 
 
 def sigmoid_gate_flat(r: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
-    """out = sat8((sigmoid(r) v) >> 7) elementwise over 1-D C-contiguous int8 arrays (the
-    product lies within +-127 already: no saturation is needed)."""
+    """out = sat8((sigmoid(r) v) >> 7) elementwise over 1-D C-contiguous int8 arrays."""
     _gate(r, v, out, GATE_TABLE)
