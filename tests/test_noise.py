@@ -303,6 +303,6 @@ def test_antithetic_linear_outputs(seed, step, pairs, cols, rows, rank, sigma, x
 def test_key_prefixes_match_key_prefix(seed, step, tids):
     """The vectorized prefixes are key_prefix's, tensor by tensor (ids and fields wrap mod
     2^32 alike)."""
-    got = nz.key_prefixes(seed, step, np.array(tids))
+    got = nz.key_prefixes(seed, step, tids)
     assert got.dtype == nz.U32
     assert [int(v) for v in got] == [nz.key_prefix(seed, step, t) for t in tids]

@@ -627,22 +627,6 @@ def _factor_streams(keys, idx, at, bt):
                 bt[p, r, i] = _gaussian(_mix32(k ^ idx[(rows + i) * rank + r]))
 
 
-@kernel
-def _pair_keys(prefix, pairs, out):
-    """noise.stream_key's per-pair part: mix32(prefix ^ mix32(pair ^ PAIR_SALT))."""
-    for p in range(pairs.shape[0]):
-        out[p] = _mix32(prefix ^ _mix32(_U32(pairs[p]) ^ _PAIR_SALT))
-
-
-def _stream_setup(seed: int, step: int, pairs: np.ndarray, tensor_id: int,
-                  n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pair keys (noise.stream_key, compiled) and the n mixed stream indices."""
-    keys = np.empty(len(pairs), dtype=np.uint32)
-    _pair_keys(_U32(nz.key_prefix(seed, step, tensor_id)),
-               np.ascontiguousarray(pairs, dtype=np.int64), keys)
-    return keys, _stream_indices(n)
-
-
 @functools.lru_cache(maxsize=256)
 def _stream_indices(n: int) -> np.ndarray:
     """The n mixed counters every stream xors with its key: the same for every step, pair
@@ -696,19 +680,12 @@ class CpuNoise:
     @staticmethod
     def lowrank_factors(seed: int, step: int, pairs: np.ndarray, tensor_id: int, rows: int,
                         cols: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        keys, idx = _stream_setup(seed, step, pairs, tensor_id, (rows + cols) * rank)
-        at = np.empty((len(keys), rank, rows), dtype=np.int8)
-        bt = np.empty((len(keys), rank, cols), dtype=np.int8)
-        _factor_streams(keys, idx, at, bt)
-        return at.transpose(0, 2, 1), bt.transpose(0, 2, 1)
+        return CpuNoise.tensor_noises(seed, step, pairs, rank, [(tensor_id, (rows, cols))])[0]
 
     @staticmethod
     def vector_noise(seed: int, step: int, pairs: np.ndarray, tensor_id: int,
                      size: int) -> np.ndarray:
-        keys, idx = _stream_setup(seed, step, pairs, tensor_id, size)
-        out = np.empty((len(keys), size), dtype=np.int8)
-        _gaussian_streams(keys, idx, out)
-        return out
+        return CpuNoise.tensor_noises(seed, step, pairs, 1, [(tensor_id, (size,))])[0]
 
     @staticmethod
     def tensor_noises(seed: int, step: int, pairs: np.ndarray, rank: int,
@@ -727,7 +704,7 @@ class CpuNoise:
             offset += count * r * (rows + cols)
             longest = max(longest, r * (rows + cols))
         buf = np.empty(offset, dtype=np.int8)
-        prefixes = nz.key_prefixes(seed, step, np.array([tid for tid, _ in requests]))
+        prefixes = nz.key_prefixes(seed, step, [tid for tid, _ in requests])
         _tensor_streams(prefixes, np.ascontiguousarray(pairs, dtype=np.int64),
                         _stream_indices(longest), layout, buf)
         out = []
