@@ -188,7 +188,9 @@ def _div_trunc(num, den):
 
     Exact: with a = |num| = q den + r, fl(a / den) is within (q + 1) 2^-53 of a / den, and
     a / den is at least 1 / den below q + 1, so truncation gives q while (a + den) < 2^53,
-    true for all int32 operands. An exact quotient is represented exactly.
+    true for all int32 operands. An exact quotient is represented exactly. (An all-integer
+    restoring division of the 7 quotient bits that survive sat8, in int32 lanes, measured
+    1.4x slower per WKV scan on a Zen 4.)
     """
     q = I32(np.abs(np.float64(num)) / np.float64(den))
     return np.negative(q) if num < 0 else q

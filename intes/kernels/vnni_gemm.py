@@ -210,7 +210,9 @@ class _Emit:
         """The int16 pairs (a, 256 a) of a = at[pair, r, 64 block + 16 c ...] (int8, C array),
         one int32 lane each: a sign-extended to bytes (a, s, s, s), then one in-lane byte
         shuffle (vpshufb) to (a, s, 0, a). Their vpdpwssd against a row's xv word is a xv.
-        ``masked`` loads only the lanes inside ``width`` (a last, partial block)."""
+        ``masked`` loads only the lanes inside ``width`` (a last, partial block). Words made
+        ahead once per chunk of pairs and read from memory (4x the bytes) measured no faster
+        on a Zen 4: the tile's two instructions cost less than the wider loads."""
         b = self.builder
         strides = cgutils.unpack_tuple(b, at.strides, 3)
         col = b.add(b.mul(block, _I64(BLOCK_COLS)), _I64(16 * c))
