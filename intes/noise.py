@@ -43,19 +43,22 @@ def mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def _step_key(seed: int, step: int) -> int:
+    """The part of every stream key fixed by (seed, step)."""
+    return mix32_int(mix32_int((seed & 0xFFFFFFFF) ^ _FIELD_SALTS[0]) ^ (step & 0xFFFFFFFF)
+                     ^ _FIELD_SALTS[1])
+
+
 def key_prefix(seed: int, step: int, tensor_id: int) -> int:
     """The part of every pair's stream key fixed by (seed, step, tensor)."""
-    k = mix32_int((seed & 0xFFFFFFFF) ^ _FIELD_SALTS[0])
-    k = mix32_int(k ^ (step & 0xFFFFFFFF) ^ _FIELD_SALTS[1])
-    return mix32_int(k ^ (tensor_id & 0xFFFFFFFF) ^ _FIELD_SALTS[3])
+    return mix32_int(_step_key(seed, step) ^ (tensor_id & 0xFFFFFFFF) ^ _FIELD_SALTS[3])
 
 
 def key_prefixes(seed: int, step: int, tensor_ids: list[int]) -> np.ndarray:
     """``key_prefix`` of several tensors (uint32), the same bits: the (seed, step) part made
     once, one mix per tensor (in Python ints: for a step's few dozen tensors cheaper than
     numpy's per-call cost)."""
-    k = mix32_int(mix32_int((seed & 0xFFFFFFFF) ^ _FIELD_SALTS[0]) ^ (step & 0xFFFFFFFF)
-                  ^ _FIELD_SALTS[1])
+    k = _step_key(seed, step)
     return np.array([mix32_int(k ^ (int(t) & 0xFFFFFFFF) ^ _FIELD_SALTS[3])
                      for t in tensor_ids], dtype=U32)
 

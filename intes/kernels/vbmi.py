@@ -24,6 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from intes.intmath import INT8_MAX, SIGMOID_TABLE, WKV_EXP_TABLE
+from intes.kernels.vnni import _splat
 
 LANES = 64
 HAVE_VBMI = bool(llvm.get_host_cpu_features().get("avx512vbmi", False))
@@ -45,10 +46,6 @@ def byte_table(table: np.ndarray) -> np.ndarray:
 GATE_TABLE = byte_table(SIGMOID_TABLE)  # sigmoid in 0..128: |g v| <= 128 * 127 < 2^15
 assert SIGMOID_TABLE.max() <= 128
 WKV_EXP_BYTES = byte_table(WKV_EXP_TABLE)
-
-
-def _splat(vec_type: ir.VectorType, value: int) -> ir.Constant:
-    return ir.Constant(vec_type, [ir.Constant(vec_type.element, value)] * vec_type.count)
 
 
 def _lookup(builder: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value:
@@ -129,6 +126,11 @@ def _lookup64(typingctx, x, out, i, table):
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def _lookup_one(x, table):
+    return table[np.int32(x) + INT8_MAX]
+
+
 @njit(nogil=True, cache=True)
 def _lookup_vbmi(x, out, table):
     n = x.shape[0]
@@ -137,13 +139,13 @@ def _lookup_vbmi(x, out, table):
         _lookup64(x, out, i, table)
         i += LANES
     for j in range(i, n):
-        out[j] = table[np.int32(x[j]) + INT8_MAX]
+        out[j] = _lookup_one(x[j], table)
 
 
 @njit(nogil=True, cache=True)
 def _lookup_loop(x, out, table):
     for j in range(x.shape[0]):
-        out[j] = table[np.int32(x[j]) + INT8_MAX]
+        out[j] = _lookup_one(x[j], table)
 
 
 _lookup_bytes = _lookup_vbmi if HAVE_VBMI else _lookup_loop
