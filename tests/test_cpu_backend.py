@@ -21,7 +21,7 @@ from numba import njit
 
 from intes import intmath as im
 from intes import noise as nz
-from intes.bench import ISA_FLAGS
+from intes.bench import ISA_FLAGS, member_params
 from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
@@ -35,6 +35,8 @@ from intes.kernels.cpu import (
     FUSED_BLOCK,
     FUSED_BLOCK_BYTES,
     NORM_BITS,
+    SMALL_BATCH_BLOCK,
+    SMALL_BATCH_BYTES,
     TOKEN_BLOCK,
     CpuBackend,
     CpuElementwise,
@@ -63,6 +65,7 @@ from intes.kernels.vnni import (
     quad_pair_dot_loop,
 )
 from intes.kernels.vnni_gemm import merged_rescale_fits, vnni_unavailable
+from intes.models.base import make_noise
 
 CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
@@ -632,11 +635,16 @@ def test_bad_thread_count_is_a_config_error(monkeypatch, value):
 
 
 def test_token_block_rule_and_overrides(monkeypatch):
-    """By default small slices run blocks of TOKEN_BLOCK tokens and large ones token by
-    token; the fused VNNI engine blocks tokens at any size, FUSED_BLOCK of them where one
-    block's activation fits FUSED_BLOCK_BYTES; the environment and the constructor fix it;
-    a bad value is a config error."""
+    """By default a tiny batch runs SMALL_BATCH_BLOCK tokens at once, small slices blocks of
+    TOKEN_BLOCK tokens and large ones token by token; the fused VNNI engine blocks tokens at
+    any size, FUSED_BLOCK of them where one block's activation fits FUSED_BLOCK_BYTES; the
+    environment and the constructor fix it; a bad value is a config error."""
     monkeypatch.delenv("INTES_CPU_TOKEN_BLOCK", raising=False)
+    for gemm in ("float32", *(["vnni"] if VNNI is not None else [])):
+        small = CpuBackend(1, gemm)
+        assert small.token_block(1, 256) == SMALL_BATCH_BLOCK
+        assert small.token_block(SMALL_BATCH_BYTES // 256, 256) == SMALL_BATCH_BLOCK
+        assert small.token_block(SMALL_BATCH_BYTES // 256 + 1, 256) < SMALL_BATCH_BLOCK
     auto = CpuBackend(1, "float32")
     assert auto.token_block(BLOCK_ROWS, 256) == TOKEN_BLOCK
     assert auto.token_block(BLOCK_ROWS + 2, 256) == 1
@@ -707,6 +715,29 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).output)
     assert forced["gemm"] == F32.gemm.description
+
+
+@given(seed=seeds, model=st.sampled_from(["rwkv", "egg"]), dim=st.sampled_from([8, 16, 24]),
+       rank=st.integers(1, 3), sigma=st.integers(0, 6), member=st.integers(0, 7))
+def test_naive_member_params_are_the_perturbed_weights(seed, model, dim, rank, sigma, member):
+    """The naive baseline's materialized member is W + sign (A_p B_p^T >> (4 + sigma)) for
+    matrices and W + sign rshift_round(noise_p, sigma) for vectors, saturated, sign by
+    parity: what the low-rank ES step evaluates, written out in full."""
+    cfg = TrainConfig(model=ModelConfig(kind=model, dim=dim, layers=1),
+                      es=ESConfig(population=8, rank=rank, sigma_shift=sigma), seed=seed)
+    engine = Engine(cfg, backend=CPU)
+    params = member_params(engine, member)
+    sign = 1 - 2 * (member % 2)
+    noise = make_noise(engine.specs, seed, 0, np.array([member // 2]), rank, 1)
+    for spec in engine.specs:
+        w = engine.params[spec.name].astype(np.int64)
+        if spec.kind == "vector":
+            delta = im.rshift_round(noise[spec.name][0].astype(np.int64), sigma)
+        else:
+            a, b = (f[0].astype(np.int64) for f in (noise[spec.name].a, noise[spec.name].b))
+            delta = (a @ b.T) >> (im.FRAC_BITS + sigma)
+        assert params[spec.name].dtype == np.int8
+        assert np.array_equal(params[spec.name], np.clip(w + sign * delta, -127, 127))
 
 
 @given(seed=seeds, pairs=st.integers(1, 80), rank=ranks, spread=st.integers(1, 40))

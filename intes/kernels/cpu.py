@@ -91,8 +91,13 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 # blocks of 8 against 4 made the ES step about 2% faster and left inference as it was,
 # ES / inference 0.921 -> 0.937 (rwkv) and 0.921 -> 0.935 (egg); blocks of 16 slowed ES
 # and inference down. (Single runs of intes bench had not told 4 and 8 apart.)
+# A tiny batch (rows x width within SMALL_BATCH_BYTES: one member of naive ES, a few
+# evaluation streams) is all Python per op, so it runs SMALL_BATCH_BLOCK tokens per call,
+# a 64-token window in one: batch-1 members of width 256 took 2.96 ms each against 4.66 ms
+# in blocks of 8 (materialization, packing and forward; 16 and 32 tokens in between).
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 FUSED_BLOCK, FUSED_BLOCK_BYTES = 8, 1 << 20
+SMALL_BATCH_BLOCK, SMALL_BATCH_BYTES = 64, 1 << 14
 
 
 def keep_freed_memory() -> bool:
@@ -1004,6 +1009,8 @@ class CpuBackend:
         wide."""
         if self.fixed_block is not None:
             return self.fixed_block
+        if rows * width <= SMALL_BATCH_BYTES:
+            return SMALL_BATCH_BLOCK
         if isinstance(self.gemm, VnniGemm):
             fits = FUSED_BLOCK * rows * width <= FUSED_BLOCK_BYTES
             return FUSED_BLOCK if fits else TOKEN_BLOCK
