@@ -282,8 +282,8 @@ def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
 
     Each matrix is made in one compiled pass (``_perturbed_matrix``): naive ES pays for its
     materialization, and the baseline should pay no more than a careful implementation
-    would (numpy's int32 outer products and temporaries took 5-7 ms per member here, against
-    about 1 ms, more than the member's forward)."""
+    would: numpy's int32 outer products and temporaries took 5-7 ms per member here, more
+    than the member's forward, against about 1 ms for this pass."""
     cfg = engine.config
     pair, sign = member // 2, 1 - 2 * (member % 2)
     noise = make_noise(engine.specs, cfg.seed, engine.step_index, np.array([pair]),

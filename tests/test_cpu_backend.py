@@ -722,7 +722,7 @@ def test_bench_prints_one_json_object():
 def test_naive_member_params_are_the_perturbed_weights(seed, model, dim, rank, sigma, member):
     """The naive baseline's materialized member is W + sign (A_p B_p^T >> (4 + sigma)) for
     matrices and W + sign rshift_round(noise_p, sigma) for vectors, saturated, sign by
-    parity: what the low-rank ES step evaluates, written out in full."""
+    parity: the ES step's low-rank perturbation written out in full as weights."""
     cfg = TrainConfig(model=ModelConfig(kind=model, dim=dim, layers=1),
                       es=ESConfig(population=8, rank=rank, sigma_shift=sigma), seed=seed)
     engine = Engine(cfg, backend=CPU)
