@@ -47,10 +47,11 @@ from numba import njit
 
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
 from intes.es import ESConfig
-from intes.intmath import FRAC_BITS, INT8_MAX, rshift_round, sat8
+from intes.intmath import FRAC_BITS, rshift_round, sat8
 from intes.kernels import get_backend
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import Backend
+from intes.kernels.cpu import _sat8
 from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
@@ -273,8 +274,7 @@ def _perturbed_matrix(w, at, bt, shift, sign, out):
             for j in range(w.shape[1]):
                 row[j] += ai * np.int32(bt[r, j])
         for j in range(w.shape[1]):
-            v = np.int32(w[i, j]) + sign * (row[j] >> shift)
-            out[i, j] = min(max(v, np.int32(-INT8_MAX)), np.int32(INT8_MAX))
+            out[i, j] = _sat8(np.int32(w[i, j]) + sign * (row[j] >> shift))
 
 
 def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
@@ -282,8 +282,9 @@ def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
 
     Each matrix is made in one compiled pass (``_perturbed_matrix``): naive ES pays for its
     materialization, and the baseline should pay no more than a careful implementation
-    would: numpy's int32 outer products and temporaries took 5-7 ms per member here, more
-    than the member's forward, against about 1 ms for this pass."""
+    would: numpy's int32 outer products and temporaries took 6.8 ms per rwkv member at
+    width 256, more than its forward, against 1.3 ms for this pass
+    (``benchmarks/naive_split.py``)."""
     cfg = engine.config
     pair, sign = member // 2, 1 - 2 * (member % 2)
     noise = make_noise(engine.specs, cfg.seed, engine.step_index, np.array([pair]),
