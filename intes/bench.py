@@ -283,7 +283,7 @@ def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
     Each matrix is made in one compiled pass (``_perturbed_matrix``): naive ES pays for its
     materialization, and the baseline should pay no more than a careful implementation
     would: numpy's int32 outer products and temporaries took 6.8 ms per rwkv member at
-    width 256, more than its forward, against 1.3 ms for this pass
+    width 256, more than its forward, against 1.1 ms for this pass
     (``benchmarks/naive_split.py``)."""
     cfg = engine.config
     pair, sign = member // 2, 1 - 2 * (member % 2)

@@ -93,8 +93,8 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 # and inference down. (Single runs of intes bench had not told 4 and 8 apart.)
 # A tiny batch (rows x width within SMALL_BATCH_BYTES: one member of naive ES, a few
 # evaluation streams) is all Python per op, so it runs SMALL_BATCH_BLOCK tokens per call,
-# a 64-token window in one: batch-1 members of width 256 took 2.96 ms each against 4.66 ms
-# in blocks of 8 (materialization, packing and forward; 16 and 32 tokens in between).
+# a 64-token window in one: a batch-1 rwkv member's forward at width 256 took 1.05 ms
+# against 2.81 ms in blocks of 8 (benchmarks/naive_split.py, INTES_CPU_TOKEN_BLOCK=8).
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 FUSED_BLOCK, FUSED_BLOCK_BYTES = 8, 1 << 20
 SMALL_BATCH_BLOCK, SMALL_BATCH_BYTES = 64, 1 << 14
