@@ -65,7 +65,8 @@ from intes.kernels.vnni import (
     quad_pair_dot_loop,
 )
 from intes.kernels.vnni_gemm import merged_rescale_fits, vnni_unavailable
-from intes.models.base import make_noise
+from intes.models.base import Ops, make_noise
+from intes.models.egg import EGG, gru_scan
 
 CPU, REF = CpuBackend(), ReferenceBackend()
 F32 = CpuBackend(gemm="float32")
@@ -584,6 +585,41 @@ def test_token_block_ops(seed, tokens, rows, dim, shared, fill, reset_rate, no_r
     for a, b in zip(got, want, strict=True):
         same(a, b)
     same(CpuElementwise.token_shift(x, first, resets), im.token_shift(x, first, resets))
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+@given(seed=seeds, pairs=st.integers(1, 40), dim=st.integers(1, 70), tokens=st.integers(0, 6),
+       rank=st.sampled_from([None, 1, 2]), sigma=st.integers(0, 8), w_fill=fills,
+       x_fill=fills, n_fill=fills, reset_rate=st.sampled_from([None, 0.3, 1.0]))
+def test_gru_scan_is_the_token_loop(seed, pairs, dim, tokens, rank, sigma, w_fill, x_fill,
+                                    n_fill, reset_rate):
+    """EGG's recurrence over a token block in one cpu kernel call equals the reference's
+    loop token by token (plain and ES, resets, extreme weights, inputs and noise), and runs
+    fused wherever its layers' kernel can be called from there (plain, or ES on the rank-1
+    tile kernel: fan-in a multiple of 4, merged bound): no silent fallback."""
+    rng = np.random.default_rng(seed)
+    rows, model = 2 * pairs, EGG(8, dim, 1)
+    params = {s.name: int8s(rng, s.shape, w_fill) for s in model.specs}
+    noise = None
+    if rank is not None:
+        noise = make_noise(model.specs, seed, 1, np.arange(pairs), rank)
+        for name, e in noise.items():
+            if n_fill != "random" and isinstance(e, LowRank):
+                noise[name] = lowrank(rng, pairs, *e.a.shape[1:2], e.b.shape[1], rank, n_fill, 0)
+    fx, hx = (int8s(rng, (tokens, rows, dim), x_fill) for _ in range(2))
+    h = int8s(rng, (rows, dim), x_fill)
+    resets = None if reset_rate is None else rng.random((tokens, rows)) < reset_rate
+    ops = {b: Ops(b, model.specs, params, noise, sigma) for b in (VNNI, REF)}
+    got, want = (gru_scan(ops[b], "blocks.0.", fx, hx, h, resets) for b in (VNNI, REF))
+    for a, b in zip(got, want, strict=True):
+        same(a, b)
+    o = ops[VNNI]
+    fused = VNNI.gru_scan(fx, hx, h, resets, o.layer("blocks.0.gru.uf"),
+                          o.layer("blocks.0.gru.uh"), o.vec("blocks.0.gru.bf"),
+                          o.vec("blocks.0.gru.bh"), sigma) is not None
+    shift = model.specs[2].shift
+    assert fused == (rank is None or (rank == 1 and dim % 4 == 0
+                                      and merged_rescale_fits(dim, sigma, shift)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,11 @@ class Ops:
         return self.backend.linear(x, self.prepared[name], self.shifts[name],
                                    self.noise.get(name), self.sigma_shift)
 
+    def layer(self, name: str) -> tuple:
+        """(backend weight, shift, noise or None) of a matrix: what ``linear`` passes, for a
+        backend op that runs several of a model's layers in one call."""
+        return self.prepared[name], self.shifts[name], self.noise.get(name)
+
     def embed(self, name: str, tokens: np.ndarray) -> np.ndarray:
         return self.backend.embed(self.params[name], tokens, self.noise.get(name),
                                   self.sigma_shift)

@@ -5,7 +5,8 @@ saturating sums of int8 products (saturation is the nonlinearity, as in the pape
 clipped residual -> norm -> ReLU MLP (4x) -> clipped residual. State: one int8 vector per layer.
 
 ``forward_block`` is the same function over a block of T tokens: the input projections and
-the MLP run once over T x N rows; only the recurrent products (uf, uh) go token by token.
+the MLP run once over T x N rows; only the recurrent products (uf, uh) go token by token,
+in one backend call per layer where the backend fuses the recurrence (``gru_scan``).
 """
 
 from __future__ import annotations
@@ -63,16 +64,30 @@ class EGG(IntLM):
             p, h = f"blocks.{i}.", state[f"{i}.h"]
             xn = ew.norm(x, ops.vec(p + "ln1"))
             fx, hx = ops.linear(p + "gru.wf", xn), ops.linear(p + "gru.wh", xn)
-            hs = np.empty_like(x)
-            for t in range(len(tokens)):
-                if resets is not None and resets[t].any():
-                    h = np.where(resets[t][:, None], np.int8(0), h)
-                f = ew.sat_add(fx[t], ops.linear(p + "gru.uf", h), ops.vec(p + "gru.bf"))
-                gated = ew.gru_blend(np.zeros_like(h), f, h)
-                cand = ew.sat_add(hx[t], ops.linear(p + "gru.uh", gated), ops.vec(p + "gru.bh"))
-                h = hs[t] = ew.gru_blend(h, f, cand)
-            state[f"{i}.h"] = h
+            hs, state[f"{i}.h"] = gru_scan(ops, p, fx, hx, h, resets)
             x = ew.sat_add(x, hs)
             xn = ew.norm(x, ops.vec(p + "ln2"))
             x = ew.sat_add(x, ops.linear(p + "mlp.w2", ew.relu(ops.linear(p + "mlp.w1", xn))))
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
+
+
+def gru_scan(ops: Ops, p: str, fx: np.ndarray, hx: np.ndarray, h: np.ndarray,
+             resets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Layer p's recurrence over a token block: the states after each token (T, rows, d) and
+    the last. One call where the backend fuses it (``gru_scan``: the cpu backend's VNNI
+    engine), else token by token, ``forward``'s cell; the same bits either way."""
+    fused = getattr(ops.backend, "gru_scan", None)
+    if fused is not None:
+        done = fused(fx, hx, h, resets, ops.layer(p + "gru.uf"), ops.layer(p + "gru.uh"),
+                     ops.vec(p + "gru.bf"), ops.vec(p + "gru.bh"), ops.sigma_shift)
+        if done is not None:
+            return done
+    ew, hs = ops.ew, np.empty_like(fx)
+    for t in range(len(fx)):
+        if resets is not None and resets[t].any():
+            h = np.where(resets[t][:, None], np.int8(0), h)
+        f = ew.sat_add(fx[t], ops.linear(p + "gru.uf", h), ops.vec(p + "gru.bf"))
+        gated = ew.gru_blend(np.zeros_like(h), f, h)
+        cand = ew.sat_add(hx[t], ops.linear(p + "gru.uh", gated), ops.vec(p + "gru.bh"))
+        h = hs[t] = ew.gru_blend(h, f, cand)
+    return hs, h
