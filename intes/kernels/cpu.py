@@ -896,17 +896,23 @@ def _gru_scan_plain(fx, hx, h0, resets, has_resets, wf, half_f, shift_f, wh, hal
 
 
 @kernel
-def _gru_scan_rank1(fx, hx, h0, resets, has_resets, wf, half_f, shift_f, wh, half_h, shift_h,
-                    bf, bh, hs):
-    """``_gru_scan_plain`` for an ES step at rank 1: the recurrent products by
-    ``_fused_rank1`` (wf, wh: its weight and factor arguments, an ES plan's)."""
+def _gru_scan_es(fx, hx, h0, resets, has_resets, wf, half_f, shift_f, wh, half_h, shift_h,
+                 bf, bh, hs, lowrank):
+    """``_gru_scan_plain`` for an ES step: the recurrent products by ``_fused_rank1``, or
+    by ``_fused_lowrank`` if ``lowrank`` (wf, wh: an ES plan's arguments for either)."""
     h, uf, uh = h0.copy(), np.empty_like(h0), np.empty_like(h0)
     f, gated = np.empty_like(h0), np.empty_like(h0)
     for t in range(fx.shape[0]):
         _clear_reset_rows(h, resets, has_resets, t)
-        _fused_rank1(h, *wf, half_f, shift_f, uf)
+        if lowrank:
+            _fused_lowrank(h, *wf, half_f, shift_f, uf)
+        else:
+            _fused_rank1(h, *wf, half_f, shift_f, uf)
         _gru_gate(fx[t], uf, bf, h, f, gated)
-        _fused_rank1(gated, *wh, half_h, shift_h, uh)
+        if lowrank:
+            _fused_lowrank(gated, *wh, half_h, shift_h, uh)
+        else:
+            _fused_rank1(gated, *wh, half_h, shift_h, uh)
         _gru_step(hx[t], uh, bh, f, h, hs[t])
 
 
@@ -1116,27 +1122,28 @@ class CpuBackend:
         """EGG's recurrence over a token block in one kernel call (see
         ``intes.models.egg.gru_scan``; uf, uh are (weight, shift, noise)), or None where its
         layers have no fused kernel to call from there: an engine other than VNNI, or an ES
-        layer whose plan is not the rank-1 tile kernel."""
+        layer whose plan is the buffered kernel (a fan-in tail, or past the merged bound)."""
         (wf, shift_f, noise_f), (wh, shift_h, noise_h) = uf, uh
         if not (isinstance(wf.wt, VnniWeight) and isinstance(wh.wt, VnniWeight)):
             return None
         (half_f, shift_f), (half_h, shift_h) = _rounding(shift_f), _rounding(shift_h)
-        if noise_f is None and noise_h is None:
-            scan = _gru_scan_plain
-            args_f, args_h = ((w.wt.packed, w.wt.comp, w.wt.tail) for w in (wf, wh))
-        elif noise_f is not None and noise_h is not None:
-            (_, kernel_f, args_f), (_, kernel_h, args_h) = (
-                _kept_plan(wf, noise_f, h.shape[1], sigma_shift, shift_f),
-                _kept_plan(wh, noise_h, h.shape[1], sigma_shift, shift_h))
-            if kernel_f is not _fused_rank1 or kernel_h is not _fused_rank1:
-                return None
-            scan = _gru_scan_rank1
-        else:
-            return None
         hs = np.empty(fx.shape, dtype=np.int8)
-        scan(fx, hx, np.ascontiguousarray(h), _NO_RESETS if resets is None else resets,
-             resets is not None, args_f, half_f, shift_f, args_h, half_h, shift_h, _rows2d(bf),
-             _rows2d(bh), hs)
+        args = (fx, hx, np.ascontiguousarray(h), _NO_RESETS if resets is None else resets,
+                resets is not None)
+        if noise_f is None and noise_h is None:
+            args_f, args_h = ((w.wt.packed, w.wt.comp, w.wt.tail) for w in (wf, wh))
+            _gru_scan_plain(*args, args_f, half_f, shift_f, args_h, half_h, shift_h,
+                            _rows2d(bf), _rows2d(bh), hs)
+            return hs, hs[-1] if len(hs) else h
+        if noise_f is None or noise_h is None:
+            return None
+        (_, kernel_f, args_f), (_, kernel_h, args_h) = (
+            _kept_plan(wf, noise_f, h.shape[1], sigma_shift, shift_f),
+            _kept_plan(wh, noise_h, h.shape[1], sigma_shift, shift_h))
+        if kernel_f is not kernel_h or kernel_f not in (_fused_rank1, _fused_lowrank):
+            return None  # a fan-in tail or past the merged bound: the buffered kernel
+        _gru_scan_es(*args, args_f, half_f, shift_f, args_h, half_h, shift_h, _rows2d(bf),
+                     _rows2d(bh), hs, kernel_f is _fused_lowrank)
         return hs, hs[-1] if len(hs) else h
 
     def linear(self, x, w, shift, noise, sigma_shift):
