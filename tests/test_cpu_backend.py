@@ -34,6 +34,8 @@ from intes.kernels.cpu import (
     ES_PLANS,
     FUSED_BLOCK,
     FUSED_BLOCK_BYTES,
+    MEAN_BITS,
+    MEAN_RECIPROCALS,
     NORM_BITS,
     SMALL_BATCH_BLOCK,
     SMALL_BATCH_BYTES,
@@ -42,6 +44,7 @@ from intes.kernels.cpu import (
     CpuElementwise,
     CpuNoise,
     _div_by_reciprocal,
+    _floor_divider,
     _row_reciprocal,
     keep_freed_memory,
 )
@@ -490,6 +493,22 @@ def test_norm_reciprocal_divides_exactly():
     numerator and it would not: the bound is tight where it matters."""
     assert _reciprocal_mismatches(1 << NORM_BITS, np.arange(1, 257)) == 0
     assert _reciprocal_mismatches(1 << (NORM_BITS + 1), np.arange(1, 257)) > 0
+
+
+@given(d=st.integers(1, (1 << MEAN_BITS) - 1), data=st.data())
+def test_norm_row_mean_is_floor_division(d, data):
+    """The norm's row mean sum // d by multiply and shift (int64) is the floor for any
+    width and every sum below 2^MEAN_BITS, the extremes included."""
+    m, shift = _floor_divider(d)
+    picks = data.draw(st.lists(st.integers(0, (1 << MEAN_BITS) - 1), max_size=50))
+    n = np.array([0, 1, d - 1, d, d + 1, 127 * d, (1 << MEAN_BITS) - 1, *picks], dtype=np.int64)
+    n = n[n < (1 << MEAN_BITS)]
+    same(np.right_shift(np.multiply(n, np.int64(m)), np.int64(shift)), n // d)
+
+
+def test_norm_reciprocal_table_is_the_reciprocals():
+    for den in range(1, 129):
+        assert tuple(MEAN_RECIPROCALS[den - 1]) == _row_reciprocal(den)
 
 
 @given(length=st.integers(0, 600), start=st.integers(0, 254),

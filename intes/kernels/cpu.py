@@ -227,6 +227,31 @@ def _div_by_reciprocal(num, m, k):
     return np.negative(q) if num < 0 else q
 
 
+@njit(cache=True)
+def _reciprocal_table():
+    table = np.empty((INT8_MAX + 1, 2), dtype=np.int32)
+    for den in range(1, INT8_MAX + 2):
+        table[den - 1, 0], table[den - 1, 1] = _row_reciprocal(den)
+    return table
+
+
+MEAN_RECIPROCALS = _reciprocal_table()  # _row_reciprocal(den) at row den - 1, den <= 128
+MEAN_BITS = 30  # a row's sum of |x| below 2^30: any width below 2^23
+
+
+@njit(inline="always", cache=True)
+def _floor_divider(d):
+    """(m, s) with n // d = (n m) >> s (in int64) for every 0 <= n < 2^MEAN_BITS and
+    1 <= d < 2^MEAN_BITS: s = MEAN_BITS + ceil(log2 d), m = ceil(2^s / d), the bound of
+    ``_row_reciprocal`` with n >= 0, and n m < 2^30 (2^31 + 1) fits int64. The norm's row
+    mean without a division per row (measured a quarter of the norm at width 96)."""
+    bits = 0
+    while (1 << bits) < d:
+        bits += 1
+    shift = MEAN_BITS + bits
+    return ((np.int64(1) << shift) + d - 1) // d, np.int64(shift)
+
+
 @njit(inline="always", cache=True)
 def _row(m, rows):
     """Row of a per-member parameter for activation row m: shared (1, d) vectors broadcast
@@ -733,12 +758,14 @@ class CpuNoise:
 @kernel
 def _norm(x, w, out):
     n, d = x.shape
+    dm, ds = _floor_divider(d)
     for m in range(n):
         wr = _row(m, w.shape[0])
         total = I32(0)
         for j in range(d):
             total = np.add(total, np.abs(I32(x[m, j])))
-        recip, k = _row_reciprocal(max(total // d, 1))  # mean |x| <= 128
+        mean = max(I32(np.right_shift(np.multiply(np.int64(total), dm), ds)), I32(1))  # <= 128
+        recip, k = MEAN_RECIPROCALS[mean - 1, 0], MEAN_RECIPROCALS[mean - 1, 1]
         for j in range(d):
             out[m, j] = _sat8(_div_by_reciprocal(np.multiply(I32(x[m, j]), I32(w[wr, j])),
                                                  recip, k))
