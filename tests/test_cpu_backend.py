@@ -525,6 +525,22 @@ def test_byte_table_lookups(length, start, table):
     same(loop, want)
 
 
+@given(seed=seeds, vocab=st.integers(1, 700), fill=fills, offset=st.integers(0, 254))
+def test_exp2_sums_are_the_table_sums(seed, vocab, fill, offset):
+    """The log-likelihood's sum of EXP2_TABLE[max - z] over a row: by 64-byte VBMI lookups
+    (where the CPU has them) and by the loop other CPUs run, equal to numpy's, for every
+    distance 0..254 from the row's max (a row sweeping all of them from any offset)."""
+    rng = np.random.default_rng(seed)
+    sweep = (127 - (np.arange(offset, offset + vocab) % 255)).astype(np.int8)
+    z = np.stack([sweep, int8s(rng, vocab, fill)])
+    for m in range(2):
+        top = np.int32(z[m].max())
+        want = im.EXP2_TABLE[top - z[m].astype(np.int32)].sum(dtype=np.int32)
+        assert vbmi._exp2_sum_loop(z, m, top) == want
+        if vbmi.HAVE_VBMI:
+            assert vbmi._exp2_sum_vbmi(z, m, top) == want
+
+
 @given(length=st.integers(0, 300), start=st.integers(0, 254))
 def test_sigmoid_gate_covers_every_input_pair(length, start):
     """The gate's 64-byte table lookups (VBMI where the CPU has it) and their scalar tail

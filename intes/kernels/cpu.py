@@ -47,7 +47,6 @@ from intes import noise as nz
 from intes.errors import ConfigError
 from intes.intmath import (
     EXP2_FRAC_BITS,
-    EXP2_TABLE,
     FRAC_BITS,
     INT8_MAX,
     LL_FRAC_BITS,
@@ -58,7 +57,7 @@ from intes.intmath import (
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import GemmEngine, VnniGemm, make_gemm
-from intes.kernels.vbmi import WKV_EXP_BYTES, lookup_flat, sigmoid_gate_flat
+from intes.kernels.vbmi import WKV_EXP_BYTES, exp2_sum, lookup_flat, sigmoid_gate_flat
 from intes.kernels.vnni import factor_sums, pair_dot, project_pairs, quad_pair_dot
 from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
@@ -563,9 +562,7 @@ def _log_likelihood(logits, targets, out):
         top = I32(-INT8_MAX - 1)
         for j in range(logits.shape[1]):
             top = max(top, I32(logits[m, j]))
-        total = I32(0)  # int32 like the reference's sum (it can only wrap at vocab 2^15)
-        for j in range(logits.shape[1]):
-            total = np.add(total, EXP2_TABLE[top - logits[m, j]])
+        total = exp2_sum(logits, m, top)  # < vocab 2^16: int32 for any vocab below 2^15
         lse = _log2_fixed(np.int64(total)) - EXP2_FRAC_BITS * 256
         target = np.int64(logits[m, targets[m]])
         out[m] = ((target - top) << (LL_FRAC_BITS - LOGIT_FRAC_BITS)) - lse

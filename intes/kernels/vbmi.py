@@ -8,7 +8,9 @@ instruction: two of them cover the 256 entries, bit 7 of each index chooses betw
 (``_lookup``), and the gate's product and shift run in int16 lanes, 32 per register. The
 WKV recurrence's exponent table (entries 1..251) is looked up the same way, for a whole
 token block before the recurrence (``lookup_flat``), so the recurrence's loop reads bytes
-where it gathered table entries.
+where it gathered table entries. The log-likelihood's sum of EXP2_TABLE[max - z] over a
+row of logits reads the table's two bytes the same way and sums them with vpsadbw
+(``exp2_sum``).
 
 ``HAVE_VBMI`` says whether this CPU has it (as LLVM sees the host); without it both are
 numba's own loops, with the same results.
@@ -23,7 +25,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from intes.intmath import INT8_MAX, SIGMOID_TABLE, WKV_EXP_TABLE
+from intes.intmath import EXP2_TABLE, INT8_MAX, SIGMOID_TABLE, WKV_EXP_TABLE
 from intes.kernels.vnni import _splat
 
 LANES = 64
@@ -187,3 +189,87 @@ _gate = _gate_vbmi if HAVE_VBMI else _gate_loop
 def sigmoid_gate_flat(r: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
     """out = sat8((sigmoid(r) v) >> 7) elementwise over 1-D C-contiguous int8 arrays."""
     _gate(r, v, out, GATE_TABLE)
+
+
+def _exp2_bytes(shift: int) -> np.ndarray:
+    """Byte ``shift // 8`` of EXP2_TABLE[i] for i = 1..254 (entry 0, 2^16, is counted apart:
+    the others are below 2^16), as 256 uint8 indexed by i."""
+    table = np.zeros(256, dtype=np.uint8)
+    table[1:len(EXP2_TABLE)] = (EXP2_TABLE[1:] >> shift) & 0xFF
+    return table
+
+
+EXP2_LOW, EXP2_HIGH = _exp2_bytes(0), _exp2_bytes(8)
+assert EXP2_TABLE[0] == 1 << 16 and EXP2_TABLE[1:].max() < 1 << 16
+
+
+@intrinsic
+def _exp2_sum64(typingctx, z, row, col, top, low, high):
+    """sum of EXP2_TABLE[top - z[row, col + j]] for j < 64 (int64), z an int8 (rows, vocab)
+    C array with top - z in 0..254: the table's low and high bytes looked up (``_lookup``)
+    and summed by vpsadbw, plus 2^16 for each j where z = top."""
+    tables = (low, high)
+    if not (isinstance(z, types.Array) and z.ndim == 2 and z.layout == "C"
+            and z.dtype == types.int8
+            and all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C"
+                    and t.dtype == types.uint8 for t in tables)):
+        return None
+    sig = types.int64(z, row, col, top, low, high)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        az, alow, ahigh = (context.make_array(signature.args[k])(context, b, args[k])
+                           for k in (0, 4, 5))
+
+        def i64(v):
+            return b.sext(v, _I64) if v.type.width < 64 else v
+
+        stride = cgutils.unpack_tuple(b, az.strides, 2)[0]
+        offset = b.add(b.mul(i64(args[1]), stride), i64(args[2]))
+        zv = b.load(b.bitcast(b.gep(az.data, [offset]), _V8.as_pointer()), align=1)
+        top = b.trunc(args[3], _I8) if args[3].type.width > 8 else args[3]
+        one = b.insert_element(ir.Constant(_V8, ir.Undefined), top, ir.Constant(_I64, 0))
+        tops = b.shuffle_vector(one, ir.Constant(_V8, ir.Undefined),
+                                ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+        index = b.sub(tops, zv)  # 0..254, bit 7 read by _lookup as the upper half
+        v64 = ir.VectorType(_I64, 8)
+        sad = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(v64, [_V8, _V8]), "llvm.x86.avx512.psad.bw.512")
+        reduce = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(_I64, [v64]), "llvm.vector.reduce.add.v8i64")
+        zero = ir.Constant(_V8, [0] * LANES)
+        sums = [b.call(reduce, [b.call(sad, [_lookup(b, b.bitcast(a.data, _V8.as_pointer()),
+                                                     index), zero])])
+                for a in (alow, ahigh)]
+        tops_hit = b.bitcast(b.icmp_unsigned("==", index, zero), _I64)
+        popcount = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(_I64, [_I64]), "llvm.ctpop.i64")
+        count = b.call(popcount, [tops_hit])
+        total = b.add(sums[0], b.shl(sums[1], ir.Constant(_I64, 8)))
+        return b.add(total, b.shl(count, ir.Constant(_I64, 16)))
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def _exp2_sum_vbmi(z, m, top):
+    total = np.int64(0)
+    j = 0
+    while j + LANES <= z.shape[1]:
+        total += _exp2_sum64(z, m, j, top, EXP2_LOW, EXP2_HIGH)
+        j += LANES
+    for k in range(j, z.shape[1]):
+        total += EXP2_TABLE[top - z[m, k]]
+    return np.int32(total)
+
+
+@njit(inline="always", cache=True)
+def _exp2_sum_loop(z, m, top):
+    total = np.int32(0)
+    for k in range(z.shape[1]):
+        total = np.add(total, EXP2_TABLE[top - z[m, k]])
+    return total
+
+
+# sum over row m of int8 logits z of EXP2_TABLE[top - z] (int32; top is the row's max)
+exp2_sum = _exp2_sum_vbmi if HAVE_VBMI else _exp2_sum_loop
