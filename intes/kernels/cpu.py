@@ -243,7 +243,7 @@ def _floor_divider(d):
     """(m, s) with n // d = (n m) >> s (in int64) for every 0 <= n < 2^MEAN_BITS and
     1 <= d < 2^MEAN_BITS: s = MEAN_BITS + ceil(log2 d), m = ceil(2^s / d), the bound of
     ``_row_reciprocal`` with n >= 0, and n m < 2^30 (2^31 + 1) fits int64. The norm's row
-    mean without a division per row (measured a quarter of the norm at width 96)."""
+    mean without a division per row (8% off the norm at width 96)."""
     bits = 0
     while (1 << bits) < d:
         bits += 1

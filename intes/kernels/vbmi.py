@@ -12,7 +12,7 @@ where it gathered table entries. The log-likelihood's sum of EXP2_TABLE[max - z]
 row of logits reads the table's two bytes the same way and sums them with vpsadbw
 (``exp2_sum``).
 
-``HAVE_VBMI`` says whether this CPU has it (as LLVM sees the host); without it both are
+``HAVE_VBMI`` says whether this CPU has it (as LLVM sees the host); without it these are
 numba's own loops, with the same results.
 """
 
