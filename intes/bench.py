@@ -132,8 +132,10 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 def make_engine(model: str, dim: int, layers: int, population: int, seq_len: int, rank: int,
                 backend: Backend) -> Engine:
+    # one window per pair: any even population runs, and the windows' sharing costs nothing
+    es = ESConfig(population=population, group_size=2, rank=rank)
     cfg = TrainConfig(model=ModelConfig(kind=model, vocab_size=VOCAB, dim=dim, layers=layers),
-                      es=ESConfig(population=population, rank=rank), seq_len=seq_len)
+                      es=es, seq_len=seq_len)
     return Engine(cfg, backend=backend)
 
 

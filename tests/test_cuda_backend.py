@@ -285,7 +285,7 @@ def test_vector_noise_and_update_match_reference(gpu, pairs, n, seed):
 @pytest.mark.parametrize("kind", ["rwkv", "egg"])
 def test_two_es_steps_match_reference(gpu, kind) -> None:
     cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=64, dim=32, layers=2),
-                      es=es.ESConfig(population=16, rank=2, fitness="normalized"),
+                      es=es.ESConfig(population=16, group_size=2, rank=2, fitness="normalized"),
                       seq_len=6, seed=5)
     ref, dev = Engine(cfg, backend=ReferenceBackend()), Engine(cfg, backend=gpu)
     rng = np.random.default_rng(1)

@@ -33,8 +33,9 @@ BIN = Path(sys.executable).parent
 INTES = str(BIN / "intes") if (BIN / "intes").exists() else shutil.which("intes")
 TORCHRUN = str(BIN / "torchrun") if (BIN / "torchrun").exists() else shutil.which("torchrun")
 # population 10 = 5 pairs: uneven shards (3 + 2) over 2 workers
-TINY = ["--model", "rwkv", "--dim", "32", "--layers", "1", "--population", "10", "--seq-len",
-        "8", "--seed", "5", "--eval-streams", "2", "--eval-len", "16", "--no-progress"]
+TINY = ["--model", "rwkv", "--dim", "32", "--layers", "1", "--population", "10", "--group-size",
+        "2", "--seq-len", "8", "--seed", "5", "--eval-streams", "2", "--eval-len", "16",
+        "--no-progress"]
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 

@@ -335,7 +335,8 @@ def test_update_prepares_the_new_weights(case, k):
 def test_saturated_weights_stay_in_range():
     """Weights pinned at +-127 stay within [-127, 127] through several steps."""
     cfg = TrainConfig(model=ModelConfig(kind="egg", vocab_size=VOCAB, dim=8, layers=1),
-                      es=ESConfig(population=8, rank=2, alpha_steps=1), seq_len=6, seed=3)
+                      es=ESConfig(population=8, group_size=2, rank=2, alpha_steps=1),
+                      seq_len=6, seed=3)
     case = Case(cfg, 5)
     e = case.engine()
     e.params = {n: np.where(v >= 0, 127, -127).astype(np.int8) for n, v in e.params.items()}

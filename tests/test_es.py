@@ -156,7 +156,7 @@ def test_validate_rejects_out_of_range(field, value):
 def test_validate_accepts_exactly_the_configs_whose_update_fits_int32(rank, kind, pairs):
     """validate accepts a (population, rank, fitness) iff the worst-case |Z| fits int32."""
     fmax = 1 if kind == "sign" else es.NORMALIZED_MAX
-    cfg = es.ESConfig(population=2 * pairs, rank=rank, fitness=kind)
+    cfg = es.ESConfig(population=2 * pairs, group_size=2, rank=rank, fitness=kind)
     fits = pairs * fmax * rank * NOISE_MAX**2 <= 2**31 - 1
     if fits:
         cfg.validate()
@@ -167,7 +167,8 @@ def test_validate_accepts_exactly_the_configs_whose_update_fits_int32(rank, kind
 
 def _largest_valid_pairs(rank: int, fmax: int) -> int:
     pairs = (2**31 - 1) // (fmax * rank * NOISE_MAX**2)
-    es.ESConfig(population=2 * pairs, rank=rank, fitness="normalized").validate()
+    es.ESConfig(population=2 * pairs, group_size=2, rank=rank,
+                 fitness="normalized").validate()
     return pairs
 
 
@@ -177,7 +178,8 @@ def test_update_at_the_validated_limit_does_not_overflow():
     rank, fmax = 16, es.NORMALIZED_MAX
     pairs = _largest_valid_pairs(rank, fmax)
     with pytest.raises(ConfigError):
-        es.ESConfig(population=2 * pairs + 2, rank=rank, fitness="normalized").validate()
+        es.ESConfig(population=2 * pairs + 2, group_size=2, rank=rank,
+                     fitness="normalized").validate()
     rows, cols = 2, 3
     a = np.full((pairs, rows, rank), NOISE_MAX, np.int8)
     b = np.full((pairs, cols, rank), NOISE_MAX, np.int8)
@@ -255,7 +257,8 @@ def test_tell_from_seeds_equals_update_from_stored_noise(seed, kind, pairs, rank
                                                         reuse, data):
     """tell() rebuilt from (seed, step, fitness) equals the update from stored noise; every
     weight moves by at most 1 and stays an int8 in [-127, 127]."""
-    cfg = es.ESConfig(population=2 * pairs, rank=rank, fitness=fkind, noise_reuse=reuse,
+    cfg = es.ESConfig(population=2 * pairs, group_size=2, rank=rank, fitness=fkind,
+                      noise_reuse=reuse,
                       alpha_steps=1000)
     cfg.validate()
     model = build_model(kind, vocab_size=16, dim=8, layers=1)

@@ -544,7 +544,8 @@ def test_linear_no_overflow_at_largest_valid_config():
     accepted = []
     for rank in range(1, 17):
         try:
-            TrainConfig(model=model, es=ESConfig(population=2, rank=rank, sigma_shift=0)).validate()
+            TrainConfig(model=model, es=ESConfig(population=2, group_size=2, rank=rank,
+                                                  sigma_shift=0)).validate()
             accepted.append(rank)
         except ConfigError:
             pass

@@ -167,7 +167,7 @@ def cuda_backend_two_es_steps_match_reference() -> None:
     kernels = emulated_kernels()
     for mode, kind in (("cached", "rwkv"), ("kernel", "egg")):
         cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=8, layers=1),
-                          es=es.ESConfig(population=4, rank=2, fitness="normalized"),
+                          es=es.ESConfig(population=4, group_size=2, rank=2, fitness="normalized"),
                           seq_len=2, seed=11)
         ref = Engine(cfg, backend=ReferenceBackend())
         gpu = Engine(cfg, backend=CudaBackend(mode, device="cpu", kernels=kernels))
