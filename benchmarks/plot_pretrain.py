@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--unigram", type=float, required=True)
     p.add_argument("--bigram", type=float, required=True)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_10min.png"))
+    p.add_argument("--title",
+                   default="intes pretrain --time-limit 10 (default config, stdlib corpus)")
+    p.add_argument("--ymax", type=float, help="clip the plot above this (to compare near the end)")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for path in args.metrics:
@@ -40,7 +43,9 @@ def main() -> None:
     ax.axhline(args.unigram, ls=":", c="gray", label=f"unigram {args.unigram:.3f}")
     ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
     ax.set(xlabel="minutes (2-core CPU, cpu backend)", ylabel="validation bits per byte",
-           title="intes pretrain --time-limit 10 (default config, stdlib corpus)")
+           title=args.title)
+    if args.ymax is not None:
+        ax.set_ylim(top=args.ymax)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
