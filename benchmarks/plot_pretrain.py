@@ -34,11 +34,15 @@ def main() -> None:
     p.add_argument("--title",
                    default="intes pretrain --time-limit 10 (default config, stdlib corpus)")
     p.add_argument("--ymax", type=float, help="clip the plot above this (to compare near the end)")
+    p.add_argument("--labels", help="comma-separated, one per metrics file (default: file names)")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for path in args.metrics:
+    labels = args.labels.split(",") if args.labels else [
+        path.stem.removeprefix("pretrain_").replace("_", " ") for path in args.metrics]
+    if len(labels) != len(args.metrics):
+        p.error(f"{len(labels)} labels for {len(args.metrics)} metrics files")
+    for path, label in zip(args.metrics, labels, strict=True):
         minutes, bpb = evals(path)
-        label = path.stem.removeprefix("pretrain_").replace("_", " ")
         ax.plot(minutes, bpb, marker=".", label=f"{label}: {bpb[-1]:.3f}")
     ax.axhline(args.unigram, ls=":", c="gray", label=f"unigram {args.unigram:.3f}")
     ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
@@ -47,7 +51,7 @@ def main() -> None:
     if args.ymax is not None:
         ax.set_ylim(top=args.ymax)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(args.out)
