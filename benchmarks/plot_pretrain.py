@@ -35,6 +35,7 @@ def main() -> None:
                    default="intes pretrain --time-limit 10 (default config, stdlib corpus)")
     p.add_argument("--ymax", type=float, help="clip the plot above this (to compare near the end)")
     p.add_argument("--labels", help="comma-separated, one per metrics file (default: file names)")
+    p.add_argument("--legend", default="upper right", help="the legend's matplotlib location")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     labels = args.labels.split(",") if args.labels else [
@@ -51,7 +52,7 @@ def main() -> None:
     if args.ymax is not None:
         ax.set_ylim(top=args.ymax)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc=args.legend)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(args.out)

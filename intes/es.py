@@ -28,7 +28,7 @@ class ESConfig:
     """Everything that defines the ES search; saved in checkpoints and checked on resume."""
 
     population: int = 4096  # N, even: pairs (2p, 2p+1) share noise with opposite sign
-    group_size: int = 4  # members that read the same sequence (even): two pairs per window
+    group_size: int = 2  # members that read the same sequence (even): one pair per window
     rank: int = 1  # r of each perturbation A B^T
     sigma_shift: int = 3  # noise scale 2^-sigma_shift beyond the x16 fixed point
     noise_reuse: int = 1  # redraw noise every k steps
