@@ -204,19 +204,26 @@ NORM_BITS = 15  # |x w| <= 128 * 128 < 2^15 for any int8 x, w
 
 
 @njit(inline="always", cache=True)
-def _row_reciprocal(den):
-    """(m, k) with trunc(n / den) = sign(n) ((|n| m) >> k) for every |n| < 2^NORM_BITS and
-    1 <= den <= 2^8: k = NORM_BITS + ceil(log2 den), m = ceil(2^k / den).
+def _reciprocal(den, bits):
+    """(m, k) in int64 with trunc(n / den) = sign(n) ((|n| m) >> k) for every |n| < 2^bits:
+    k = bits + ceil(log2 den), m = ceil(2^k / den).
 
     Exact: m den = 2^k + e with 0 <= e < den <= 2^ceil(log2 den), so |n| m / 2^k =
     |n| / den + |n| e / (den 2^k), and |n| e < 2^k keeps the excess below 1 / den, less
-    than the gap from |n| / den up to the next integer. |n| m < 2^15 2^16 fits int32, so
-    the row divides in int32 lanes that vectorize (tested against every n and den)."""
-    bits = 0
-    while (1 << bits) < den:
-        bits += 1
-    k = NORM_BITS + bits
-    return I32(((1 << k) + den - 1) // den), I32(k)
+    than the gap from |n| / den up to the next integer."""
+    k = np.int64(bits)
+    while (np.int64(1) << (k - bits)) < den:
+        k += 1
+    return ((np.int64(1) << k) + den - 1) // den, k
+
+
+@njit(inline="always", cache=True)
+def _row_reciprocal(den):
+    """``_reciprocal`` for the norm's divisions: |n| < 2^NORM_BITS and 1 <= den <= 2^8, so
+    |n| m < 2^15 2^16 fits int32 and the row divides in int32 lanes that vectorize (tested
+    against every n and den)."""
+    m, k = _reciprocal(den, NORM_BITS)
+    return I32(m), I32(k)
 
 
 @njit(inline="always", cache=True)
@@ -241,14 +248,9 @@ MEAN_BITS = 30  # a row's sum of |x| below 2^30: any width below 2^23
 @njit(inline="always", cache=True)
 def _floor_divider(d):
     """(m, s) with n // d = (n m) >> s (in int64) for every 0 <= n < 2^MEAN_BITS and
-    1 <= d < 2^MEAN_BITS: s = MEAN_BITS + ceil(log2 d), m = ceil(2^s / d), the bound of
-    ``_row_reciprocal`` with n >= 0, and n m < 2^30 (2^31 + 1) fits int64. The norm's row
-    mean without a division per row (8% off the norm at width 96)."""
-    bits = 0
-    while (1 << bits) < d:
-        bits += 1
-    shift = MEAN_BITS + bits
-    return ((np.int64(1) << shift) + d - 1) // d, np.int64(shift)
+    1 <= d < 2^MEAN_BITS: ``_reciprocal`` at n >= 0, and n m < 2^30 (2^31 + 1) fits int64.
+    The norm's row mean without a division per row (8% off the norm at width 96)."""
+    return _reciprocal(d, MEAN_BITS)
 
 
 @njit(inline="always", cache=True)
