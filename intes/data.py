@@ -516,16 +516,22 @@ def _pair_counts(train: np.ndarray, prev: np.ndarray, nxt: np.ndarray, vocab: in
     return np.where(uniq[idx] == queries, counts[idx], 0)
 
 
-def ngram_bits_per_byte(corpus: Corpus) -> tuple[float, float]:
-    """Unigram and bigram bits per byte of valid under add-one smoothed train counts.
+def ngram_bits_per_byte(corpus: Corpus, windows: np.ndarray | None = None) -> tuple[float, float]:
+    """Unigram and bigram bits per byte under add-one smoothed train counts, of the valid
+    split's next-token targets, or of the targets ``windows[:, 1:]`` (each after its window's
+    previous token) when given: the same tokens a model evaluated on those windows scores, so
+    the two compare token for token.
 
-    Reporting only (floats). Both score the same targets, valid[1:], so they compare with each
-    other and with a model evaluated on next-token prediction; bits per token are converted with
-    the valid split's bytes per token. Large vocabularies use a sort-based sparse bigram count.
+    Reporting only (floats). Bits per token are converted with the valid split's bytes per
+    token, as the model's are. Large vocabularies use a sort-based sparse bigram count.
     """
     vocab, train = corpus.vocab_size, corpus.train
-    valid = corpus.valid.astype(np.int64)
-    prev, nxt = valid[:-1], valid[1:]
+    if windows is None:
+        valid = corpus.valid.astype(np.int64)
+        prev, nxt = valid[:-1], valid[1:]
+    else:
+        w = np.asarray(windows, dtype=np.int64)
+        prev, nxt = w[:, :-1].ravel(), w[:, 1:].ravel()
     uni = np.bincount(train, minlength=vocab)
     uni_bits = -(np.log2(uni[nxt] + 1.0) - np.log2(len(train) + vocab)).sum()
     ctx = uni.copy()

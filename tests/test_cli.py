@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import intes.cli
 from intes.checkpoint import CHECKPOINT_NAME
 from intes.cli import cli, main
+from intes.data import load_corpus
 from intes.errors import DataError
 
 TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",
@@ -105,6 +106,14 @@ def test_eval_prints_bits_per_byte(run_dir, text_file):
         assert "step 4" in result.output
     explicit = invoke("eval", run_dir, "--data", text_file, *FAST_EVAL)
     assert explicit.output.split("(")[0] == result.output.split("(")[0]
+
+
+def test_eval_scores_the_whole_valid_split_by_default(run_dir, text_file):
+    valid = load_corpus(str(text_file)).valid
+    result = invoke("eval", run_dir, "--length", 16, "--backend", "reference")
+    assert result.exit_code == 0, result.output
+    assert f"{len(valid) // 17:,} x 16 tokens" in result.output
+    assert "on the same tokens unigram" in result.output
 
 
 def test_sample_continues_the_prompt_reproducibly(run_dir):

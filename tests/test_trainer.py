@@ -17,12 +17,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from intes.data import load_corpus
+from intes.data import load_corpus, ngram_bits_per_byte
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import CheckpointError, ConfigError
 from intes.es import ESConfig
 from intes.sampling import draw, generate, token_weights
-from intes.trainer import METRICS_NAME, PLOT_NAME, RunOptions, eval_shape, pretrain
+from intes.trainer import (
+    METRICS_NAME,
+    PLOT_NAME,
+    RunOptions,
+    Validation,
+    eval_shape,
+    pretrain,
+    validation_bpb,
+)
 
 K = 5  # steps of the reference run
 WORDS = "the quick brown fox jumps over a lazy dog while seven odd wizards quietly hex it".split()
@@ -102,6 +110,29 @@ def test_metrics_and_plot_are_written():
     assert all(r["fitness"] < 0 and r["tokens_per_s"] > 0 for r in steps)
     assert all(np.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in evals)
     assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_ends_scored_on_the_whole_valid_split():
+    """The last record scores every window of the valid split with the final weights, beside
+    the n-gram figures of the same tokens; the summary carries the same figures."""
+    out, params = straight_run()
+    final = json.loads((out / METRICS_NAME).read_text().splitlines()[-1])
+    assert final["event"] == "final" and final["step"] == K and final["length"] == 32
+    valid = corpus().valid
+    assert final["streams"] == len(valid) // 33 > 4  # all of it, not the 4-window sample
+    whole = Validation.whole_split(corpus(), 32)
+    engine = Engine(tiny_config(), backend="reference", params=params, step=K)
+    assert final["val_bpb"] == validation_bpb(engine, corpus(), whole.windows)
+    assert (final["unigram_bpb"], final["bigram_bpb"]) == ngram_bits_per_byte(corpus(),
+                                                                              whole.windows)
+
+
+def test_summary_reports_the_final_figures(tmp_path):
+    summary = run(tmp_path, 2)
+    final = json.loads((tmp_path / METRICS_NAME).read_text().splitlines()[-1])
+    assert summary["final_val_bpb"] == final["val_bpb"]
+    assert summary["final_bigram_bpb"] == final["bigram_bpb"]
+    assert summary["final_tokens"] == final["streams"] * final["length"]
 
 
 def test_resume_keeps_one_uninterrupted_log(tmp_path):

@@ -10,16 +10,16 @@ import click
 import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
-from intes.data import decode, encode, load_corpus, ngram_bits_per_byte
+from intes.data import decode, encode, load_corpus
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
 from intes.sampling import generate
 from intes.trainer import (
     EVAL_LEN,
-    EVAL_STREAMS,
+    FINAL_EVAL_TOKENS,
+    Validation,
     checkpoint_config,
-    eval_shape,
     load_engine,
     validation_bpb,
 )
@@ -36,25 +36,28 @@ def describe_tokenizer(tokenizer: str, vocab_size: int) -> str:
 @click.argument("checkpoint")
 @click.option("--data", default=None, metavar="PATH",
               help="Corpus whose validation split to score  [default: the run's own data]")
-@click.option("--streams", type=click.IntRange(min=1), default=EVAL_STREAMS, show_default=True,
-              help="Validation windows (fewer if the split is too small)")
+@click.option("--streams", type=click.IntRange(min=1), default=None,
+              help="Score this many evenly spread windows  [default: the whole valid split, "
+                   f"up to {FINAL_EVAL_TOKENS:,} tokens]")
 @click.option("--length", type=click.IntRange(min=1), default=EVAL_LEN, show_default=True,
               help="Tokens scored per window")
 @backend_option
-def evaluate(checkpoint: str, data: str | None, streams: int, length: int, backend: str) -> None:
-    """Validation bits per byte of a checkpoint (same streams as training reports)."""
+def evaluate(checkpoint: str, data: str | None, streams: int | None, length: int,
+             backend: str) -> None:
+    """Validation bits per byte of a checkpoint, beside a unigram and a bigram model's on the
+    same tokens."""
     engine, meta = load_engine(checkpoint, backend)
     corpus = load_corpus(data if data is not None else meta.get("data"),
                          tokenizer=meta["tokenizer"])
     if corpus.vocab_size != engine.config.model.vocab_size:
         raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
                         f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
-    streams, length = eval_shape(len(corpus.valid), streams, length)
-    bpb = validation_bpb(engine, corpus, streams, length)
-    unigram, bigram = ngram_bits_per_byte(corpus)
-    click.echo(f"validation bits per byte: {bpb:.4f} (step {engine.step_index}, {streams} x "
-               f"{length} tokens of {corpus.source}; unigram {unigram:.4f}, bigram "
-               f"{bigram:.4f})")
+    sample = (Validation.whole_split(corpus, length) if streams is None
+              else Validation.of(corpus, streams, length))
+    bpb = validation_bpb(engine, corpus, sample.windows)
+    click.echo(f"validation bits per byte: {bpb:.4f} (step {engine.step_index}, "
+               f"{sample.describe()} of {corpus.source}; on the same tokens unigram "
+               f"{sample.unigram:.4f}, bigram {sample.bigram:.4f})")
 
 
 @click.command()
@@ -104,7 +107,8 @@ def info(checkpoint: str) -> None:
         f"seq len: {config.seq_len}, seed: {config.seed}",
         f"tokenizer: {describe_tokenizer(meta['tokenizer'], meta['vocab_size'])}",
         f"data: {meta.get('source')}" + (f" [{meta['data']}]" if meta.get("data") else ""),
-        f"last validation: {'-' if val is None else f'{val:.4f} bits per byte'}",
+        f"last validation: {'-' if val is None else f'{val:.4f} bits per byte'} (the run's "
+        "sample of the valid split; `intes eval` scores all of it)",
         f"intes version: {meta.get('intes_version', 'unknown')}",
         f"backends: {backends}",
         f"cpu GEMM: {gemm_summary()}",

@@ -106,8 +106,11 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
               help=f"Stop after this long  [default: {DEFAULT_TIME_LIMIT:g} if no --steps]")
 @click.option("--eval-every", type=int, default=None, metavar="STEPS",
               help="Evaluate every STEPS steps  [default: automatic, ~5% of the time]")
-@click.option("--eval-streams", type=int, default=EVAL_STREAMS, show_default=True)
-@click.option("--eval-len", type=int, default=EVAL_LEN, show_default=True)
+@click.option("--eval-streams", type=int, default=EVAL_STREAMS, show_default=True,
+              help="Windows of the valid split each evaluation scores (the run's last scores "
+                   "all of them)")
+@click.option("--eval-len", type=int, default=EVAL_LEN, show_default=True,
+              help="Tokens scored per window")
 @click.option("--checkpoint-every", type=int, default=None, metavar="STEPS",
               help="Checkpoint every STEPS steps  [default: at each evaluation]")
 @click.option("--chunk-pairs", type=int, default=None,
