@@ -3,7 +3,9 @@
     python benchmarks/plot_pretrain.py benchmarks/results/pretrain_rwkv_10min.jsonl \
         benchmarks/results/pretrain_egg_10min.jsonl --unigram 4.7441 --bigram 3.5998
 
-The reference lines are the validation split's n-gram figures that `intes pretrain` prints.
+The curves are the runs' periodic evaluations; a run that ended scored on the whole valid
+split (a "final" record) is labelled with that figure. The reference lines are the n-gram
+figures `intes pretrain` prints for its evaluation sample.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def evals(path: Path) -> tuple[list[float], list[float]]:
-    """(minutes, val_bpb) of every evaluation in a metrics.jsonl file."""
+def evals(path: Path) -> tuple[list[float], list[float], float | None]:
+    """(minutes, val_bpb) of every evaluation in a metrics.jsonl file, and the whole split's
+    figure at the end (None for runs logged without one)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    final = next((r["val_bpb"] for r in rows if r.get("event") == "final"), None)
     rows = [r for r in rows if r.get("event") == "eval"]
-    return [r["elapsed_s"] / 60 for r in rows], [r["val_bpb"] for r in rows]
+    return [r["elapsed_s"] / 60 for r in rows], [r["val_bpb"] for r in rows], final
 
 
 def main() -> None:
@@ -43,8 +47,9 @@ def main() -> None:
     if len(labels) != len(args.metrics):
         p.error(f"{len(labels)} labels for {len(args.metrics)} metrics files")
     for path, label in zip(args.metrics, labels, strict=True):
-        minutes, bpb = evals(path)
-        ax.plot(minutes, bpb, marker=".", label=f"{label}: {bpb[-1]:.3f}")
+        minutes, bpb, final = evals(path)
+        end = f"{bpb[-1]:.3f}" if final is None else f"{final:.3f} on the whole split"
+        ax.plot(minutes, bpb, marker=".", label=f"{label}: {end}")
     ax.axhline(args.unigram, ls=":", c="gray", label=f"unigram {args.unigram:.3f}")
     ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
     ax.set(xlabel="minutes (2-core CPU, cpu backend)", ylabel="validation bits per byte",

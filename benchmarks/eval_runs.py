@@ -1,0 +1,49 @@
+"""Score finished runs' checkpoints on the whole valid split, and on a smaller sample of it for
+comparison, beside the n-gram figures of the same tokens; prints JSON.
+
+Runs logged before ``intes pretrain`` ended on the whole split (their figures came from a
+32-window sample) are re-scored here from their final checkpoints, with the same code as
+``intes eval``.
+
+    python benchmarks/eval_runs.py NAME=RUN_DIR [NAME=RUN_DIR ...] [--sample-streams 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from intes.data import load_corpus
+from intes.trainer import Validation, load_engine, validation_bpb
+
+
+def score(run: str, sample_streams: int) -> dict:
+    engine, meta = load_engine(run, "auto")
+    corpus = load_corpus(meta.get("data"), tokenizer=meta["tokenizer"])
+    whole = Validation.whole_split(corpus)
+    sample = Validation.of(corpus, sample_streams, whole.shape[1])
+    return {
+        "step": engine.step_index,
+        "whole_split": {"windows": whole.shape[0], "length": whole.shape[1],
+                        "val_bpb": validation_bpb(engine, corpus, whole.windows),
+                        "unigram_bpb": whole.unigram, "bigram_bpb": whole.bigram},
+        "sample": {"windows": sample.shape[0], "length": sample.shape[1],
+                   "val_bpb": validation_bpb(engine, corpus, sample.windows),
+                   "unigram_bpb": sample.unigram, "bigram_bpb": sample.bigram},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR")
+    parser.add_argument("--sample-streams", type=int, default=32)
+    args = parser.parse_args()
+    result = {}
+    for spec in args.runs:
+        name, _, run = spec.partition("=")
+        result[name] = score(run, args.sample_streams)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
