@@ -18,7 +18,8 @@ Failure model: a worker that dies closes its sockets, so the others' next collec
 once; one that hangs is given up on after ``INTES_DIST_TIMEOUT`` seconds. Either way every
 survivor exits with one ``DistributedError`` line, and rank 0's last checkpoint (written
 atomically) stays loadable. The timeout must exceed the longest pause of rank 0 alone
-(evaluation, plot and checkpoint); the others wait for it in the next collective.
+(evaluation, plot and checkpoint, and the run's last evaluation, on the whole valid split of
+up to 2M tokens); the others wait for it in the next collective.
 
 Replicas are compared at the start (settings, data and weights) and then every
 ``INTES_DIST_VERIFY_EVERY`` steps and at the end (a 64-bit hash of the weights and step, 8
