@@ -41,6 +41,7 @@ RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
 # default until then, read 0.025-0.055 below it (benchmarks/results/pretrain_rescored_*.json).
 EVAL_STREAMS, EVAL_LEN = 512, 256
 FINAL_EVAL_TOKENS = 1 << 21  # the end of a run scores the whole valid split, up to this many
+EVAL_CHUNK_ROWS = 1024  # windows per forward: a large vocabulary's logits stay small
 EVAL_TIME_SHARE = 0.05  # automatic evaluation keeps eval (+ plot + checkpoint) under ~5% of time
 
 FitnessFn = Callable[[Engine, np.ndarray], np.ndarray]
@@ -130,13 +131,15 @@ class Validation:
 
 
 def validation_bpb(engine: Engine, corpus: Corpus, windows: np.ndarray) -> float:
-    """Unperturbed bits per byte of the targets of valid ``windows`` (floats for reporting only).
+    """Unperturbed bits per byte of the targets of valid ``windows`` (floats for reporting only),
+    EVAL_CHUNK_ROWS windows at a time.
 
     Each token stands for the valid split's mean bytes per token, the same conversion the
     n-gram reference figures use.
     """
-    bits = -int(engine.log_likelihood(windows).astype(np.int64).sum()) / (1 << LL_FRAC_BITS)
-    return bits / (windows[:, 1:].size * corpus.bytes_per_token("valid"))
+    total = sum(int(engine.log_likelihood(windows[i:i + EVAL_CHUNK_ROWS]).astype(np.int64).sum())
+                for i in range(0, len(windows), EVAL_CHUNK_ROWS))
+    return -total / (1 << LL_FRAC_BITS) / (windows[:, 1:].size * corpus.bytes_per_token("valid"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import intes.trainer as trainer
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from intes.data import load_corpus, ngram_bits_per_byte
 from intes.engine import Engine, ModelConfig, TrainConfig
@@ -125,6 +126,15 @@ def test_a_run_ends_scored_on_the_whole_valid_split():
     assert final["val_bpb"] == validation_bpb(engine, corpus(), whole.windows)
     assert (final["unigram_bpb"], final["bigram_bpb"]) == ngram_bits_per_byte(corpus(),
                                                                               whole.windows)
+
+
+def test_validation_is_the_same_in_chunks(monkeypatch):
+    _, params = straight_run()
+    engine = Engine(tiny_config(), backend="reference", params=params, step=K)
+    windows = Validation.of(corpus(), 7, 16).windows
+    whole = validation_bpb(engine, corpus(), windows)
+    monkeypatch.setattr(trainer, "EVAL_CHUNK_ROWS", 3)
+    assert validation_bpb(engine, corpus(), windows) == whole
 
 
 def test_summary_reports_the_final_figures(tmp_path):
