@@ -18,7 +18,7 @@ def plot_validation(evals: list[dict], references: tuple[float, float], path: Pa
     """Write ``path``: eval records (step, elapsed_s, val_bpb) with n-gram reference lines.
 
     The unigram and bigram lines are what a model that ignores context, or sees only one
-    token of it, would score on the same validation split: the first levels to beat.
+    token of it, scores on the same validation tokens: the first levels to beat.
     """
     fig = Figure(figsize=(10, 4))
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.95, wspace=0.05)
