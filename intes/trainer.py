@@ -347,7 +347,8 @@ class _Run:
         n_params = sum(int(p.size) for p in self.engine.params.values())
         self.say(f"data: {c.source}: {len(c.train):,} train / {len(c.valid):,} valid tokens, "
                  f"vocab {c.vocab_size}")
-        self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x {cfg.model.layers} layers, "
+        layers = f"{cfg.model.layers} layer{'s' if cfg.model.layers > 1 else ''}"
+        self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x {layers}, "
                  f"{n_params:,} int8 params; population {cfg.es.population} (group "
                  f"{cfg.es.group_size}, rank {cfg.es.rank}), seq len {cfg.seq_len}, backend "
                  f"{self.engine.backend.name} ({self.engine.threads} thread"
