@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from intes.data import load_corpus
-from intes.trainer import Validation, load_engine, validation_bpb
+from intes.trainer import Validation, load_run, validation_bpb
 
 
 def score(run: str, sample_streams: int) -> dict:
-    engine, meta = load_engine(run, "auto")
-    corpus = load_corpus(meta.get("data"), tokenizer=meta["tokenizer"])
+    engine, corpus = load_run(run)
     whole = Validation.whole_split(corpus)
     sample = Validation.of(corpus, sample_streams, whole.shape[1])
     return {

@@ -28,9 +28,9 @@ from intes.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from intes.data import Corpus, eval_streams, ngram_bits_per_byte, sample_windows
+from intes.data import Corpus, eval_streams, load_corpus, ngram_bits_per_byte, sample_windows
 from intes.engine import Engine, TrainConfig, member_windows
-from intes.errors import CheckpointError, ConfigError
+from intes.errors import CheckpointError, ConfigError, DataError
 from intes.intmath import LL_FRAC_BITS
 
 METRICS_NAME = "metrics.jsonl"
@@ -184,6 +184,19 @@ def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
     engine = Engine(config, backend, params=arrays, step=int(meta.get("step", 0)))
     _check_params(engine, arrays, store)
     return engine, meta
+
+
+def load_run(path: str | Path, backend: str = "auto", data: str | None = None
+             ) -> tuple[Engine, Corpus]:
+    """A checkpoint's engine and the corpus to score it on: ``data``, else the run's own
+    (with the run's tokenizer either way)."""
+    engine, meta = load_engine(path, backend)
+    corpus = load_corpus(data if data is not None else meta.get("data"),
+                         tokenizer=meta["tokenizer"])
+    if corpus.vocab_size != engine.config.model.vocab_size:
+        raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
+                        f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
+    return engine, corpus
 
 
 def _check_params(engine: Engine, arrays: dict[str, np.ndarray], store: Path) -> None:

@@ -10,8 +10,7 @@ import click
 import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
-from intes.data import decode, encode, load_corpus
-from intes.errors import DataError
+from intes.data import decode, encode
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
 from intes.sampling import generate
@@ -21,6 +20,7 @@ from intes.trainer import (
     Validation,
     checkpoint_config,
     load_engine,
+    load_run,
     validation_bpb,
 )
 
@@ -46,12 +46,7 @@ def evaluate(checkpoint: str, data: str | None, streams: int | None, length: int
              backend: str) -> None:
     """Validation bits per byte of a checkpoint, beside a unigram and a bigram model's on the
     same tokens."""
-    engine, meta = load_engine(checkpoint, backend)
-    corpus = load_corpus(data if data is not None else meta.get("data"),
-                         tokenizer=meta["tokenizer"])
-    if corpus.vocab_size != engine.config.model.vocab_size:
-        raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
-                        f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
+    engine, corpus = load_run(checkpoint, backend, data)
     sample = (Validation.whole_split(corpus, length) if streams is None
               else Validation.of(corpus, streams, length))
     bpb = validation_bpb(engine, corpus, sample.windows)
