@@ -44,6 +44,7 @@ from intes.kernels.cpu import (
     CpuElementwise,
     CpuNoise,
     _div_by_reciprocal,
+    _div_sat8,
     _floor_divider,
     _row_reciprocal,
     keep_freed_memory,
@@ -509,6 +510,34 @@ def test_norm_row_mean_is_floor_division(d, data):
 def test_norm_reciprocal_table_is_the_reciprocals():
     for den in range(1, 129):
         assert tuple(MEAN_RECIPROCALS[den - 1]) == _row_reciprocal(den)
+
+
+@njit
+def _wkv_divisions(num, den, out):
+    for i in range(num.shape[0]):
+        out[i] = _div_sat8(num[i], den[i])
+
+
+@given(dens=st.lists(st.one_of(st.integers(1, 300), st.integers(1, 2**31 - 1)), min_size=1,
+                     max_size=20),
+       quotients=st.lists(st.integers(-200, 200), min_size=1, max_size=20),
+       data=st.data())
+def test_wkv_division_is_saturated_truncating_division(dens, quotients, data):
+    """The WKV's all-integer division equals sat8(div_trunc) for every int32 numerator above
+    -2^31 and divisor >= 1: numerators q den + (-1, 0, 1) around each quotient (127 and 128,
+    where it saturates, included), the int32 extremes and any others."""
+    den = np.array(dens, dtype=np.int64)[:, None]
+    q = np.array([*quotients, 0, 1, 127, 128, -127, -128], dtype=np.int64)[None, :, None]
+    num = (q * den[:, :, None] + np.array([-1, 0, 1])).reshape(len(dens), -1)
+    extremes = [2**31 - 1, -(2**31 - 1), 0, 1, -1, *data.draw(
+        st.lists(st.integers(-(2**31 - 1), 2**31 - 1), max_size=20))]
+    num = np.concatenate([num, np.broadcast_to(extremes, (len(dens), len(extremes)))], axis=1)
+    den = np.broadcast_to(den, num.shape)
+    inside = np.abs(num) < 2**31
+    num, den = num[inside].astype(np.int32), den[inside].astype(np.int32)
+    got = np.empty(num.shape, dtype=np.int8)
+    _wkv_divisions(num, den, got)
+    same(got, im.sat8(im.div_trunc(num, den)))
 
 
 @given(length=st.integers(0, 600), start=st.integers(0, 254),

@@ -6,15 +6,15 @@ product X @ W^T of every linear layer is ONE GEMM over all member rows, from
 each layer's projection, correction and rescale (and the update's step) fused into it (the
 ``_fused_*`` kernels); else int8 x int8 -> int32 (torch's oneDNN int8 GEMM) when torch is
 installed and the CPU has an int8 dot-product instruction; else this package's int16-pair
-AVX2 kernel; else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel. Where
-this module uses floats it is because they are exact for the integers involved; each use
-states its bound next to the code:
+AVX2 kernel; else float32 BLAS over exact K-chunks. Every other op is a serial numba kernel.
 
-- update Z = A^T diag(f) B: the GEMM engine's ``lowrank_sum``, exact in int32 (int8) or in
-  float32/float64 below their bounds (float32; see intes.kernels.gemm).
-- truncating integer division a / b: float64 division then truncation (``_div_trunc``), in
-  the WKV recurrence, whose divisor changes with every element. The norm's divisor is one
-  per row, so it divides by an integer reciprocal instead (``_row_reciprocal``).
+Floats appear only where a GEMM engine has no integer path, holding exact integers below
+the bounds stated in intes.kernels.gemm: the float32 engine's base product, and the update
+Z = A^T diag(f) B (``lowrank_sum``) of the float32 and AVX2 engines, or of the int8 and VNNI
+engines for fitness values wider than their integer forms take. Divisions are integer:
+the WKV recurrence's, whose divisor changes with every element, by restoring division of
+the 7 quotient bits that survive sat8 (``_div_sat8``); the norm's, one divisor per row, by
+an integer reciprocal (``_row_reciprocal``).
 
 Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
 same way), so results agree even outside the argued bounds. Inputs follow DESIGN.md: int8
@@ -176,6 +176,7 @@ kernel = njit(nogil=True, cache=True, error_model="numpy")
 I32 = np.int32
 _LO, _HI = I32(-INT8_MAX), I32(INT8_MAX)
 _FRAC, _S7, _S8 = I32(FRAC_BITS), I32(7), I32(8)
+_ONE = I32(1)
 _BYTE8, _W0, _WKV_FRAC = I32(255), I32(128), I32(WKV_FRAC_BITS)
 
 
@@ -186,18 +187,27 @@ def _sat8(v):
 
 
 @njit(inline="always", cache=True)
-def _div_trunc(num, den):
-    """intmath.div_trunc of int32 num by den >= 1 via one float64 division, which vectorizes
-    (an int64 division does not, nor does a float64 -> int64 conversion on AVX2: so int32).
+def _div_sat8(num, den):
+    """sat8(intmath.div_trunc(num, den)) for int32 num > -2^31 and den >= 1, in int32 lanes:
+    restoring division of the quotient's magnitude, high bit first, over the 7 bits that
+    survive sat8.
 
-    Exact: with a = |num| = q den + r, fl(a / den) is within (q + 1) 2^-53 of a / den, and
-    a / den is at least 1 / den below q + 1, so truncation gives q while (a + den) < 2^53,
-    true for all int32 operands. An exact quotient is represented exactly. (An all-integer
-    restoring division of the 7 quotient bits that survive sat8, in int32 lanes, measured
-    1.4x slower per WKV scan on a Zen 4.)
+    Exact and overflow-free: bit b is set when |num| >> b >= den, i.e. the remainder is at
+    least den 2^b, and then den 2^b <= remainder < 2^31 is subtracted (where the bit is
+    clear, den << b may wrap, but that value is never chosen). Once the remainder is at
+    least 2^(b+1) den it stays so after the subtraction, so |num| >= 128 den sets every bit:
+    127, the saturated quotient, without a separate test. These compares and shifts
+    vectorize, where an integer division instruction does not. Against a float64 division
+    they made a WKV scan 15-30% slower, 0.5-1% of an rwkv forward at width 256 (Zen 4,
+    ``benchmarks/profile_cpu_ops.py``): the price of keeping floats out of the forward pass.
     """
-    q = I32(np.abs(np.float64(num)) / np.float64(den))
-    return np.negative(q) if num < 0 else q
+    rem, q = np.abs(num), I32(0)
+    for b in (6, 5, 4, 3, 2, 1, 0):
+        bit = I32(b)
+        take = np.right_shift(rem, bit) >= den
+        rem = np.subtract(rem, np.left_shift(den, bit)) if take else rem
+        q = np.bitwise_or(q, np.left_shift(_ONE, bit)) if take else q
+    return np.int8(np.negative(q) if num < 0 else q)
 
 
 NORM_BITS = 15  # |x w| <= 128 * 128 < 2^15 for any int8 x, w
@@ -818,7 +828,7 @@ def _wkv_step(num, den, k, v, decay, wkv, num_out, den_out):
             n32 = np.add(_decay(num[m, j], w), np.multiply(e, I32(v[m, j])))
             d32 = np.add(_decay(den[m, j], w), e)
             num_out[m, j], den_out[m, j] = n32, d32
-            wkv[m, j] = _sat8(_div_trunc(n32, d32))
+            wkv[m, j] = _div_sat8(n32, d32)
 
 
 @kernel
@@ -842,7 +852,7 @@ def _wkv_scan(num, den, k_exp, v, decay, resets, has_resets, wkv, num_out, den_o
                 n32 = np.add(_decay(num_out[m, j], w), np.multiply(e, I32(v[t, m, j])))
                 d32 = np.add(_decay(den_out[m, j], w), e)
                 num_out[m, j], den_out[m, j] = n32, d32
-                wkv[t, m, j] = _sat8(_div_trunc(n32, d32))
+                wkv[t, m, j] = _div_sat8(n32, d32)
 
 
 @kernel
