@@ -9,9 +9,13 @@ compute on the same N members and T tokens:
   which the next step needs), timed as forward and update to report the update's share;
 - inference: ``Engine.log_likelihood`` on the same N streams (forward + scoring, no noise,
   no update), i.e. what ``intes eval`` does;
-- naive: full-rank ES, each member's perturbation E_m = A_m B_m^T materialized into its own
-  copy of the weights and evaluated on its own (batch 1), with the same backend. Timed on a
-  few members and extrapolated to N, plus the same update.
+- naive: ES without the shared base forward, each member's perturbation E_m = A_m B_m^T
+  materialized into its own copy of the weights and evaluated on its own (batch 1), with
+  the same backend. Timed on a few members and extrapolated to N, plus the same update.
+- naive full-rank: the same, but E_m is full-rank noise, every weight its own hash value
+  (``full_rank_params``), as in ES without low-rank perturbations; ``speedup_full_rank``.
+  Hashing every weight costs more than writing out a rank-r product, so ``speedup``, against
+  the materialized low-rank member, is the conservative figure.
 
 ES and inference run on the backend's threads (the cpu backend: one population slice per
 core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
@@ -45,13 +49,14 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
+from intes import noise as nz
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
 from intes.es import ESConfig
 from intes.intmath import FRAC_BITS, rshift_round, sat8
 from intes.kernels import get_backend
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import Backend
-from intes.kernels.cpu import _sat8
+from intes.kernels.cpu import _gaussian, _mix32, _sat8, _stream_indices
 from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
@@ -306,8 +311,42 @@ def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
     return params
 
 
-def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
-                         repeats: int) -> tuple[float, float]:
+@njit(nogil=True, cache=True)
+def _full_rank_matrix(w, key, idx, shift, sign, out):
+    """out = sat8(w + sign * rshift_round(E, shift)), E[i, j] = gaussian(mix32(key ^ idx[n]))
+    at n = i cols + j (``noise.hash_u32``, ``noise.gaussian_int8``): made and applied in one
+    pass."""
+    rows, cols = w.shape
+    half = np.int32(1 << (shift - 1)) if shift > 0 else np.int32(0)
+    for i in range(rows):
+        for j in range(cols):
+            e = np.int32(_gaussian(_mix32(key ^ idx[i * cols + j])))
+            delta = np.right_shift(np.add(e, half), shift)
+            out[i, j] = _sat8(np.add(np.int32(w[i, j]), np.multiply(sign, delta)))
+
+
+def full_rank_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
+    """One member's weights under full-rank noise: W + sign * rshift_round(E, sigma), E the
+    (rows x cols) stream of (seed, step, pair, tensor), the N(0, 16^2) integers a vector
+    parameter gets and at the rank-r product's per-entry scale. Vectors get their own noise,
+    as in ``member_params``."""
+    cfg = engine.config
+    pair, sign = member // 2, np.int32(1 - 2 * (member % 2))
+    step = nz.effective_step(engine.step_index, cfg.es.noise_reuse)
+    params = {}
+    for tid, s in enumerate(engine.specs):
+        w = engine.params[s.name]
+        key = nz.stream_key(cfg.seed, step, np.array([pair]), tid)[0]
+        out = np.empty(w.shape, dtype=np.int8)
+        _full_rank_matrix(w.reshape(-1, w.shape[-1]), key, _stream_indices(w.size),
+                          np.int32(cfg.es.sigma_shift), sign, out.reshape(-1, w.shape[-1]))
+        params[s.name] = out
+    return params
+
+
+def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int, repeats: int,
+                         make_params: Callable[[Engine, int], dict] = member_params
+                         ) -> tuple[float, float]:
     """(wall, CPU) seconds to materialize, prepare and evaluate one member on its own window:
     the mean over ``members`` members evaluated one after another, fastest of ``repeats``.
 
@@ -317,7 +356,7 @@ def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int,
     cfg = engine.config
 
     def one(m: int) -> None:
-        params = member_params(engine, m)
+        params = make_params(engine, m)
         ops = Ops(engine.backend, engine.specs, params, None, cfg.es.sigma_shift,
                   prepare(engine.backend, engine.specs, params))
         score(engine.model, ops, windows[m:m + 1])
@@ -389,14 +428,19 @@ def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
     population = engine.config.es.population
     wall, cpu = naive_member_seconds(engine, windows, members, repeats)
     step_s = wall * population + es["update_s"]
+    full_wall, _ = naive_member_seconds(engine, windows, members, repeats, full_rank_params)
+    full_step_s = full_wall * population + es["update_s"]
     return {
         "naive_es_tokens_per_s": tokens / step_s,
         "speedup": step_s / es["wall"],
         "speedup_cpu_seconds": (cpu * population) / es["cpu"],
+        "naive_full_rank_es_tokens_per_s": tokens / full_step_s,
+        "speedup_full_rank": full_step_s / es["wall"],
         "naive_note": (f"measured on {members} members (mean {wall:.4f} s each, best of the "
                        "repeats: materialize A_m B_m^T into W, prepare, evaluate at batch 1, "
                        f"one member after another), extrapolated to {population} members, plus "
                        "the ES step's own update time; speedup_cpu_seconds compares CPU "
                        "seconds instead (ES on all its threads, naive on one), the gain per "
-                       "core"),
+                       "core; the full-rank figures make each member's weights with full-rank "
+                       f"noise instead (mean {full_wall:.4f} s each)"),
     }
