@@ -1,4 +1,4 @@
-"""Throughput of one ES step against plain inference and against naive full-rank ES.
+"""Throughput of one ES step against plain inference and against naive ES.
 
 Every figure is tokens per second = members x seq_len / seconds, best of ``repeats`` timed
 runs after one untimed warm-up (numba compiles there). The three ways of spending the same
