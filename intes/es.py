@@ -27,7 +27,7 @@ NORMALIZED_MAX = 15  # |f| bound of the normalized shaping, used in the update's
 class ESConfig:
     """Everything that defines the ES search; saved in checkpoints and checked on resume."""
 
-    population: int = 4096  # N, even: pairs (2p, 2p+1) share noise with opposite sign
+    population: int = 8192  # N, even: pairs (2p, 2p+1) share noise with opposite sign
     group_size: int = 2  # members that read the same sequence (even): one pair per window
     rank: int = 1  # r of each perturbation A B^T
     sigma_shift: int = 3  # noise scale 2^-sigma_shift beyond the x16 fixed point
