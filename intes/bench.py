@@ -1,7 +1,7 @@
 """Throughput of one ES step against plain inference and against naive ES.
 
 Every figure is tokens per second = members x seq_len / seconds, best of ``repeats`` timed
-runs after one untimed warm-up (numba compiles there). The three ways of spending the same
+runs after one untimed warm-up (numba compiles there). The ways of spending the same
 compute on the same N members and T tokens:
 
 - es: ``Engine.step`` (noise, forward of all N members with a shared base product per
@@ -285,7 +285,7 @@ def _perturbed_matrix(w, at, bt, shift, sign, out):
 
 
 def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
-    """One member's full-rank perturbed weights: W + sign * (A_p B_p^T >> (4 + sigma)).
+    """One member's perturbed weights written out in full: W + sign * (A_p B_p^T >> (4 + sigma)).
 
     Each matrix is made in one compiled pass (``_perturbed_matrix``): naive ES pays for its
     materialization, and the baseline should pay no more than a careful implementation
