@@ -236,7 +236,8 @@ def _compile_sm90(kernel, constexprs: dict) -> tuple[str, int]:
     compiled = triton.compile(
         triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                 "enable_fp_fusion": False})  # integer kernels: nothing to fuse, said so
     return compiled.asm["ptx"], compiled.metadata.shared
 
 
