@@ -360,12 +360,11 @@ class _Run:
         n_params = sum(int(p.size) for p in self.engine.params.values())
         self.say(f"data: {c.source}: {len(c.train):,} train / {len(c.valid):,} valid tokens, "
                  f"vocab {c.vocab_size}")
-        layers = f"{cfg.model.layers} layer{'s' if cfg.model.layers > 1 else ''}"
-        self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x {layers}, "
-                 f"{n_params:,} int8 params; population {cfg.es.population} (group "
-                 f"{cfg.es.group_size}, rank {cfg.es.rank}), seq len {cfg.seq_len}, backend "
-                 f"{self.engine.backend.name} ({self.engine.threads} thread"
-                 f"{'s' if self.engine.threads > 1 else ''}{gemm_note(self.engine.backend)})")
+        self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x "
+                 f"{counted(cfg.model.layers, 'layer')}, {n_params:,} int8 params; population "
+                 f"{cfg.es.population} (group {cfg.es.group_size}, rank {cfg.es.rank}), seq len "
+                 f"{cfg.seq_len}, backend {self.engine.backend.name} "
+                 f"({counted(self.engine.threads, 'thread')}{gemm_note(self.engine.backend)})")
         self.say(f"validation sample: {self.sample.describe()} of the valid split; on them "
                  f"unigram {self.sample.unigram:.4f} bpb, bigram {self.sample.bigram:.4f} bpb")
         verb = "resuming" if self.options.resume else "starting"
@@ -546,6 +545,11 @@ class _Run:
             "final_unigram_bpb": self.final[1].unigram if self.final else None,
             "final_bigram_bpb": self.final[1].bigram if self.final else None,
         }
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 layer', '2 layers': a count with its noun."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def gemm_note(backend) -> str:

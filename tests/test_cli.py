@@ -129,7 +129,7 @@ def test_sample_continues_the_prompt_reproducibly(run_dir):
 def test_info_describes_the_checkpoint(run_dir):
     result = invoke("info", run_dir)
     assert result.exit_code == 0, result.output
-    for needle in ("step: 4", "dim 16", "parameters: ", "tokenizer: bytes", "small.txt",
+    for needle in ("step: 4", "dim 16, 1 layer,", "parameters: ", "tokenizer: bytes", "small.txt",
                    "bits per byte", "backends: reference", "cpu GEMM: "):
         assert needle in result.output
 

@@ -19,6 +19,7 @@ from intes.trainer import (
     FINAL_EVAL_TOKENS,
     Validation,
     checkpoint_config,
+    counted,
     load_engine,
     load_run,
     validation_bpb,
@@ -94,7 +95,7 @@ def info(checkpoint: str) -> None:
     lines = [
         f"checkpoint: {store}",
         f"step: {meta.get('step')}",
-        f"model: {m.kind}, dim {m.dim}, {m.layers} layers, vocab {m.vocab_size}",
+        f"model: {m.kind}, dim {m.dim}, {counted(m.layers, 'layer')}, vocab {m.vocab_size}",
         f"parameters: {n_params:,} ({n_bytes:,} bytes)",
         f"es: population {es.population}, group size {es.group_size}, rank {es.rank}, "
         f"sigma shift {es.sigma_shift}, noise reuse {es.noise_reuse}, fitness {es.fitness}, "
