@@ -20,15 +20,13 @@ def score(run: str, sample_streams: int) -> dict:
     engine, corpus = load_run(run)
     whole = Validation.whole_split(corpus)
     sample = Validation.of(corpus, sample_streams, whole.shape[1])
-    return {
-        "step": engine.step_index,
-        "whole_split": {"windows": whole.shape[0], "length": whole.shape[1],
-                        "val_bpb": validation_bpb(engine, corpus, whole.windows),
-                        "unigram_bpb": whole.unigram, "bigram_bpb": whole.bigram},
-        "sample": {"windows": sample.shape[0], "length": sample.shape[1],
-                   "val_bpb": validation_bpb(engine, corpus, sample.windows),
-                   "unigram_bpb": sample.unigram, "bigram_bpb": sample.bigram},
-    }
+
+    def figures(v: Validation) -> dict:
+        return {"windows": v.shape[0], "length": v.shape[1],
+                "val_bpb": validation_bpb(engine, corpus, v.windows),
+                "unigram_bpb": v.unigram, "bigram_bpb": v.bigram}
+
+    return {"step": engine.step_index, "whole_split": figures(whole), "sample": figures(sample)}
 
 
 def main() -> None:

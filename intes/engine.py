@@ -35,7 +35,7 @@ class ModelConfig:
     dim: int = 96
     # One layer: in a 10-minute run on 2 cores it ends 0.11 bits per byte below two layers
     # (rwkv and egg, whole valid split; three layers end above both), as ES estimates fewer
-    # weights from the same population and fits 1.8x the steps. Longer runs may want more.
+    # weights from the same population and fits 1.8x the steps; in 20 minutes still 0.095.
     layers: int = 1
 
     def validate(self) -> None:

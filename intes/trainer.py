@@ -333,7 +333,8 @@ class _Run:
         self.log: MetricsLog | None = None
         self.bar: tqdm | None = None
         self.sample: Validation | None = None  # the periodic evaluations' (main rank only)
-        self.final: tuple[float, Validation] | None = None  # the whole split's, at the end
+        self.whole: Validation | None = None  # the whole split, scored at the end ...
+        self.final_bpb: float | None = None  # ... to this figure
         self.t0 = time.monotonic()
 
     # -- output --------------------------------------------------------------------------------
@@ -393,11 +394,11 @@ class _Run:
         tokens), not a sample of it."""
         if not self.is_main:
             return
-        whole = Validation.whole_split(self.corpus, self.sample.shape[1])
-        self.final = (validation_bpb(self.engine, self.corpus, whole.windows), whole)
+        whole = self.whole = Validation.whole_split(self.corpus, self.sample.shape[1])
+        self.final_bpb = validation_bpb(self.engine, self.corpus, whole.windows)
         streams, length = whole.shape
         self.log.write({"event": "final", "step": self.engine.step_index,
-                        "val_bpb": self.final[0], "streams": streams, "length": length,
+                        "val_bpb": self.final_bpb, "streams": streams, "length": length,
                         "unigram_bpb": whole.unigram, "bigram_bpb": whole.bigram,
                         "elapsed_s": round(self.elapsed(), 3)})
 
@@ -506,7 +507,7 @@ class _Run:
     def report(self, stopped: str) -> dict:
         summary = self.summary(stopped)
         if summary["final_val_bpb"] is not None:
-            whole = self.final[1]
+            whole = self.whole
             self.say(f"done ({stopped}): step {summary['step']}, validation "
                      f"{summary['final_val_bpb']:.4f} bpb on the whole valid split "
                      f"({whole.describe()}; unigram {whole.unigram:.4f}, bigram "
@@ -540,10 +541,10 @@ class _Run:
             "start_val_bpb": self.start_bpb,
             "unigram_bpb": self.sample.unigram if self.sample else None,
             "bigram_bpb": self.sample.bigram if self.sample else None,
-            "final_val_bpb": self.final[0] if self.final else None,
-            "final_tokens": self.final[1].windows[:, 1:].size if self.final else None,
-            "final_unigram_bpb": self.final[1].unigram if self.final else None,
-            "final_bigram_bpb": self.final[1].bigram if self.final else None,
+            "final_val_bpb": self.final_bpb,
+            "final_tokens": math.prod(self.whole.shape) if self.whole else None,
+            "final_unigram_bpb": self.whole.unigram if self.whole else None,
+            "final_bigram_bpb": self.whole.bigram if self.whole else None,
         }
 
 

@@ -198,8 +198,10 @@ def _div_sat8(num, den):
     least 2^(b+1) den it stays so after the subtraction, so |num| >= 128 den sets every bit:
     127, the saturated quotient, without a separate test. These compares and shifts
     vectorize, where an integer division instruction does not. Against a float64 division
-    they made a WKV scan 15-30% slower, 0.5-1% of an rwkv forward at width 256 (Zen 4,
-    ``benchmarks/profile_cpu_ops.py``): the price of keeping floats out of the forward pass.
+    they made a WKV scan 10-30% slower, 0.4-1% of an rwkv forward at width 256 (Zen 4; one
+    pair of profiles: benchmarks/results/cpu_profile_rwkv_n1024_{82ba972,8476213}_zen4.json,
+    ``benchmarks/profile_cpu_ops.py --repeats 5`` from each checkout): the price of keeping
+    floats out of the forward pass.
     """
     rem, q = np.abs(num), I32(0)
     for b in (6, 5, 4, 3, 2, 1, 0):
