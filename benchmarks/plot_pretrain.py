@@ -1,4 +1,4 @@
-"""Plot validation bits per byte against minutes for pretraining runs' metrics.jsonl files.
+"""Plot validation bits per byte against minutes (or steps) for runs' metrics.jsonl files.
 
     python benchmarks/plot_pretrain.py benchmarks/results/pretrain_rwkv_10min.jsonl \
         benchmarks/results/pretrain_egg_10min.jsonl --unigram 4.7441 --bigram 3.5998
@@ -6,6 +6,11 @@
 The curves are the runs' periodic evaluations; a run that ended scored on the whole valid
 split (a "final" record) is labelled with that figure. The reference lines are the n-gram
 figures `intes pretrain` prints for its evaluation sample.
+
+``--x steps`` plots against training steps instead, and prints as JSON each run's sample
+figure interpolated at the last step all runs reached: runs of one configuration on hosts of
+different speed make different numbers of steps in the same minutes, and compare at equal
+steps.
 """
 
 from __future__ import annotations
@@ -15,18 +20,27 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def evals(path: Path) -> tuple[list[float], list[float], float | None]:
-    """(minutes, val_bpb) of every evaluation in a metrics.jsonl file, and the whole split's
-    figure at the end (None for runs logged without one)."""
+def evals(path: Path, x: str = "minutes") -> tuple[list[float], list[float], float | None]:
+    """(minutes or steps, val_bpb) of every evaluation in a metrics.jsonl file, and the whole
+    split's figure at the end (None for runs logged without one)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     final = next((r["val_bpb"] for r in rows if r.get("event") == "final"), None)
     rows = [r for r in rows if r.get("event") == "eval"]
-    return [r["elapsed_s"] / 60 for r in rows], [r["val_bpb"] for r in rows], final
+    xs = [r["elapsed_s"] / 60 if x == "minutes" else r["step"] for r in rows]
+    return xs, [r["val_bpb"] for r in rows], final
+
+
+def at_common_step(runs: dict[str, tuple[list[float], list[float], float | None]]) -> dict:
+    """Each run's sample figure linearly interpolated at the last step every run reached."""
+    step = min(xs[-1] for xs, _, _ in runs.values())
+    return {"step": step, "sample_bpb": {label: round(float(np.interp(step, xs, bpb)), 4)
+                                         for label, (xs, bpb, _) in runs.items()}}
 
 
 def main() -> None:
@@ -40,27 +54,32 @@ def main() -> None:
     p.add_argument("--ymax", type=float, help="clip the plot above this (to compare near the end)")
     p.add_argument("--labels", help="comma-separated, one per metrics file (default: file names)")
     p.add_argument("--legend", default="upper right", help="the legend's matplotlib location")
+    p.add_argument("--x", choices=("minutes", "steps"), default="minutes",
+                   help="the horizontal axis (steps also prints the runs at a common step)")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     labels = args.labels.split(",") if args.labels else [
         path.stem.removeprefix("pretrain_").replace("_", " ") for path in args.metrics]
     if len(labels) != len(args.metrics):
         p.error(f"{len(labels)} labels for {len(args.metrics)} metrics files")
-    for path, label in zip(args.metrics, labels, strict=True):
-        minutes, bpb, final = evals(path)
+    runs = {label: evals(path, args.x) for path, label in zip(args.metrics, labels, strict=True)}
+    for label, (xs, bpb, final) in runs.items():
         end = f"{bpb[-1]:.3f}" if final is None else f"{final:.3f} on the whole split"
-        ax.plot(minutes, bpb, marker=".", label=f"{label}: {end}")
+        ax.plot(xs, bpb, marker=".", label=f"{label}: {end}")
     ax.axhline(args.unigram, ls=":", c="gray", label=f"unigram {args.unigram:.3f}")
     ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
-    ax.set(xlabel="minutes (2-core CPU, cpu backend)", ylabel="validation bits per byte",
-           title=args.title)
+    xlabel = "minutes (2-core CPU, cpu backend)" if args.x == "minutes" else "steps"
+    ax.set(xlabel=xlabel, ylabel="validation bits per byte", title=args.title)
     if args.ymax is not None:
         ax.set_ylim(top=args.ymax)
     ax.grid(alpha=0.3)
     ax.legend(loc=args.legend)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
-    print(args.out)
+    if args.x == "steps":
+        print(json.dumps({"plot": str(args.out), **at_common_step(runs)}, indent=1))
+    else:
+        print(args.out)
 
 
 if __name__ == "__main__":

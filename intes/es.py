@@ -59,6 +59,13 @@ class ESConfig:
         if (n // 2) * fmax * self.rank * NOISE_MAX**2 >= 2**31:
             raise ConfigError(f"population x rank too large for int32 updates ({n} x {self.rank})")
 
+    def describe(self) -> str:
+        """Every setting on one line, named like its ``pretrain`` flag (run header, ``info``)."""
+        return (f"population {self.population}, group size {self.group_size}, rank {self.rank}, "
+                f"sigma shift {self.sigma_shift}, noise reuse {self.noise_reuse}, fitness "
+                f"{self.fitness}, alpha 1 -> 2^-{self.alpha_final_log2} over "
+                f"{self.alpha_steps} steps")
+
     @property
     def pairs(self) -> int:
         return self.population // 2

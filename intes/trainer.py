@@ -362,10 +362,10 @@ class _Run:
         self.say(f"data: {c.source}: {len(c.train):,} train / {len(c.valid):,} valid tokens, "
                  f"vocab {c.vocab_size}")
         self.say(f"model: {cfg.model.kind} dim {cfg.model.dim} x "
-                 f"{counted(cfg.model.layers, 'layer')}, {n_params:,} int8 params; population "
-                 f"{cfg.es.population} (group {cfg.es.group_size}, rank {cfg.es.rank}), seq len "
+                 f"{counted(cfg.model.layers, 'layer')}, {n_params:,} int8 params, seq len "
                  f"{cfg.seq_len}, backend {self.engine.backend.name} "
                  f"({counted(self.engine.threads, 'thread')}{gemm_note(self.engine.backend)})")
+        self.say(f"es: {cfg.es.describe()}, seed {cfg.seed}")
         self.say(f"validation sample: {self.sample.describe()} of the valid split; on them "
                  f"unigram {self.sample.unigram:.4f} bpb, bigram {self.sample.bigram:.4f} bpb")
         verb = "resuming" if self.options.resume else "starting"

@@ -138,6 +138,7 @@ def test_alpha_flags_reach_the_checkpoint(text_file, tmp_path):
     result = invoke("pretrain", *TINY, "--data", text_file, "--steps", 1, "--alpha-steps", 77,
                     "--alpha-final-log2", 3, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
+    assert "alpha 1 -> 2^-3 over 77 steps, seed 5" in result.output, result.output  # the header
     info = invoke("info", tmp_path / "run")
     assert "alpha 1 -> 2^-3 over 77 steps" in info.output, info.output
     assert_user_error(invoke("pretrain", *TINY, "--data", text_file, "--steps", 1,

@@ -86,7 +86,7 @@ def info(checkpoint: str) -> None:
     store = resolve_checkpoint(checkpoint)
     arrays, meta = load_checkpoint(store)
     config = checkpoint_config(meta, store)
-    m, es = config.model, config.es
+    m = config.model
     n_params = sum(int(a.size) for a in arrays.values())
     n_bytes = sum(int(a.nbytes) for a in arrays.values())
     val = meta.get("val_bpb")
@@ -97,9 +97,7 @@ def info(checkpoint: str) -> None:
         f"step: {meta.get('step')}",
         f"model: {m.kind}, dim {m.dim}, {counted(m.layers, 'layer')}, vocab {m.vocab_size}",
         f"parameters: {n_params:,} ({n_bytes:,} bytes)",
-        f"es: population {es.population}, group size {es.group_size}, rank {es.rank}, "
-        f"sigma shift {es.sigma_shift}, noise reuse {es.noise_reuse}, fitness {es.fitness}, "
-        f"alpha 1 -> 2^-{es.alpha_final_log2} over {es.alpha_steps} steps",
+        f"es: {config.es.describe()}",
         f"seq len: {config.seq_len}, seed: {config.seed}",
         f"tokenizer: {describe_tokenizer(meta['tokenizer'], meta['vocab_size'])}",
         f"data: {meta.get('source')}" + (f" [{meta['data']}]" if meta.get("data") else ""),
