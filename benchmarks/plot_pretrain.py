@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--title",
                    default="intes pretrain --time-limit 10 (default config, stdlib corpus)")
     p.add_argument("--ymax", type=float, help="clip the plot above this (to compare near the end)")
+    p.add_argument("--ymin", type=float, help="extend the plot down to this (room for the legend)")
     p.add_argument("--labels", help="comma-separated, one per metrics file (default: file names)")
     p.add_argument("--legend", default="upper right", help="the legend's matplotlib location")
     p.add_argument("--x", choices=("minutes", "steps"), default="minutes",
@@ -70,8 +71,7 @@ def main() -> None:
     ax.axhline(args.bigram, ls="--", c="gray", label=f"bigram {args.bigram:.3f}")
     xlabel = "minutes (2-core CPU, cpu backend)" if args.x == "minutes" else "steps"
     ax.set(xlabel=xlabel, ylabel="validation bits per byte", title=args.title)
-    if args.ymax is not None:
-        ax.set_ylim(top=args.ymax)
+    ax.set_ylim(bottom=args.ymin, top=args.ymax)
     ax.grid(alpha=0.3)
     ax.legend(loc=args.legend)
     fig.tight_layout()
