@@ -43,6 +43,12 @@ def at_common_step(runs: dict[str, tuple[list[float], list[float], float | None]
                                          for label, (xs, bpb, _) in runs.items()}}
 
 
+def default_label(path: Path) -> str:
+    """A committed copy's name without its prefix, or a run directory's name."""
+    name = path.parent.name if path.stem == "metrics" else path.stem
+    return name.removeprefix("pretrain_").replace("_", " ")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("metrics", nargs="+", type=Path)
@@ -59,10 +65,12 @@ def main() -> None:
                    help="the horizontal axis (steps also prints the runs at a common step)")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    labels = args.labels.split(",") if args.labels else [
-        path.stem.removeprefix("pretrain_").replace("_", " ") for path in args.metrics]
+    labels = args.labels.split(",") if args.labels else [default_label(path)
+                                                         for path in args.metrics]
     if len(labels) != len(args.metrics):
         p.error(f"{len(labels)} labels for {len(args.metrics)} metrics files")
+    if len(set(labels)) != len(labels):
+        p.error(f"labels repeat ({', '.join(labels)}): name the runs with --labels")
     runs = {label: evals(path, args.x) for path, label in zip(args.metrics, labels, strict=True)}
     for label, (xs, bpb, final) in runs.items():
         end = f"{bpb[-1]:.3f}" if final is None else f"{final:.3f} on the whole split"
