@@ -60,11 +60,13 @@ def main() -> None:
     p.add_argument("--ymax", type=float, help="clip the plot above this (to compare near the end)")
     p.add_argument("--ymin", type=float, help="extend the plot down to this (room for the legend)")
     p.add_argument("--labels", help="comma-separated, one per metrics file (default: file names)")
-    p.add_argument("--legend", default="upper right", help="the legend's matplotlib location")
+    p.add_argument("--legend", default="upper right",
+                   help="the legend's matplotlib location, or 'outside' (right of the plot)")
     p.add_argument("--x", choices=("minutes", "steps"), default="minutes",
                    help="the horizontal axis (steps also prints the runs at a common step)")
     args = p.parse_args()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    outside = args.legend == "outside"
+    fig, ax = plt.subplots(figsize=(11 if outside else 7, 4.2))
     labels = args.labels.split(",") if args.labels else [default_label(path)
                                                          for path in args.metrics]
     if len(labels) != len(args.metrics):
@@ -81,7 +83,10 @@ def main() -> None:
     ax.set(xlabel=xlabel, ylabel="validation bits per byte", title=args.title)
     ax.set_ylim(bottom=args.ymin, top=args.ymax)
     ax.grid(alpha=0.3)
-    ax.legend(loc=args.legend)
+    if outside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(loc=args.legend)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     if args.x == "steps":
