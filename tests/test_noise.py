@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from intes import noise as nz
 from intes.kernels.base import LowRank
+from intes.kernels.cpu import CpuBackend
 from intes.kernels.reference import ReferenceBackend, lowrank_correction
 from intes.models.base import make_noise
 from intes.models.rwkv import RWKV
@@ -253,6 +254,26 @@ def test_noise_reuse_in_make_noise(seed, step, reuse):
         else:
             assert np.array_equal(x0.a, x1.a) and np.array_equal(x0.b, x1.b)
             assert not (np.array_equal(x0.a, x2.a) and np.array_equal(x0.b, x2.b))
+
+
+@given(seeds, steps, ranks, st.data())
+def test_make_noise_of_a_subset_keeps_each_tensors_noise(seed, step, rank, data):
+    """make_noise over some of the specs, named by their ids, gives each tensor the noise it
+    has in the whole model's (the update makes the vectors' noise this way, in one call), with
+    the numpy generator and with the cpu backend's."""
+    specs = RWKV(vocab_size=8, dim=8, layers=1).specs
+    ids = sorted(data.draw(st.sets(st.integers(0, len(specs) - 1), min_size=1)))
+    pairs = np.arange(3)
+    for backend in (None, CpuBackend(threads=1)):
+        whole = make_noise(specs, seed, step, pairs, rank, 1, backend)
+        part = make_noise([specs[i] for i in ids], seed, step, pairs, rank, 1, backend, ids)
+        assert list(part) == [specs[i].name for i in ids]
+        for name, noise in part.items():
+            if isinstance(noise, LowRank):
+                assert np.array_equal(noise.a, whole[name].a)
+                assert np.array_equal(noise.b, whole[name].b)
+            else:
+                assert np.array_equal(noise, whole[name])
 
 
 @given(st.integers(1, 200))

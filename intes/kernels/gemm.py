@@ -375,18 +375,22 @@ def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray] | Non
     """
     f = np.frombuffer(fitness, dtype=np.int32).astype(np.int64)
     mags = np.abs(f)
-    values = np.unique(mags[mags > 0])
+    live = np.flatnonzero(mags)
+    order = live[np.argsort(-mags[live], kind="stable")]  # by |f| descending, then pair
+    values, counts = np.unique(-mags[order], return_counts=True)
     if len(values) > MAX_LEVELS:
         return None
-    slots, levels, filled = [np.zeros(0, np.int64)], [], 0
-    for v in values[::-1]:
-        pairs = np.flatnonzero(mags == v)
-        k = (pairs[:, None] * rank + np.arange(rank)).ravel()
-        pad = -len(k) % 4
-        slots += [np.repeat(np.sign(f[pairs]), rank) * (k + 1), np.zeros(pad, np.int64)]
-        filled += len(k) + pad
-        levels.append((filled // 4, v))
-    return np.concatenate(slots), np.array(levels, dtype=np.int64).reshape(-1, 2).astype(np.int32)
+    sizes = counts * rank
+    padded = sizes + (-sizes % 4)
+    ends = np.cumsum(padded)
+    firsts = np.cumsum(counts) - counts  # each level's first index in ``order``
+    level = np.repeat(np.arange(len(counts)), counts)
+    start = ends[level] - padded[level] + (np.arange(len(order)) - firsts[level]) * rank
+    slots = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    for r in range(rank):  # k = p r + r', stored as sign(f_p) (k + 1)
+        slots[start + r] = np.sign(f[order]) * (order * rank + r + 1)
+    levels = np.stack([ends // 4, -values], axis=1).astype(np.int32).reshape(-1, 2)
+    return slots, levels
 
 
 @njit(nogil=True, cache=True)

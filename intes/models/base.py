@@ -134,15 +134,19 @@ def prepare(backend: Backend, specs: list[ParamSpec], params: dict) -> dict:
 
 
 def make_noise(specs: list[ParamSpec], seed: int, step: int, pairs: np.ndarray, rank: int,
-               noise_reuse: int = 1, backend: Backend | None = None) -> dict:
+               noise_reuse: int = 1, backend: Backend | None = None,
+               ids: list[int] | None = None) -> dict:
     """Every tensor's noise for these pairs at this step, rebuilt from the hash alone: in one
-    call where the backend's generator makes many tensors at once (``tensor_noises``)."""
+    call where the backend's generator makes many tensors at once (``tensor_noises``).
+    ``ids`` are the tensors' indices in the model's specs when ``specs`` is a subset of them
+    (default: specs is all of them, in order)."""
+    ids = list(range(len(specs))) if ids is None else ids
     many = getattr(getattr(backend, "noise_source", None), "tensor_noises", None)
     if many is None:
         return {s.name: tensor_noise(s, tid, seed, step, pairs, rank, noise_reuse, backend)
-                for tid, s in enumerate(specs)}
+                for tid, s in zip(ids, specs, strict=True)}
     made = many(seed, nz.effective_step(step, noise_reuse), pairs, rank,
-                [(tid, s.shape) for tid, s in enumerate(specs)])
+                [(tid, s.shape) for tid, s in zip(ids, specs, strict=True)])
     return {s.name: LowRank(*m) if s.kind != "vector" else m
             for s, m in zip(specs, made, strict=True)}
 
