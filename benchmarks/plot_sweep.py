@@ -1,6 +1,7 @@
 """Plot tokens/s against population from ``sweep_cpu.py``'s JSON: ES, inference and naive ES.
 
-One colour per width; solid = ES step, dashed = inference, dotted = naive full-rank ES.
+One colour per width; solid = ES step, dashed = inference, dotted = naive ES (each member's
+perturbed weights materialized, ``naive_es_tokens_per_s``).
 
     python benchmarks/plot_sweep.py [benchmarks/results/cpu_sweep.json] [--out PATH.png]
 """
@@ -33,7 +34,7 @@ def by_width(results: list[dict]) -> dict[int, list[dict]]:
 
 
 def plot(sweep: dict, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     for i, (width, runs) in enumerate(by_width(sweep["results"]).items()):
         pops = [r["config"]["population"] for r in runs]
         for key, label, style in SERIES:
@@ -48,7 +49,7 @@ def plot(sweep: dict, out: Path) -> None:
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # clear of the lines
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
