@@ -112,12 +112,12 @@ def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray]
 
     Tensors are independent, so ``map_fn`` (like ``map``, returning a list) may update them
     concurrently, in ``parts`` groups of near-equal work (one task per thread: a task per
-    tensor would pay a thread handoff per tensor, most of them small); each regenerates its
-    own noise. The vectors go as one item, their noise made in one call: one by one, the
-    Python around 17 small tensors, taken in turn by the threads under the GIL, cost more
-    than their arithmetic. ``on_update(spec, new)`` runs in the same task right after each tensor's
-    update, while the new weights are in cache (the engine packs them there for the next
-    forward, not in a pass of its own).
+    tensor would pay a thread handoff per tensor, most of them small), balanced on
+    ``update_cost``; each regenerates its own noise. The vectors go as one item with their
+    noise made in one call: 17 small tensors in a 2-layer model, whose Python per call the
+    threads took in turn under the GIL. ``on_update(spec, new)`` runs in the same task right
+    after each tensor's update, while the new weights are in cache (the engine packs them
+    there for the next forward, not in a pass of its own).
     """
     thr_matrix, thr_vector = thresholds(step, fitness, cfg)
     pairs = np.arange(len(fitness))
