@@ -133,8 +133,9 @@ class Engine:
     """Weights + step + config; ``step(windows)`` runs one full ES step on member windows.
 
     Members are independent, so a backend with ``threads`` > 1 (the cpu backend: one per
-    core) gets the population in that many slices, evaluated concurrently; each slice is a
-    whole forward with its own base products, and the bits do not depend on the slicing.
+    core) gets the population in that many slices, evaluated concurrently, or in more where
+    it caps the member rows of a forward call (``chunk_rows``); each slice is a whole forward
+    with its own base products, and the bits do not depend on the slicing.
     """
 
     def __init__(self, config: TrainConfig, backend: str | Backend = "auto",
@@ -177,6 +178,16 @@ class Engine:
         ops = self.member_ops(pair_start, pair_stop)
         return score(self.model, ops, windows[2 * pair_start:2 * pair_stop])
 
+    def chunks(self, count: int, rows_each: int) -> list[tuple[int, int]]:
+        """[0, count) in near-equal contiguous chunks for the backend's threads, each item
+        ``rows_each`` member rows: one chunk per thread, or more, a multiple of the threads,
+        where a backend caps the rows of one forward call (``chunk_rows``)."""
+        parts, cap = self.threads, getattr(self.backend, "chunk_rows", None)
+        if cap:
+            need = -(-count // max(1, cap // rows_each))  # chunks of at most cap rows
+            parts = max(1, -(-need // self.threads)) * self.threads
+        return split(count, parts)
+
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """[fn(item) for item in items], on the backend's threads when it has several."""
         items = list(items)
@@ -187,14 +198,15 @@ class Engine:
     def evaluate_pairs(self, windows: np.ndarray, start: int, stop: int,
                        chunk_pairs: int | None = None) -> np.ndarray:
         """Fitness of members 2*start .. 2*stop-1: pairs in chunks of ``chunk_pairs`` (default:
-        one near-equal chunk per thread), chunks run on the backend's threads; same bits for
+        ``chunks``, near-equal, one or more per thread), chunks run on the backend's threads;
+        same bits for
         any chunking."""
         if stop <= start:
             return np.zeros(0, dtype=np.int32)
         if chunk_pairs:
             spans = [(p, min(p + chunk_pairs, stop)) for p in range(start, stop, chunk_pairs)]
         else:
-            spans = [(start + lo, start + hi) for lo, hi in split(stop - start, self.threads)]
+            spans = [(start + lo, start + hi) for lo, hi in self.chunks(stop - start, 2)]
         _ = self.prepared  # made once here, not raced for by the threads
         return np.concatenate(self.map(lambda span: self.evaluate_members(windows, *span), spans))
 
@@ -232,7 +244,7 @@ class Engine:
         """Unperturbed summed log2-likelihood per row (int32, 1/256 bit), rows sliced over the
         backend's threads like the population."""
         ops = self.inference_ops()
-        spans = split(len(windows), self.threads)
+        spans = self.chunks(len(windows), 1)
         if not spans:
             return np.zeros(0, dtype=np.int32)
         return np.concatenate(self.map(lambda s: score(self.model, ops, windows[s[0]:s[1]]),

@@ -406,6 +406,47 @@ def test_split_covers_the_range_in_near_equal_spans(count, parts):
         assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
 
 
+class CappedReference(ReferenceBackend):
+    """The reference backend on ``threads`` threads with at most ``chunk_rows`` member rows
+    per forward call, as the cpu backend caps them."""
+
+    def __init__(self, threads: int, chunk_rows: int | None):
+        self.threads, self.chunk_rows = threads, chunk_rows
+
+
+@given(count=st.integers(0, 3000), rows_each=st.sampled_from([1, 2]),
+       threads=st.integers(1, 4), cap=st.one_of(st.none(), st.integers(1, 600)))
+def test_chunks_cap_the_rows_per_call_in_a_multiple_of_the_threads(count, rows_each, threads,
+                                                                 cap):
+    """Chunks are near-equal spans of the items: one per thread without a cap; with one, the
+    fewest multiple of the threads whose chunks hold at most ``cap`` rows (one item where an
+    item alone is more)."""
+    config = TrainConfig(ModelConfig("rwkv", VOCAB, 8, 1), ESConfig(population=4), 4)
+    spans = Engine(config, CappedReference(threads, cap)).chunks(count, rows_each)
+    if cap is None:
+        assert spans == split(count, threads)
+        return
+    per = max(1, cap // rows_each)  # items a chunk may hold
+    parts = next(k * threads for k in range(1, count + 2)
+                 if max((hi - lo for lo, hi in split(count, k * threads)), default=0) <= per)
+    assert spans == split(count, parts)
+
+
+@ENGINE
+@given(cases(), st.integers(2, 3), st.integers(2, 40))
+def test_capped_chunks_do_not_change_fitness_or_likelihood(case, threads, cap):
+    """A backend that caps the rows per call (more chunks than threads) gives the fitness and
+    the log-likelihood of one chunk per thread, bit for bit."""
+    e = case.engine()
+    run(e, case, 1)
+    w = case.windows(e.step_index)
+    capped = Engine(case.config, CappedReference(threads, cap), params=e.params,
+                    step=e.step_index)
+    assert max(hi - lo for lo, hi in capped.chunks(case.pairs, 2)) * 2 <= max(cap, 2)
+    assert np.array_equal(capped.population_fitness(w), e.population_fitness(w))
+    assert np.array_equal(capped.log_likelihood(w), e.log_likelihood(w))
+
+
 class BlockReference(ReferenceBackend):
     """The reference backend, run a block of tokens at a time (its ops take (T, N, d))."""
 

@@ -37,7 +37,9 @@ class Backend(Protocol):
 
     ``token_block(rows, width)`` (default 1) is how many tokens a forward over that many
     member rows of a model that wide passes at once, as (T, rows, d) blocks: a backend that
-    answers above 1 takes such blocks in every op.
+    answers above 1 takes such blocks in every op. ``chunk_rows`` (default None, no cap) is
+    the most member rows the engine gives one forward call; a larger population runs in more
+    chunks.
     """
 
     name: str

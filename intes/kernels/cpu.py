@@ -97,6 +97,15 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 TOKEN_BLOCK, BLOCK_ROWS = 4, 512
 FUSED_BLOCK, FUSED_BLOCK_BYTES = 8, 1 << 20
 SMALL_BATCH_BLOCK, SMALL_BATCH_BYTES = 64, 1 << 14
+# Member rows per forward call (CpuBackend.chunk_rows): a larger population goes to the
+# threads in more chunks, a multiple of the threads, so a slice's activations stop growing
+# with N. On the Zen 4 host (ES forward by rows per call, interleaved rounds,
+# benchmarks/chunk_rows.py, benchmarks/results/cpu_chunk_rows_zen4.json) 8,192-row calls
+# were 12% slower than 2,048-row ones at width 256 (N = 16384) and 5% at width 96; 4,096
+# against 2,048 tied for rwkv at width 96 (N = 8192) and lost 7% for egg; 1,024 rows tied
+# with 2,048 or ran up to 4% faster, within the host's noise, so the cap stays at the fewer
+# calls. At N = 16384, width 256, intes bench's peak RSS fell from 1,758 to 1,388 MB.
+CHUNK_ROWS = 2048
 
 
 def keep_freed_memory() -> bool:
@@ -1111,6 +1120,7 @@ class CpuBackend:
     name = "cpu"
     ew = CpuElementwise
     noise_source = CpuNoise
+    chunk_rows = CHUNK_ROWS  # member rows per forward call, at most (see CHUNK_ROWS)
 
     def __init__(self, threads: int | None = None, gemm: str | None = None,
                  token_block: int | None = None) -> None:
