@@ -199,8 +199,7 @@ class Engine:
                        chunk_pairs: int | None = None) -> np.ndarray:
         """Fitness of members 2*start .. 2*stop-1: pairs in chunks of ``chunk_pairs`` (default:
         ``chunks``, near-equal, one or more per thread), chunks run on the backend's threads;
-        same bits for
-        any chunking."""
+        same bits for any chunking."""
         if stop <= start:
             return np.zeros(0, dtype=np.int32)
         if chunk_pairs:
