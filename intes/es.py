@@ -139,8 +139,7 @@ def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray]
         return done
 
     vectors = [i for i, s in enumerate(specs) if s.kind == "vector"]
-    items = [[i] for i, s in enumerate(specs) if s.kind != "vector"] + ([vectors] if vectors
-                                                                         else [])
+    items = [[i] for i, s in enumerate(specs) if s.kind != "vector"] + [vectors] * bool(vectors)
     groups = balanced_groups([sum(update_cost(specs[i], cfg.rank) for i in item)
                               for item in items], parts)
     done = (map_fn or _serial_map)(
@@ -149,9 +148,10 @@ def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray]
     return {s.name: new[i] for i, s in enumerate(specs)}
 
 
-# One noise value costs about as much as this many of the update's multiply-adds (cpu
-# backend, rank 1, width 256: 2.2 M vector noise values in 0.6 ms, a 256 x 256 update over
-# 512 pairs, 33.5 M multiply-adds, in 0.25 ms).
+# One noise value costs about as much as this many of the update's multiply-adds: an estimate
+# for balancing only (the bits do not depend on it), from the cpu backend's update timed
+# inside tell on the Zen 4 host, rank 1, width 256: 2.2 M vector noise values in 0.6 ms, a
+# 256 x 256 update over 512 pairs, 33.5 M multiply-adds, in 0.25 ms.
 NOISE_COST = 32
 
 

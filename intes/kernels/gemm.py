@@ -389,7 +389,7 @@ def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray] | Non
     slots = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
     for r in range(rank):  # k = p r + r', stored as sign(f_p) (k + 1)
         slots[start + r] = np.sign(f[order]) * (order * rank + r + 1)
-    levels = np.stack([ends // 4, -values], axis=1).astype(np.int32).reshape(-1, 2)
+    levels = np.stack([ends // 4, -values], axis=1).astype(np.int32)  # (L, 2), L may be 0
     return slots, levels
 
 
