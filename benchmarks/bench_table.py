@@ -35,7 +35,7 @@ ROWS = {  # name: (label, flags on top of BASE)
     "egg_n1024_float32": ("egg, 1024", flags("egg", 1024, "--gemm", "float32")),
 }
 HEADER = ("| model, N | GEMM | threads | ES tok/s | inference tok/s | ratio | ratio (CPU s) "
-          "| naive tok/s | speedup vs naive | per core | update share "
+          "| naive tok/s | speedup vs naive | per core | vs low-rank naive | update share "
           "| base product / f32 / int8 / vnni GEMM | peak RSS |")
 
 
@@ -68,6 +68,7 @@ def row(name: str, r: dict) -> str:
              f"{r['inference_tokens_per_s']:,.0f}", f"{r['ratio']:.3f}",
              f"{r['cpu_seconds']['ratio']:.3f}", f"{r['naive_es_tokens_per_s']:,.0f}",
              f"**{r['speedup']:.1f}×**", f"{r['speedup_cpu_seconds']:.1f}×",
+             f"{r['speedup_low_rank']:.1f}×" if "speedup_low_rank" in r else "-",
              f"{100 * r['update_fraction']:.1f}%", rates, f"{r['peak_rss_mb']:.0f} MB"]
     return "| " + " | ".join(cells) + " |"
 

@@ -1,7 +1,9 @@
 """Plot tokens/s against population from ``sweep_cpu.py``'s JSON: ES, inference and naive ES.
 
-One colour per width; solid = ES step, dashed = inference, dotted = naive ES (each member's
-perturbed weights materialized, ``naive_es_tokens_per_s``).
+One colour per width; solid = ES step, dashed = inference, dotted = naive ES
+(``naive_es_tokens_per_s``: each member's weights under full-rank noise, evaluated on their
+own; in sweeps of ``intes bench`` before the full-rank baseline, the low-rank perturbation
+written out instead).
 
     python benchmarks/plot_sweep.py [benchmarks/results/cpu_sweep.json] [--out PATH.png]
 """

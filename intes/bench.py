@@ -9,13 +9,14 @@ compute on the same N members and T tokens:
   which the next step needs), timed as forward and update to report the update's share;
 - inference: ``Engine.log_likelihood`` on the same N streams (forward + scoring, no noise,
   no update), i.e. what ``intes eval`` does;
-- naive: ES without the shared base forward, each member's perturbation E_m = A_m B_m^T
-  materialized into its own copy of the weights and evaluated on its own (batch 1), with
-  the same backend. Timed on a few members and extrapolated to N, plus the same update.
-- naive full-rank: the same, but E_m is full-rank noise, every weight its own hash value
-  (``full_rank_params``), as in ES without low-rank perturbations; ``speedup_full_rank``.
-  Hashing every weight costs more than writing out a rank-r product, so ``speedup``, against
-  the materialized low-rank member, is the conservative figure.
+- naive: ES without low-rank perturbations and without the shared base forward, the
+  baseline the speed goal names: each member's weights W +- E_p with E_p full-rank noise,
+  every weight its own hash value (``full_rank_pair_params``; a pair's noise made once for
+  both its members), packed and evaluated on its own (batch 1) with the same backend. Timed
+  on a few pairs and extrapolated to N, plus the same update; ``speedup`` = es / naive.
+- naive low-rank: the same, but E_p = A_p B_p^T, the ES step's own perturbation written out
+  (``low_rank_pair_params``); ``speedup_low_rank``. Writing out a rank-r product costs less
+  than hashing every weight, so it is the harder baseline of the two.
 
 ES and inference run on the backend's threads (the cpu backend: one population slice per
 core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
@@ -52,7 +53,7 @@ from numba import njit
 from intes import noise as nz
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
 from intes.es import ESConfig
-from intes.intmath import FRAC_BITS, rshift_round, sat8
+from intes.intmath import FRAC_BITS
 from intes.kernels import get_backend
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import Backend
@@ -62,7 +63,7 @@ from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
 
 VOCAB = 256
-NAIVE_MEMBERS = 8  # members timed (per repeat) for the naive baseline; its cost is per member
+NAIVE_PAIRS = 4  # pairs timed (per repeat) for the naive baselines; their cost is per member
 
 
 def cpu_model() -> str:
@@ -270,9 +271,10 @@ def gemm_engines() -> dict:
 
 
 @njit(nogil=True, cache=True)
-def _perturbed_matrix(w, at, bt, shift, sign, out):
-    """out = sat8(w + sign * ((A B^T) >> shift)) for A^T (r, out) and B^T (r, in), one row at
-    a time: the rank's products summed in an int32 row that vectorizes, then one pass."""
+def _low_rank_pair(w, at, bt, shift, plus, minus):
+    """plus, minus = sat8(w +- ((A B^T) >> shift)) for A^T (r, out) and B^T (r, in), one row
+    at a time: the rank's products summed in an int32 row that vectorizes, then one pass
+    writing both members of the pair."""
     row = np.empty(w.shape[1], dtype=np.int32)
     for i in range(w.shape[0]):
         row[:] = 0
@@ -281,94 +283,115 @@ def _perturbed_matrix(w, at, bt, shift, sign, out):
             for j in range(w.shape[1]):
                 row[j] += ai * np.int32(bt[r, j])
         for j in range(w.shape[1]):
-            out[i, j] = _sat8(np.int32(w[i, j]) + sign * (row[j] >> shift))
-
-
-def member_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
-    """One member's perturbed weights written out in full: W + sign * (A_p B_p^T >> (4 + sigma)).
-
-    Each matrix is made in one compiled pass (``_perturbed_matrix``): naive ES pays for its
-    materialization, and the baseline should pay no more than a careful implementation
-    would: numpy's int32 outer products and temporaries took 6.8 ms per rwkv member at
-    width 256, more than its forward, against 1.1 ms for this pass
-    (``benchmarks/naive_split.py``)."""
-    cfg = engine.config
-    pair, sign = member // 2, 1 - 2 * (member % 2)
-    noise = make_noise(engine.specs, cfg.seed, engine.step_index, np.array([pair]),
-                       cfg.es.rank, cfg.es.noise_reuse, engine.backend)
-    shift = np.int32(FRAC_BITS + cfg.es.sigma_shift)
-    params = {}
-    for s in engine.specs:
-        w = engine.params[s.name]
-        if s.kind == "vector":
-            delta = rshift_round(noise[s.name][0].astype(np.int32), cfg.es.sigma_shift)
-            params[s.name] = sat8(w.astype(np.int32) + sign * delta)
-            continue
-        out = np.empty(w.shape, dtype=np.int8)
-        _perturbed_matrix(w, np.ascontiguousarray(noise[s.name].a[0].T),
-                          np.ascontiguousarray(noise[s.name].b[0].T), shift, np.int32(sign), out)
-        params[s.name] = out
-    return params
+            wij, delta = np.int32(w[i, j]), row[j] >> shift
+            plus[i, j] = _sat8(wij + delta)
+            minus[i, j] = _sat8(wij - delta)
 
 
 @njit(nogil=True, cache=True)
-def _full_rank_matrix(w, key, idx, shift, sign, out):
-    """out = sat8(w + sign * rshift_round(E, shift)), E[i, j] = gaussian(mix32(key ^ idx[n]))
-    at n = i cols + j (``noise.hash_u32``, ``noise.gaussian_int8``): made and applied in one
-    pass."""
-    rows, cols = w.shape
+def _full_rank_pair(w, key, idx, shift, plus, minus):
+    """plus, minus = sat8(w +- rshift_round(E, shift)) for flat w, E[n] =
+    gaussian(mix32(key ^ idx[n])) (``noise.hash_u32``, ``noise.gaussian_int8``): each noise
+    value made once and applied to both members of the pair in the same pass."""
     half = np.int32(1 << (shift - 1)) if shift > 0 else np.int32(0)
-    for i in range(rows):
-        for j in range(cols):
-            e = np.int32(_gaussian(_mix32(key ^ idx[i * cols + j])))
-            delta = np.right_shift(np.add(e, half), shift)
-            out[i, j] = _sat8(np.add(np.int32(w[i, j]), np.multiply(sign, delta)))
+    for n in range(w.shape[0]):
+        e = np.int32(_gaussian(_mix32(key ^ idx[n])))
+        delta = np.right_shift(np.add(e, half), shift)
+        wn = np.int32(w[n])
+        plus[n] = _sat8(np.add(wn, delta))
+        minus[n] = _sat8(np.subtract(wn, delta))
 
 
-def full_rank_params(engine: Engine, member: int) -> dict[str, np.ndarray]:
-    """One member's weights under full-rank noise: W + sign * rshift_round(E, sigma), E the
-    (rows x cols) stream of (seed, step, pair, tensor), the N(0, 16^2) integers a vector
-    parameter gets and at the rank-r product's per-entry scale. Vectors get their own noise,
-    as in ``member_params``."""
+@njit(nogil=True, cache=True)
+def _vector_pair(w, noise, shift, plus, minus):
+    """plus, minus = sat8(w +- rshift_round(noise, shift)): a vector's pair in one pass."""
+    half = np.int32(1 << (shift - 1)) if shift > 0 else np.int32(0)
+    for n in range(w.shape[0]):
+        delta = np.right_shift(np.add(np.int32(noise[n]), half), shift)
+        wn = np.int32(w[n])
+        plus[n] = _sat8(np.add(wn, delta))
+        minus[n] = _sat8(np.subtract(wn, delta))
+
+
+PairParams = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+def low_rank_pair_params(engine: Engine, pair: int) -> PairParams:
+    """Both members of a pair with their perturbed weights written out in full:
+    W +- (A_p B_p^T >> (4 + sigma)) for matrices, W +- rshift_round(noise_p, sigma) for
+    vectors (members 2p and 2p + 1 of the ES step).
+
+    Each matrix is made in one compiled pass for both members (``_low_rank_pair``): naive ES
+    pays for its materialization, and the baseline should pay no more than a careful
+    implementation would (numpy's int32 outer products and temporaries took 6.8 ms per rwkv
+    member at width 256, more than its forward, against 1.1 ms for one compiled pass,
+    ``benchmarks/naive_split.py``)."""
     cfg = engine.config
-    pair, sign = member // 2, np.int32(1 - 2 * (member % 2))
-    step = nz.effective_step(engine.step_index, cfg.es.noise_reuse)
-    params = {}
-    for tid, s in enumerate(engine.specs):
+    noise = make_noise(engine.specs, cfg.seed, engine.step_index, np.array([pair]),
+                       cfg.es.rank, cfg.es.noise_reuse, engine.backend)
+    shift = np.int32(FRAC_BITS + cfg.es.sigma_shift)
+    plus, minus = {}, {}
+    for s in engine.specs:
         w = engine.params[s.name]
-        key = nz.stream_key(cfg.seed, step, np.array([pair]), tid)[0]
-        out = np.empty(w.shape, dtype=np.int8)
-        _full_rank_matrix(w.reshape(-1, w.shape[-1]), key, _stream_indices(w.size),
-                          np.int32(cfg.es.sigma_shift), sign, out.reshape(-1, w.shape[-1]))
-        params[s.name] = out
-    return params
+        plus[s.name], minus[s.name] = np.empty_like(w), np.empty_like(w)
+        if s.kind == "vector":
+            _vector_pair(w, noise[s.name][0], np.int32(cfg.es.sigma_shift), plus[s.name],
+                         minus[s.name])
+            continue
+        _low_rank_pair(w, np.ascontiguousarray(noise[s.name].a[0].T),
+                       np.ascontiguousarray(noise[s.name].b[0].T), shift, plus[s.name],
+                       minus[s.name])
+    return plus, minus
 
 
-def naive_member_seconds(engine: Engine, windows: np.ndarray, members: int, repeats: int,
-                         make_params: Callable[[Engine, int], dict] = member_params
+def full_rank_pair_params(engine: Engine, pair: int) -> PairParams:
+    """Both members of a pair under full-rank noise, as ES without low-rank perturbations:
+    W +- rshift_round(E, sigma), E the (rows x cols) stream of (seed, step, pair, tensor),
+    every weight its own N(0, 16^2) integer, the scale of a vector parameter's noise and of
+    the rank-r product's entries. Vectors get their own noise, as in
+    ``low_rank_pair_params``."""
+    cfg = engine.config
+    step = nz.effective_step(engine.step_index, cfg.es.noise_reuse)
+    # nz.stream_key of every tensor at once: its per-call numpy work cost as much as hashing
+    prefixes = nz.key_prefixes(cfg.seed, step, list(range(len(engine.specs))))
+    keys = nz.mix32(prefixes ^ nz.U32(nz.mix32_int(pair ^ nz.PAIR_SALT)))
+    plus, minus = {}, {}
+    for key, s in zip(keys, engine.specs, strict=True):
+        w = engine.params[s.name]
+        plus[s.name], minus[s.name] = np.empty_like(w), np.empty_like(w)
+        _full_rank_pair(w.reshape(-1), key, _stream_indices(w.size),
+                        np.int32(cfg.es.sigma_shift), plus[s.name].reshape(-1),
+                        minus[s.name].reshape(-1))
+    return plus, minus
+
+
+def naive_member_seconds(engine: Engine, windows: np.ndarray, pairs: int, repeats: int,
+                         make_pair: Callable[[Engine, int], PairParams] = full_rank_pair_params
                          ) -> tuple[float, float]:
-    """(wall, CPU) seconds to materialize, prepare and evaluate one member on its own window:
-    the mean over ``members`` members evaluated one after another, fastest of ``repeats``.
+    """(wall, CPU) seconds per member to materialize, prepare and evaluate the members of
+    ``pairs`` pairs on their own windows, one after another: a pair's weights are made
+    together (``make_pair``), each member is packed and evaluated at batch 1. Fastest of
+    ``repeats``.
 
     One after another: at batch 1 each op is a few microseconds of Python around a GEMV, so
     members spread over threads contend for the GIL (measured slower than in sequence).
     """
     cfg = engine.config
 
-    def one(m: int) -> None:
-        params = make_params(engine, m)
-        ops = Ops(engine.backend, engine.specs, params, None, cfg.es.sigma_shift,
-                  prepare(engine.backend, engine.specs, params))
-        score(engine.model, ops, windows[m:m + 1])
+    def one(p: int) -> None:
+        for m, params in zip((2 * p, 2 * p + 1), make_pair(engine, p), strict=True):
+            ops = Ops(engine.backend, engine.specs, params, None, cfg.es.sigma_shift,
+                      prepare(engine.backend, engine.specs, params))
+            score(engine.model, ops, windows[m:m + 1])
 
     one(0)  # warm-up: batch-1 shapes compile their own kernels
     best = None
     for _ in range(repeats):
         with Clock() as clock:
-            for m in range(members):
-                one(m)
+            for p in range(pairs):
+                one(p)
         best = clock if best is None or clock.wall < best.wall else best
-    return best.wall / members, best.cpu / members
+    return best.wall / (2 * pairs), best.cpu / (2 * pairs)
 
 
 def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: int = 1024,
@@ -424,23 +447,27 @@ def bench_backend(name: str, threads: int | None, gemm: str | None = None) -> Ba
 
 def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
                   repeats: int) -> dict:
-    members = min(NAIVE_MEMBERS, engine.config.es.population)
+    pairs = min(NAIVE_PAIRS, engine.config.es.pairs)
     population = engine.config.es.population
-    wall, cpu = naive_member_seconds(engine, windows, members, repeats)
-    step_s = wall * population + es["update_s"]
-    full_wall, _ = naive_member_seconds(engine, windows, members, repeats, full_rank_params)
-    full_step_s = full_wall * population + es["update_s"]
+
+    def figures(make_pair: Callable[[Engine, int], PairParams]) -> tuple[float, float, float]:
+        wall, cpu = naive_member_seconds(engine, windows, pairs, repeats, make_pair)
+        return wall, cpu, wall * population + es["update_s"]
+
+    wall, cpu, step_s = figures(full_rank_pair_params)
+    low_wall, _, low_step_s = figures(low_rank_pair_params)
     return {
         "naive_es_tokens_per_s": tokens / step_s,
         "speedup": step_s / es["wall"],
         "speedup_cpu_seconds": (cpu * population) / es["cpu"],
-        "naive_full_rank_es_tokens_per_s": tokens / full_step_s,
-        "speedup_full_rank": full_step_s / es["wall"],
-        "naive_note": (f"measured on {members} members (mean {wall:.4f} s each, best of the "
-                       "repeats: materialize A_m B_m^T into W, prepare, evaluate at batch 1, "
-                       f"one member after another), extrapolated to {population} members, plus "
-                       "the ES step's own update time; speedup_cpu_seconds compares CPU "
-                       "seconds instead (ES on all its threads, naive on one), the gain per "
-                       "core; the full-rank figures make each member's weights with full-rank "
-                       f"noise instead (mean {full_wall:.4f} s each)"),
+        "naive_low_rank_es_tokens_per_s": tokens / low_step_s,
+        "speedup_low_rank": low_step_s / es["wall"],
+        "naive_note": (f"measured on {pairs} pairs ({2 * pairs} members, mean {wall:.4f} s "
+                       "each, best of the repeats: a pair's full-rank noise hashed once into "
+                       "W + E and W - E, each member packed and evaluated at batch 1, one after "
+                       f"another), extrapolated to {population} members, plus the ES step's "
+                       "own update time; speedup_cpu_seconds compares CPU seconds instead (ES "
+                       "on all its threads, naive on one), the gain per core; the low-rank "
+                       "figures write each pair's A_p B_p^T into its weights instead (mean "
+                       f"{low_wall:.4f} s each)"),
     }

@@ -21,7 +21,7 @@ from numba import njit
 
 from intes import intmath as im
 from intes import noise as nz
-from intes.bench import ISA_FLAGS, full_rank_params, member_params
+from intes.bench import ISA_FLAGS, full_rank_pair_params, low_rank_pair_params
 from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
@@ -802,7 +802,7 @@ def test_bench_prints_one_json_object():
     result = json.loads(done.output)
     assert result["backend"] == "cpu" and result["config"]["population"] == 4
     for key in ("es_tokens_per_s", "inference_tokens_per_s", "ratio", "naive_es_tokens_per_s",
-                "speedup", "naive_full_rank_es_tokens_per_s", "speedup_full_rank",
+                "speedup", "naive_low_rank_es_tokens_per_s", "speedup_low_rank",
                 "update_fraction", "gemm_gflops", "base_product_gflops", "peak_rss_mb"):
         assert result[key] > 0, key
     assert result["gemm"] == CPU.gemm.description
@@ -818,18 +818,17 @@ def test_bench_prints_one_json_object():
 
 
 @given(seed=seeds, model=st.sampled_from(["rwkv", "egg"]), dim=st.sampled_from([8, 16, 24]),
-       rank=st.integers(1, 3), sigma=st.integers(0, 6), member=st.integers(0, 7))
-def test_naive_member_params_are_the_perturbed_weights(seed, model, dim, rank, sigma, member):
-    """The naive baseline's materialized member is W + sign (A_p B_p^T >> (4 + sigma)) for
-    matrices and W + sign rshift_round(noise_p, sigma) for vectors, saturated, sign by
-    parity: the ES step's low-rank perturbation written out in full as weights."""
+       rank=st.integers(1, 3), sigma=st.integers(0, 6), pair=st.integers(0, 3))
+def test_naive_low_rank_pair_is_the_perturbed_weights(seed, model, dim, rank, sigma, pair):
+    """The low-rank baseline's pair is W +- (A_p B_p^T >> (4 + sigma)) for matrices and
+    W +- rshift_round(noise_p, sigma) for vectors, saturated: the ES step's low-rank
+    perturbation of members 2p and 2p + 1 written out in full as weights."""
     cfg = TrainConfig(model=ModelConfig(kind=model, dim=dim, layers=1),
                       es=ESConfig(population=8, group_size=2, rank=rank, sigma_shift=sigma),
                       seed=seed)
     engine = Engine(cfg, backend=CPU)
-    params = member_params(engine, member)
-    sign = 1 - 2 * (member % 2)
-    noise = make_noise(engine.specs, seed, 0, np.array([member // 2]), rank, 1)
+    members = low_rank_pair_params(engine, pair)
+    noise = make_noise(engine.specs, seed, 0, np.array([pair]), rank, 1)
     for spec in engine.specs:
         w = engine.params[spec.name].astype(np.int64)
         if spec.kind == "vector":
@@ -837,32 +836,34 @@ def test_naive_member_params_are_the_perturbed_weights(seed, model, dim, rank, s
         else:
             a, b = (f[0].astype(np.int64) for f in (noise[spec.name].a, noise[spec.name].b))
             delta = (a @ b.T) >> (im.FRAC_BITS + sigma)
-        assert params[spec.name].dtype == np.int8
-        assert np.array_equal(params[spec.name], np.clip(w + sign * delta, -127, 127))
+        for sign, params in zip((1, -1), members, strict=True):
+            assert params[spec.name].dtype == np.int8
+            assert np.array_equal(params[spec.name], np.clip(w + sign * delta, -127, 127))
 
 
 @given(seed=seeds, model=st.sampled_from(["rwkv", "egg"]), dim=st.sampled_from([8, 16, 24]),
-       sigma=st.integers(0, 6), member=st.integers(0, 7), step=st.integers(0, 5),
+       sigma=st.integers(0, 6), pair=st.integers(0, 3), step=st.integers(0, 5),
        reuse=st.integers(1, 3))
-def test_naive_full_rank_params_hash_every_weight(seed, model, dim, sigma, member, step, reuse):
-    """The full-rank baseline's member is W + sign rshift_round(E, sigma), saturated, with E
-    the tensor's (seed, step, pair) stream as long as the tensor (noise.hash_u32 then
+def test_naive_full_rank_pair_hashes_every_weight(seed, model, dim, sigma, pair, step, reuse):
+    """The full-rank baseline's pair is W +- rshift_round(E, sigma), saturated, with E the
+    tensor's (seed, step, pair) stream as long as the tensor (noise.hash_u32 then
     gaussian_int8): a vector's own noise, and for a matrix one value per weight."""
     cfg = TrainConfig(model=ModelConfig(kind=model, dim=dim, layers=1),
                       es=ESConfig(population=8, group_size=2, sigma_shift=sigma,
                                   noise_reuse=reuse), seed=seed)
     engine = Engine(cfg, backend=CPU, step=step)
-    params, lowrank = full_rank_params(engine, member), member_params(engine, member)
-    sign, at = 1 - 2 * (member % 2), nz.effective_step(step, reuse)
+    members, lowrank = full_rank_pair_params(engine, pair), low_rank_pair_params(engine, pair)
+    at = nz.effective_step(step, reuse)
     for tid, spec in enumerate(engine.specs):
         w = engine.params[spec.name].astype(np.int64)
-        key = nz.stream_key(seed, at, np.array([member // 2]), tid)
+        key = nz.stream_key(seed, at, np.array([pair]), tid)
         e = nz.gaussian_int8(nz.hash_u32(key, w.size))[0].reshape(w.shape).astype(np.int64)
-        want = np.clip(w + sign * im.rshift_round(e, sigma), -127, 127)
-        assert params[spec.name].dtype == np.int8
-        assert np.array_equal(params[spec.name], want), spec.name
-        if spec.kind == "vector":
-            assert np.array_equal(params[spec.name], lowrank[spec.name])
+        for sign, params, low in zip((1, -1), members, lowrank, strict=True):
+            want = np.clip(w + sign * im.rshift_round(e, sigma), -127, 127)
+            assert params[spec.name].dtype == np.int8
+            assert np.array_equal(params[spec.name], want), spec.name
+            if spec.kind == "vector":
+                assert np.array_equal(params[spec.name], low[spec.name])
 
 
 @given(seed=seeds, pairs=st.integers(1, 80), rank=ranks, spread=st.integers(1, 40))
