@@ -21,7 +21,7 @@ from intes.kernels.gemm import GEMMS
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed runs per figure, interleaved; the fastest counts")
 @click.option("--naive/--no-naive", default=True, show_default=True,
-              help="Also time naive ES, low-rank and full-rank noise (a few members, extrapolated)")
+              help="Also time naive ES, full-rank and low-rank noise (a few pairs, extrapolated)")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Population slices the cpu backend runs at once  [default: "
                    "INTES_CPU_THREADS or one per usable core]")
