@@ -43,12 +43,14 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 from numba import njit
+from tqdm import tqdm
 
 from intes import noise as nz
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
@@ -63,6 +65,13 @@ from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
 
 VOCAB = 256
+Tick = Callable[[], object]  # called once per unit of progress
+
+
+def _no_tick() -> None:
+    pass
+
+
 NAIVE_PAIRS = 4  # pairs timed (per repeat) for the naive baselines; their cost is per member
 
 
@@ -225,7 +234,7 @@ class BaseProductTimer:
 
 
 def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
-              timer: BaseProductTimer | None) -> tuple[dict, dict, dict]:
+              timer: BaseProductTimer | None, tick: Tick = _no_tick) -> tuple[dict, dict, dict]:
     """Best ES step, best inference pass and best bare-GEMM pass, interleaved so all three
     meet the same machine load (on a shared machine it changes within seconds).
 
@@ -253,6 +262,7 @@ def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
         inference = run if inference is None or run["wall"] < inference["wall"] else inference
         for name, suite in suites.items():
             gemm_s[name] = min(gemm_s[name], suite())
+        tick()
     return es, inference, {name: suites[name].flops / gemm_s[name] / 1e9 for name in suites}
 
 
@@ -366,8 +376,8 @@ def full_rank_pair_params(engine: Engine, pair: int) -> PairParams:
 
 
 def naive_member_seconds(engine: Engine, windows: np.ndarray, pairs: int, repeats: int,
-                         make_pair: Callable[[Engine, int], PairParams] = full_rank_pair_params
-                         ) -> tuple[float, float]:
+                         make_pair: Callable[[Engine, int], PairParams] = full_rank_pair_params,
+                         tick: Tick = _no_tick) -> tuple[float, float]:
     """(wall, CPU) seconds per member to materialize, prepare and evaluate the members of
     ``pairs`` pairs on their own windows, one after another: a pair's weights are made
     together (``make_pair``), each member is packed and evaluated at batch 1. Fastest of
@@ -385,32 +395,51 @@ def naive_member_seconds(engine: Engine, windows: np.ndarray, pairs: int, repeat
             score(engine.model, ops, windows[m:m + 1])
 
     one(0)  # warm-up: batch-1 shapes compile their own kernels
+    tick()
     best = None
     for _ in range(repeats):
         with Clock() as clock:
             for p in range(pairs):
                 one(p)
         best = clock if best is None or clock.wall < best.wall else best
+        tick()
     return best.wall / (2 * pairs), best.cpu / (2 * pairs)
 
 
 def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: int = 1024,
               seq_len: int = 64, rank: int = 1, backend: str = "auto", repeats: int = 10,
               naive: bool = True, threads: int | None = None,
-              gemm: str | None = None) -> dict:
-    """All figures for one configuration, as a JSON-ready dict (see the module docstring)."""
+              gemm: str | None = None, progress: bool = False) -> dict:
+    """All figures for one configuration, as a JSON-ready dict (see the module docstring).
+    ``progress`` shows a bar on stderr over the warm-up and the timed runs."""
     engine = make_engine(model, dim, layers, population, seq_len, rank,
                          bench_backend(backend, threads, gemm))
     windows = bench_windows(engine)
+    with tqdm(total=bench_runs(repeats, naive), desc="intes bench", unit="run", leave=False,
+              disable=not progress, file=sys.stderr) as bar:
+        return _measure(engine, windows, repeats, naive, lambda: bar.update())
+
+
+def bench_runs(repeats: int, naive: bool) -> int:
+    """Progress units of ``run_bench``: the warm-up, the timed rounds, and each naive
+    baseline's warm-up and rounds."""
+    return 1 + repeats + (2 * (1 + repeats) if naive else 0)
+
+
+def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tick: Tick) -> dict:
+    cfg = engine.config
+    model, population, seq_len = cfg.model.kind, cfg.es.population, cfg.seq_len
     engine.step(windows[:, :3])  # warm-up: compiles every kernel, excluded from timing
     engine.log_likelihood(windows[:, :3])
+    tick()
     timer = (BaseProductTimer(engine.backend) if hasattr(engine.backend, "base_product")
              else None)
     tokens, load_before = population * seq_len, os.getloadavg()[0]
-    es, inference, gemm_rates = time_runs(engine, windows, repeats, timer)
+    es, inference, gemm_rates = time_runs(engine, windows, repeats, timer, tick)
     result = {
-        "config": {"model": model, "dim": dim, "layers": layers, "population": population,
-                   "seq_len": seq_len, "rank": rank, "vocab_size": VOCAB, "repeats": repeats},
+        "config": {"model": model, "dim": cfg.model.dim, "layers": cfg.model.layers,
+                   "population": population, "seq_len": seq_len, "rank": cfg.es.rank,
+                   "vocab_size": VOCAB, "repeats": repeats},
         "backend": engine.backend.name,
         "gemm": getattr(getattr(engine.backend, "gemm", None), "description", None),
         "threads": getattr(engine.backend, "threads", None),
@@ -423,7 +452,7 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
                         "ratio": inference["cpu"] / es["cpu"]},
     }
     if naive:
-        result.update(naive_figures(engine, windows, es, tokens, repeats))
+        result.update(naive_figures(engine, windows, es, tokens, repeats, tick))
     # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
     threads = engine.threads
     achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
@@ -446,12 +475,12 @@ def bench_backend(name: str, threads: int | None, gemm: str | None = None) -> Ba
 
 
 def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
-                  repeats: int) -> dict:
+                  repeats: int, tick: Tick = _no_tick) -> dict:
     pairs = min(NAIVE_PAIRS, engine.config.es.pairs)
     population = engine.config.es.population
 
     def figures(make_pair: Callable[[Engine, int], PairParams]) -> tuple[float, float, float]:
-        wall, cpu = naive_member_seconds(engine, windows, pairs, repeats, make_pair)
+        wall, cpu = naive_member_seconds(engine, windows, pairs, repeats, make_pair, tick)
         return wall, cpu, wall * population + es["update_s"]
 
     wall, cpu, step_s = figures(full_rank_pair_params)

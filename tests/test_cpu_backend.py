@@ -794,12 +794,13 @@ def test_auto_picks_cpu_without_a_gpu():
 
 
 def test_bench_prints_one_json_object():
-    """``intes bench`` at a toy size: every figure present and positive."""
+    """``intes bench`` at a toy size: every figure present and positive, stdout pure JSON."""
     args = ["--dim", "8", "--layers", "1", "--population", "4", "--seq-len", "3",
             "--repeats", "1", "--backend", "cpu"]
     done = CliRunner().invoke(bench, args)
     assert done.exit_code == 0, done.output
-    result = json.loads(done.output)
+    result = json.loads(done.stdout)  # the JSON alone on stdout; the progress bar on stderr
+    assert "intes bench" in done.stderr
     assert result["backend"] == "cpu" and result["config"]["population"] == 4
     for key in ("es_tokens_per_s", "inference_tokens_per_s", "ratio", "naive_es_tokens_per_s",
                 "speedup", "naive_low_rank_es_tokens_per_s", "speedup_low_rank",
@@ -813,7 +814,7 @@ def test_bench_prints_one_json_object():
     if Path("/proc/cpuinfo").exists():
         assert machine["cpu_mhz"] > 0
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
-    forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).output)
+    forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).stdout)
     assert forced["gemm"] == F32.gemm.description
 
 

@@ -37,5 +37,5 @@ def bench(model: str, dim: int, layers: int, population: int, seq_len: int, rank
 
     result = run_bench(model=model, dim=dim, layers=layers, population=population,
                        seq_len=seq_len, rank=rank, backend=backend, repeats=repeats,
-                       naive=naive, threads=threads, gemm=gemm)
+                       naive=naive, threads=threads, gemm=gemm, progress=True)
     click.echo(json.dumps(result, indent=2))
