@@ -417,7 +417,7 @@ def run_bench(model: str = "rwkv", dim: int = 256, layers: int = 2, population: 
     windows = bench_windows(engine)
     with tqdm(total=bench_runs(repeats, naive), desc="intes bench", unit="run", leave=False,
               disable=not progress, file=sys.stderr) as bar:
-        return _measure(engine, windows, repeats, naive, lambda: bar.update())
+        return _measure(engine, windows, repeats, naive, bar.update)
 
 
 def bench_runs(repeats: int, naive: bool) -> int:
@@ -427,6 +427,7 @@ def bench_runs(repeats: int, naive: bool) -> int:
 
 
 def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tick: Tick) -> dict:
+    """``run_bench``'s figures for a made engine, ``tick`` called per ``bench_runs`` unit."""
     cfg = engine.config
     model, population, seq_len = cfg.model.kind, cfg.es.population, cfg.seq_len
     engine.step(windows[:, :3])  # warm-up: compiles every kernel, excluded from timing
