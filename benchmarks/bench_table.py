@@ -5,7 +5,8 @@ row's peak RSS is its own), saved as JSON, and the Markdown table made from thos
     python benchmarks/bench_table.py --markdown DIR
 
 Rows share the issue's configuration (width 256, 2 layers, 64 tokens, N = 1024, rank 1, the
-default GEMM, every core) and change one thing each.
+cpu backend's default GEMM, every core) and change one thing each; the last runs the numpy
+reference backend instead, for scale.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ ROWS = {  # name: (label, flags on top of BASE)
     "egg_n1024_int8": ("egg, 1024", flags("egg", 1024, "--gemm", "int8")),
     "rwkv_n1024_float32": ("rwkv, 1024", flags("rwkv", 1024, "--gemm", "float32")),
     "egg_n1024_float32": ("egg, 1024", flags("egg", 1024, "--gemm", "float32")),
+    # the numpy backend that defines the semantics, for scale (minutes per row)
+    "rwkv_n1024_reference": ("rwkv, 1024", flags("rwkv", 1024, "--backend", "reference",
+                                                 "--repeats", "2")),
 }
 HEADER = ("| model, N | GEMM | threads | ES tok/s | inference tok/s | ratio | ratio (CPU s) "
           "| naive tok/s | speedup vs naive | per core | vs low-rank naive | update share "
@@ -53,6 +57,8 @@ def run(out: Path, names: list[str]) -> None:
 
 
 def engine(row_flags: list[str]) -> str:
+    if "--backend" in row_flags:
+        return row_flags[row_flags.index("--backend") + 1]
     return row_flags[row_flags.index("--gemm") + 1] if "--gemm" in row_flags else "vnni"
 
 
@@ -64,7 +70,7 @@ def row(name: str, r: dict) -> str:
     label, row_flags = ROWS[name]
     rates = " / ".join(gops(r.get(k)) for k in ("base_product_gflops", "gemm_gflops",
                                                  "int8_gemm_gops", "vnni_gemm_gops"))
-    cells = [label, engine(row_flags), str(r["threads"]), f"**{r['es_tokens_per_s']:,.0f}**",
+    cells = [label, engine(row_flags), str(r["threads"] or 1), f"**{r['es_tokens_per_s']:,.0f}**",
              f"{r['inference_tokens_per_s']:,.0f}", f"{r['ratio']:.3f}",
              f"{r['cpu_seconds']['ratio']:.3f}", f"{r['naive_es_tokens_per_s']:,.0f}",
              f"**{r['speedup']:.1f}×**", f"{r['speedup_cpu_seconds']:.1f}×",
