@@ -15,8 +15,9 @@ compute on the same N members and T tokens:
   both its members), packed and evaluated on its own (batch 1) with the same backend. Timed
   on a few pairs and extrapolated to N, plus the same update; ``speedup`` = es / naive.
 - naive low-rank: the same, but E_p = A_p B_p^T, the ES step's own perturbation written out
-  (``low_rank_pair_params``); ``speedup_low_rank``. Writing out a rank-r product costs less
-  than hashing every weight, so it is the harder baseline of the two.
+  (``low_rank_pair_params``); ``speedup_low_rank``. At rank 1 writing out the product costs
+  about what hashing every weight does (``benchmarks/naive_split.py``), so the two baselines
+  read within the host's noise of each other.
 
 ES and inference run on the backend's threads (the cpu backend: one population slice per
 core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
@@ -298,29 +299,30 @@ def _low_rank_pair(w, at, bt, shift, plus, minus):
             minus[i, j] = _sat8(wij - delta)
 
 
+@njit(inline="always", cache=True)
+def _write_pair(w, n, e, shift, plus, minus):
+    """plus[n], minus[n] = sat8(w[n] +- rshift_round(e, shift)) for an int32 noise value e."""
+    half = np.int32(1 << (shift - 1)) if shift > 0 else np.int32(0)
+    delta = np.right_shift(np.add(e, half), shift)
+    wn = np.int32(w[n])
+    plus[n] = _sat8(np.add(wn, delta))
+    minus[n] = _sat8(np.subtract(wn, delta))
+
+
 @njit(nogil=True, cache=True)
 def _full_rank_pair(w, key, idx, shift, plus, minus):
     """plus, minus = sat8(w +- rshift_round(E, shift)) for flat w, E[n] =
     gaussian(mix32(key ^ idx[n])) (``noise.hash_u32``, ``noise.gaussian_int8``): each noise
     value made once and applied to both members of the pair in the same pass."""
-    half = np.int32(1 << (shift - 1)) if shift > 0 else np.int32(0)
     for n in range(w.shape[0]):
-        e = np.int32(_gaussian(_mix32(key ^ idx[n])))
-        delta = np.right_shift(np.add(e, half), shift)
-        wn = np.int32(w[n])
-        plus[n] = _sat8(np.add(wn, delta))
-        minus[n] = _sat8(np.subtract(wn, delta))
+        _write_pair(w, n, np.int32(_gaussian(_mix32(key ^ idx[n]))), shift, plus, minus)
 
 
 @njit(nogil=True, cache=True)
 def _vector_pair(w, noise, shift, plus, minus):
     """plus, minus = sat8(w +- rshift_round(noise, shift)): a vector's pair in one pass."""
-    half = np.int32(1 << (shift - 1)) if shift > 0 else np.int32(0)
     for n in range(w.shape[0]):
-        delta = np.right_shift(np.add(np.int32(noise[n]), half), shift)
-        wn = np.int32(w[n])
-        plus[n] = _sat8(np.add(wn, delta))
-        minus[n] = _sat8(np.subtract(wn, delta))
+        _write_pair(w, n, np.int32(noise[n]), shift, plus, minus)
 
 
 PairParams = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
