@@ -13,7 +13,7 @@ So ``es_order`` - 1 is the layout's share, ``es_no_projection`` - ``es_order`` t
 epilogue (its funnel shift, ``vpdpwssd`` and factor words) and ``es`` -
 ``es_no_projection`` the projection pass. The variants run only on a CPU with AVX-512 VNNI.
 
-    python benchmarks/layer_split.py [--members 512] [--tokens 8] [--reps 200]
+    python benchmarks/layer_split.py [--width 256] [--members 512] [--tokens 8] [--reps 200]
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ from intes.kernels.vnni_gemm import (
 )
 
 SIGMA_SHIFT = 3
-SHAPES = ((256, 256), (1024, 256), (256, 1024))  # (out, in) of the models' layers at width 256
+
+
+def shapes(width: int) -> tuple[tuple[int, int], ...]:
+    """(out, in) of the models' layers at a width: square, and RWKV's 4x MLP in and out."""
+    return (width, width), (4 * width, width), (width, 4 * width)
 
 
 @njit(inline="always")
@@ -134,6 +138,7 @@ def split(shape: tuple[int, int], members: int, tokens: int, reps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=256, help="the model width whose layers to time")
     p.add_argument("--members", type=int, default=512, help="one slice of N = 1024 on 2 cores")
     p.add_argument("--tokens", type=int, default=8, help="rows are tokens x members")
     p.add_argument("--reps", type=int, default=200)
@@ -141,7 +146,7 @@ def main() -> None:
     if (why := vnni_unavailable()) is not None:
         raise SystemExit(f"error: {why}")
     load = os.getloadavg()[0]
-    layers = [split(s, args.members, args.tokens, args.reps) for s in SHAPES]
+    layers = [split(s, args.members, args.tokens, args.reps) for s in shapes(args.width)]
     print(json.dumps({"config": vars(args) | {"sigma_shift": SIGMA_SHIFT}, "layers": layers,
                       "machine": machine_info(load)}, indent=2))
 
