@@ -15,13 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from numba import njit
 
 from intes import intmath as im
 from intes import noise as nz
-from intes.bench import ISA_FLAGS, full_rank_pair_params, low_rank_pair_params
+from intes.bench import (
+    ISA_FLAGS,
+    _measure,
+    bench_runs,
+    bench_windows,
+    full_rank_pair_params,
+    low_rank_pair_params,
+    make_engine,
+)
 from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
@@ -816,6 +824,16 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).stdout)
     assert forced["gemm"] == F32.gemm.description
+
+
+@settings(max_examples=6, deadline=None)
+@given(repeats=st.integers(1, 3), naive=st.booleans())
+def test_bench_progress_counts_every_run(repeats, naive):
+    """The progress bar's total is the number of ticks the measurement makes, so it ends full."""
+    engine = make_engine("rwkv", 8, 1, 4, 3, 1, CPU)
+    ticks = []
+    _measure(engine, bench_windows(engine), repeats, naive, lambda: ticks.append(1))
+    assert len(ticks) == bench_runs(repeats, naive)
 
 
 @given(seed=seeds, model=st.sampled_from(["rwkv", "egg"]), dim=st.sampled_from([8, 16, 24]),
