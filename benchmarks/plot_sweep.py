@@ -5,6 +5,8 @@ One colour per width; solid = ES step, dashed = inference, dotted = naive ES
 own; in sweeps of ``intes bench`` before the full-rank baseline, the low-rank perturbation
 written out instead).
 
+It also prints the README's table per width (Markdown).
+
     python benchmarks/plot_sweep.py [benchmarks/results/cpu_sweep.json] [--out PATH.png]
 """
 
@@ -56,12 +58,36 @@ def plot(sweep: dict, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def span(values: list[float], fmt: str) -> str:
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
+def markdown(sweep: dict) -> str:
+    """The README's table per width: ratio, speedups over both naive baselines, the update's
+    share and the peak RSS from the smallest population to the largest."""
+    pops = sorted({r["config"]["population"] for r in sweep["results"]})
+    lines = ["| width | ES / inference | speedup vs naive ES (low-rank naive) "
+             f"| update share of the step | peak RSS, N = {pops[0]} → {pops[-1]} |",
+             "|---|---|---|---|---|"]
+    for width, runs in by_width(sweep["results"]).items():
+        low = [r["speedup_low_rank"] for r in runs if "speedup_low_rank" in r]
+        lines.append(
+            f"| {width} | {span([r['ratio'] for r in runs], '.2f')} | "
+            f"{span([r['speedup'] for r in runs], '.1f')}× "
+            f"({span(low, '.1f') + '×' if low else '-'}) | "
+            f"{100 * runs[0]['update_fraction']:.0f}% → {100 * runs[-1]['update_fraction']:.0f}% | "
+            f"{runs[0]['peak_rss_mb']:,.0f} → {runs[-1]['peak_rss_mb']:,.0f} MB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path, nargs="?", default=RESULTS / "cpu_sweep.json")
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_sweep.png")
     args = p.parse_args()
-    plot(json.loads(args.results.read_text()), args.out)
+    sweep = json.loads(args.results.read_text())
+    plot(sweep, args.out)
+    print(markdown(sweep))
     print(f"wrote {args.out}")
 
 

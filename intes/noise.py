@@ -72,6 +72,13 @@ def stream_key(seed: int, step: int, pairs: np.ndarray, tensor_id: int) -> np.nd
     return mix32(U32(key_prefix(seed, step, tensor_id)) ^ mix32(pairs ^ U32(PAIR_SALT)))
 
 
+def tensor_keys(seed: int, step: int, pair: int, tensor_ids: list[int]) -> np.ndarray:
+    """``stream_key`` of one pair for several tensors (uint32, one per tensor), the same bits:
+    the (seed, step) part and the pair's mix made once."""
+    pair_mix = U32(mix32_int((pair & 0xFFFFFFFF) ^ PAIR_SALT))
+    return mix32(key_prefixes(seed, step, tensor_ids) ^ pair_mix)
+
+
 def hash_u32(keys: np.ndarray, n: int) -> np.ndarray:
     """(len(keys), n) uint32: value i of each key's stream."""
     idx = mix32(np.arange(n, dtype=U32) * U32(GOLDEN) + U32(1))

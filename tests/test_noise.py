@@ -327,3 +327,13 @@ def test_key_prefixes_match_key_prefix(seed, step, tids):
     got = nz.key_prefixes(seed, step, tids)
     assert got.dtype == nz.U32
     assert [int(v) for v in got] == [nz.key_prefix(seed, step, t) for t in tids]
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**33),
+       st.lists(st.integers(0, 2**33), min_size=1, max_size=8))
+def test_tensor_keys_match_stream_key(seed, step, pair, tids):
+    """One pair's keys for several tensors are stream_key's, tensor by tensor."""
+    got = nz.tensor_keys(seed, step, pair, tids)
+    assert got.dtype == nz.U32
+    assert [int(v) for v in got] == [int(nz.stream_key(seed, step, np.array([pair]), t)[0])
+                                     for t in tids]
