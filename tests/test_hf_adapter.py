@@ -396,6 +396,17 @@ def test_finetune_writes_model_metrics_and_plot(saved, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
 
+@pytest.mark.parametrize("task", ["countdown", "conciseness"])
+def test_finetune_runs_on_the_sample_prompts(saved, tmp_path, task):
+    prompts = Path(__file__).resolve().parents[1] / "data" / "prompts" / f"{task}.txt"
+    out = tmp_path / "out"
+    result = invoke("--model", saved / "model", "--task", task, "--prompts", prompts,
+                    "--population", 2, "--steps", 1, "--max-new-tokens", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    (line,) = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line)["step"] == 0
+
+
 @pytest.mark.parametrize("form", ["file.py:function", "module:function"])
 def test_finetune_with_a_reward_function(saved, tmp_path, monkeypatch, form):
     (tmp_path / "short_reward.py").write_text(
