@@ -114,6 +114,16 @@ def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np
     return total
 
 
+# The update goes on the backend's threads only where they pay. A small model's update is
+# mostly Python per tensor, which threads take in turn under the GIL: on the Zen 4 host, in
+# the cells of widths 64-256 and populations 64-4096 below both figures one thread ran the
+# update 1.07-1.6x faster than two, and in those above either, two ran it up to 1.7x faster
+# than one (one cell 0.94x; benchmarks/update_threads.py,
+# benchmarks/results/cpu_update_threads_zen4.json). The bits are the same either way.
+THREADED_UPDATE_WORK = 250_000_000  # pairs x es.update_cost summed over the tensors
+THREADED_UPDATE_WEIGHTS = 1 << 20  # matrix weights, each read, stepped and packed anew
+
+
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     """One process-wide pool per thread count: its threads keep their backend scratch buffers."""
@@ -213,6 +223,15 @@ class Engine:
         """Fitness of every member (see ``evaluate_pairs``)."""
         return self.evaluate_pairs(windows, 0, self.config.es.pairs, chunk_pairs)
 
+    def update_threads(self) -> int:
+        """Threads for the update: the backend's, or one where the update is too small for
+        them to pay (``THREADED_UPDATE_WORK``, ``THREADED_UPDATE_WEIGHTS``)."""
+        cfg = self.config.es
+        work = cfg.pairs * sum(es.update_cost(s, cfg.rank) for s in self.specs)
+        weights = sum(int(np.prod(s.shape)) for s in self.specs if s.kind == "matrix")
+        large = work >= THREADED_UPDATE_WORK or weights >= THREADED_UPDATE_WEIGHTS
+        return self.threads if large else 1
+
     def apply_fitness(self, raw: np.ndarray) -> np.ndarray:
         """Shape member fitness, update the weights from seeds, advance the step."""
         cfg = self.config
@@ -224,7 +243,7 @@ class Engine:
                 prepared[spec.name] = self.backend.prepare(new)
 
         self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
-                              shaped, cfg.es, self.map, self.threads, prepare_matrix)
+                              shaped, cfg.es, self.map, self.update_threads(), prepare_matrix)
         self._prepared = prepared
         self.step_index += 1
         return shaped

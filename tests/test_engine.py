@@ -447,6 +447,36 @@ def test_capped_chunks_do_not_change_fitness_or_likelihood(case, threads, cap):
     assert np.array_equal(capped.log_likelihood(w), e.log_likelihood(w))
 
 
+@ENGINE
+@given(cases(), st.integers(2, 3))
+def test_the_update_makes_the_same_weights_on_one_thread_or_all(case, threads):
+    """apply_fitness gives the same weights whether the update runs on one thread (what
+    ``update_threads`` picks for a small model) or on all of the backend's."""
+    e = case.engine()
+    raw = e.population_fitness(case.windows(0))
+    made = []
+    for picked in (1, threads):
+        threaded = Engine(case.config, CappedReference(threads, None), params=e.params)
+        threaded.update_threads = lambda picked=picked: picked
+        threaded.apply_fitness(raw)
+        made.append(threaded.params)
+    assert_same_params(*made)
+
+
+@pytest.mark.parametrize("dim, layers, population, threaded", [
+    (8, 1, 4, False),  # tiny: one thread
+    (64, 2, 1024, False),  # below both figures
+    (64, 2, 4096, True),  # the pairs' work passes THREADED_UPDATE_WORK
+    (256, 2, 64, True),  # 1.8 M matrix weights pass THREADED_UPDATE_WEIGHTS
+])
+def test_update_threads_follow_the_update_size(dim, layers, population, threaded):
+    config = TrainConfig(ModelConfig("rwkv", VOCAB, dim, layers), ESConfig(population=population),
+                         4)
+    engine = Engine(config, CappedReference(3, None))
+    assert engine.update_threads() == (3 if threaded else 1)
+    assert Engine(config, CappedReference(1, None)).update_threads() == 1
+
+
 class BlockReference(ReferenceBackend):
     """The reference backend, run a block of tokens at a time (its ops take (T, N, d))."""
 
