@@ -226,6 +226,10 @@ class Engine:
     def update_threads(self) -> int:
         """Threads for the update: the backend's, or one where the update is too small for
         them to pay (``THREADED_UPDATE_WORK``, ``THREADED_UPDATE_WEIGHTS``)."""
+        return self._update_threads
+
+    @functools.cached_property
+    def _update_threads(self) -> int:  # fixed by the config: worked out once, not per step
         cfg = self.config.es
         work = cfg.pairs * sum(es.update_cost(s, cfg.rank) for s in self.specs)
         weights = sum(int(np.prod(s.shape)) for s in self.specs if s.kind == "matrix")
