@@ -7,7 +7,7 @@ thread count, the medians over rounds of forward / inference, update / inference
 inference / (forward + update), and the medians of the slowest and fastest population
 slice's seconds in the forward (the step waits for the slowest).
 
-    python benchmarks/step_split.py [--model rwkv] [--dim 256] [--population 1024]
+    python benchmarks/step_split.py [--model rwkv] [--dim 256] [--layers 2] [--population 1024]
                                     [--seq-len 64] [--rounds 10] [--threads 1,2]
 """
 
@@ -23,7 +23,7 @@ from intes.bench import bench_backend, bench_windows, machine_info, make_engine
 
 
 def rounds(threads: int, args: argparse.Namespace) -> dict:
-    engine = make_engine(args.model, args.dim, 2, args.population, args.seq_len, 1,
+    engine = make_engine(args.model, args.dim, args.layers, args.population, args.seq_len, 1,
                          bench_backend("auto", threads, None))
     windows = bench_windows(engine)
     engine.step(windows[:, :3])  # warm-up: compiles every kernel
@@ -67,6 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="rwkv", choices=["rwkv", "egg"])
     p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--population", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10)
