@@ -1,9 +1,9 @@
 """The ES update on one thread against the backend's threads, alternating in one process, over
-model sizes and populations: where threads pay for the update (``Engine.update_threads``).
+model sizes and populations: where threads pay for the update (``intes.engine.update_threads``).
 
-Each round draws a fresh fitness as ``update_time.py`` does, runs a short inference so the
-update does not start from the previous one's caches, and times ``apply_fitness`` with the
-new weights' packing, on one thread or on all in turn. The JSON gives per cell the medians in
+Each round is one of ``update_time.py``'s (a fresh fitness, a short inference so the update
+does not start from the previous one's caches, then ``apply_fitness`` with the new weights'
+packing, timed), on one thread or on all in turn. The JSON gives per cell the medians in
 ms, one thread's over all threads' (above 1: threads faster), and what the engine's rule
 picks there.
 
@@ -17,9 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import time
 
-import numpy as np
+from update_time import timed_updates  # this directory's script: its rounds
 
 from intes.bench import bench_backend, bench_windows, machine_info, make_engine
 
@@ -28,24 +27,14 @@ def cell(model: str, dim: int, layers: int, population: int, rounds: int) -> dic
     engine = make_engine(model, dim, layers, population, 16, 1, bench_backend("auto", None, None))
     windows = bench_windows(engine)
     engine.step(windows[:, :3])  # warm-up: compiles every kernel
-    raw = engine.population_fitness(windows)
-    rng = np.random.default_rng(0)
-    spread = max(1, int(np.abs(raw).mean()) // 100)
-    picked = engine.update_threads()
-    seconds: dict[int, list[float]] = {1: [], engine.threads: []}
-    for r in range(rounds):
-        threads = 1 if r % 2 else engine.threads
-        engine.update_threads = lambda threads=threads: threads
-        fitness = (raw + rng.integers(-spread, spread + 1, raw.shape)).astype(np.int32)
-        engine.log_likelihood(windows[:256, :9])
-        start = time.perf_counter()
-        engine.apply_fitness(fitness)
-        _ = engine.prepared
-        seconds[threads].append(time.perf_counter() - start)
-    one, many = (1e3 * statistics.median(seconds[k]) for k in (1, engine.threads))
-    return {"dim": dim, "layers": layers, "population": population, "threads": engine.threads,
-            "one_thread_ms": round(one, 3), "threads_ms": round(many, 3),
-            "one_over_threads": round(one / many, 3), "rule_picks": picked}
+    picked, many = engine.update_threads, engine.threads
+    seconds: dict[int, list[float]] = {1: [], many: []}
+    for threads, s in timed_updates(engine, windows, rounds, lambda r: 1 if r % 2 else many):
+        seconds[threads].append(s)
+    one, all_ = (1e3 * statistics.median(seconds[k]) for k in (1, many))
+    return {"dim": dim, "layers": layers, "population": population, "threads": many,
+            "one_thread_ms": round(one, 3), "threads_ms": round(all_, 3),
+            "one_over_threads": round(one / all_, 3), "rule_picks": picked}
 
 
 def main() -> None:

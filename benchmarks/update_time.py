@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import intes  # noqa: E402
 from intes.bench import bench_backend, bench_windows, machine_info, make_engine  # noqa: E402
+
+
+def timed_updates(engine, windows: np.ndarray, rounds: int,
+                  threads_of_round: Callable[[int], int] | None = None
+                  ) -> list[tuple[int, float]]:
+    """(threads, seconds) of ``rounds`` updates with the new weights' packing, each on a fresh
+    fitness after a short inference (see the module docstring); ``threads_of_round(r)``, if
+    given, sets the update's threads for round r."""
+    raw = engine.population_fitness(windows)
+    rng = np.random.default_rng(0)
+    spread = max(1, int(np.abs(raw).mean()) // 100)
+    timed = []
+    for r in range(rounds):
+        if threads_of_round is not None:
+            engine.update_threads = threads_of_round(r)
+        fitness = (raw + rng.integers(-spread, spread + 1, raw.shape)).astype(np.int32)
+        engine.log_likelihood(windows[:256, :9])
+        start = time.perf_counter()
+        engine.apply_fitness(fitness)
+        _ = engine.prepared
+        # an older checkout, where this script may be copied, has no update_threads
+        timed.append((getattr(engine, "update_threads", engine.threads),
+                      time.perf_counter() - start))
+    return timed
 
 
 def main() -> None:
@@ -43,17 +68,7 @@ def main() -> None:
                          bench_backend("auto", args.threads, None))
     windows = bench_windows(engine)
     engine.step(windows[:, :3])  # warm-up: compiles every kernel
-    raw = engine.population_fitness(windows)
-    rng = np.random.default_rng(0)
-    spread = max(1, int(np.abs(raw).mean()) // 100)
-    seconds = []
-    for _ in range(args.rounds):
-        fitness = (raw + rng.integers(-spread, spread + 1, raw.shape)).astype(np.int32)
-        engine.log_likelihood(windows[:256, :9])
-        start = time.perf_counter()
-        engine.apply_fitness(fitness)
-        _ = engine.prepared
-        seconds.append(time.perf_counter() - start)
+    seconds = [s for _, s in timed_updates(engine, windows, args.rounds)]
     print(json.dumps({"config": vars(args), "threads": engine.threads,
                       "update_ms_median": 1e3 * statistics.median(seconds),
                       "update_ms_min": 1e3 * min(seconds), "intes": intes.__file__,

@@ -124,6 +124,15 @@ THREADED_UPDATE_WORK = 250_000_000  # pairs x es.update_cost summed over the ten
 THREADED_UPDATE_WEIGHTS = 1 << 20  # matrix weights, each read, stepped and packed anew
 
 
+def update_threads(specs: list[ParamSpec], cfg: es.ESConfig, threads: int) -> int:
+    """Threads for the update: ``threads``, or one where the update is too small for them to
+    pay (``THREADED_UPDATE_WORK``, ``THREADED_UPDATE_WEIGHTS``)."""
+    work = cfg.pairs * sum(es.update_cost(s, cfg.rank) for s in specs)
+    weights = sum(int(np.prod(s.shape)) for s in specs if s.kind == "matrix")
+    large = work >= THREADED_UPDATE_WORK or weights >= THREADED_UPDATE_WEIGHTS
+    return threads if large else 1
+
+
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     """One process-wide pool per thread count: its threads keep their backend scratch buffers."""
@@ -159,6 +168,7 @@ class Engine:
         self.params = params if params is not None else init_params(self.specs, config.seed)
         self.step_index = step
         self.threads = max(1, int(getattr(self.backend, "threads", 1)))
+        self.update_threads = update_threads(self.specs, config.es, self.threads)
         self._prepared = None
 
     @property
@@ -223,19 +233,6 @@ class Engine:
         """Fitness of every member (see ``evaluate_pairs``)."""
         return self.evaluate_pairs(windows, 0, self.config.es.pairs, chunk_pairs)
 
-    def update_threads(self) -> int:
-        """Threads for the update: the backend's, or one where the update is too small for
-        them to pay (``THREADED_UPDATE_WORK``, ``THREADED_UPDATE_WEIGHTS``)."""
-        return self._update_threads
-
-    @functools.cached_property
-    def _update_threads(self) -> int:  # fixed by the config: worked out once, not per step
-        cfg = self.config.es
-        work = cfg.pairs * sum(es.update_cost(s, cfg.rank) for s in self.specs)
-        weights = sum(int(np.prod(s.shape)) for s in self.specs if s.kind == "matrix")
-        large = work >= THREADED_UPDATE_WORK or weights >= THREADED_UPDATE_WEIGHTS
-        return self.threads if large else 1
-
     def apply_fitness(self, raw: np.ndarray) -> np.ndarray:
         """Shape member fitness, update the weights from seeds, advance the step."""
         cfg = self.config
@@ -247,7 +244,7 @@ class Engine:
                 prepared[spec.name] = self.backend.prepare(new)
 
         self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
-                              shaped, cfg.es, self.map, self.update_threads(), prepare_matrix)
+                              shaped, cfg.es, self.map, self.update_threads, prepare_matrix)
         self._prepared = prepared
         self.step_index += 1
         return shaped

@@ -457,24 +457,27 @@ def test_the_update_makes_the_same_weights_on_one_thread_or_all(case, threads):
     made = []
     for picked in (1, threads):
         threaded = Engine(case.config, CappedReference(threads, None), params=e.params)
-        threaded.update_threads = lambda picked=picked: picked
+        threaded.update_threads = picked
         threaded.apply_fitness(raw)
         made.append(threaded.params)
     assert_same_params(*made)
 
 
-@pytest.mark.parametrize("dim, layers, population, threaded", [
-    (8, 1, 4, False),  # tiny: one thread
-    (64, 2, 1024, False),  # below both figures
-    (64, 2, 4096, True),  # the pairs' work passes THREADED_UPDATE_WORK
-    (256, 2, 64, True),  # 1.8 M matrix weights pass THREADED_UPDATE_WEIGHTS
+@pytest.mark.parametrize("vocab, dim, layers, population, threaded", [
+    (VOCAB, 8, 1, 4, False),  # tiny: one thread
+    (VOCAB, 64, 2, 1024, False),  # below both figures
+    (VOCAB, 64, 2, 4096, True),  # the pairs' work passes THREADED_UPDATE_WORK
+    (256, 128, 2, 664, False),  # docs/speed.md: below 666 at width 128 (2 layers)
+    (256, 128, 2, 666, True),  # the pairs' work reaches THREADED_UPDATE_WORK
+    (256, 64, 2, 1800, False),  # and below 1,802 at width 64
+    (256, 64, 2, 1802, True),
+    (256, 256, 2, 2, True),  # 1.8 M matrix weights pass THREADED_UPDATE_WEIGHTS
 ])
-def test_update_threads_follow_the_update_size(dim, layers, population, threaded):
-    config = TrainConfig(ModelConfig("rwkv", VOCAB, dim, layers), ESConfig(population=population),
+def test_update_threads_follow_the_update_size(vocab, dim, layers, population, threaded):
+    config = TrainConfig(ModelConfig("rwkv", vocab, dim, layers), ESConfig(population=population),
                          4)
-    engine = Engine(config, CappedReference(3, None))
-    assert engine.update_threads() == (3 if threaded else 1)
-    assert Engine(config, CappedReference(1, None)).update_threads() == 1
+    assert Engine(config, CappedReference(3, None)).update_threads == (3 if threaded else 1)
+    assert Engine(config, CappedReference(1, None)).update_threads == 1
 
 
 class BlockReference(ReferenceBackend):

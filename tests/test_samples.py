@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -42,6 +44,19 @@ def test_every_countdown_sample_solution_earns_the_full_reward():
     assert reward(prompts[0], "1 + 1 + 1") == 0.0  # a number used more often than given
 
 
+def _steps(node: ast.AST) -> list[tuple[int, str, int, int]]:
+    """(value, op, left, right) of every step of a solution, inner steps first."""
+    if isinstance(node, ast.Constant):
+        return []
+    left, right = (_steps(side) for side in (node.left, node.right))
+    a, b = (side[-1][0] if side else child.value
+            for side, child in ((left, node.left), (right, node.right)))
+    op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
+    value = Fraction(a) + b if op == "+" else Fraction(a) - b if op == "-" else (
+        Fraction(a) * b if op == "*" else Fraction(a) / b)
+    return [*left, *right, (value, op, a, b)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_countdown_recipe_makes_solvable_puzzles_under_the_rules(seed):
@@ -51,6 +66,9 @@ def test_countdown_recipe_makes_solvable_puzzles_under_the_rules(seed):
     assert target in RECIPE.TARGETS and target not in numbers
     assert countdown_score(numbers, target, solution) == 1.0
     assert countdown_score(numbers, target, f"<answer>{solution}</answer>") == 1.0
+    for value, op, a, b in _steps(ast.parse(solution, mode="eval").body):
+        assert value.denominator == 1 and value > 0  # every step a positive integer
+        assert not (op in "*/" and 1 in (a, b))  # no step by 1
 
 
 def test_conciseness_sample_has_a_target_for_every_prompt():
