@@ -121,7 +121,7 @@ def test_cuda_source_compiles_for_h100() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernels.cu"
         src.write_text(ck.SOURCE)
-        out = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-std=c++14",
+        out = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-std=c++17",
                               *ck.compile_options(), "-o", str(Path(tmp) / "k.cubin"), str(src)],
                              capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

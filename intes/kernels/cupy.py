@@ -362,7 +362,7 @@ def cupy_kernels() -> Kernels:
     """The kernels compiled by NVRTC for the current CUDA device (cupy must import)."""
     import cupy
 
-    module = cupy.RawModule(code=SOURCE, options=("--std=c++14", *compile_options()))
+    module = cupy.RawModule(code=SOURCE, options=("--std=c++17", *compile_options()))
 
     functions: dict[str, Any] = {}
 

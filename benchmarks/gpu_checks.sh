@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU check of the cuda backend in one go, for a short lease on a CUDA machine:
+#   1. the machine and library versions            -> OUT/env.txt
+#   2. bench_gpu.py at one point (parity included) -> OUT/smoke.json
+#   3. the bench_gpu.py sweep, stopped after SWEEP_S -> OUT/sweep.json
+#   4. the GPU tests (tests/test_cuda_backend.py)  -> OUT/log.txt
+#   5. `intes bench --backend cuda` (the Engine through the Backend interface) -> OUT/cli_bench.json
+# Each stage has its own time limit and a failing stage does not stop the next; everything
+# printed goes to OUT/log.txt. Run from the project root:
+#   benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]
+# (SMOKE_S, TESTS_S and CLI_S in the environment change those stages' limits).
+set -u
+out=${1:?usage: benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]}
+sweep_s=${2:-120}
+populations=${3:-1024 4096 16384 65536 262144}
+widths=${4:-256 512 1024 2048}
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, report its status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" >>"$log"
+    local start=$SECONDS
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start))s" | tee -a "$log"
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 - <<'PY'
+import importlib.metadata as md, platform
+print("python", platform.python_version())
+for lib in ("torch", "triton", "cupy-cuda12x", "cupy-cuda13x", "numpy", "numba"):
+    try:
+        print(lib, md.version(lib))
+    except md.PackageNotFoundError:
+        pass
+from intes.kernels.cuda import unavailable_reason
+print("cuda backend:", unavailable_reason() or "available")
+PY
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+stage smoke ${SMOKE_S:-120} python3 benchmarks/bench_gpu.py --populations 4096 --widths 512 --tokens 4 \
+    --out "$out/smoke.json"
+# shellcheck disable=SC2086  # the lists split into arguments
+stage sweep $((sweep_s + 60)) python3 benchmarks/bench_gpu.py --populations $populations \
+    --widths $widths --budget-s "$sweep_s" --out "$out/sweep.json"
+stage tests ${TESTS_S:-200} python3 -m pytest -o addopts= -q -rs -k "not emulated" \
+    tests/test_cuda_backend.py
+stage cli-bench ${CLI_S:-90} sh -c "python3 -m intes bench --backend cuda --no-naive --repeats 2 \
+    >'$out/cli_bench.json'"
