@@ -8,7 +8,8 @@
 # Each stage has its own time limit and a failing stage does not stop the next; everything
 # printed goes to OUT/log.txt. Run from the project root:
 #   benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]
-# (SMOKE_S, TESTS_S and CLI_S in the environment change those stages' limits).
+# (SMOKE_S, TESTS_S and CLI_S in the environment change those stages' limits, SWEEP_ARGS adds
+# arguments to the sweep's bench_gpu.py, e.g. "--repeats 1").
 set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]}
 sweep_s=${2:-120}
@@ -16,7 +17,7 @@ populations=${3:-1024 4096 16384 65536 262144}
 widths=${4:-256 512 1024 2048}
 mkdir -p "$out"
 log="$out/log.txt"
-export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-device}
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, report its status
     local name=$1 limit=$2
@@ -43,12 +44,14 @@ PY
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-stage smoke ${SMOKE_S:-120} python3 benchmarks/bench_gpu.py --populations 4096 --widths 512 --tokens 4 \
-    --out "$out/smoke.json"
+stage smoke "${SMOKE_S:-120}" python3 benchmarks/bench_gpu.py --populations 4096 --widths 512 \
+    --tokens 4 --out "$out/smoke.json"
 # shellcheck disable=SC2086  # the lists split into arguments
 stage sweep $((sweep_s + 60)) python3 benchmarks/bench_gpu.py --populations $populations \
-    --widths $widths --budget-s "$sweep_s" --out "$out/sweep.json"
-stage tests ${TESTS_S:-200} python3 -m pytest -o addopts= -q -rs -k "not emulated" \
-    tests/test_cuda_backend.py
-stage cli-bench ${CLI_S:-90} sh -c "python3 -m intes bench --backend cuda --no-naive --repeats 2 \
+    --widths $widths --budget-s "$sweep_s" --out "$out/sweep.json" ${SWEEP_ARGS:-}
+per_test=()  # a hung test must not take the other tests' time
+python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 100)
+stage tests "${TESTS_S:-200}" python3 -m pytest -o addopts= -q -rfs --tb=short "${per_test[@]}" \
+    -k "not emulated" tests/test_cuda_backend.py
+stage cli-bench "${CLI_S:-90}" sh -c "python3 -m intes bench --backend cuda --no-naive --repeats 2 \
     >'$out/cli_bench.json'"

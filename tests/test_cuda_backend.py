@@ -74,6 +74,8 @@ def run(kernels: ck.Kernels, name: str, *args, **kwargs) -> np.ndarray:
     xp = kernels.xp
 
     def move(a):
+        if isinstance(a, tuple):
+            return tuple(move(v) for v in a)
         return xp.asarray(a) if isinstance(a, np.ndarray) else a
 
     out = getattr(kernels, name)(*[move(a) for a in args],

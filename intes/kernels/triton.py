@@ -219,8 +219,10 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, xb_ptr, keys_ptr, a_ptr,
     for k0 in range(0, n_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         wt = tl.trans(_load_rows(w_ptr, outs, ks, n_out, n_in, stride_w))
-        acc_e = tl.dot(_load_rows(x_ptr, even, ks, rows, n_in, stride_x), wt, acc_e)
-        acc_o = tl.dot(_load_rows(x_ptr, odd, ks, rows, n_in, stride_x), wt, acc_o)
+        acc_e = tl.dot(_load_rows(x_ptr, even, ks, rows, n_in, stride_x), wt, acc_e,
+                       out_dtype=tl.int32)
+        acc_o = tl.dot(_load_rows(x_ptr, odd, ks, rows, n_in, stride_x), wt, acc_o,
+                       out_dtype=tl.int32)
     if NOISE != 0:
         c_e, c_o = _corrections(xb_ptr, keys_ptr, a_ptr, a_stride, pairs, outs, rows, n_out,
                                 sigma_shift, RANK, NOISE == 1)
@@ -319,7 +321,7 @@ def _update_kernel(w_ptr, out_ptr, a_ptr, b_ptr, f_ptr, n_out, n_in, depth, a_st
                         mask=omask[:, None] & qmask[None, :], other=0)
             b = tl.load(b_ptr + p[:, None] * b_stride + ins[None, :] * RANK + j[:, None],
                         mask=qmask[:, None] & imask[None, :], other=0)
-            z = tl.dot((a.to(tl.int32) * g[None, :]).to(tl.int8), b, z)
+            z = tl.dot((a.to(tl.int32) * g[None, :]).to(tl.int8), b, z, out_dtype=tl.int32)
     wptrs = outs.to(tl.int64)[:, None] * n_in + ins[None, :]
     mask = omask[:, None] & imask[None, :]
     w = tl.load(w_ptr + wptrs, mask=mask, other=0).to(tl.int32)
