@@ -16,6 +16,6 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], prin
 
 settings.register_profile("ci", max_examples=20, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=200, **_COMMON)
-settings.register_profile("device", max_examples=20, derandomize=True,
+settings.register_profile("device", max_examples=10, derandomize=True,
                           phases=[Phase.explicit, Phase.generate], **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

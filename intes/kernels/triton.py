@@ -115,7 +115,13 @@ def _pair_noise(keys_ptr, fac_ptr, fac_stride, pairs, pmask, idx, imask, idx_bas
 
 
 def _configs(space: list[tuple[int, ...]], names: tuple[str, ...]) -> list[triton.Config]:
-    """Autotune configs from (block sizes..., warps, stages) tuples."""
+    """Autotune configs from (block sizes..., warps, stages) tuples.
+
+    INTES_TRITON_AUTOTUNE=0 keeps the first config alone: a test run on a GPU then compiles
+    each kernel variant once, not once per config.
+    """
+    if os.environ.get("INTES_TRITON_AUTOTUNE") == "0":
+        space = space[:1]
     return [triton.Config(dict(zip(names, c[:-2], strict=True)), num_warps=c[-2],
                           num_stages=c[-1]) for c in space]
 
