@@ -222,14 +222,13 @@ def report(child: subprocess.Popen) -> dict[str, str]:
     return json.loads(lines[-1])
 
 
-def _compile_sm90(kernel, constexprs: dict) -> tuple[str, int]:
-    """PTX and shared-memory bytes of a Triton kernel for an H100, with its first config."""
+def _compile_sm90(kernel, constexprs: dict, config) -> tuple[str, int]:
+    """PTX and shared-memory bytes of a Triton kernel for an H100, with one autotune config."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     pointers = {"x_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*i8", "a_ptr": "*i8", "b_ptr": "*i8",
                 "xb_ptr": "*i32", "keys_ptr": "*i32", "f_ptr": "*i32"}
-    config = kernel.configs[0]
     consts = {**constexprs, **config.kwargs}
     fn = kernel.fn
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
@@ -241,18 +240,21 @@ def _compile_sm90(kernel, constexprs: dict) -> tuple[str, int]:
     return compiled.asm["ptx"], compiled.metadata.shared
 
 
-@pytest.mark.parametrize("name,constexprs,tensor_cores", [
-    ("_linear_kernel", {"RANK": 2, "NOISE": 1}, True),
-    ("_xb_kernel", {"RANK": 2, "HASHED": True}, False),
-    ("_update_kernel", {"RANK": 2}, True),
-])
-def test_kernel_compiles_for_h100(child, name: str, constexprs: dict, tensor_cores: bool) -> None:
-    """Each kernel lowers for sm_90: int8 tensor-core MMAs where it multiplies, fits smem."""
+_KERNELS = [("_linear_kernel", {"RANK": 2, "NOISE": 1}, True),
+            ("_xb_kernel", {"RANK": 2, "HASHED": True}, False),
+            ("_update_kernel", {"RANK": 2}, True)]
+
+
+@pytest.mark.parametrize("name,constexprs,tensor_cores,config", [
+    (name, cx, tc, i) for name, cx, tc in _KERNELS for i in range(len(getattr(tk, name).configs))])
+def test_kernel_compiles_for_h100(child, name: str, constexprs: dict, tensor_cores: bool,
+                                  config: int) -> None:
+    """Every autotune config of each kernel lowers for sm_90: int8 tensor-core MMAs where it
+    multiplies, and it fits the shared memory."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 in this process: kernels are not compilable")
-    from intes.kernels import triton as tk
-
-    ptx, shared = _compile_sm90(getattr(tk, name), constexprs)
+    kernel = getattr(tk, name)
+    ptx, shared = _compile_sm90(kernel, constexprs, kernel.configs[config])
     assert shared <= SM90_SHARED_BYTES
     mma = [line for line in ptx.splitlines() if "mma" in line and ".s8.s8" in line]
     assert bool(mma) == tensor_cores, mma[:2]
