@@ -49,11 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from intes.kernels.cuda import peak_int8_tops
+
 RESULTS = Path(__file__).resolve().parent / "results"
-# Dense int8 tensor-core TOPS from NVIDIA's data sheets (the sparse figures halved), matched
-# against torch.cuda.get_device_name() in order.
-PEAK_INT8_TOPS = (("H100 PCIe", 1513.0), ("H100 NVL", 1670.5), ("H200 NVL", 1670.5),
-                  ("H100", 1979.0), ("H200", 1979.0), ("A100", 624.0), ("L40S", 733.0))
 
 
 @dataclass(frozen=True)
@@ -67,10 +65,6 @@ class Point:
     tokens: int
     rank: int
     sigma_shift: int
-
-
-def peak_tops(gpu: str) -> float | None:
-    return next((tops for name, tops in PEAK_INT8_TOPS if name in gpu), None)
 
 
 class Bench:
@@ -313,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     now = dt.datetime.now(dt.UTC)
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or RESULTS / f"gpu-{slug}-{now:%Y%m%d-%H%M%S}.json"
-    peak = peak_tops(gpu)
+    peak = peak_int8_tops(gpu)
     common = {"gpu": gpu, "date": now.isoformat(timespec="seconds"), "peak_int8_tops": peak,
               "parity": parity(kernels, device), **versions}
     records, start = [], time.perf_counter()

@@ -23,6 +23,10 @@ ES and inference run on the backend's threads (the cpu backend: one population s
 core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
 includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per core.
 
+``es_int8_tops`` and ``inference_int8_tops`` count the base products' integer operations
+(2 x the size of every matrix per member and token) over the ES step's and inference's wall
+time; on a GPU the JSON adds its name, dense int8 peak and the ES step's ``share_of_peak``.
+
 ``gemm_gflops`` is this machine's float32 BLAS GEMM at the model's base-product shapes
 (FLOP-weighted over its layers, rows sliced over the threads like the forward, int8 operands
 converted as the float32 engine converts them) and
@@ -464,8 +468,30 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
                    "vnni_gemm_gops": gemm_rates.get("vnni"),
                    "base_product_gflops": achieved,
                    "base_product_fraction": achieved / float_rate if achieved else None})
+    result.update(int8_rates(engine, result))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def int8_ops_per_token(engine: Engine) -> int:
+    """Integer operations (2 per multiply-add) of one member's token through the base
+    products: every matrix multiplies once per token (the embedding is a lookup)."""
+    return 2 * sum(int(np.prod(s.shape)) for s in engine.specs if s.kind == "matrix")
+
+
+def int8_rates(engine: Engine, result: dict) -> dict:
+    """The base products' int8 TOPS in the ES step and in inference (low-rank terms, update
+    and elementwise ops not counted), and, on an accelerator, its peak and the ES step's
+    share of it."""
+    ops = int8_ops_per_token(engine) / 1e12
+    rates = {"es_int8_tops": result["es_tokens_per_s"] * ops,
+             "inference_int8_tops": result["inference_tokens_per_s"] * ops}
+    if hasattr(engine.backend, "accelerator"):
+        device = engine.backend.accelerator()
+        peak = device["peak_int8_tops"]
+        rates.update({"accelerator": device,
+                      "share_of_peak": rates["es_int8_tops"] / peak if peak else None})
+    return rates
 
 
 def bench_backend(name: str, threads: int | None, gemm: str | None = None) -> Backend:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,8 @@ from intes.bench import (
     bench_runs,
     bench_windows,
     full_rank_pair_params,
+    int8_ops_per_token,
+    int8_rates,
     low_rank_pair_params,
     make_engine,
 )
@@ -77,7 +80,7 @@ from intes.kernels.vnni import (
     quad_pair_dot_loop,
 )
 from intes.kernels.vnni_gemm import merged_rescale_fits, vnni_unavailable
-from intes.models.base import Ops, make_noise
+from intes.models.base import Ops, ParamSpec, make_noise
 from intes.models.egg import EGG, gru_scan
 
 CPU, REF = CpuBackend(), ReferenceBackend()
@@ -815,6 +818,10 @@ def test_bench_prints_one_json_object():
                 "update_fraction", "gemm_gflops", "base_product_gflops", "peak_rss_mb"):
         assert result[key] > 0, key
     assert result["gemm"] == CPU.gemm.description
+    ops = int8_ops_per_token(make_engine("rwkv", 8, 1, 4, 3, 1, CPU)) / 1e12
+    assert result["es_int8_tops"] == pytest.approx(result["es_tokens_per_s"] * ops)
+    assert result["inference_int8_tops"] == pytest.approx(result["inference_tokens_per_s"] * ops)
+    assert "accelerator" not in result and "share_of_peak" not in result
     assert (result["int8_gemm_gops"] is None) == (INT8_MISSING is not None)
     assert (result["avx2_gemm_gops"] is None) == (AVX2_MISSING is not None)
     machine = result["machine"]
@@ -824,6 +831,33 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).stdout)
     assert forced["gemm"] == F32.gemm.description
+
+
+@given(model=st.sampled_from(["rwkv", "egg"]), dim=st.sampled_from([8, 16, 24]),
+       layers=st.integers(1, 3), rows=st.integers(1, 4), tokens=st.integers(1, 3))
+def test_int8_ops_per_token_counts_every_base_product(model, dim, layers, rows, tokens):
+    """The TOPS figures' operation count is what the linear layers of a forward compute."""
+    counted = []
+
+    class Counting(ReferenceBackend):
+        def linear(self, x, w, shift, noise, sigma_shift):
+            out = super().linear(x, w, shift, noise, sigma_shift)
+            counted.append(2 * x.shape[0] * x.shape[1] * out.shape[1])
+            return out
+
+    engine = make_engine(model, dim, layers, 4, tokens, 1, Counting())
+    windows = np.random.default_rng(0).integers(0, 256, size=(rows, tokens + 1))
+    engine.log_likelihood(windows)
+    assert sum(counted) == int8_ops_per_token(engine) * rows * tokens
+
+
+def test_int8_rates_report_an_accelerators_share_of_peak():
+    specs = [ParamSpec("w", (4, 8), "matrix"), ParamSpec("emb", (16, 8), "embedding")]
+    device = {"name": "NVIDIA H200", "peak_int8_tops": 1000.0}
+    engine = SimpleNamespace(specs=specs, backend=SimpleNamespace(accelerator=lambda: device))
+    rates = int8_rates(engine, {"es_tokens_per_s": 1e12, "inference_tokens_per_s": 2e12})
+    assert rates == {"es_int8_tops": 64.0, "inference_int8_tops": 128.0, "accelerator": device,
+                     "share_of_peak": 0.064}
 
 
 @settings(max_examples=6, deadline=None)

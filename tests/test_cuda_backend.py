@@ -118,6 +118,19 @@ def test_module_imports_without_gpu_libraries() -> None:
                                   "(pip install torch)")
 
 
+@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 1979.0), ("NVIDIA H100 PCIe", 1513.0),
+                                       ("NVIDIA H100 80GB HBM3", 1979.0), ("Tesla T4", None)])
+def test_peak_int8_tops_by_device_name(name: str, peak: float | None) -> None:
+    assert cuda.peak_int8_tops(name) == peak
+
+
+def test_emulated_backend_names_its_device(emulated) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    backend = cuda.CudaBackend(device="cpu", kernels=emulated)
+    assert backend.accelerator() == {"name": "cpu (emulated kernels)", "peak_int8_tops": None}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit) here")
 def test_cuda_source_compiles_for_h100() -> None:
     with tempfile.TemporaryDirectory() as tmp:

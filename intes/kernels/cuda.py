@@ -42,6 +42,15 @@ from intes.kernels.base import LowRank
 
 NOISE_MODES = ("cached", "kernel")
 _REQUIREMENTS = (("torch", "torch"), ("triton", "triton"), ("cupy", "cupy-cuda12x"))
+# Dense int8 tensor-core TOPS from NVIDIA's data sheets (the sparse figures halved), matched
+# against the device name in order: int8 ES uses no 2:4 sparsity.
+PEAK_INT8_TOPS = (("H100 PCIe", 1513.0), ("H100 NVL", 1670.5), ("H200 NVL", 1670.5),
+                  ("H100", 1979.0), ("H200", 1979.0), ("A100", 624.0), ("L40S", 733.0))
+
+
+def peak_int8_tops(device_name: str) -> float | None:
+    """The dense int8 tensor-core peak of a GPU by its name, None where the table lacks it."""
+    return next((tops for name, tops in PEAK_INT8_TOPS if name in device_name), None)
 
 
 @functools.cache
@@ -141,6 +150,13 @@ class CudaBackend:
         self.kernels = kernels if kernels is not None else device_kernels()
         self.noise_source = CudaNoise(self)
         self._cached: dict[int, Any] = {}  # id(KeyedFactor A) -> its DeviceNoise, see _noise
+
+    def accelerator(self) -> dict[str, Any]:
+        """The device's name and dense int8 peak (TOPS), for benchmark records."""
+        if self.device.type != "cuda":
+            return {"name": f"{self.device.type} (emulated kernels)", "peak_int8_tops": None}
+        name = self._torch.cuda.get_device_name(self.device)
+        return {"name": name, "peak_int8_tops": peak_int8_tops(name)}
 
     # -------------------------------------------------------------- moving arrays
 
