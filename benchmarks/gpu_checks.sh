@@ -4,7 +4,8 @@
 #   2. bench_gpu.py at one point (parity included) -> OUT/smoke.json
 #   3. the bench_gpu.py sweep, stopped after SWEEP_S -> OUT/sweep.json
 #   4. the GPU tests (tests/test_cuda_backend.py)  -> OUT/log.txt
-#   5. `intes bench --backend cuda` (the Engine through the Backend interface) -> OUT/cli_bench.json
+#   5. `intes bench` through the Engine, cuda and cpu backends side by side
+#      -> OUT/cli_bench_cuda.json, OUT/cli_bench_cpu.json
 # Each stage has its own time limit and a failing stage does not stop the next; everything
 # printed goes to OUT/log.txt. Run from the project root:
 #   benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]
@@ -53,5 +54,7 @@ per_test=()  # a hung test must not take the other tests' time
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 100)
 stage tests "${TESTS_S:-200}" python3 -m pytest -o addopts= -q -rfs --tb=short "${per_test[@]}" \
     -k "not emulated" tests/test_cuda_backend.py
-stage cli-bench "${CLI_S:-90}" sh -c "python3 -m intes bench --backend cuda --no-naive --repeats 2 \
-    >'$out/cli_bench.json'"
+for backend in cuda cpu; do
+    stage "cli-bench-$backend" "${CLI_S:-90}" sh -c "python3 -m intes bench --backend $backend \
+        --no-naive --repeats 2 >'$out/cli_bench_$backend.json'"
+done

@@ -294,11 +294,9 @@ def _gather_objects(obj: Any, what: str) -> list[Any]:
 
 def _uses_cuda(backend: str) -> bool:
     """Whether the compute backend ``backend`` (as get_backend resolves it) runs on CUDA."""
-    if backend != "auto":
-        return backend == "cuda"
-    from intes.kernels import available
+    from intes.kernels import resolve
 
-    return available().get("cuda") is None
+    return resolve(backend) == "cuda"
 
 
 def _bind_gpu(local_rank: int) -> None:

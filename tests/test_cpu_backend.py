@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from intes import intmath as im
+from intes import kernels
 from intes import noise as nz
 from intes.bench import (
     ISA_FLAGS,
@@ -37,7 +38,7 @@ from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
 from intes.es import NORMALIZED_MAX, ESConfig
-from intes.kernels import available, get_backend, vbmi
+from intes.kernels import available, vbmi
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import LowRank
 from intes.kernels.cpu import (
@@ -799,9 +800,14 @@ def test_unknown_gemm_is_a_config_error():
         CpuBackend(gemm="int4")
 
 
-def test_auto_picks_cpu_without_a_gpu():
-    if available()["cuda"] is not None:
-        assert get_backend("auto").name == "cpu"
+@pytest.mark.parametrize("cuda", [None, "cuda backend unavailable: no CUDA GPU"])
+def test_auto_picks_cpu_with_or_without_a_gpu(monkeypatch, cuda):
+    """The cpu backend outran the cuda backend through the Engine (AUTO_ORDER's comment)."""
+    status = {**available(), "cuda": cuda}
+    monkeypatch.setattr(kernels, "available", lambda: status)
+    assert kernels.resolve("auto") == "cpu"
+    status["cpu"] = "cpu backend unavailable: no numba"
+    assert kernels.resolve("auto") == ("cuda" if cuda is None else "reference")
 
 
 def test_bench_prints_one_json_object():

@@ -24,15 +24,30 @@ def available() -> dict[str, str | None]:
     return status
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """The named backend; 'auto' picks cuda if usable, else cpu, else reference."""
+# 'auto' prefers cpu to cuda: through the Engine, whose Backend interface moves numpy arrays
+# across the bus at every op, the cuda backend on an H200 ran the ES step at a tenth of the
+# cpu backend's speed on two cores (16.6 k against 176 k tokens/s, rwkv d256 x 2, N 1024:
+# benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json, cpu_bench_rwkv_n1024_zen4.json).
+# ``--backend cuda`` still selects it; bench_gpu.py times its kernels on the device.
+AUTO_ORDER = ("cpu", "cuda", "reference")
+
+
+def resolve(name: str = "auto") -> str:
+    """The usable backend a name means here ('auto': the first usable of ``AUTO_ORDER``);
+    ConfigError, in one line, for an unknown or unusable one."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     status = available()
     if name == "auto":
-        name = next(n for n in ("cuda", "cpu", "reference") if status.get(n, "missing") is None)
+        name = next(n for n in AUTO_ORDER if status.get(n, "missing") is None)
     if status.get(name) is not None:
         raise ConfigError(status[name])
+    return name
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """The named backend (see ``resolve``)."""
+    name = resolve(name)
     if name == "reference":
         from intes.kernels.reference import ReferenceBackend
         return ReferenceBackend()

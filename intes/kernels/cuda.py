@@ -19,7 +19,12 @@ and the update hashes each matrix's factors once, just before its GEMM. Vector n
 on the device and copied to the host, where ``Ops`` perturbs the vectors.
 
 The Backend interface takes and returns numpy arrays, so activations cross the bus once per
-op; ``benchmarks/bench_gpu.py`` times the device-resident kernels themselves.
+op; ``benchmarks/bench_gpu.py`` times the device-resident kernels themselves. The model's
+elementwise ops between the layers therefore run on the host too, in the cpu backend's fused
+numba kernels (``ew``; intmath's numpy ops where numba is missing): through the Engine on an
+H200, with numpy's ops, the whole ES step ran at a tenth of the cpu backend's speed on two
+cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``), which is also why
+``--backend auto`` does not pick this backend.
 
 Nothing here imports torch, triton or cupy at module import: ``unavailable_reason()`` says
 in one line why the backend cannot run, and ``CudaBackend(device="cpu",
@@ -97,6 +102,16 @@ def device_kernels() -> Any:
     return cupy_kernels()
 
 
+def host_elementwise() -> Any:
+    """The model's elementwise ops on the host: the cpu backend's numba kernels, else intmath."""
+    try:
+        from intes.kernels.cpu import CpuElementwise
+    except ImportError:
+        from intes import intmath
+        return intmath
+    return CpuElementwise
+
+
 @dataclass(frozen=True, eq=False)
 class KeyedFactor:
     """One low-rank factor (P, n, r) known only by its pairs' stream keys.
@@ -149,6 +164,7 @@ class CudaBackend:
         self.device = torch.device(device)
         self.kernels = kernels if kernels is not None else device_kernels()
         self.noise_source = CudaNoise(self)
+        self.ew = host_elementwise()
         self._cached: dict[int, Any] = {}  # id(KeyedFactor A) -> its DeviceNoise, see _noise
 
     def accelerator(self) -> dict[str, Any]:
