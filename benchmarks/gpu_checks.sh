@@ -4,12 +4,13 @@
 #   2. bench_gpu.py at one point (parity included) -> OUT/smoke.json
 #   3. the bench_gpu.py sweep, stopped after SWEEP_S -> OUT/sweep.json
 #   4. the GPU tests (tests/test_cuda_backend.py)  -> OUT/log.txt
-#   5. `intes bench` through the Engine, cuda and cpu backends side by side
+#   5. profile_gpu.py: one point's step split by op -> OUT/profile.json
+#   6. `intes bench` through the Engine, cuda and cpu backends side by side
 #      -> OUT/cli_bench_cuda.json, OUT/cli_bench_cpu.json
 # Each stage has its own time limit and a failing stage does not stop the next; everything
 # printed goes to OUT/log.txt. Run from the project root:
 #   benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]
-# (SMOKE_S, TESTS_S and CLI_S in the environment change those stages' limits, SWEEP_ARGS adds
+# (SMOKE_S, TESTS_S, PROFILE_S and CLI_S in the environment change those stages' limits, SWEEP_ARGS adds
 # arguments to the sweep's bench_gpu.py, e.g. "--repeats 1").
 set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]}
@@ -54,6 +55,8 @@ per_test=()  # a hung test must not take the other tests' time
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 100)
 stage tests "${TESTS_S:-200}" python3 -m pytest -o addopts= -q -rfs --tb=short "${per_test[@]}" \
     -k "not emulated" tests/test_cuda_backend.py
+stage profile "${PROFILE_S:-120}" sh -c "python3 benchmarks/profile_gpu.py --population 65536 \
+    --width 2048 >'$out/profile.json'"
 for backend in cuda cpu; do
     stage "cli-bench-$backend" "${CLI_S:-90}" sh -c "python3 -m intes bench --backend $backend \
         --no-naive --repeats 2 >'$out/cli_bench_$backend.json'"
