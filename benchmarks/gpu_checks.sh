@@ -10,8 +10,10 @@
 # Each stage has its own time limit and a failing stage does not stop the next; everything
 # printed goes to OUT/log.txt. Run from the project root:
 #   benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]
-# (SMOKE_S, TESTS_S, PROFILE_S and CLI_S in the environment change those stages' limits, SWEEP_ARGS adds
-# arguments to the sweep's bench_gpu.py, e.g. "--repeats 1").
+# (SMOKE_S, TESTS_S, PROFILE_S and CLI_S in the environment change those stages' limits,
+# SWEEP_ARGS adds arguments to the sweep's bench_gpu.py, e.g. "--repeats 1"). The tests run
+# each Triton kernel with its first autotune config alone (INTES_TRITON_AUTOTUNE=0): with all
+# of them, compiling every kernel variant took longer than the tests' 110 s on an H200.
 set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]}
 sweep_s=${2:-120}
@@ -53,7 +55,7 @@ stage sweep $((sweep_s + 60)) python3 benchmarks/bench_gpu.py --populations $pop
     --widths $widths --budget-s "$sweep_s" --out "$out/sweep.json" ${SWEEP_ARGS:-}
 per_test=()  # a hung test must not take the other tests' time
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 100)
-stage tests "${TESTS_S:-200}" python3 -m pytest -o addopts= -q -rfs --tb=short "${per_test[@]}" \
+stage tests "${TESTS_S:-200}" env INTES_TRITON_AUTOTUNE=0 python3 -m pytest -o addopts= -q -rfs --tb=short "${per_test[@]}" \
     -k "not emulated" tests/test_cuda_backend.py
 stage profile "${PROFILE_S:-120}" sh -c "python3 benchmarks/profile_gpu.py --population 65536 \
     --width 2048 >'$out/profile.json'"
