@@ -21,10 +21,10 @@ on the device and copied to the host, where ``Ops`` perturbs the vectors.
 The Backend interface takes and returns numpy arrays, so activations cross the bus once per
 op; ``benchmarks/bench_gpu.py`` times the device-resident kernels themselves. The model's
 elementwise ops between the layers therefore run on the host too, in the cpu backend's fused
-numba kernels (``ew``; intmath's numpy ops where numba is missing): through the Engine on an
-H200, with numpy's ops, the whole ES step ran at a tenth of the cpu backend's speed on two
-cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``), which is also why
-``--backend auto`` does not pick this backend.
+numba kernels (``ew``; intmath's numpy ops where numba is missing). Through the Engine on an
+H200, when those ops were still numpy's, the whole ES step ran at a tenth of the cpu
+backend's speed on two cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``),
+which is why ``--backend auto`` does not pick this backend.
 
 Nothing here imports torch, triton or cupy at module import: ``unavailable_reason()`` says
 in one line why the backend cannot run, and ``CudaBackend(device="cpu",
