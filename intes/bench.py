@@ -244,10 +244,12 @@ def time_runs(engine: Engine, windows: np.ndarray, repeats: int,
     meet the same machine load (on a shared machine it changes within seconds).
 
     The ES step is split into forward+fitness and update, and carries its base-product time.
-    Returns (es, inference, {GEMM engine: bare GFLOP/s}).
+    Returns (es, inference, {GEMM engine: bare GFLOP/s}); no GEMMs for a backend on an
+    accelerator, where this CPU's rates say nothing.
     """
     es, inference = None, None
-    suites = {name: GemmSuite(engine, gemm) for name, gemm in gemm_engines().items()}
+    engines = {} if hasattr(engine.backend, "accelerator") else gemm_engines()
+    suites = {name: GemmSuite(engine, gemm) for name, gemm in engines.items()}
     gemm_s = dict.fromkeys(suites, float("inf"))
     for _ in range(repeats):
         if timer:
@@ -462,7 +464,7 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
     # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
     threads = engine.threads
     achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
-    float_rate = gemm_rates["float32"]
+    float_rate = gemm_rates.get("float32")
     result.update({"gemm_gflops": float_rate, "int8_gemm_gops": gemm_rates.get("int8"),
                    "avx2_gemm_gops": gemm_rates.get("avx2"),
                    "vnni_gemm_gops": gemm_rates.get("vnni"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,7 +29,6 @@ from intes.bench import (
     bench_windows,
     full_rank_pair_params,
     int8_ops_per_token,
-    int8_rates,
     low_rank_pair_params,
     make_engine,
 )
@@ -81,7 +79,7 @@ from intes.kernels.vnni import (
     quad_pair_dot_loop,
 )
 from intes.kernels.vnni_gemm import merged_rescale_fits, vnni_unavailable
-from intes.models.base import Ops, ParamSpec, make_noise
+from intes.models.base import Ops, make_noise
 from intes.models.egg import EGG, gru_scan
 
 CPU, REF = CpuBackend(), ReferenceBackend()
@@ -857,13 +855,20 @@ def test_int8_ops_per_token_counts_every_base_product(model, dim, layers, rows, 
     assert sum(counted) == int8_ops_per_token(engine) * rows * tokens
 
 
-def test_int8_rates_report_an_accelerators_share_of_peak():
-    specs = [ParamSpec("w", (4, 8), "matrix"), ParamSpec("emb", (16, 8), "embedding")]
-    device = {"name": "NVIDIA H200", "peak_int8_tops": 1000.0}
-    engine = SimpleNamespace(specs=specs, backend=SimpleNamespace(accelerator=lambda: device))
-    rates = int8_rates(engine, {"es_tokens_per_s": 1e12, "inference_tokens_per_s": 2e12})
-    assert rates == {"es_int8_tops": 64.0, "inference_int8_tops": 128.0, "accelerator": device,
-                     "share_of_peak": 0.064}
+def test_bench_on_an_accelerator_reports_its_share_of_peak():
+    """A backend on an accelerator gets the device, its peak and the ES step's share of it,
+    and no bare CPU GEMMs (this CPU's rates say nothing about it)."""
+    device = {"name": "test accelerator", "peak_int8_tops": 1e-6}
+
+    class OnAccelerator(ReferenceBackend):
+        def accelerator(self):
+            return device
+
+    engine = make_engine("rwkv", 8, 1, 4, 3, 1, OnAccelerator())
+    result = _measure(engine, bench_windows(engine), 1, False, lambda: None)
+    assert result["accelerator"] == device
+    assert result["share_of_peak"] == result["es_int8_tops"] / device["peak_int8_tops"] > 0
+    assert result["gemm_gflops"] is None and result["vnni_gemm_gops"] is None
 
 
 @settings(max_examples=6, deadline=None)
