@@ -293,7 +293,10 @@ def _gather_objects(obj: Any, what: str) -> list[Any]:
 
 
 def _uses_cuda(backend: str) -> bool:
-    """Whether the compute backend ``backend`` (as get_backend resolves it) runs on CUDA."""
+    """Whether the compute backend ``backend`` runs on CUDA: a named one ("cuda" is also what
+    the HF adapter passes for a torch CUDA device) or the one 'auto' resolves to."""
+    if backend != "auto":
+        return backend == "cuda"
     from intes.kernels import resolve
 
     return resolve(backend) == "cuda"

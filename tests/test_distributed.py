@@ -140,6 +140,18 @@ def test_digest_sees_every_byte_dtype_and_name() -> None:
                 distributed.digest([("w", a.reshape(15, 8))])}) == 5
 
 
+@pytest.mark.parametrize("cuda_status", [None, "cuda backend unavailable: no CUDA GPU"])
+def test_nccl_only_for_work_on_cuda(monkeypatch, cuda_status) -> None:
+    """A named backend is taken as named ("cuda" is also the HF adapter's torch device, whose
+    run needs no triton or cupy); 'auto' as the compute backends resolve it (the cpu one)."""
+    from intes import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: {"reference": None, "cpu": None,
+                                                       "cuda": cuda_status})
+    assert distributed._uses_cuda("cuda") and not distributed._uses_cuda("cpu")
+    assert not distributed._uses_cuda("auto")
+
+
 def test_collectives_are_no_ops_in_one_process() -> None:
     local = np.arange(6, dtype=np.int32)
     assert distributed.shard_range(6) == (0, 6)
