@@ -169,6 +169,8 @@ class Engine:
         self.step_index = step
         self.threads = max(1, int(getattr(self.backend, "threads", 1)))
         self.update_threads = update_threads(self.specs, config.es, self.threads)
+        # a backend that keeps activations in its own memory scores with its own loop
+        self.score: Callable[..., np.ndarray] = getattr(self.backend, "score", score)
         self._prepared = None
 
     @property
@@ -196,7 +198,7 @@ class Engine:
     def evaluate_members(self, windows: np.ndarray, pair_start: int, pair_stop: int) -> np.ndarray:
         """Fitness (int32) of members 2*pair_start .. 2*pair_stop-1 on their windows rows."""
         ops = self.member_ops(pair_start, pair_stop)
-        return score(self.model, ops, windows[2 * pair_start:2 * pair_stop])
+        return self.score(self.model, ops, windows[2 * pair_start:2 * pair_stop])
 
     def chunks(self, count: int, rows_each: int) -> list[tuple[int, int]]:
         """[0, count) in near-equal contiguous chunks for the backend's threads, each item
@@ -266,8 +268,8 @@ class Engine:
         spans = self.chunks(len(windows), 1)
         if not spans:
             return np.zeros(0, dtype=np.int32)
-        return np.concatenate(self.map(lambda s: score(self.model, ops, windows[s[0]:s[1]]),
-                                       spans))
+        return np.concatenate(self.map(lambda s: self.score(self.model, ops,
+                                                            windows[s[0]:s[1]]), spans))
 
 
 def member_windows(sequences: np.ndarray, group_size: int) -> np.ndarray:

@@ -226,6 +226,41 @@ def test_sat_add_matches_intmath(kernels, rows, d, terms, broadcast, extreme, se
     assert np.array_equal(run(kernels, "sat_add", *ops), im.sat_add(*ops))
 
 
+@given(rows=st.integers(1, 6), d=st.integers(1, 64), per_row=st.booleans(),
+       extreme=st.booleans(), seed=seeds)
+def test_token_mix_matches_intmath(kernels, rows, d, per_row, extreme, seed):
+    rng = np.random.default_rng(seed)
+    x, prev = _int8(rng, (rows, d), extreme), _int8(rng, (rows, d), extreme)
+    mu = _int8(rng, (rows if per_row else 1, d), extreme)
+    assert np.array_equal(run(kernels, "token_mix", x, prev, mu), im.token_mix(x, prev, mu))
+
+
+@given(rows=st.integers(1, 6), d=st.integers(1, 64), extreme=st.booleans(), seed=seeds)
+def test_gates_and_activations_match_intmath(kernels, rows, d, extreme, seed):
+    rng = np.random.default_rng(seed)
+    a, b, c = (_int8(rng, (rows, d), extreme) for _ in range(3))
+    assert np.array_equal(run(kernels, "sigmoid_gate", a, b), im.sigmoid_gate(a, b))
+    assert np.array_equal(run(kernels, "gru_blend", a, b, c), im.gru_blend(a, b, c))
+    assert np.array_equal(run(kernels, "relu", a), im.relu(a))
+    assert np.array_equal(run(kernels, "lut8", "RELU_SQ_TABLE", a), im.relu_sq(a))
+
+
+@given(rows=st.integers(1, 6), d=st.integers(1, 64), per_row=st.booleans(),
+       steps=st.integers(1, 40), extreme=st.booleans(), seed=seeds)
+def test_wkv_steps_match_intmath(kernels, rows, d, per_row, steps, extreme, seed):
+    """Many steps, so the int32 states reach the sizes the bounds allow."""
+    rng = np.random.default_rng(seed)
+    decay = _int8(rng, (rows if per_row else 1, d), extreme)
+    num = den = np.zeros((rows, d), dtype=np.int32)
+    got_num, got_den = num, den
+    for _ in range(steps):
+        k, v = _int8(rng, (rows, d), extreme), _int8(rng, (rows, d), extreme)
+        wkv, num, den = im.wkv_step(num, den, k, v, decay)
+        got, got_num, got_den = run(kernels, "wkv_step", got_num, got_den, k, v, decay)
+        assert np.array_equal(got, wkv)
+        assert np.array_equal(got_num, num) and np.array_equal(got_den, den)
+
+
 # ---------------------------------------------------------------- the backend on a GPU
 
 
@@ -301,13 +336,16 @@ def test_vector_noise_and_update_match_reference(gpu, pairs, n, seed):
 @needs_gpu
 @pytest.mark.parametrize("kind", ["rwkv", "egg"])
 def test_two_es_steps_match_reference(gpu, kind) -> None:
+    """Members scored with activations and state on the device (CudaBackend.score)."""
     cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=64, dim=32, layers=2),
                       es=es.ESConfig(population=16, group_size=2, rank=2, fitness="normalized"),
                       seq_len=6, seed=5)
     ref, dev = Engine(cfg, backend=ReferenceBackend()), Engine(cfg, backend=gpu)
     rng = np.random.default_rng(1)
     for _ in range(2):
-        windows = rng.integers(0, 64, size=(16, 7))
+        windows = rng.integers(1, 64, size=(16, 7))
+        windows[rng.random(windows.shape) < 0.1] = 0  # document starts: states reset there
         assert np.array_equal(dev.step(windows, chunk_pairs=3), ref.step(windows))
         for name, value in ref.params.items():
             assert np.array_equal(dev.params[name], value), name
+    assert np.array_equal(dev.log_likelihood(windows), ref.log_likelihood(windows))

@@ -156,7 +156,9 @@ def update_matches_reference(pairs: int, rows: int, cols: int, rank: int, fit: s
 
 @check
 def cuda_backend_two_es_steps_match_reference() -> None:
-    """The whole CudaBackend on a CPU: two ES steps of a tiny Engine, every op, same bits."""
+    """The whole CudaBackend on a CPU: two ES steps of a tiny Engine (members scored with
+    activations and state in the backend's memory, ``CudaBackend.score``), every op, and
+    plain inference, same bits; documents start mid-window, so states are reset there."""
     if shutil.which("g++") is None:
         raise _Skip("no g++ to build the CPU emulation of the CUDA kernels")
     from intes import es
@@ -166,17 +168,20 @@ def cuda_backend_two_es_steps_match_reference() -> None:
 
     kernels = emulated_kernels()
     for mode, kind in (("cached", "rwkv"), ("kernel", "egg")):
-        cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=8, layers=1),
+        cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=8, layers=2),
                           es=es.ESConfig(population=4, group_size=2, rank=2, fitness="normalized"),
-                          seq_len=2, seed=11)
+                          seq_len=3, seed=11)
         ref = Engine(cfg, backend=ReferenceBackend())
         gpu = Engine(cfg, backend=CudaBackend(mode, device="cpu", kernels=kernels))
         rng = np.random.default_rng(0)
         for _ in range(2):
-            windows = rng.integers(0, 16, size=(4, 3))
-            assert np.array_equal(gpu.step(windows), ref.step(windows)), (mode, kind)
+            windows = rng.integers(1, 16, size=(4, 4))
+            windows[rng.random(windows.shape) < 0.2] = 0  # document starts
+            assert np.array_equal(gpu.step(windows, chunk_pairs=1), ref.step(windows)), (
+                mode, kind)
             for name, value in ref.params.items():
                 assert np.array_equal(gpu.params[name], value), (mode, kind, name)
+        assert np.array_equal(gpu.log_likelihood(windows), ref.log_likelihood(windows))
 
 
 class _Skip(Exception):

@@ -24,11 +24,12 @@ def available() -> dict[str, str | None]:
     return status
 
 
-# 'auto' prefers cpu to cuda: through the Engine (numpy arrays across the bus at every op,
-# elementwise ops on the host), the cuda backend on an H200 ran the ES step at a tenth of the
-# cpu backend's speed on two cores (16.6 k against 176 k tokens/s, rwkv d256 x 2, N 1024:
+# 'auto' prefers cpu to cuda: through the Engine (then: numpy arrays across the bus at every
+# op, elementwise ops on the host), the cuda backend on an H200 ran the ES step at a tenth of
+# the cpu backend's speed on two cores (16.6 k against 176 k tokens/s, rwkv d256 x 2, N 1024:
 # benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json, cpu_bench_rwkv_n1024_zen4.json).
-# ``--backend cuda`` still selects it; bench_gpu.py times its kernels on the device.
+# Members are now scored on the device (CudaBackend.score), not yet measured on a GPU; until
+# then ``--backend cuda`` selects it.
 AUTO_ORDER = ("cpu", "cuda", "reference")
 
 

@@ -18,13 +18,17 @@ Embeddings always hash in their kernel (a step reads only the factor rows of its
 and the update hashes each matrix's factors once, just before its GEMM. Vector noise is made
 on the device and copied to the host, where ``Ops`` perturbs the vectors.
 
-The Backend interface takes and returns numpy arrays, so activations cross the bus once per
-op; ``benchmarks/bench_gpu.py`` times the device-resident kernels themselves. The model's
-elementwise ops between the layers therefore run on the host too, in the cpu backend's fused
-numba kernels (``ew``; intmath's numpy ops where numba is missing). Through the Engine on an
-H200, when those ops were still numpy's, the whole ES step ran at a tenth of the cpu
-backend's speed on two cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``),
-which is why ``--backend auto`` does not pick this backend.
+The Backend interface takes and returns numpy arrays, so through it activations cross the bus
+once per op (and the elementwise ops between layers run on the host, in the cpu backend's
+numba kernels: ``ew``). The Engine does not score members that way: ``CudaBackend.score``
+runs the model's ``forward`` on ``DeviceOps``, whose linear layers, embedding and
+elementwise ops (``DeviceElementwise``: the CUDA C kernels) take and return device arrays, so
+activations and recurrent state stay in device memory; each token's inputs and targets go
+up, and only the summed log-likelihoods come back. Through the Engine on an H200, before
+scoring moved onto the device, the ES step ran at a tenth of the cpu backend's speed on two
+cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``). That is why
+``--backend auto`` does not pick this backend until a GPU run measures the device scoring.
+``benchmarks/bench_gpu.py`` times the device kernels on a model of its own.
 
 Nothing here imports torch, triton or cupy at module import: ``unavailable_reason()`` says
 in one line why the backend cannot run, and ``CudaBackend(device="cpu",
@@ -245,28 +249,15 @@ class CudaBackend:
         return self.to_device(w)
 
     def linear(self, x, w, shift, noise, sigma_shift):
-        dev_noise = self._noise(noise, w.shape[0])
-        return self.host(self._tk.linear(self.to_device(x), w, shift, dev_noise, sigma_shift))
+        return self.host(self.device_linear(self.xp(self.to_device(x)), w, shift, noise,
+                                            sigma_shift))
 
     def embed(self, table, tokens, noise, sigma_shift):
-        kw: dict[str, Any] = {}
-        if noise is not None:
-            pairs, rows, rank = noise.a.shape
-            if 2 * pairs != len(tokens) or rows != len(table):
-                raise ValueError(f"noise of {pairs} pairs x {rows} rows used for "
-                                 f"{len(tokens)} tokens of a {len(table)}-row table")
-            if isinstance(noise.a, KeyedFactor):
-                kw = {"keys": self.xp(noise.a.keys), "rank": rank}
-            else:
-                kw = {"factors": (self.xp(self._factor(noise.a)), self.xp(self._factor(noise.b)))}
-        out = self.kernels.embed(self.xp(self.to_device(table)),
-                                 self.xp(self.to_device(tokens, np.int32)), sigma_shift, **kw)
-        return self.host(out)
+        return self.host(self.device_embed(self.xp(self.to_device(table)), tokens, noise,
+                                           sigma_shift))
 
     def log_likelihood(self, logits, targets):
-        out = self.kernels.log_likelihood(self.xp(self.to_device(logits)),
-                                          self.xp(self.to_device(targets, np.int32)))
-        return self.host(out)
+        return self.host(self.device_log_likelihood(self.xp(self.to_device(logits)), targets))
 
     def update_matrix(self, w, noise, fitness, threshold):
         a, b = self._loaded(noise)
@@ -279,3 +270,119 @@ class CudaBackend:
         out = k.update_vector(self.xp(self.to_device(v)), self.xp(self.to_device(noise)),
                               self.xp(self.to_device(fitness, np.int32)), int(threshold))
         return self.host(out)
+
+    # -------------------------------------------------------------- on device arrays
+
+    def device_linear(self, x: Any, w: Any, shift: int, noise: LowRank | None,
+                      sigma_shift: int) -> Any:
+        """``linear`` of a kernels array x, as a kernels array: nothing crosses the bus."""
+        out = self._tk.linear(self.tensor(x), w, shift, self._noise(noise, w.shape[0]),
+                              sigma_shift)
+        return self.xp(out)
+
+    def device_embed(self, table: Any, tokens: np.ndarray, noise: LowRank | None,
+                     sigma_shift: int) -> Any:
+        """``embed`` from a table in device memory (a kernels array), as a kernels array."""
+        kw: dict[str, Any] = {}
+        if noise is not None:
+            pairs, rows, rank = noise.a.shape
+            if 2 * pairs != len(tokens) or rows != len(table):
+                raise ValueError(f"noise of {pairs} pairs x {rows} rows used for "
+                                 f"{len(tokens)} tokens of a {len(table)}-row table")
+            if isinstance(noise.a, KeyedFactor):
+                kw = {"keys": self.xp(noise.a.keys), "rank": rank}
+            else:
+                kw = {"factors": (self.xp(self._factor(noise.a)), self.xp(self._factor(noise.b)))}
+        return self.kernels.embed(table, self.xp(self.to_device(tokens, np.int32)), sigma_shift,
+                                  **kw)
+
+    def device_log_likelihood(self, logits: Any, targets: np.ndarray) -> Any:
+        """``log_likelihood`` of logits in device memory, as a kernels array."""
+        return self.kernels.log_likelihood(logits, self.xp(self.to_device(targets, np.int32)))
+
+    def score(self, model: Any, ops: Any, windows: np.ndarray) -> np.ndarray:
+        """``intes.engine.score`` with activations and state in device memory.
+
+        One token at a time; each token's inputs and targets go up, and only the summed
+        log-likelihoods come back. The bits are the host path's (same kernels, same order).
+        """
+        dev = DeviceOps(self, ops)
+        xp = self.kernels.xp
+        rows, length = windows.shape
+        state = {name: xp.asarray(a) for name, a in model.init_state(rows).items()}
+        total = xp.zeros(rows, dtype=xp.int32)
+        for t in range(length - 1):
+            tokens = windows[:, t]
+            cleared = np.flatnonzero(tokens == 0)  # a document starts: its row's state is reset
+            if len(cleared):
+                cleared = xp.asarray(cleared)
+                for arr in state.values():
+                    arr[cleared] = 0
+            logits, state = model.forward(dev, tokens, state)
+            total += dev.log_likelihood(logits, windows[:, t + 1])  # int32 wraps like numpy's
+        return self.host(total)
+
+
+class DeviceElementwise:
+    """intmath's elementwise model ops (names and bits) as the CUDA C kernels, on device arrays.
+
+    Host arrays, such as a fresh zero state, are uploaded where they are first used.
+    """
+
+    def __init__(self, kernels: Any):
+        self.k, self.xp = kernels, kernels.xp
+
+    def _dev(self, *arrays: Any) -> list[Any]:
+        return [self.xp.asarray(a) for a in arrays]
+
+    def norm(self, x: Any, weight: Any) -> Any:
+        return self.k.norm(*self._dev(x, weight))
+
+    def token_mix(self, x: Any, prev: Any, mu: Any) -> Any:
+        return self.k.token_mix(*self._dev(x, prev, mu))
+
+    def sigmoid_gate(self, r: Any, v: Any) -> Any:
+        return self.k.sigmoid_gate(*self._dev(r, v))
+
+    def relu_sq(self, x: Any) -> Any:
+        return self.k.lut8("RELU_SQ_TABLE", self.xp.asarray(x))
+
+    def relu(self, x: Any) -> Any:
+        return self.k.relu(self.xp.asarray(x))
+
+    def wkv_step(self, num: Any, den: Any, k: Any, v: Any, decay: Any) -> tuple[Any, Any, Any]:
+        return self.k.wkv_step(*self._dev(num, den, k, v, decay))
+
+    def sat_add(self, *terms: Any) -> Any:
+        return self.k.sat_add(*self._dev(*terms))
+
+    def gru_blend(self, h: Any, f: Any, target: Any) -> Any:
+        return self.k.gru_blend(*self._dev(h, f, target))
+
+
+class DeviceOps:
+    """What a model's ``forward`` calls (``intes.models.base.Ops``) with activations in device
+    memory: the host Ops' weights, noise and member vectors, the vectors uploaded once."""
+
+    def __init__(self, backend: CudaBackend, ops: Any):
+        self.backend, self.ops = backend, ops
+        self.ew = DeviceElementwise(backend.kernels)
+        self.vectors = {name: backend.kernels.xp.asarray(v) for name, v in ops.vectors.items()}
+        self._tables: dict[str, Any] = {}
+
+    def linear(self, name: str, x: Any) -> Any:
+        o = self.ops
+        return self.backend.device_linear(x, o.prepared[name], o.shifts[name],
+                                          o.noise.get(name), o.sigma_shift)
+
+    def embed(self, name: str, tokens: np.ndarray) -> Any:
+        if name not in self._tables:  # once per Ops: the weights are fixed during a step
+            self._tables[name] = self.backend.xp(self.backend.to_device(self.ops.params[name]))
+        return self.backend.device_embed(self._tables[name], tokens, self.ops.noise.get(name),
+                                         self.ops.sigma_shift)
+
+    def vec(self, name: str) -> Any:
+        return self.vectors[name]
+
+    def log_likelihood(self, logits: Any, targets: np.ndarray) -> Any:
+        return self.backend.device_log_likelihood(logits, targets)

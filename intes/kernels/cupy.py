@@ -44,6 +44,7 @@ DEFINES = {
     "EXP2_FRAC_BITS": im.EXP2_FRAC_BITS,
     "LL_FRAC_BITS": im.LL_FRAC_BITS,
     "LOGIT_FRAC_BITS": im.LOGIT_FRAC_BITS,
+    "WKV_FRAC_BITS": im.WKV_FRAC_BITS,
 }
 
 SOURCE = r"""
@@ -176,6 +177,58 @@ extern "C" __global__ void scale_rows(const i8* x, const i8* w, const int* mean_
 /* intmath.lut: table[x + 127] for int8 x */
 extern "C" __global__ void lut(const int* table, const i8* x, long long n, int* out) {
     GRID_STRIDE(i, n) out[i] = table[x[i] + INT8_MAX];
+}
+
+/* intmath.lut cast to int8 as numpy's astype does (relu_sq: table values in [0, 126]) */
+extern "C" __global__ void lut8(const int* table, const i8* x, long long n, i8* out) {
+    GRID_STRIDE(i, n) out[i] = (i8)table[x[i] + INT8_MAX];
+}
+
+/* intmath.relu */
+extern "C" __global__ void relu(const i8* x, long long n, i8* out) {
+    GRID_STRIDE(i, n) out[i] = x[i] > 0 ? x[i] : 0;
+}
+
+/* intmath.token_mix: x + ((prev - x) * mu >> 7), saturated; mu_stride 0 broadcasts one row */
+extern "C" __global__ void token_mix(const i8* x, const i8* prev, const i8* mu, int rows, int d,
+                                     int mu_stride, i8* out) {
+    GRID_STRIDE(e, (long long)rows * d) {
+        long long n = e / d, i = e % d;
+        int xi = x[e];
+        out[e] = sat8(xi + ((((int)prev[e] - xi) * (int)mu[n * mu_stride + i]) >> 7));
+    }
+}
+
+/* intmath.sigmoid_gate: sat8(SIGMOID_TABLE[r] * v >> 7) */
+extern "C" __global__ void sigmoid_gate(const int* table, const i8* r, const i8* v, long long n,
+                                        i8* out) {
+    GRID_STRIDE(i, n) out[i] = sat8((table[r[i] + INT8_MAX] * (int)v[i]) >> 7);
+}
+
+/* intmath.gru_blend: h + ((f + 127) * (target - h) >> 8), cast to int8 as numpy's astype */
+extern "C" __global__ void gru_blend(const i8* h, const i8* f, const i8* target, long long n,
+                                     i8* out) {
+    GRID_STRIDE(i, n) {
+        int hi = h[i];
+        out[i] = (i8)(hi + ((((int)f[i] + 127) * ((int)target[i] - hi)) >> 8));
+    }
+}
+
+/* intmath.wkv_step, one thread per element: the products with w in 64 bits, the states cast
+   to int32 as numpy's astype; C's / truncates toward zero like intmath.div_trunc (den > 0) */
+extern "C" __global__ void wkv_step(const int* num, const int* den, const i8* k, const i8* v,
+                                    const i8* decay, int rows, int d, int decay_stride,
+                                    const int* exp_table, i8* wkv, int* num_out, int* den_out) {
+    GRID_STRIDE(e, (long long)rows * d) {
+        long long n = e / d, i = e % d;
+        long long w = (long long)decay[n * decay_stride + i] + 128;
+        long long ex = (long long)exp_table[k[e] + INT8_MAX] << WKV_FRAC_BITS;
+        int nn = (int)(((num[e] * w) >> 8) + ex * v[e]);
+        int dd = (int)(((den[e] * w) >> 8) + ex);
+        num_out[e] = nn;
+        den_out[e] = dd;
+        wkv[e] = sat8(nn / dd);
+    }
 }
 
 /* intmath.sat_add of 2 or 3 int8 (rows, d) terms; a stride of 0 broadcasts one row */
@@ -321,6 +374,59 @@ class Kernels:
         out = self.xp.empty(x.shape, dtype=self.xp.int32)
         self.launch("lut", x.size, (self._table(name), x, np.int64(x.size), out))
         return out
+
+    def lut8(self, name: str, x: Any) -> Any:
+        """intmath.lut(intmath.<name>, x).astype(int8)."""
+        x = self._dense(x, self.xp.int8)
+        out = self.xp.empty(x.shape, dtype=self.xp.int8)
+        self.launch("lut8", x.size, (self._table(name), x, np.int64(x.size), out))
+        return out
+
+    def relu(self, x: Any) -> Any:
+        """intmath.relu."""
+        x = self._dense(x, self.xp.int8)
+        out = self.xp.empty_like(x)
+        self.launch("relu", x.size, (x, np.int64(x.size), out))
+        return out
+
+    def token_mix(self, x: Any, prev: Any, mu: Any) -> Any:
+        """intmath.token_mix of (N, d) rows, mu one row (d,) / (1, d) or one per row."""
+        xp = self.xp
+        x, prev, mu = (self._dense(t, xp.int8) for t in (x, prev, mu))
+        rows, d = x.shape
+        out = xp.empty_like(x)
+        self.launch("token_mix", rows * d, (x, prev, mu, np.int32(rows), np.int32(d),
+                                            _row_stride(mu, rows, d), out))
+        return out
+
+    def sigmoid_gate(self, r: Any, v: Any) -> Any:
+        """intmath.sigmoid_gate of same-shaped int8 r and v."""
+        xp = self.xp
+        r, v = self._dense(r, xp.int8), self._dense(v, xp.int8)
+        out = xp.empty_like(v)
+        self.launch("sigmoid_gate", v.size, (self._table("SIGMOID_TABLE"), r, v,
+                                             np.int64(v.size), out))
+        return out
+
+    def gru_blend(self, h: Any, f: Any, target: Any) -> Any:
+        """intmath.gru_blend of same-shaped int8 arrays."""
+        xp = self.xp
+        h, f, target = (self._dense(t, xp.int8) for t in (h, f, target))
+        out = xp.empty_like(h)
+        self.launch("gru_blend", h.size, (h, f, target, np.int64(h.size), out))
+        return out
+
+    def wkv_step(self, num: Any, den: Any, k: Any, v: Any, decay: Any) -> tuple[Any, Any, Any]:
+        """intmath.wkv_step of (N, d) states and activations, decay one row or one per row."""
+        xp = self.xp
+        num, den = self._dense(num, xp.int32), self._dense(den, xp.int32)
+        k, v, decay = (self._dense(t, xp.int8) for t in (k, v, decay))
+        rows, d = k.shape
+        wkv, num_out, den_out = xp.empty_like(k), xp.empty_like(num), xp.empty_like(den)
+        self.launch("wkv_step", rows * d, (
+            num, den, k, v, decay, np.int32(rows), np.int32(d), _row_stride(decay, rows, d),
+            self._table("WKV_EXP_TABLE"), wkv, num_out, den_out))
+        return wkv, num_out, den_out
 
     def sat_add(self, a: Any, *terms: Any) -> Any:
         """intmath.sat_add of int8 (N, d) a and 1 or 2 terms of shape (N, d), (1, d) or (d,)."""
