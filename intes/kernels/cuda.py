@@ -304,7 +304,7 @@ class CudaBackend:
         """``intes.engine.score`` with activations and state in device memory.
 
         One token at a time; each token's inputs and targets go up, and only the summed
-        log-likelihoods come back. The bits are the host path's (same kernels, same order).
+        log-likelihoods come back. The bits are the reference's: every op matches intmath's.
         """
         dev = DeviceOps(self, ops)
         xp = self.kernels.xp
@@ -324,10 +324,8 @@ class CudaBackend:
 
 
 class DeviceElementwise:
-    """intmath's elementwise model ops (names and bits) as the CUDA C kernels, on device arrays.
-
-    Host arrays, such as a fresh zero state, are uploaded where they are first used.
-    """
+    """intmath's elementwise model ops (names and bits) as the CUDA C kernels, on device arrays
+    (a host array given to one is uploaded first)."""
 
     def __init__(self, kernels: Any):
         self.k, self.xp = kernels, kernels.xp
