@@ -4,8 +4,9 @@
 #   2. the bench_gpu.py sweep (its parity check first), stopped after SWEEP_S -> OUT/sweep.json
 #   3. the GPU tests (tests/test_cuda_backend.py)                     -> OUT/log.txt
 #   4. profile_gpu.py: one point's step split by op                   -> OUT/profile.json
-#   5. `intes bench` through the Engine, cuda and cpu backends side by side
-#      -> OUT/cli_bench_cuda.json, OUT/cli_bench_cpu.json
+#   5. `intes bench` through the Engine (rwkv), cuda and cpu backends side by side at its
+#      default size, then cuda alone at N 16384, d 1024
+#      -> OUT/cli_bench_cuda.json, OUT/cli_bench_cpu.json, OUT/cli_bench_cuda_large.json
 # Each stage has its own time limit and a failing stage does not stop the next; everything
 # printed goes to OUT/log.txt. Run from the project root:
 #   benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]
@@ -63,3 +64,5 @@ for backend in cuda cpu; do
     stage "cli-bench-$backend" "${CLI_S:-90}" sh -c "python3 -m intes bench --backend $backend \
         --no-naive --repeats 2 >'$out/cli_bench_$backend.json'"
 done
+stage cli-bench-cuda-large "${CLI_S:-90}" sh -c "python3 -m intes bench --backend cuda \
+    --population 16384 --dim 1024 --no-naive --repeats 2 >'$out/cli_bench_cuda_large.json'"
