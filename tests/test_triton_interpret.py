@@ -154,19 +154,88 @@ def update_matches_reference(pairs: int, rows: int, cols: int, rank: int, fit: s
     assert np.array_equal(got, want)
 
 
+class _OnDevice(np.ndarray):
+    """A numpy array standing for one in device memory: like a CuPy array, it refuses to be
+    mixed with host arrays in numpy functions, arithmetic and indexing."""
+
+    def __array_function__(self, func, types, args, kwargs):
+        if np.ndarray in types:
+            raise TypeError(f"np.{func.__name__} mixes host and device arrays")
+        out = func(*_host_views(args),
+                   **dict(zip(kwargs, _host_views(kwargs.values()), strict=True)))
+        return out.view(_OnDevice) if isinstance(out, np.ndarray) else out
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if any(type(a) is np.ndarray for a in (*inputs, *kwargs.get("out", ()))):
+            raise TypeError(f"{ufunc.__name__} mixes host and device arrays")
+        plain = [a.view(np.ndarray) if isinstance(a, _OnDevice) else a for a in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(a.view(np.ndarray) for a in kwargs["out"])
+        out = getattr(ufunc, method)(*plain, **kwargs)
+        return out.view(_OnDevice) if isinstance(out, np.ndarray) else out
+
+    def __setitem__(self, index, value):
+        if type(index) is np.ndarray or type(value) is np.ndarray:
+            raise TypeError("indexing a device array with host arrays")
+        super().__setitem__(index, value)
+
+
+def _host_views(items) -> list:
+    """Plain ndarray views of _OnDevice arrays, in lists and tuples too (numpy's own code runs
+    on them, as CuPy runs its own)."""
+    return [a.view(np.ndarray) if isinstance(a, _OnDevice) else
+            type(a)(_host_views(a)) if isinstance(a, list | tuple) else a for a in items]
+
+
+class _DeviceXp:
+    """The array module of the strict emulation: numpy whose arrays are ``_OnDevice``; its
+    ``ascontiguousarray`` (what every kernel wrapper calls on its inputs), like CuPy's, takes
+    device arrays only, and ``asarray`` is the explicit upload."""
+
+    int8, int32, uint32 = np.int8, np.int32, np.uint32
+
+    @staticmethod
+    def asarray(a, dtype=None):
+        return np.asarray(a, dtype=dtype).view(_OnDevice)
+
+    @staticmethod
+    def ascontiguousarray(a, dtype=None):
+        if not isinstance(a, _OnDevice):
+            raise TypeError(f"a kernel got a host array ({type(a).__name__})")
+        return np.ascontiguousarray(a.view(np.ndarray), dtype=dtype).view(_OnDevice)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype=dtype).view(_OnDevice)
+
+    @staticmethod
+    def empty_like(a):
+        return np.empty_like(a.view(np.ndarray)).view(_OnDevice)
+
+    @staticmethod
+    def zeros(shape, dtype):
+        return np.zeros(shape, dtype=dtype).view(_OnDevice)
+
+    @staticmethod
+    def from_dlpack(t):
+        return np.from_dlpack(t).view(_OnDevice)
+
+
 @check
 def cuda_backend_two_es_steps_match_reference() -> None:
     """The whole CudaBackend on a CPU: two ES steps of a tiny Engine (members scored with
     activations and state in the backend's memory, ``CudaBackend.score``), every op, and
-    plain inference, same bits; documents start mid-window, so states are reset there."""
+    plain inference, same bits; documents start mid-window, so states are reset there. Its
+    kernels see "device" arrays that refuse host ones as CuPy's do, so a host array that
+    reaches a kernel, or a device array mixed with a host one, fails here as on a GPU."""
     if shutil.which("g++") is None:
         raise _Skip("no g++ to build the CPU emulation of the CUDA kernels")
     from intes import es
     from intes.engine import Engine, ModelConfig, TrainConfig
     from intes.kernels.cuda import CudaBackend
-    from intes.kernels.cupy import emulated_kernels
+    from intes.kernels.cupy import Kernels, emulated_kernels
 
-    kernels = emulated_kernels()
+    kernels = Kernels(_DeviceXp(), emulated_kernels().launch)  # strict: see _OnDevice
     for mode, kind in (("cached", "rwkv"), ("kernel", "egg")):
         cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=8, layers=2),
                           es=es.ESConfig(population=4, group_size=2, rank=2, fitness="normalized"),
