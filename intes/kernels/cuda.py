@@ -374,7 +374,7 @@ class DeviceOps:
                                           o.noise.get(name), o.sigma_shift)
 
     def embed(self, name: str, tokens: np.ndarray) -> Any:
-        if name not in self._tables:  # once per Ops: the weights are fixed during a step
+        if name not in self._tables:  # once per score call: the weights are fixed during it
             self._tables[name] = self.backend.xp(self.backend.to_device(self.ops.params[name]))
         return self.backend.device_embed(self._tables[name], tokens, self.ops.noise.get(name),
                                          self.ops.sigma_shift)
