@@ -121,7 +121,7 @@ class Bench:
         for i in range(self.p.layers):
             xn = self.tensor(k.norm(x, self.xp(self.norm_weight)))
             hid = self._linear(weights, f"{i}.w1", xn, noise)
-            act = k.lut8("RELU_SQ_TABLE", self.xp(hid))  # in [0, 126]
+            act = k.relu_sq(self.xp(hid))  # in [0, 126]
             x = k.sat_add(x, self.xp(self._linear(weights, f"{i}.w2", self.tensor(act), noise)))
         xn = self.tensor(k.norm(x, self.xp(self.norm_weight)))
         logits = self._linear(weights, "head", xn, noise)

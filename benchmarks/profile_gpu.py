@@ -72,7 +72,7 @@ def profile(bench: Bench, repeats: int, cuda: bool) -> dict[str, Any]:
                                          keys=bench.xp(keyed["emb"].keys),
                                          rank=keyed["emb"].rank)),
         "norm": t(lambda: k.norm(bench.xp(x), bench.xp(bench.norm_weight))),
-        "relu_sq_lut": t(lambda: k.lut8("RELU_SQ_TABLE", bench.xp(hid))),
+        "relu_sq_lut": t(lambda: k.relu_sq(bench.xp(hid))),
         "sat_add": t(lambda: k.sat_add(bench.xp(x), bench.xp(x))),
         "log_likelihood": t(lambda: k.log_likelihood(bench.xp(logits), bench.xp(tokens))),
     }

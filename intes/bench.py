@@ -478,7 +478,7 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
 def int8_ops_per_token(engine: Engine) -> int:
     """Integer operations (2 per multiply-add) of one member's token through the base
     products: every matrix multiplies once per token (the embedding is a lookup)."""
-    return 2 * sum(int(np.prod(s.shape)) for s in engine.specs if s.kind == "matrix")
+    return 2 * sum(out * inp for out, inp in matrix_shapes(engine))
 
 
 def int8_rates(engine: Engine, result: dict) -> dict:

@@ -22,9 +22,9 @@ The Backend interface takes and returns numpy arrays, so through it activations 
 once per op (and the elementwise ops between layers run on the host, in the cpu backend's
 numba kernels: ``ew``). The Engine does not score members that way: ``CudaBackend.score``
 runs the model's ``forward`` on ``DeviceOps``, whose linear layers, embedding and
-elementwise ops (``DeviceElementwise``: the CUDA C kernels) take and return device arrays, so
-activations and recurrent state stay in device memory; each token's inputs and targets go
-up, and only the summed log-likelihoods come back. Through the Engine on an H200, before
+elementwise ops (the CUDA C kernels) take and return device arrays, so
+activations and recurrent state stay in device memory; the windows go up once, and only the
+summed log-likelihoods come back. Through the Engine on an H200, before
 scoring moved onto the device, the ES step ran at a tenth of the cpu backend's speed on two
 cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``). That is why
 ``--backend auto`` does not pick this backend until a GPU run measures the device scoring.
@@ -253,11 +253,12 @@ class CudaBackend:
                                             sigma_shift))
 
     def embed(self, table, tokens, noise, sigma_shift):
-        return self.host(self.device_embed(self.xp(self.to_device(table)), tokens, noise,
-                                           sigma_shift))
+        return self.host(self.device_embed(self.xp(self.to_device(table)), self._tokens(tokens),
+                                           noise, sigma_shift))
 
     def log_likelihood(self, logits, targets):
-        return self.host(self.device_log_likelihood(self.xp(self.to_device(logits)), targets))
+        return self.host(self.device_log_likelihood(self.xp(self.to_device(logits)),
+                                                    self._tokens(targets)))
 
     def update_matrix(self, w, noise, fitness, threshold):
         a, b = self._loaded(noise)
@@ -280,9 +281,9 @@ class CudaBackend:
                               sigma_shift)
         return self.xp(out)
 
-    def device_embed(self, table: Any, tokens: np.ndarray, noise: LowRank | None,
+    def device_embed(self, table: Any, tokens: Any, noise: LowRank | None,
                      sigma_shift: int) -> Any:
-        """``embed`` from a table in device memory (a kernels array), as a kernels array."""
+        """``embed`` of a table and tokens in device memory (kernels arrays), as one."""
         kw: dict[str, Any] = {}
         if noise is not None:
             pairs, rows, rank = noise.a.shape
@@ -293,78 +294,46 @@ class CudaBackend:
                 kw = {"keys": self.xp(noise.a.keys), "rank": rank}
             else:
                 kw = {"factors": (self.xp(self._factor(noise.a)), self.xp(self._factor(noise.b)))}
-        return self.kernels.embed(table, self.xp(self.to_device(tokens, np.int32)), sigma_shift,
-                                  **kw)
+        return self.kernels.embed(table, tokens, sigma_shift, **kw)
 
-    def device_log_likelihood(self, logits: Any, targets: np.ndarray) -> Any:
-        """``log_likelihood`` of logits in device memory, as a kernels array."""
-        return self.kernels.log_likelihood(logits, self.xp(self.to_device(targets, np.int32)))
+    def device_log_likelihood(self, logits: Any, targets: Any) -> Any:
+        """``log_likelihood`` of logits and targets in device memory, as a kernels array."""
+        return self.kernels.log_likelihood(logits, targets)
+
+    def _tokens(self, tokens: np.ndarray) -> Any:
+        return self.xp(self.to_device(tokens, np.int32))
 
     def score(self, model: Any, ops: Any, windows: np.ndarray) -> np.ndarray:
         """``intes.engine.score`` with activations and state in device memory.
 
-        One token at a time; each token's inputs and targets go up, and only the summed
-        log-likelihoods come back. The bits are the reference's: every op matches intmath's.
+        One token at a time; the windows go up once, and only the summed log-likelihoods come
+        back. The bits are the reference's: every op matches intmath's.
         """
         dev = DeviceOps(self, ops)
         xp = self.kernels.xp
         rows, length = windows.shape
+        on_device = self.xp(self.to_device(windows, np.int32))  # one upload per call
         state = {name: xp.asarray(a) for name, a in model.init_state(rows).items()}
         total = xp.zeros(rows, dtype=xp.int32)
         for t in range(length - 1):
-            tokens = windows[:, t]
-            cleared = np.flatnonzero(tokens == 0)  # a document starts: its row's state is reset
+            cleared = np.flatnonzero(windows[:, t] == 0)  # a document starts: state reset
             if len(cleared):
                 cleared = xp.asarray(cleared)
                 for arr in state.values():
                     arr[cleared] = 0
-            logits, state = model.forward(dev, tokens, state)
-            total += dev.log_likelihood(logits, windows[:, t + 1])  # int32 wraps like numpy's
+            logits, state = model.forward(dev, on_device[:, t], state)
+            total += dev.log_likelihood(logits, on_device[:, t + 1])  # int32 wraps as numpy's
         return self.host(total)
-
-
-class DeviceElementwise:
-    """intmath's elementwise model ops (names and bits) as the CUDA C kernels, on device arrays
-    (a host array given to one is uploaded first)."""
-
-    def __init__(self, kernels: Any):
-        self.k, self.xp = kernels, kernels.xp
-
-    def _dev(self, *arrays: Any) -> list[Any]:
-        return [self.xp.asarray(a) for a in arrays]
-
-    def norm(self, x: Any, weight: Any) -> Any:
-        return self.k.norm(*self._dev(x, weight))
-
-    def token_mix(self, x: Any, prev: Any, mu: Any) -> Any:
-        return self.k.token_mix(*self._dev(x, prev, mu))
-
-    def sigmoid_gate(self, r: Any, v: Any) -> Any:
-        return self.k.sigmoid_gate(*self._dev(r, v))
-
-    def relu_sq(self, x: Any) -> Any:
-        return self.k.lut8("RELU_SQ_TABLE", self.xp.asarray(x))
-
-    def relu(self, x: Any) -> Any:
-        return self.k.relu(self.xp.asarray(x))
-
-    def wkv_step(self, num: Any, den: Any, k: Any, v: Any, decay: Any) -> tuple[Any, Any, Any]:
-        return self.k.wkv_step(*self._dev(num, den, k, v, decay))
-
-    def sat_add(self, *terms: Any) -> Any:
-        return self.k.sat_add(*self._dev(*terms))
-
-    def gru_blend(self, h: Any, f: Any, target: Any) -> Any:
-        return self.k.gru_blend(*self._dev(h, f, target))
 
 
 class DeviceOps:
     """What a model's ``forward`` calls (``intes.models.base.Ops``) with activations in device
-    memory: the host Ops' weights, noise and member vectors, the vectors uploaded once."""
+    memory: the host Ops' weights, noise and member vectors, the vectors uploaded once. Its
+    elementwise ops (``ew``) are the CUDA C kernels themselves, which take intmath's names."""
 
     def __init__(self, backend: CudaBackend, ops: Any):
         self.backend, self.ops = backend, ops
-        self.ew = DeviceElementwise(backend.kernels)
+        self.ew = backend.kernels
         self.vectors = {name: backend.kernels.xp.asarray(v) for name, v in ops.vectors.items()}
         self._tables: dict[str, Any] = {}
 
@@ -373,7 +342,7 @@ class DeviceOps:
         return self.backend.device_linear(x, o.prepared[name], o.shifts[name],
                                           o.noise.get(name), o.sigma_shift)
 
-    def embed(self, name: str, tokens: np.ndarray) -> Any:
+    def embed(self, name: str, tokens: Any) -> Any:
         if name not in self._tables:  # once per score call: the weights are fixed during it
             self._tables[name] = self.backend.xp(self.backend.to_device(self.ops.params[name]))
         return self.backend.device_embed(self._tables[name], tokens, self.ops.noise.get(name),
@@ -382,5 +351,5 @@ class DeviceOps:
     def vec(self, name: str) -> Any:
         return self.vectors[name]
 
-    def log_likelihood(self, logits: Any, targets: np.ndarray) -> Any:
+    def log_likelihood(self, logits: Any, targets: Any) -> Any:
         return self.backend.device_log_likelihood(logits, targets)

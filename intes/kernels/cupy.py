@@ -382,6 +382,10 @@ class Kernels:
         self.launch("lut8", x.size, (self._table(name), x, np.int64(x.size), out))
         return out
 
+    def relu_sq(self, x: Any) -> Any:
+        """intmath.relu_sq: the relu² table, as int8."""
+        return self.lut8("RELU_SQ_TABLE", x)
+
     def relu(self, x: Any) -> Any:
         """intmath.relu."""
         x = self._dense(x, self.xp.int8)
