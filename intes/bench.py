@@ -22,6 +22,8 @@ compute on the same N members and T tokens:
 ES and inference run on the backend's threads (the cpu backend: one population slice per
 core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
 includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per core.
+``speedup_ceiling`` = inference / naive: an ES step does inference's forward and more, so
+no ES step reaches past it against this baseline, on this machine and model.
 
 ``es_int8_tops`` and ``inference_int8_tops`` count the base products' integer operations
 (2 x the size of every matrix per member and token) over the ES step's and inference's wall
@@ -460,7 +462,8 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
                         "ratio": inference["cpu"] / es["cpu"]},
     }
     if naive:
-        result.update(naive_figures(engine, windows, es, tokens, repeats, tick))
+        result.update(naive_figures(engine, windows, es, inference["wall"], tokens, repeats,
+                                    tick))
     # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
     threads = engine.threads
     achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
@@ -504,9 +507,11 @@ def bench_backend(name: str, threads: int | None, gemm: str | None = None) -> Ba
     return backend
 
 
-def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
-                  repeats: int, tick: Tick = _no_tick) -> dict:
-    """Both naive baselines' tokens/s and speedups over the measured ES step (``es``)."""
+def naive_figures(engine: Engine, windows: np.ndarray, es: dict, inference_s: float,
+                  tokens: int, repeats: int, tick: Tick = _no_tick) -> dict:
+    """Both naive baselines' tokens/s and speedups over the measured ES step (``es``), and
+    ``speedup_ceiling``, naive ES's time over inference's (``inference_s``): an ES step does
+    inference's forward and more, so its speedup over this baseline cannot pass that."""
     pairs = min(NAIVE_PAIRS, engine.config.es.pairs)
     population = engine.config.es.population
 
@@ -519,6 +524,7 @@ def naive_figures(engine: Engine, windows: np.ndarray, es: dict, tokens: int,
     return {
         "naive_es_tokens_per_s": tokens / step_s,
         "speedup": step_s / es["wall"],
+        "speedup_ceiling": step_s / inference_s,
         "speedup_cpu_seconds": (cpu * population) / es["cpu"],
         "naive_low_rank_es_tokens_per_s": tokens / low_step_s,
         "speedup_low_rank": low_step_s / es["wall"],

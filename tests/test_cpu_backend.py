@@ -818,9 +818,10 @@ def test_bench_prints_one_json_object():
     assert "intes bench" in done.stderr
     assert result["backend"] == "cpu" and result["config"]["population"] == 4
     for key in ("es_tokens_per_s", "inference_tokens_per_s", "ratio", "naive_es_tokens_per_s",
-                "speedup", "naive_low_rank_es_tokens_per_s", "speedup_low_rank",
+                "speedup", "speedup_ceiling", "naive_low_rank_es_tokens_per_s", "speedup_low_rank",
                 "update_fraction", "gemm_gflops", "base_product_gflops", "peak_rss_mb"):
         assert result[key] > 0, key
+    assert result["speedup_ceiling"] == pytest.approx(result["speedup"] / result["ratio"])
     assert result["gemm"] == CPU.gemm.description
     ops = int8_ops_per_token(make_engine("rwkv", 8, 1, 4, 3, 1, CPU)) / 1e12
     assert result["es_int8_tops"] == pytest.approx(result["es_tokens_per_s"] * ops)
