@@ -8,14 +8,18 @@ exactly what ``torchrun ... intes pretrain`` runs per step (``ShardFitness``: sc
 worker's pairs, all-gather the int32 fitness, check replicas every INTES_DIST_VERIFY_EVERY
 steps; then ``Engine.apply_fitness``), minus evaluation and checkpoints.
 
-Threads: a worker gets cores / workers threads (INTES_CPU_THREADS, OMP_NUM_THREADS,
-NUMBA_NUM_THREADS), so 2 workers do not fight over cores. The baseline is 1 worker with 1
-thread, the cpu backend's default (its docstring says why more threads per process lose on
-small machines); ``--all-cores`` also times 1 worker with every core, which can be very slow.
+Three settings, each with its threads set (INTES_CPU_THREADS, OMP_NUM_THREADS,
+NUMBA_NUM_THREADS): 1 worker on 1 thread, the baseline; 1 worker on every core, a plain
+``intes pretrain`` (the cpu backend runs one population slice per core); and 2 workers on
+half the cores each, what ``torchrun --nproc-per-node 2`` gives them, so they do not fight
+over cores.
 
 - steps_per_s: timed steps / their wall time on rank 0 (ranks run in lockstep). Lockstep
-  workers are as slow as the slowest, so other load on the machine (load_average_1min,
-  before and after) costs them more than one process: compare on an idle machine.
+  workers are as slow as the slowest, so other load on the machine (the machine's
+  load_average_1min, before and after) costs them more than one process: compare on an idle
+  machine.
+- speedup_vs_1_worker_1_thread, and for 2 workers speedup_vs_1_worker_all_cores: whether
+  workers on one machine gain anything over the threads of one process.
 - all_gather_us: mean latency of one fitness all-gather alone (200 after training).
 - bytes: the fitness payload 4 N; what one worker's all-gather moves (shards padded to the
   longest); the replica check (8 bytes per worker every k steps); and, for scale, what
@@ -37,6 +41,7 @@ import time
 import numpy as np
 
 from intes import distributed
+from intes.bench import machine_info
 from intes.data import load_corpus, sample_windows
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows
 from intes.es import ESConfig
@@ -55,7 +60,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT, caches)")
     p.add_argument("--data", default=None, help="corpus  [default: Python stdlib sources]")
-    p.add_argument("--all-cores", action="store_true", help="also time 1 worker, all cores")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -153,17 +157,20 @@ def main() -> None:
         worker(args)
         return
     cores = len(os.sched_getaffinity(0))
-    settings = [(1, 1), *([(1, cores)] if args.all_cores else []), (2, max(1, cores // 2))]
+    settings = [(1, 1), (1, cores), (2, max(1, cores // 2))]
     load_before = os.getloadavg()[0]
     results = [run_setting(world, threads) for world, threads in settings]
     engine, _ = build(args)
-    base = results[0]["steps_per_s"]
+    one_thread, all_cores, two_workers = results
     for r in results:
-        r["speedup_vs_1_worker_1_thread"] = r["steps_per_s"] / base
+        r["speedup_vs_1_worker_1_thread"] = r["steps_per_s"] / one_thread["steps_per_s"]
+    two_workers["speedup_vs_1_worker_all_cores"] = (two_workers["steps_per_s"]
+                                                    / all_cores["steps_per_s"])
     print(json.dumps({
+        "command": "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(load_before),
         "config": engine.config.to_dict(),
-        "cores": cores,
-        "load_average_1min": [load_before, os.getloadavg()[0]],  # before, after: other work
+        "usable_cores": cores,
         "timed_steps": args.steps,
         "settings": results,
         "same_weights": len({r.pop("weights") for r in results}) == 1,
