@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intes import intmath
+from intes import distributed, intmath
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels.reference import ReferenceBackend
@@ -160,6 +160,31 @@ def test_resume_does_not_alias_callers_params(case):
     resumed = case.engine(params=given_params, step=1)
     run(resumed, case, 2)
     assert_same_params(given_params, mine)
+
+
+@ENGINE
+@given(cases(), st.integers(1, 5), st.integers(1, 3), st.data())
+def test_workers_give_the_weights_of_one_process(case, world, k, data):
+    """W workers (``intes.distributed``: each a replica scoring its ``shard_pairs`` in chunks
+    of its own, then the fitness all-gathered in rank order, here concatenated) end every
+    step with the weights and fitness of one process; more workers than pairs leaves some
+    with no pairs."""
+    single = case.engine()
+    replicas = [case.engine() for _ in range(world)]
+    chunks = [data.draw(st.none() | st.integers(1, case.pairs)) for _ in range(world)]
+    for _ in range(k):
+        w = case.windows(single.step_index)
+        expected = single.step(w)
+        shards = [distributed.shard_pairs(case.pairs, rank, world) for rank in range(world)]
+        gathered = np.concatenate([e.evaluate_pairs(w, *shard, chunk)
+                                   for e, shard, chunk in zip(replicas, shards, chunks,
+                                                              strict=True)])
+        assert np.array_equal(gathered, expected)
+        for e in replicas:
+            e.apply_fitness(gathered)
+    for e in replicas:
+        assert e.step_index == single.step_index == k
+        assert_same_params(e.params, single.params)
 
 
 # ---- (d) integers everywhere -------------------------------------------------------------------
