@@ -10,7 +10,8 @@ steps; then ``Engine.apply_fitness``), minus evaluation and checkpoints.
 
 Three settings, each with its threads set (INTES_CPU_THREADS, OMP_NUM_THREADS,
 NUMBA_NUM_THREADS): 1 worker on 1 thread, the baseline; 1 worker on every core, a plain
-``intes pretrain`` (the cpu backend runs one population slice per core); and 2 workers on
+``intes pretrain`` (the cpu backend runs a thread per core, the population in slices of at
+most 2,048 rows); and 2 workers on
 half the cores each, what ``torchrun --nproc-per-node 2`` gives them, so they do not fight
 over cores.
 

@@ -27,8 +27,9 @@ runs all members as rows of one batch, token after token, as a recurrent model m
   base products only (the low-rank terms, LUTs and the update are not counted), and
   share_of_peak: that over the GPU's dense int8 tensor-core peak (H100 SXM: 1979 TOPS;
   3958 is the figure with 2:4 sparsity, which int8 ES does not use).
-- parity: CudaBackend == ReferenceBackend on every op and on one ES step of a tiny Engine,
-  checked once per run before timing.
+- parity: CudaBackend == ReferenceBackend, in both noise modes, on linear, update_matrix and
+  log_likelihood and on one ES step of a tiny Engine (scored on the device), checked once per
+  run before timing; tests/test_cuda_backend.py checks every op.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def measure(point: Point, kernels: Any, device: str, repeats: int, naive_members
 
 
 def parity(kernels: Any, device: str) -> bool:
-    """CudaBackend == ReferenceBackend: every op on random inputs and one tiny ES step."""
+    """CudaBackend == ReferenceBackend in both noise modes: linear, update_matrix and
+    log_likelihood on random inputs, and one tiny ES step (scored on the device)."""
     from intes import es
     from intes import noise as nz
     from intes.engine import Engine, ModelConfig, TrainConfig

@@ -5,7 +5,8 @@ run already takes the best of its interleaved repeats), so a single figure says 
 prints every run's figures and the median, min and max as JSON.
 
     python benchmarks/bench_ratio_runs.py [--runs 6] [--models rwkv,egg] [--population 1024]
-                                          [--gemm vnni|int8|float32] [--naive]
+                                          [--dim 256] [--seq-len 64]
+                                          [--gemm vnni|int8|avx2|float32] [--naive]
 
 With ``--naive`` each run also times naive ES (as ``intes bench`` does by default) and the
 JSON gives the speedups, the speedup ceiling (naive ES over inference) and how many runs met

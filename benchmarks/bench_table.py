@@ -16,6 +16,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm
+
 BASE = ["--dim", "256", "--layers", "2", "--seq-len", "64"]
 
 
@@ -56,10 +58,16 @@ def run(out: Path, names: list[str]) -> None:
         print(f"{name}: ratio {record['ratio']:.3f}, speedup {record.get('speedup', 0):.1f}")
 
 
-def engine(row_flags: list[str]) -> str:
+# ``intes bench`` records the GEMM engine by its description
+ENGINE_NAMES = {e.description: e.name for e in (VnniGemm, Int8Gemm, Avx2Gemm, Float32Gemm)}
+
+
+def engine(row_flags: list[str], record: dict) -> str:
+    """The row's backend, or for the cpu backend the GEMM engine that ran (the default one
+    is the machine's: vnni, int8, avx2 or float32)."""
     if "--backend" in row_flags:
         return row_flags[row_flags.index("--backend") + 1]
-    return row_flags[row_flags.index("--gemm") + 1] if "--gemm" in row_flags else "vnni"
+    return ENGINE_NAMES.get(record.get("gemm"), "-")
 
 
 def gops(value: float | None) -> str:
@@ -70,7 +78,8 @@ def row(name: str, r: dict) -> str:
     label, row_flags = ROWS[name]
     rates = " / ".join(gops(r.get(k)) for k in ("base_product_gflops", "gemm_gflops",
                                                  "int8_gemm_gops", "vnni_gemm_gops"))
-    cells = [label, engine(row_flags), str(r["threads"] or 1), f"**{r['es_tokens_per_s']:,.0f}**",
+    cells = [label, engine(row_flags, r), str(r["threads"] or 1),
+             f"**{r['es_tokens_per_s']:,.0f}**",
              f"{r['inference_tokens_per_s']:,.0f}", f"{r['ratio']:.3f}",
              f"{r['cpu_seconds']['ratio']:.3f}", f"{r['naive_es_tokens_per_s']:,.0f}",
              f"**{r['speedup']:.1f}×**", f"{r['speedup_cpu_seconds']:.1f}×",

@@ -1,6 +1,7 @@
 """The ES forward by member rows per forward call: the population in chunks of each size
-(a multiple of the threads, run on them as ``intes pretrain --chunk-pairs`` would), timed in
-interleaved rounds in one process; the measure behind the cpu backend's ``CHUNK_ROWS``.
+(run on the backend's threads as ``intes pretrain --chunk-pairs`` would: give sizes whose
+chunk count is a multiple of the threads, or cores wait), timed in interleaved rounds in one
+process; the measure behind the cpu backend's ``CHUNK_ROWS``.
 
 The JSON gives, per rows-per-chunk, the median seconds of ``population_fitness`` (noise,
 forward and fitness of every member) over the rounds, and the chunk count the engine picks

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the cuda backend in one go, for a short lease on a CUDA machine:
 #   1. the machine and library versions                               -> OUT/env.txt
-#   2. the bench_gpu.py sweep (its parity check first), stopped after SWEEP_S -> OUT/sweep.json
+#   2. the bench_gpu.py sweep (its parity check first), no new configuration after SWEEP_S
+#      seconds and the stage killed at SWEEP_S + 120                 -> OUT/sweep.json
 #   3. the GPU tests (tests/test_cuda_backend.py)                     -> OUT/log.txt
 #   4. profile_gpu.py: one point's step split by op                   -> OUT/profile.json
 #   5. `intes bench` through the Engine (rwkv), cuda and cpu backends side by side at its
@@ -15,7 +16,7 @@
 # the environment change those stages' limits; SWEEP_ARGS adds arguments to the sweep's
 # bench_gpu.py (e.g. "--repeats 1"). The tests run each Triton kernel with its first autotune
 # config alone (INTES_TRITON_AUTOTUNE=0): with all of them, compiling every kernel variant took
-# longer than the tests' 110 s on an H200.
+# longer than a 110 s limit (TESTS_S=110) on an H200.
 set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT [SWEEP_S] [POPULATIONS] [WIDTHS]}
 sweep_s=${2:-120}

@@ -27,7 +27,8 @@ KERNELS = ("_linear_plain", "_project_rank1", "_correct_rank1", "_linear_lowrank
            "_fused_rank1", "_fused_lowrank", "_fused_buffered",
            "_embed_plain", "_embed_rank1", "_embed_lowrank", "_member_vectors",
            "_log_likelihood", "_norm", "_token_mix", "sigmoid_gate_flat", "_relu_sq", "_wkv_step",
-           "_wkv_scan", "_sat_add2", "_sat_add3", "_gru_blend")
+           "_wkv_scan", "_sat_add2", "_sat_add3", "_gru_blend", "_relu", "_gru_scan_plain",
+           "_gru_scan_es")
 
 
 def timed(seconds: defaultdict, name: str, fn):

@@ -8,7 +8,7 @@ inference / (forward + update), and the medians of the slowest and fastest popul
 slice's seconds in the forward (the step waits for the slowest).
 
     python benchmarks/step_split.py [--model rwkv] [--dim 256] [--layers 2] [--population 1024]
-                                    [--seq-len 64] [--rounds 10] [--threads 1,2]
+                                    [--seq-len 64] [--rounds 10] [--threads 1,CORES]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import statistics
 import time
 
 from intes.bench import bench_backend, bench_windows, machine_info, make_engine
+from intes.kernels.cpu import usable_cores
 
 
 def rounds(threads: int, args: argparse.Namespace) -> dict:
@@ -71,7 +72,8 @@ def main() -> None:
     p.add_argument("--population", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--threads", default="1,2")
+    p.add_argument("--threads", default=f"1,{usable_cores()}",
+                   help="thread counts, comma-separated  [default: 1 and every usable core]")
     args = p.parse_args()
     load = os.getloadavg()[0]
     result = {"config": vars(args),
