@@ -19,9 +19,10 @@ compute on the same N members and T tokens:
   about what hashing every weight does (``benchmarks/naive_split.py``), so the two baselines
   read within the host's noise of each other.
 
-ES and inference run on the backend's threads (the cpu backend: one population slice per
-core); naive ES runs members one after another (see ``naive_member_seconds``), so ``speedup``
-includes the cores it cannot use and ``speedup_cpu_seconds`` is the gain per core.
+ES and inference run on the backend's threads (the cpu backend: a thread per core, the
+population in slices of at most 2,048 rows); naive ES runs members one after another (see
+``naive_member_seconds``), so ``speedup`` includes the cores it cannot use and
+``speedup_cpu_seconds`` is the gain per core.
 ``speedup_ceiling`` = inference / naive: an ES step does inference's forward and more, so
 no ES step reaches past it against this baseline, on this machine and model.
 
@@ -30,7 +31,7 @@ no ES step reaches past it against this baseline, on this machine and model.
 time; on a GPU the JSON adds its name, dense int8 peak and the ES step's ``share_of_peak``.
 
 ``gemm_gflops`` is this machine's float32 BLAS GEMM at the model's base-product shapes
-(FLOP-weighted over its layers, rows sliced over the threads like the forward, int8 operands
+(FLOP-weighted over its layers, rows sliced like the forward's (``Engine.chunks``), int8 operands
 converted as the float32 engine converts them) and
 ``int8_gemm_gops``, ``avx2_gemm_gops`` and ``vnni_gemm_gops`` the same for the int8 GEMM
 (where torch runs it), the AVX2 GEMM (where the CPU has AVX2) and the VNNI GEMM (where the CPU
@@ -60,7 +61,7 @@ from numba import njit
 from tqdm import tqdm
 
 from intes import noise as nz
-from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
+from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
 from intes.es import ESConfig
 from intes.intmath import FRAC_BITS
 from intes.kernels import get_backend
@@ -95,7 +96,7 @@ def cpu_model() -> str:
 
 
 # the vector extensions the int8 engines use or would use, as /proc/cpuinfo names them
-ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi2", "avx_vnni",
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx_vnni",
               "avx_vnni_int8", "amx_int8")
 
 
@@ -190,7 +191,7 @@ class GemmSuite:
         rng = np.random.default_rng(1)
         self.engine, self.gemm = engine, gemm
         self.slices = []
-        for lo, hi in split(engine.config.es.population, engine.threads):
+        for lo, hi in engine.chunks(engine.config.es.population, 1):
             operands = []
             for out_dim, in_dim in matrix_shapes(engine):
                 operands.append((rng.integers(-127, 128, (hi - lo, in_dim)).astype(np.int8),

@@ -152,9 +152,10 @@ class Engine:
     """Weights + step + config; ``step(windows)`` runs one full ES step on member windows.
 
     Members are independent, so a backend with ``threads`` > 1 (the cpu backend: one per
-    core) gets the population in that many slices, evaluated concurrently, or in more where
-    it caps the member rows of a forward call (``chunk_rows``); each slice is a whole forward
-    with its own base products, and the bits do not depend on the slicing.
+    usable core, shared among torchrun's local workers, or ``INTES_CPU_THREADS``) gets the
+    population in that many slices, evaluated concurrently, or in more where it caps the
+    member rows of a forward call (``chunk_rows``); each slice is a whole forward with its
+    own base products, and the bits do not depend on the slicing.
     """
 
     def __init__(self, config: TrainConfig, backend: str | Backend = "auto",

@@ -1,6 +1,6 @@
 """Integer primitives shared by every backend: saturation, rounding shifts, lookup tables.
 
-Conventions (DESIGN.md section 3):
+Conventions:
 - int8 values live in [-127, 127]; -128 never appears, so negation is always safe.
 - Weights, activations and noise are fixed point "value x 16" (``FRAC_BITS`` = 4).
 - Logits are log2-probabilities in units of 1/16 bit; log-likelihoods are int32 in units of

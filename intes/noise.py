@@ -7,7 +7,8 @@ bits and no noise ever needs to be stored: an update is rebuilt from seeds and f
 Distribution of one noise value (``gaussian_int8``): the four bytes of a hash are summed
 (Irwin-Hall, n=4, an approximate Gaussian), centred and scaled by 111/1024, giving integers in
 [-55, 55] with standard deviation ~16.0, i.e. N(0, 1) in the x16 fixed point of the weights.
-The tails are clipped at ~3.4 sigma by construction; the exact variance is ``NOISE_VARIANCE``.
+The tails are clipped at ~3.4 sigma by construction; the exact variance times 2^32 is
+``NOISE_VARIANCE_X2_32``.
 """
 
 from __future__ import annotations

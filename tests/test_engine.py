@@ -1,4 +1,4 @@
-"""Determinism contract of the training engine (DESIGN.md section 5) on tiny configs."""
+"""Determinism contract of the training engine (README, Determinism) on tiny configs."""
 
 from __future__ import annotations
 

@@ -531,7 +531,7 @@ def test_linear_worst_case_at_4096():
 
 def test_linear_no_overflow_at_largest_valid_config():
     """The largest fan-in any valid model has (the 4x MLP input at dim 4096) with the largest
-    rank a run accepts there must not overflow int32 for extreme inputs (DESIGN section 3);
+    rank a run accepts there must not overflow int32 for extreme inputs (``linear_bound``);
     one rank more is refused by the run's validation."""
     from intes.engine import ModelConfig, TrainConfig
     from intes.errors import ConfigError

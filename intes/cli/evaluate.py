@@ -102,7 +102,8 @@ def info(checkpoint: str) -> None:
         f"tokenizer: {describe_tokenizer(meta['tokenizer'], meta['vocab_size'])}",
         f"data: {meta.get('source')}" + (f" [{meta['data']}]" if meta.get("data") else ""),
         f"last validation: {'-' if val is None else f'{val:.4f} bits per byte'} (the run's "
-        "sample of the valid split; `intes eval` scores all of it)",
+        "sample of the valid split; `intes eval` scores all of it, up to "
+        f"{FINAL_EVAL_TOKENS:,} tokens)",
         f"intes version: {meta.get('intes_version', 'unknown')}",
         f"backends: {backends}",
         f"cpu GEMM: {gemm_summary()}",

@@ -23,7 +23,13 @@ from intes.errors import CheckpointError, ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels import BACKENDS
 from intes.models import MODELS
-from intes.trainer import EVAL_LEN, EVAL_STREAMS, RunOptions, checkpoint_config
+from intes.trainer import (
+    EVAL_LEN,
+    EVAL_STREAMS,
+    FINAL_EVAL_TOKENS,
+    RunOptions,
+    checkpoint_config,
+)
 from intes.trainer import pretrain as run_pretraining
 
 DEFAULT_TIME_LIMIT = 10.0  # minutes, when neither --steps nor --time-limit is given
@@ -108,7 +114,7 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
               help="Evaluate every STEPS steps  [default: automatic, ~5% of the time]")
 @click.option("--eval-streams", type=int, default=EVAL_STREAMS, show_default=True,
               help="Windows of the valid split each evaluation scores (the run's last scores "
-                   "all of them)")
+                   f"all of them, up to {FINAL_EVAL_TOKENS:,} tokens)")
 @click.option("--eval-len", type=int, default=EVAL_LEN, show_default=True,
               help="Tokens scored per window")
 @click.option("--checkpoint-every", type=int, default=None, metavar="STEPS",

@@ -29,11 +29,12 @@ class Backend(Protocol):
     """What a model and the ES core may ask of a backend. Every result is integer.
 
     Two optional attributes let a backend bring faster versions of shared code, same bits:
-    ``ew``, the elementwise ops of ``intes.intmath`` (norm, token_mix, gate, lut, wkv_step,
-    sat_add, gru_blend, relu, member_vectors, token_shift, wkv_scan), and ``noise_source``, the
-    factor generators of ``intes.noise`` (lowrank_factors, vector_noise). Without them the numpy
-    versions are used. A third, ``gru_scan``, runs EGG's recurrence over a token block in one
-    call (``intes.models.egg.gru_scan``; None where it cannot, and the model loops).
+    ``ew``, the elementwise ops of ``intes.intmath`` (norm, token_mix, sigmoid_gate, relu_sq,
+    wkv_step, sat_add, gru_blend, relu, member_vectors, token_shift, wkv_scan), and
+    ``noise_source``, the factor generators of ``intes.noise`` (lowrank_factors,
+    vector_noise). Without them the numpy versions are used. A third, ``gru_scan``, runs
+    EGG's recurrence over a token block in one call (``intes.models.egg.gru_scan``; None
+    where it cannot, and the model loops).
 
     ``token_block(rows, width)`` (default 1) is how many tokens a forward over that many
     member rows of a model that wide passes at once, as (T, rows, d) blocks: a backend that

@@ -17,11 +17,12 @@ the 7 quotient bits that survive sat8 (``_div_sat8``); the norm's, one divisor p
 an integer reciprocal (``_row_reciprocal``).
 
 Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
-same way), so results agree even outside the argued bounds. Inputs follow DESIGN.md: int8
-values in [-127, 127], never -128.
+same way), so results agree even outside the argued bounds. Inputs follow ``intes.intmath``'s
+conventions: int8 values in [-127, 127], never -128.
 
-The per-step forms (``prepare``) are read-only and shared; per-call scratch buffers are per
-thread, so one backend serves several threads at once.
+The per-step forms (``prepare``) are shared and read-only but for their ES-plan cache (dict
+writes, atomic under the GIL); per-call scratch buffers are per thread, so one backend serves
+several threads at once.
 
 Threads: every kernel here is serial and releases the GIL, and the GEMM runs on one thread.
 The cores are used one level up: ``Engine`` evaluates ``threads`` slices of the population
@@ -76,7 +77,7 @@ from intes.kernels.vnni_gemm import (
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
-# Tokens per forward call (see CpuBackend.token_block). With the int8 and float32 engines a
+# Tokens per forward call (see CpuBackend.token_block). With every engine but VNNI a
 # slice of at most BLOCK_ROWS rows runs TOKEN_BLOCK tokens at once, a larger one token by token:
 # measured on 2 cores at width 256 (ES step, blocks 1, 2, 4, 8), 256 and 512 rows ran fastest
 # at 4 (+12-25% over 1), 1024 and 2048 rows at 1 (blocks of 2 or 4 were 8-14% slower there,

@@ -10,7 +10,7 @@ calls) hands out ``KeyedFactor``s: the per-pair stream keys of ``intes.noise`` a
 else. The kernels make the factors from them:
 
 - ``noise_mode="cached"`` (default): hashed once per (tensor, population chunk) into device
-  memory on first use, then read by every token of the step (DESIGN.md section 2);
+  memory on first use, then read by every token of the step;
 - ``noise_mode="kernel"``: hashed inside the linear kernel at every call; nothing is stored,
   but every token pays the hash again.
 

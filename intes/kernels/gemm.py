@@ -8,7 +8,7 @@ Four engines, the same bits (every product of int8 values is summed exactly):
   update's Z and step likewise. The default where the CPU has VNNI; needs no torch.
 - ``Int8Gemm``: int8 x int8 -> int32 through ``torch._int_mm`` (oneDNN; VNNI dot-product
   instructions where the CPU has them). Exact by construction: int32 holds any sum of up to
-  2^31 / 127^2 = 133,143 products, far past any layer width here. Fast only where the CPU
+  2^31 / 127^2 = 133,144 products, far past any layer width here. Fast only where the CPU
   has a VNNI dot-product instruction: it ran 5-7x the float32 BLAS GEMM of the same shapes
   on an AVX-512 VNNI machine, and at 4% of it (5.7 Gop/s against 128 Gflop/s) on an
   AVX2-only Zen 3. The default without AVX-512 VNNI where the CPU has AVX-VNNI or AMX and
@@ -16,7 +16,8 @@ Four engines, the same bits (every product of int8 values is summed exactly):
 - ``Avx2Gemm``: this package's own AVX2 kernel (``intes.kernels.avx2_gemm``): int16 pairs by
   vpmaddwd, exact for int8 operands at any fan-in below 133,000. It ran 1.6-1.8x the float32
   BLAS GEMM of the same shapes on one core of an AVX2-only Zen 3; the default on AVX2 CPUs
-  with no int8 dot-product instruction.
+  without AVX-512 VNNI where the int8 engine cannot run (no int8 dot-product instruction, or
+  no torch).
 - ``Float32Gemm``: a float32 BLAS GEMM, exact while every partial sum is an integer below 2^24
   (``EXACT_K``); larger fan-in is split into exact K-chunks summed in int32. Needs only numpy.
 
@@ -449,6 +450,7 @@ class VnniGemm:
         reason = vnni_unavailable()
         if reason is not None:
             raise RuntimeError(reason)
+        pin_blas_threads(1)  # the float path of lowrank_sum, past MAX_LEVELS
 
     def prepare(self, w: np.ndarray) -> VnniWeight:
         return vnni_pack(w)
@@ -555,5 +557,5 @@ def int8_gemm_unavailable() -> str | None:
     try:
         Int8Gemm()
     except (ImportError, AttributeError, RuntimeError) as err:
-        return f"int8 GEMM unavailable ({err}); the cpu backend uses float32 BLAS"
+        return f"int8 GEMM unavailable ({err})"
     return None

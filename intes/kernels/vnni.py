@@ -4,7 +4,7 @@ A perturbed linear layer projects each member's input onto its pair's factor, x_
 both members of every pair: 2 x fan-in multiply-adds per pair per token, the largest part of
 ES's own work on the CPU. numba vectorizes that loop in int32 lanes (16 products per
 instruction); VNNI's vpdpbusd sums 64 uint8 x int8 products into int32 in one instruction.
-LLVM does not form it from a loop, so ``row_dots`` emits it from IR, with the signed x made
+LLVM does not form it from a loop, so ``_row_dots`` emits it from IR, with the signed x made
 unsigned by x + 128 (xor 0x80) and the 128 sum(b) that adds taken off again (also by vpdpbusd,
 against ones): exact, as every partial sum stays far inside int32 (|x| <= 127, |b| <= 127,
 fan-in < 2^16). A length that is not a multiple of 64 ends in one block of masked loads (a
