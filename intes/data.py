@@ -18,12 +18,13 @@ step is a pure function of (seed, step) and resuming needs no data-loader state.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import sysconfig
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,16 @@ class Corpus:
             (self.train, self.train_bytes) if split == "train" else (self.valid, self.valid_bytes)
         )
         return n_bytes / max(1, len(tokens))
+
+    @cached_property
+    def digest(self) -> str:
+        """A fingerprint of the two splits' tokens (their dtype, length and bytes), which a
+        checkpoint keeps so that a resume can tell whether its data changed; made once."""
+        h = hashlib.blake2b(digest_size=16)
+        for tokens in (self.train, self.valid):
+            h.update(f"{tokens.dtype.str}:{len(tokens)};".encode())
+            h.update(np.ascontiguousarray(tokens).tobytes())
+        return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +168,15 @@ def _resolve_tokenizer(spec: str, train_docs: list[bytes]) -> str:
     if spec.startswith("{"):
         _bpe(spec)
         return spec
-    if spec.endswith(".json") and Path(spec).expanduser().is_file():
-        text = Path(spec).expanduser().read_text(encoding="utf-8")
+    if spec.endswith(".json"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataError(f"tokenizer file {spec!r} does not exist; {_TOKENIZER_HELP}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"cannot read tokenizer file {spec!r} as UTF-8 JSON ({err}); "
+                            f"{_TOKENIZER_HELP}") from None
         _bpe(text)
         return text
     raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
@@ -197,11 +215,19 @@ def _is_text(raw: bytes) -> bool:
     return True
 
 
+def _is_run_output(path: Path) -> bool:
+    """A zarr store (a checkpoint or a token store) or an intes run directory: not text to
+    train on, and ``--data .`` would otherwise read earlier runs' weights and metrics."""
+    return path.suffix == ".zarr" or (path / "checkpoint.zarr").is_dir()
+
+
 def _walk(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
-    """Regular files under ``root``, hidden entries and ``skip_dirs`` pruned, sorted by rel path."""
+    """Regular files under ``root``, sorted by relative path; hidden entries, ``skip_dirs``
+    and run outputs (``_is_run_output``) below ``root`` pruned."""
     found = []
     for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip_dirs and not d.startswith(".")]
+        dirs[:] = [d for d in dirs if d not in skip_dirs and not d.startswith(".")
+                   and not _is_run_output(Path(dirpath, d))]
         found += [Path(dirpath, f) for f in files if not f.startswith(".")]
     found = [p for p in found if p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())

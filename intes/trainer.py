@@ -157,6 +157,8 @@ def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
         "vocab_size": corpus.vocab_size,
         "data": data,
         "source": corpus.source,
+        "data_digest": corpus.digest,
+        "data_tokens": [len(corpus.train), len(corpus.valid)],
         "val_bpb": val_bpb,
         "intes_version": intes_version(),
     }
@@ -234,6 +236,13 @@ def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path
         raise CheckpointError(f"cannot resume {store}: the data is tokenized differently (vocab "
                               f"{corpus.vocab_size}, checkpoint {meta.get('vocab_size')}); "
                               "resume on the checkpoint's data")
+    if meta.get("data_digest") not in (None, corpus.digest):  # older checkpoints lack it
+        then = meta.get("data_tokens")
+        counts = f"; {then[0]:,} / {then[1]:,} then" if then else ""
+        raise CheckpointError(f"cannot resume {store}: its data changed since the checkpoint "
+                              f"({len(corpus.train):,} train / {len(corpus.valid):,} valid tokens "
+                              f"now{counts}); resume on the same data, or start a new run with "
+                              "another --out")
 
 
 def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str,

@@ -160,7 +160,7 @@ def test_data_prepare_makes_a_store_pretrain_can_use(text_file, tmp_path):
 
 @pytest.mark.parametrize("bad", [["--population", "15"], ["--dim", "-4"], ["--group-size", "3"],
                                  ["--steps", "0"], ["--data", "MISSING"], ["--data", "EMPTY"],
-                                 ["--data", "BINARY"], ["--seq-len", "60000"]])
+                                 ["--data", "BINARY"], ["--data", ""], ["--seq-len", "60000"]])
 def test_bad_pretrain_input_is_one_line_and_writes_nothing(bad, text_file, tmp_path):
     files = {"MISSING": tmp_path / "nope.txt", "EMPTY": tmp_path / "empty.txt",
              "BINARY": tmp_path / "blob.bin"}
@@ -202,6 +202,20 @@ def test_resume_with_another_config_is_refused_untouched(run_copy, flag):
     assert_user_error(result)
     assert "checkpoint" in result.stderr
     assert snapshot(run_copy) == before
+
+
+def test_resume_on_changed_data_is_refused_untouched(text_file, tmp_path):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    shutil.copy(text_file, data / "a.txt")
+    out = tmp_path / "run"
+    assert invoke("pretrain", *TINY, "--data", data, "--steps", 2, "--out", out).exit_code == 0
+    (data / "b.txt").write_text("more text, added after the checkpoint\n" * 20, encoding="utf-8")
+    before = snapshot(out)
+    result = invoke("pretrain", "--steps", 4, "--out", out, "--resume", "--no-progress")
+    assert_user_error(result)
+    assert "data changed" in result.stderr
+    assert snapshot(out) == before
 
 
 def test_resume_needs_a_checkpoint(tmp_path):

@@ -123,6 +123,19 @@ def test_directory_split_by_crc32_of_relative_path(tmp_path):
     assert f"({len(files)} files," in corpus.source
 
 
+def test_directory_corpus_skips_stores_and_runs(tmp_path):
+    """``--data .`` must not train on earlier runs: their checkpoints, token stores and
+    metrics are left out, at any depth (but a directory given as the corpus is read)."""
+    files = _tree(tmp_path / "d")
+    _write(tmp_path / "d" / "runs" / "a" / "checkpoint.zarr" / "zarr.json", '{"text": 1}')
+    _write(tmp_path / "d" / "runs" / "a" / "metrics.jsonl", '{"step": 1}\n')
+    _write(tmp_path / "d" / "pkg" / "tokens.zarr" / "train" / "c" / "0", "abcdef")
+    corpus = load_corpus(tmp_path / "d")
+    train, valid = _expected_split(files)
+    assert _docs(corpus.train) == train and _docs(corpus.valid) == valid
+    assert f"({len(files)} files," in corpus.source
+
+
 def test_glob_matches_like_directory(tmp_path):
     files = _tree(tmp_path / "d")
     corpus = load_corpus(str(tmp_path / "d" / "**" / "*.txt"))
@@ -174,10 +187,14 @@ def test_bad_data_gives_one_line_error(tmp_path, make, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("spec", ["bpe:abc", "bpe:256", "bpe:", "words", '{"not": "a tokenizer"}'])
+@pytest.mark.parametrize("spec", ["bpe:abc", "bpe:256", "bpe:", "words", '{"not": "a tokenizer"}',
+                                  "BINARY.json", "MISSING.json"])
 def test_bad_tokenizer_spec(tmp_path, spec):
-    with pytest.raises(DataError, match="tokenizer"):
+    _write(tmp_path / "BINARY.json", bytes(range(128, 256)))
+    spec = str(tmp_path / spec) if spec.endswith(".json") else spec
+    with pytest.raises(DataError, match="tokenizer") as info:
         load_corpus(_write(tmp_path / "a.txt", TEXT), tokenizer=spec)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("fraction", [0, 1, 2.5, True])

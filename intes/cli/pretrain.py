@@ -65,6 +65,14 @@ def build_config(base: TrainConfig, flags: dict, names: set[str]) -> TrainConfig
     return TrainConfig.from_dict(tree)
 
 
+def _absolute(data: str | None) -> str | None:
+    """The data path made absolute (the checkpoint records it for --resume); None and a blank
+    path stay as given, for load_corpus to take the default corpus or refuse the blank."""
+    if data is None or not data.strip():
+        return data
+    return os.path.abspath(os.path.expanduser(data))
+
+
 def default_out(config: TrainConfig) -> Path:
     m = config.model
     return Path("runs") / f"{m.kind}-d{m.dim}-l{m.layers}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -83,7 +91,8 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
 
 @click.command()
 @click.option("--data", default=None, metavar="PATH",
-              help="Text file, directory, glob or .zarr token store  [default: Python stdlib "
+              help="Text file, directory (its text files; hidden entries, .zarr stores and "
+                   "intes runs skipped), glob or .zarr token store  [default: Python stdlib "
                    "sources; on --resume: the run's data]")
 @click.option("--model", type=click.Choice(sorted(MODELS)), default=_M.kind, show_default=True)
 @click.option("--layers", type=int, default=_M.layers, show_default=True)
@@ -153,7 +162,7 @@ def pretrain(ctx: click.Context, **flags) -> None:
         resume=flags["resume"],
         chunk_pairs=flags["chunk_pairs"],
         progress=flags["progress"],
-        data=None if data is None else os.path.abspath(os.path.expanduser(data)),
+        data=_absolute(data),
     )
     options.validate()
     config.validate()  # fail fast, before reading a corpus; vocab is checked again below
