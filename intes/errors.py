@@ -15,3 +15,8 @@ class CheckpointError(IntesError):
 
 class ConfigError(IntesError):
     """A configuration value out of its valid range."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C that was already reported (a run says where its checkpoint is): the CLI exits
+    130 without a second message."""

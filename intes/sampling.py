@@ -8,6 +8,8 @@ pure function of (seed, position), so the same seed gives the same text on every
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from intes.data import SEPARATOR
@@ -41,7 +43,14 @@ def draw(weights: np.ndarray, seed: int, position: int) -> int:
 
 def generate(engine: Engine, prompt_tokens: np.ndarray | list[int], n_tokens: int,
              greedy: bool = False, seed: int = 0, temperature_shift: int = 0) -> np.ndarray:
-    """The ``n_tokens`` that follow ``prompt_tokens`` (int32), unperturbed weights.
+    """The ``n_tokens`` that follow ``prompt_tokens`` (int32), unperturbed weights."""
+    return np.fromiter(stream(engine, prompt_tokens, n_tokens, greedy, seed, temperature_shift),
+                       dtype=np.int32, count=n_tokens)
+
+
+def stream(engine: Engine, prompt_tokens: np.ndarray | list[int], n_tokens: int,
+           greedy: bool = False, seed: int = 0, temperature_shift: int = 0) -> Iterator[int]:
+    """``generate``'s tokens one at a time, as they are made (``intes sample`` prints them so).
 
     The model first reads a separator (every training document starts with one), then the
     prompt; a generated separator resets the state, as it does in training.
@@ -63,7 +72,6 @@ def generate(engine: Engine, prompt_tokens: np.ndarray | list[int], n_tokens: in
     for position in range(start, start + n_tokens):
         token = (int(np.argmax(row)) if greedy
                  else draw(token_weights(row, temperature_shift), seed, position))
-        seq.append(token)
+        yield token
         if position + 1 < start + n_tokens:
             row = feed(token)
-    return np.array(seq[start:], dtype=np.int32)

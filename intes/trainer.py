@@ -30,7 +30,7 @@ from intes.checkpoint import (
 )
 from intes.data import Corpus, eval_streams, load_corpus, ngram_bits_per_byte, sample_windows
 from intes.engine import Engine, TrainConfig, member_windows
-from intes.errors import CheckpointError, ConfigError, DataError
+from intes.errors import CheckpointError, ConfigError, DataError, Interrupted
 from intes.intmath import LL_FRAC_BITS
 
 METRICS_NAME = "metrics.jsonl"
@@ -506,7 +506,7 @@ class _Run:
             self.checkpoint()
             self.say(f"interrupted: checkpoint at step {self.snapshot[1]} in {self.out}; "
                      f"continue with: intes pretrain --out {self.out} --resume")
-            raise
+            raise Interrupted from None
         finally:
             self.close_bar()
             if self.log:

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 import intes.cli
 from intes.checkpoint import CHECKPOINT_NAME
 from intes.cli import cli, main
-from intes.data import load_corpus
-from intes.errors import DataError
+from intes.cli.evaluate import printable
+from intes.data import decode, encode, load_corpus
+from intes.errors import DataError, Interrupted
 
 TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",
         "--seed", "5", "--eval-streams", "4", "--eval-len", "32", "--backend", "reference",
@@ -124,6 +127,25 @@ def test_sample_continues_the_prompt_reproducibly(run_dir):
     assert first.output.startswith("def ") and first.output == second.output
     greedy = invoke(*args, "--greedy")
     assert greedy.exit_code == 0 and greedy.output.startswith("def ")
+
+
+def test_sample_refuses_a_prompt_that_is_not_utf8(run_dir):
+    assert_user_error(invoke("sample", run_dir, "--prompt", "caf\udce9", "--tokens", 2))
+
+
+@given(st.lists(st.integers(0, 255), max_size=60))
+def test_sample_prints_byte_tokens_as_decode_would(tokens):
+    """Printed piece by piece as they come, a byte model's tokens read as one decode."""
+    assert "".join(printable(iter(tokens), "bytes")) == decode(tokens, "bytes")
+
+
+def test_sample_prints_bpe_tokens_as_decode_would(text_file):
+    text = "naïve café — 変換 def return\n" * 3
+    tokenizer = load_corpus(text_file, tokenizer="bpe:300").tokenizer
+    tokens = encode(text, tokenizer).tolist()
+    pieces = list(printable(iter(tokens), tokenizer))
+    assert "".join(pieces) == decode(tokens, tokenizer) == text
+    assert len(pieces) > len(text) // 8  # printed as it goes, not at the end
 
 
 def test_info_describes_the_checkpoint(run_dir):
@@ -254,10 +276,20 @@ def test_main_maps_outcomes_to_exit_codes(monkeypatch, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["pretrain", "--no-such-flag"])
     assert usage.value.code == 2
+    capsys.readouterr()
     monkeypatch.setattr(PRETRAIN_MODULE, "load_corpus", interrupted)
     with pytest.raises(SystemExit) as stop:
         main(["pretrain", "--steps", "1"])
     assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+    def reported(*args, **kwargs):  # a run already said where its checkpoint is
+        raise Interrupted
+
+    monkeypatch.setattr(PRETRAIN_MODULE, "load_corpus", reported)
+    with pytest.raises(SystemExit) as quiet:
+        main(["pretrain", "--steps", "1"])
+    assert quiet.value.code == 130 and capsys.readouterr().err == ""
 
 
 def test_a_command_whose_dependency_is_missing_reports_it(monkeypatch, tmp_path):

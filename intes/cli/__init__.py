@@ -20,7 +20,7 @@ import click
 from intes.cli.data import data
 from intes.cli.evaluate import evaluate, info, sample
 from intes.cli.pretrain import pretrain
-from intes.errors import IntesError
+from intes.errors import Interrupted, IntesError
 
 LAZY_COMMANDS = {"bench": "intes.cli.bench", "finetune": "intes.cli.finetune"}
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -70,6 +70,8 @@ class IntesGroup(click.Group):
             return super().invoke(ctx)
         except IntesError as err:
             raise UserError(str(err)) from None
+        except Interrupted:  # already reported; as Abort, click would print more
+            raise click.exceptions.Exit(INTERRUPTED) from None
         except OSError as err:
             if isinstance(err, BrokenPipeError):
                 raise

@@ -6,14 +6,18 @@ in ``load_checkpoint`` and is reported in one line.
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Iterable, Iterator
+
 import click
 import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
-from intes.data import decode, encode
+from intes.data import BYTE_VOCAB, decode, encode
+from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
-from intes.sampling import generate
+from intes.sampling import stream
 from intes.trainer import (
     EVAL_LEN,
     FINAL_EVAL_TOKENS,
@@ -69,14 +73,41 @@ def evaluate(checkpoint: str, data: str | None, streams: int | None, length: int
 @backend_option
 def sample(checkpoint: str, prompt: str, n_tokens: int, greedy: bool, seed: int,
            temperature_shift: int, backend: str) -> None:
-    """Print PROMPT and the model's continuation of it."""
+    """Print the --prompt text and the model's continuation of it, token by token."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError("the prompt is not valid UTF-8 text") from None
     engine, meta = load_engine(checkpoint, backend)
     tokenizer = meta["tokenizer"]
     prompt_tokens = encode(prompt, tokenizer).astype(np.int32)
-    continuation = generate(engine, prompt_tokens, n_tokens, greedy=greedy, seed=seed,
-                            temperature_shift=temperature_shift)
-    text = decode(np.concatenate([prompt_tokens, continuation]), tokenizer)
-    click.echo(text.replace("\0", "\n"))
+    click.echo(decode(prompt_tokens, tokenizer).replace("\0", "\n"), nl=False)
+    tokens = stream(engine, prompt_tokens, n_tokens, greedy=greedy, seed=seed,
+                    temperature_shift=temperature_shift)
+    for text in printable(tokens, tokenizer):
+        click.echo(text.replace("\0", "\n"), nl=False)
+    click.echo()
+
+
+def printable(tokens: Iterable[int], tokenizer: str, hold: int = 64) -> Iterator[str]:
+    """The text of ``tokens`` in pieces, each as soon as it is whole; joined, ``decode`` of all
+    of them. Bytes go through an incremental UTF-8 decoder; a BPE token whose text ends inside
+    a character (in U+FFFD) waits for the next, up to ``hold`` tokens (past that, a character
+    split there prints as U+FFFD)."""
+    if tokenizer == "bytes":
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in tokens:
+            yield utf8.decode(bytes([token if 0 <= token < BYTE_VOCAB else 0xFF]))
+        yield utf8.decode(b"", final=True)
+        return
+    pending: list[int] = []
+    for token in tokens:
+        pending.append(token)
+        text = decode(pending, tokenizer)
+        if not text.endswith("\ufffd") or len(pending) >= hold:
+            yield text
+            pending = []
+    yield decode(pending, tokenizer)
 
 
 @click.command()
