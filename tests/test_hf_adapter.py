@@ -46,7 +46,15 @@ from intes.adapters.hf import (  # noqa: E402
     layer_dims,
     shape_rewards,
 )
-from intes.adapters.tasks import conciseness, countdown, countdown_score, load_task  # noqa: E402
+from intes.adapters.tasks import (  # noqa: E402
+    DEFAULT_TARGET_CHARS,
+    conciseness,
+    countdown,
+    countdown_score,
+    load_task,
+)
+from intes.cli import cli  # noqa: E402
+from intes.cli import finetune as finetune_module  # noqa: E402
 from intes.cli.finetune import finetune  # noqa: E402
 from intes.errors import ConfigError, DataError, IntesError  # noqa: E402
 from intes.noise import lowrank_factors, member_signs  # noqa: E402
@@ -305,6 +313,11 @@ def test_reward_that_raises_is_one_clear_error(tokenizer):
     (dict(sigma=0.0), "sigma"),
     (dict(rank=0), "rank"),
     (dict(target_modules="no_such_layer"), "no .*Linear layers"),
+    (dict(target_modules="["), "not a valid regular expression"),
+    (dict(lr=0.0), "lr must be a positive"),
+    (dict(lr=-1e-3), "lr must be a positive"),
+    (dict(seed=-1), "seed must be in 0..4294967295"),
+    (dict(seed=2**32), "seed must be in 0..4294967295"),
 ])
 def test_bad_configuration(tokenizer, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -458,6 +471,79 @@ def test_finetune_bad_input_is_one_line(saved, tmp_path, case, error, match):
     assert isinstance(result.exception, IntesError) and "\n" not in str(result.exception)
     assert re.search(match, str(result.exception))
     assert not (tmp_path / "out").exists()
+
+
+def one_error_line(result, match: str) -> None:
+    """Through the `intes` group, a user error is one `error:` line, exit 1, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and re.search(match, line), line
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Flags must be refused before the model is loaded (so the errors come at once)."""
+    def fail(*args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(finetune_module, "_load_model", fail)
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--target-modules", "[", r"--target-modules '\[' is not a valid regular expression: "
+                              "unterminated character set"),
+    ("--target-modules", "(a", "not a valid regular expression"),
+    ("--device", "bogus", "--device 'bogus' is not a torch device"),
+    ("--device", "meta", "--device meta holds no weights"),
+    ("--seed", -1, r"--seed must be in 0\.\.4294967295, got -1"),
+    ("--seed", 2**32, "--seed must be in 0"),
+    ("--lr", -1, "--lr must be a positive finite number, got -1"),
+    ("--lr", 0, "--lr must be a positive"),
+    ("--lr", "nan", "--lr must be a positive"),
+    ("--sigma", 0, "--sigma must be a positive"),
+    ("--sigma", "-1e-3", "--sigma must be a positive"),
+    ("--sigma", "inf", "--sigma must be a positive"),
+    ("--population", 3, "--population must be an even number >= 2"),
+    ("--population", 0, "--population must be an even number >= 2"),
+    ("--rank", 0, r"--rank must be in 1\.\.64"),
+    ("--rank", 65, r"--rank must be in 1\.\.64"),
+    ("--steps", 0, "--steps must be >= 1"),
+    ("--max-new-tokens", 0, "--max-new-tokens must be >= 1"),
+    ("--member-chunk", 0, "--member-chunk must be >= 1"),
+])
+def test_finetune_bad_flag_is_one_error_line(saved, tmp_path, no_model_load, flag, value, match):
+    args = {"--model": saved / "model", "--task": "conciseness", "--prompts": saved / "prompts.txt",
+            "--population": 2, "--steps": 1, "--max-new-tokens": 2, "--device": "cpu",
+            "--out": tmp_path / "out", flag: value}
+    result = CliRunner().invoke(cli, ["finetune", *[str(x) for kv in args.items() for x in kv]])
+    one_error_line(result, match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, gpus, match", [
+    ("cuda", 0, "--device cuda: CUDA is not available here"),
+    ("cuda:0", 0, "--device cuda:0: CUDA is not available here"),
+    ("cuda:2", 2, r"--device cuda:2: this machine has 2 CUDA device\(s\)"),
+])
+def test_finetune_missing_cuda_is_one_error_line(saved, tmp_path, no_model_load, monkeypatch,
+                                                 device, gpus, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    result = CliRunner().invoke(cli, [
+        "finetune", "--model", str(saved / "model"), "--task", "conciseness", "--prompts",
+        str(saved / "prompts.txt"), "--device", device, "--out", str(tmp_path / "out")])
+    one_error_line(result, match)
+
+
+def test_finetune_help_says_what_a_line_without_a_tab_means():
+    result = CliRunner().invoke(cli, ["finetune", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for option in ("--task", "--prompts"):
+        helptext = text.split(f"{option} ")[1].split(" --")[0]  # up to the next option
+        assert re.search(rf"without a tab .*{DEFAULT_TARGET_CHARS} characters", helptext), text
 
 
 # ---------------------------------------------------------------- finetune under torchrun

@@ -51,6 +51,7 @@ from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from intes import distributed
+from intes.adapters import MAX_RANK, MAX_SEED
 from intes.errors import ConfigError, DataError, IntesError
 from intes.noise import lowrank_factors, member_signs
 
@@ -85,7 +86,11 @@ def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[st
     A tied weight (GPT-2's lm_head shares the input embedding) is skipped: the side path would
     only perturb its output role, while the update would also move the embedding.
     """
-    pattern = re.compile(target_modules) if target_modules else None
+    try:
+        pattern = re.compile(target_modules) if target_modules else None
+    except re.error as exc:
+        raise ConfigError(f"target_modules {target_modules!r} is not a valid regular "
+                          f"expression: {' '.join(str(exc).split())}") from None
     tied = _shared_weights(model)
     layers = [
         (name, m) for name, m in model.named_modules()
@@ -158,8 +163,10 @@ class LowRankAdapter:
                  target_modules: str | None = None) -> None:
         if not (sigma > 0 and math.isfinite(sigma)):
             raise ConfigError(f"sigma must be a positive number, got {sigma}")
-        if not 1 <= rank <= 64:
-            raise ConfigError(f"rank must be in 1..64, got {rank}")
+        if not 1 <= rank <= MAX_RANK:
+            raise ConfigError(f"rank must be in 1..{MAX_RANK}, got {rank}")
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {seed}")
         self.model = model
         self.sigma = float(sigma)
         self.rank = rank
@@ -254,8 +261,8 @@ class ESFineTuner:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if member_chunk is not None and member_chunk < 1:
             raise ConfigError(f"member_chunk must be >= 1, got {member_chunk}")
-        if not math.isfinite(lr):
-            raise ConfigError(f"lr must be a finite number, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"lr must be a positive number, got {lr}")
         self.model = model.eval()  # dropout off: a member's reward must depend on its weights
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn

@@ -32,7 +32,11 @@ _OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__,
 
 
 def conciseness(lines: list[str]) -> tuple[list[str], RewardFn]:
-    """Prompts and a reward preferring answers as long as each prompt's target."""
+    """Prompts and a reward preferring answers as long as each prompt's target.
+
+    A line ``prompt<TAB>target`` targets len(target) characters; a line without a tab is all
+    prompt and targets DEFAULT_TARGET_CHARS characters.
+    """
     targets: dict[str, int] = {}
     for line in lines:
         prompt, tab, target = line.partition("\t")

@@ -18,7 +18,9 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import click
 
+from intes.adapters import MAX_RANK, MAX_SEED
+from intes.adapters.tasks import DEFAULT_TARGET_CHARS, load_task
 from intes.errors import ConfigError, DataError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -72,6 +76,71 @@ def _import_reward(spec: str):
     if not callable(fn):
         raise ConfigError(f"{module_name!r} has no callable {attr!r}")
     return fn
+
+
+def _check_numbers(population: int, sigma: float, lr: float, rank: int, steps: int,
+                   max_new_tokens: int, seed: int, member_chunk: int | None) -> None:
+    """Refuse numeric flags that make no sense, before anything slow is loaded."""
+    if population < 2 or population % 2:
+        raise ConfigError(f"--population must be an even number >= 2 (antithetic pairs), "
+                          f"got {population}")
+    for flag, value in (("--sigma", sigma), ("--lr", lr)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{flag} must be a positive finite number, got {value}")
+    if not 1 <= rank <= MAX_RANK:
+        raise ConfigError(f"--rank must be in 1..{MAX_RANK}, got {rank}")
+    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
+    if member_chunk is not None and member_chunk < 1:
+        raise ConfigError(f"--member-chunk must be >= 1, got {member_chunk}")
+
+
+def _check_target_modules(pattern: str | None) -> None:
+    """Refuse a --target-modules that is not a regular expression."""
+    if not pattern:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--target-modules {pattern!r} is not a valid regular expression: "
+                          f"{_one_line(exc)}") from None
+
+
+def _resolve_device(device: str | None) -> str:
+    """The torch device to use, refused in one line if it does not exist or is not here.
+
+    CUDA is checked without touching a GPU, so torchrun workers bind theirs first."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a torch device; use e.g. cpu, cuda or "
+                          "cuda:1") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch was built without CUDA" if torch.version.cuda is None
+                   else "no GPU is visible")
+            raise ConfigError(f"--device {device}: CUDA is not available here ({why}); "
+                              "use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")
+    elif dev.type == "meta":
+        raise ConfigError("--device meta holds no weights; use cpu or cuda")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:  # whichever backend it is, it does not work here
+            raise ConfigError(f"--device {device} is not available here "
+                              f"({type(exc).__name__}: {_one_line(exc, 100)})") from None
+    return device
 
 
 def _load_model(path: Path, dtype: str, device: str):
@@ -130,24 +199,30 @@ def _staging_dir(out: Path) -> Path:
 @click.command("finetune")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="Folder made by save_pretrained (model + tokenizer); loaded offline.")
-@click.option("--task", type=str, help="Built-in reward: conciseness or countdown.")
+@click.option("--task", type=str,
+              help="Built-in reward: conciseness (prompt lines 'prompt<TAB>target', rewarding "
+                   "answers as long as the target; a line without a tab asks for "
+                   f"{DEFAULT_TARGET_CHARS} characters) or countdown (the last number of a "
+                   "line is the target, the others the numbers to use).")
 @click.option("--reward", "reward_spec", type=str,
               help="Own reward module:function or file.py:function: f(prompt, completion)->float.")
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(path_type=Path),
-              help="Text file, one prompt per line (conciseness: prompt<TAB>target).")
-@click.option("--population", default=8, show_default=True, help="Members per step (even).")
-@click.option("--sigma", default=1e-3, show_default=True, help="Perturbation scale.")
+              help="Text file, one prompt per line (conciseness: prompt<TAB>target; without "
+                   f"a tab the target is {DEFAULT_TARGET_CHARS} characters).")
+@click.option("--population", default=8, show_default=True, help="Members per step (even, >= 2).")
+@click.option("--sigma", default=1e-3, show_default=True, help="Perturbation scale (> 0).")
 @click.option("--lr", default=5e-7, show_default=True,
-              help="Step of W += lr/(N sigma) sum f_m eps_m; the paper's alpha times sigma.")
-@click.option("--rank", default=1, show_default=True, help="Rank of each perturbation.")
+              help="Step (> 0) of W += lr/(N sigma) sum f_m eps_m; the paper's alpha times sigma.")
+@click.option("--rank", default=1, show_default=True,
+              help=f"Rank of each perturbation, 1..{MAX_RANK}.")
 @click.option("--shaping", type=click.Choice(["zscore", "rank", "sign"]), default="zscore",
               show_default=True, help="Fitness shaping.")
 @click.option("--steps", default=100, show_default=True, help="ES steps.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="New tokens per prompt.")
-@click.option("--seed", default=0, show_default=True, help="Noise seed.")
+@click.option("--seed", default=0, show_default=True, help=f"Noise seed, 0..{MAX_SEED}.")
 @click.option("--target-modules", default=None, help="Regex over layer names to perturb (all).")
 @click.option("--member-chunk", default=None, type=int,
-              help="Members per generate() call (default: the whole population).")
+              help="Members per generate() call, >= 1 (default: the whole population).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -159,11 +234,10 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
     """Fine-tune a Hugging Face causal LM with low-rank evolution strategies."""
     if (task is None) == (reward_spec is None):
         raise ConfigError("give exactly one of --task NAME or --reward module:function")
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    _check_numbers(population, sigma, lr, rank, steps, max_new_tokens, seed, member_chunk)
+    _check_target_modules(target_modules)
+    device = _resolve_device(device)
     _check_out(out)
-    from intes.adapters.tasks import load_task
-
     lines = _read_prompts(prompts_path)
     if task is not None:
         prompts, reward_fn = load_task(task, lines)
