@@ -62,12 +62,13 @@ from tqdm import tqdm
 
 from intes import noise as nz
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score
+from intes.errors import ConfigError
 from intes.es import ESConfig
 from intes.intmath import FRAC_BITS
 from intes.kernels import get_backend
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import Backend
-from intes.kernels.cpu import _gaussian, _mix32, _sat8, _stream_indices
+from intes.kernels.cpu import _gaussian, _mix32, _sat8, _stream_indices, usable_cores
 from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
@@ -465,9 +466,11 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
     if naive:
         result.update(naive_figures(engine, windows, es, inference["wall"], tokens, repeats,
                                     tick))
-    # the threads' base products overlap in time, so the rate is flops / (thread-seconds / threads)
-    threads = engine.threads
-    achieved = es["base_flops"] * threads / es["base_s"] / 1e9 if es["base_s"] else None
+    # the threads' base products overlap in time, so the rate is flops / (thread-seconds / k),
+    # k the slices that can run at once: no more than the threads, the cores or the slices
+    slices = len(engine.chunks(engine.config.es.pairs, 2))
+    concurrent = min(engine.threads, usable_cores(), slices)
+    achieved = es["base_flops"] * concurrent / es["base_s"] / 1e9 if es["base_s"] else None
     float_rate = gemm_rates.get("float32")
     result.update({"gemm_gflops": float_rate, "int8_gemm_gops": gemm_rates.get("int8"),
                    "avx2_gemm_gops": gemm_rates.get("avx2"),
@@ -501,11 +504,15 @@ def int8_rates(engine: Engine, result: dict) -> dict:
 
 
 def bench_backend(name: str, threads: int | None, gemm: str | None = None) -> Backend:
-    """The named backend; a thread count and a GEMM engine apply to the cpu backend only."""
+    """The named backend; a thread count and a GEMM engine apply to the cpu backend only (given
+    for another, they are refused rather than ignored)."""
     backend = get_backend(name)
-    if (threads is not None or gemm is not None) and backend.name == "cpu":
-        backend = type(backend)(threads, gemm)
-    return backend
+    if threads is None and gemm is None:
+        return backend
+    if backend.name != "cpu":
+        raise ConfigError(f"--threads and --gemm set the cpu backend; the {backend.name} "
+                          "backend takes neither")
+    return type(backend)(threads, gemm)
 
 
 def naive_figures(engine: Engine, windows: np.ndarray, es: dict, inference_s: float,

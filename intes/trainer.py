@@ -193,12 +193,22 @@ def load_run(path: str | Path, backend: str = "auto", data: str | None = None
     """A checkpoint's engine and the corpus to score it on: ``data``, else the run's own
     (with the run's tokenizer either way)."""
     engine, meta = load_engine(path, backend)
-    corpus = load_corpus(data if data is not None else meta.get("data"),
-                         tokenizer=meta["tokenizer"])
+    corpus = (load_corpus(data, tokenizer=meta["tokenizer"]) if data is not None
+              else run_corpus(meta, tokenizer=meta["tokenizer"]))
     if corpus.vocab_size != engine.config.model.vocab_size:
         raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
                         f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
     return engine, corpus
+
+
+def run_corpus(meta: dict, tokenizer: str = "bytes") -> Corpus:
+    """The corpus a checkpoint recorded; if it cannot be loaded any more, the error says it is
+    the run's data and how to give it."""
+    try:
+        return load_corpus(meta.get("data"), tokenizer=tokenizer)
+    except DataError as err:
+        raise DataError(f"the run's data cannot be loaded any more ({err}); give it with "
+                        "--data") from None
 
 
 def _check_params(engine: Engine, arrays: dict[str, np.ndarray], store: Path) -> None:

@@ -240,6 +240,31 @@ def test_resume_on_changed_data_is_refused_untouched(text_file, tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_run_whose_data_is_gone_says_so(text_file, tmp_path):
+    data = tmp_path / "gone.txt"
+    shutil.copy(text_file, data)
+    out = tmp_path / "run"
+    assert invoke("pretrain", *TINY, "--data", data, "--steps", 2, "--out", out).exit_code == 0
+    data.unlink()
+    for args in (["eval", out, *FAST_EVAL], ["pretrain", "--out", out, "--resume", "--steps", 4]):
+        result = invoke(*args)
+        assert_user_error(result)
+        assert "the run's data" in result.stderr and "--data" in result.stderr
+    assert invoke("eval", out, *FAST_EVAL, "--data", text_file).exit_code == 0
+
+
+def test_an_out_below_a_file_is_one_line_naming_it(text_file, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    for args in (["pretrain", *TINY, "--data", text_file, "--steps", 1, "--out", blocker / "run"],
+                 ["data", "prepare", text_file, "--out", blocker / "s.zarr"]):
+        result = invoke(*args)
+        assert_user_error(result)
+        assert str(blocker) in result.stderr and "Errno" not in result.stderr
+        assert "file" in result.stderr
+    assert blocker.read_text() == "not a directory"
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume"))
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume", "--out", tmp_path / "none"))

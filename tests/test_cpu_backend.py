@@ -32,6 +32,7 @@ from intes.bench import (
     low_rank_pair_params,
     make_engine,
 )
+from intes.cli import cli
 from intes.cli.bench import bench
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import ConfigError
@@ -62,6 +63,7 @@ from intes.kernels.cpu import (
 from intes.kernels.gemm import (
     EXACT_K,
     MAX_LEVELS,
+    gemm_summary,
     int8_dot_instructions,
     int8_gemm_unavailable,
     k_chunks,
@@ -836,6 +838,22 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).stdout)
     assert forced["gemm"] == F32.gemm.description
+
+
+@pytest.mark.parametrize("flags", [["--gemm", "float32"], ["--threads", "2"]])
+def test_bench_refuses_cpu_flags_for_another_backend(flags):
+    done = CliRunner().invoke(cli, ["bench", "--dim", "8", "--population", "4", "--backend",
+                                    "reference", *flags])
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit)
+    assert done.stderr.strip().splitlines() == [
+        "error: --threads and --gemm set the cpu backend; the reference backend takes neither"]
+
+
+def test_gemm_summary_names_the_engine_intes_cpu_gemm_asks_for(monkeypatch):
+    monkeypatch.setenv("INTES_CPU_GEMM", "float32")
+    assert f"INTES_CPU_GEMM=float32: {F32.gemm.description}" in gemm_summary()
+    monkeypatch.setenv("INTES_CPU_GEMM", "bogus")
+    assert "INTES_CPU_GEMM='bogus' makes the cpu backend fail" in gemm_summary()
 
 
 @given(model=st.sampled_from(["rwkv", "egg"]), dim=st.sampled_from([8, 16, 24]),

@@ -11,6 +11,7 @@ dependency) it reports that in one line while the other commands keep working.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import sys
@@ -75,7 +76,18 @@ class IntesGroup(click.Group):
         except OSError as err:
             if isinstance(err, BrokenPipeError):
                 raise
-            raise UserError(str(err)) from None
+            raise UserError(describe_os_error(err)) from None
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OS error as one line that names the path and says what is wrong with it."""
+    if err.filename is None:
+        return err.strerror or str(err)
+    if err.errno == errno.ENOTDIR:
+        return f"cannot use {err.filename}: a part of that path is a file, not a directory"
+    if err.errno == errno.EEXIST:
+        return f"cannot create the directory {err.filename}: a file of that name exists"
+    return f"{err.filename}: {err.strerror}"
 
 
 @click.group(cls=IntesGroup, context_settings={"help_option_names": ["-h", "--help"],

@@ -29,6 +29,7 @@ from intes.trainer import (
     FINAL_EVAL_TOKENS,
     RunOptions,
     checkpoint_config,
+    run_corpus,
 )
 from intes.trainer import pretrain as run_pretraining
 
@@ -143,7 +144,7 @@ def pretrain(ctx: click.Context, **flags) -> None:
     defaults below are for new runs); a setting given that differs from it is refused.
     """
     given = {n for n in CONFIG_FLAGS if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
-    data = flags["data"]
+    data, meta = flags["data"], None
     if flags["resume"]:
         base, meta = _resume_base(flags["out"])
         config = build_config(base, flags, given)
@@ -166,7 +167,8 @@ def pretrain(ctx: click.Context, **flags) -> None:
     )
     options.validate()
     config.validate()  # fail fast, before reading a corpus; vocab is checked again below
-    corpus = load_corpus(options.data)
+    from_run = meta is not None and flags["data"] is None  # a resume on the run's own data
+    corpus = run_corpus(meta) if from_run else load_corpus(options.data)
     if not flags["resume"]:
         config = replace(config, model=replace(config.model, vocab_size=corpus.vocab_size))
     out = Path(flags["out"]).expanduser() if flags["out"] else default_out(config)

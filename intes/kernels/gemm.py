@@ -544,11 +544,18 @@ def make_gemm(name: str | None = None) -> GemmEngine:
 
 
 def gemm_summary() -> str:
-    """One line: the engine 'auto' picks here, and why any faster one cannot run."""
+    """One line: the engine the cpu backend takes here (INTES_CPU_GEMM's, or what it cannot
+    do, where that is set), the one 'auto' picks, and why any faster one cannot run."""
     slow_int8 = None if int8_dot_instructions() else (
         "auto skips the int8 GEMM: this CPU has no int8 dot-product instruction (VNNI, AMX)")
     notes = [why for why in (vnni_unavailable(), int8_gemm_unavailable(), slow_int8,
                              avx2_unavailable()) if why]
+    chosen = os.environ.get("INTES_CPU_GEMM", "auto") or "auto"
+    if chosen != "auto":
+        try:
+            notes.insert(0, f"INTES_CPU_GEMM={chosen}: {make_gemm(chosen).description}")
+        except ConfigError as err:
+            notes.insert(0, f"INTES_CPU_GEMM={chosen!r} makes the cpu backend fail: {err}")
     return "; ".join([f"{make_gemm('auto').description} (auto)", *notes])
 
 
