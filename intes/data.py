@@ -255,9 +255,14 @@ def _read_documents(files: list[Path], base: Path) -> list[Document]:
     return docs
 
 
+def _size(n_bytes: int) -> str:
+    """A size for people: MB from 0.1 MB up, else kB."""
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.1f} kB"
+
+
 def _describe(name: str, docs: list[Document]) -> str:
-    megabytes = sum(len(raw) for _, raw in docs) / 1e6
-    return f"{name} ({len(docs)} files, {megabytes:.1f} MB)"
+    files = f"{len(docs)} file{'' if len(docs) == 1 else 's'}"
+    return f"{name} ({files}, {_size(sum(len(raw) for _, raw in docs))})"
 
 
 def _single_file(path: Path) -> list[Document]:
@@ -303,7 +308,7 @@ def _gather(data: str | os.PathLike | None) -> tuple[list[Document], str]:
     path = Path(text).expanduser()
     if path.is_file():
         docs = _single_file(path)
-        return docs, f"{path} ({len(docs[0][1]) / 1e6:.1f} MB)"
+        return docs, f"{path} ({_size(len(docs[0][1]))})"
     if path.is_dir():
         docs = _read_documents(_walk(path), path)
         if not docs:

@@ -25,6 +25,7 @@ from intes.cli import cli, main
 from intes.cli.evaluate import printable
 from intes.data import decode, encode, load_corpus
 from intes.errors import DataError, Interrupted
+from intes.trainer import intes_version
 
 TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",
         "--seed", "5", "--eval-streams", "4", "--eval-len", "32", "--backend", "reference",
@@ -83,6 +84,11 @@ def test_help_lists_every_command():
     assert result.exit_code == 0
     for name in ("pretrain", "eval", "sample", "info", "data"):
         assert name in result.output
+
+
+def test_version_is_the_package_s():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output == f"intes {intes_version()}\n"
 
 
 def test_pretrain_writes_checkpoint_metrics_and_plot(run_dir):

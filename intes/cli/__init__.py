@@ -22,6 +22,7 @@ from intes.cli.data import data
 from intes.cli.evaluate import evaluate, info, sample
 from intes.cli.pretrain import pretrain
 from intes.errors import Interrupted, IntesError
+from intes.trainer import intes_version
 
 LAZY_COMMANDS = {"bench": "intes.cli.bench", "finetune": "intes.cli.finetune"}
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -92,6 +93,7 @@ def describe_os_error(err: OSError) -> str:
 
 @click.group(cls=IntesGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                "max_content_width": 100})
+@click.version_option(intes_version(), prog_name="intes", message="%(prog)s %(version)s")
 def cli() -> None:
     """intes: pretrain int8 recurrent language models with integer evolution strategies."""
 

@@ -20,7 +20,8 @@ def data() -> None:
 @click.argument("path", required=False)
 @click.option("--out", required=True, metavar="STORE.zarr", help="Token store to create")
 @click.option("--tokenizer", default="bytes", show_default=True,
-              help="bytes, bpe:VOCAB (trained on the train split) or a tokenizers .json")
+              help="bytes, bpe:VOCAB (trained on the train split; at most the merges the text "
+                   "allows) or a tokenizers .json file whose token '<sep>' has id 0")
 def prepare(path: str | None, out: str, tokenizer: str) -> None:
     """Tokenize PATH (file, directory or glob; default: Python stdlib) into STORE.zarr.
 
@@ -31,6 +32,9 @@ def prepare(path: str | None, out: str, tokenizer: str) -> None:
         raise DataError(f"{store} already exists; remove it or choose another --out")
     corpus = prepare_store(path, store, tokenizer)
     kind = "bytes" if corpus.tokenizer == "bytes" else "BPE"
+    asked = tokenizer.strip().removeprefix("bpe:")
+    if asked.isdigit() and int(asked) > corpus.vocab_size:
+        kind += f"; {asked} asked, the text allowed no more merges"
     click.echo(f"wrote {store}: {len(corpus.train):,} train + {len(corpus.valid):,} valid "
                f"tokens ({corpus.train_bytes:,} + {corpus.valid_bytes:,} bytes of text), "
                f"vocab {corpus.vocab_size} ({kind}), from {corpus.source}")
