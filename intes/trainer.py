@@ -472,6 +472,17 @@ class _Run:
             return step % self.options.eval_every == 0
         return time.monotonic() - self.last_eval_end >= self.eval_cost / EVAL_TIME_SHARE
 
+    def budget_left(self) -> str:
+        """The flag that gives a resumed run what is left of this one's budget: the same step
+        target, or the minutes not yet spent (a resume without either trains for the default
+        time)."""
+        if self.options.steps is not None:
+            return f" --steps {self.options.steps}"
+        if self.options.time_limit is None:
+            return ""
+        spent = (time.monotonic() - self.t0) / 60
+        return f" --time-limit {max(self.options.time_limit - spent, 0.1):.1f}"
+
     def out_of_time(self, began: float) -> bool:
         limit = self.options.time_limit
         if limit is None:
@@ -515,7 +526,8 @@ class _Run:
             self.close_bar()
             self.checkpoint()
             self.say(f"interrupted: checkpoint at step {self.snapshot[1]} in {self.out}; "
-                     f"continue with: intes pretrain --out {self.out} --resume")
+                     f"continue with: intes pretrain --out {self.out} --resume"
+                     f"{self.budget_left()}")
             raise Interrupted from None
         finally:
             self.close_bar()

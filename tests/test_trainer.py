@@ -20,7 +20,7 @@ import intes.trainer as trainer
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from intes.data import load_corpus, ngram_bits_per_byte
 from intes.engine import Engine, ModelConfig, TrainConfig
-from intes.errors import CheckpointError, ConfigError
+from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.es import ESConfig
 from intes.sampling import draw, generate, token_weights
 from intes.trainer import (
@@ -155,15 +155,16 @@ def test_resume_keeps_one_uninterrupted_log(tmp_path):
     assert elapsed == sorted(elapsed)
 
 
-def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path):
+def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, capsys):
     def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
         if engine.step_index == 3:
             raise KeyboardInterrupt
         return engine.population_fitness(windows)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):  # reported: the CLI adds nothing
         pretrain(tiny_config(), corpus(), options(tmp_path, K), backend="reference",
                  fitness_fn=interrupted)
+    assert f"--resume --steps {K}" in capsys.readouterr().out  # the same target
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 3
     run(tmp_path, K, resume=True)
     assert same_weights(weights(tmp_path), straight_run()[1])
