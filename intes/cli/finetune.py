@@ -286,13 +286,12 @@ def _agree(prompts: list[str], reward: str, dtype: str, steps: int, es_args: dic
     return torch.distributed.get_rank() == 0
 
 
-def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: str | None,
+def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: str,
            steps: int, out: Path, es_args: dict, is_main: bool = True) -> list[dict]:
     """Run the ES steps with a progress bar, then write model, metrics and plot atomically.
 
     Only the main process (rank 0 under torchrun) shows progress and writes; every worker
     checks the final weights agree first."""
-    import torch
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -300,7 +299,6 @@ def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: 
 
     hf_logging.set_verbosity_error()  # keep the terminal to our progress bar and errors
     hf_logging.disable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model(model_path, dtype, device)
     tuner = ESFineTuner(model, tokenizer, reward_fn, **es_args)
     if not is_main:
