@@ -25,7 +25,8 @@ from intes.cli import cli, main
 from intes.cli.evaluate import printable
 from intes.data import decode, encode, load_corpus
 from intes.errors import DataError, Interrupted
-from intes.trainer import intes_version
+from intes.sampling import generate
+from intes.trainer import Validation, intes_version, load_engine, load_run, validation_bpb
 
 TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",
         "--seed", "5", "--eval-streams", "4", "--eval-len", "32", "--backend", "reference",
@@ -115,6 +116,9 @@ def test_eval_prints_bits_per_byte(run_dir, text_file):
         assert "step 4" in result.output
     explicit = invoke("eval", run_dir, "--data", text_file, *FAST_EVAL)
     assert explicit.output.split("(")[0] == result.output.split("(")[0]
+    engine, corpus = load_run(run_dir, "reference")
+    bpb = validation_bpb(engine, corpus, Validation.of(corpus, 4, 32).windows)
+    assert result.output.startswith(f"validation bits per byte: {bpb:.4f} (step 4, ")
 
 
 def test_eval_scores_the_whole_valid_split_by_default(run_dir, text_file):
@@ -131,8 +135,13 @@ def test_sample_continues_the_prompt_reproducibly(run_dir):
     first, second = invoke(*args), invoke(*args)
     assert first.exit_code == 0, first.output
     assert first.output.startswith("def ") and first.output == second.output
-    greedy = invoke(*args, "--greedy")
-    assert greedy.exit_code == 0 and greedy.output.startswith("def ")
+    engine, _ = load_engine(run_dir, "reference")
+    prompt = encode("def ", "bytes")
+    for flags, tokens in (((), generate(engine, prompt, 8, seed=3)),
+                          (("--greedy",), generate(engine, prompt, 8, greedy=True))):
+        result = invoke(*args, *flags)
+        assert result.output == "def " + decode(tokens, "bytes").replace("\0", "\n") + "\n"
+    assert invoke(*args[:-3], 4, "--backend", "reference").output != first.output  # seed 4
 
 
 def test_sample_refuses_a_prompt_that_is_not_utf8(run_dir):

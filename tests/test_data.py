@@ -203,6 +203,24 @@ def test_bad_valid_fraction(fraction):
         load_corpus(valid_fraction=fraction)
 
 
+@given(st.lists(st.integers(0, 255), min_size=4, max_size=200), st.data())
+def test_corpus_digest_sees_every_token(tokens, data_):
+    """Equal tokens, equal digest; one token changed in place (same lengths) or moved across
+    the split, another."""
+    train, valid = np.array(tokens[:-2], np.uint8), np.array(tokens[-2:], np.uint8)
+
+    def corpus(a: np.ndarray, b: np.ndarray) -> Corpus:
+        return Corpus(a, b, 256, len(a), len(b), "bytes", "test")
+
+    assert corpus(train, valid).digest == corpus(train.copy(), valid.copy()).digest
+    edited = train.copy()
+    i = data_.draw(st.integers(0, len(edited) - 1))
+    edited[i] = (int(edited[i]) + data_.draw(st.integers(1, 255))) % 256
+    assert corpus(edited, valid).digest != corpus(train, valid).digest
+    whole = np.concatenate([train, valid])
+    assert corpus(whole[:-1], whole[-1:]).digest != corpus(train, valid).digest
+
+
 # --- token stores -------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from intes.trainer import (
     RunOptions,
     Validation,
     eval_shape,
+    intes_version,
     pretrain,
     validation_bpb,
 )
@@ -99,6 +100,10 @@ def test_checkpoint_holds_weights_and_run_metadata():
     assert meta["step"] == K and meta["config"] == tiny_config().to_dict()
     assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
     assert meta["val_bpb"] > 0 and meta["seed"] == 3
+    data = corpus()  # what a resume checks its data against
+    assert meta["data_digest"] == data.digest
+    assert meta["data_tokens"] == [len(data.train), len(data.valid)]
+    assert meta["intes_version"] == intes_version()
 
 
 def test_metrics_and_plot_are_written():
@@ -238,6 +243,12 @@ def test_sampling_is_a_pure_function_of_seed():
     a, b = generate(engine, prompt, 12, seed=5), generate(engine, prompt, 12, seed=5)
     assert a.dtype == np.int32 and len(a) == 12 and np.array_equal(a, b)
     assert np.all((a >= 0) & (a < 256))
+    assert not np.array_equal(generate(engine, prompt, 12, seed=6), a)  # the seed is used
+    state, ops = engine.model.init_state(1), engine.inference_ops()
+    for position, token in enumerate([0, *prompt.tolist(), *a[:-1].tolist()]):
+        logits, state = engine.model.forward(ops, np.array([token]), state)
+        if position >= len(prompt):  # each draw from the logits after what came before
+            assert a[position - len(prompt)] == draw(token_weights(logits[0]), 5, position + 1)
 
 
 def test_greedy_follows_the_argmax():
