@@ -183,6 +183,29 @@ def test_alpha_flags_reach_the_checkpoint(text_file, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_every_config_flag_reaches_the_run(monkeypatch, text_file, tmp_path):
+    """Each flag of CONFIG_FLAGS, given a value other than its default, lands in the
+    TrainConfig the run gets; with neither --steps nor --time-limit it runs 10 minutes."""
+    runs = []
+    monkeypatch.setattr(PRETRAIN_MODULE, "run_pretraining",
+                        lambda config, corpus, options, backend: runs.append((config, options)))
+    flags = {"model": "egg", "layers": 2, "dim": 24, "population": 12, "group_size": 4,
+             "rank": 3, "sigma_shift": 5, "noise_reuse": 2, "fitness": "sign",
+             "alpha_steps": 77, "alpha_final_log2": 2, "seq_len": 9, "seed": 123}
+    assert set(flags) == set(PRETRAIN_MODULE.CONFIG_FLAGS)
+    args = [a for name, value in flags.items() for a in (f"--{name.replace('_', '-')}", value)]
+    result = invoke("pretrain", *args, "--data", text_file, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    (config, options), = runs
+    tree = config.to_dict()
+    for name, path in PRETRAIN_MODULE.CONFIG_FLAGS.items():
+        value = tree
+        for key in path:
+            value = value[key]
+        assert value == flags[name], name
+    assert options.steps is None and options.time_limit == PRETRAIN_MODULE.DEFAULT_TIME_LIMIT
+
+
 def test_data_prepare_makes_a_store_pretrain_can_use(text_file, tmp_path):
     store = tmp_path / "tokens.zarr"
     result = invoke("data", "prepare", text_file, "--out", store)
