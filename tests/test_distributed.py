@@ -27,6 +27,7 @@ pytest.importorskip("torch")
 
 from intes import distributed  # noqa: E402
 from intes.cli import cli  # noqa: E402
+from intes.errors import ConfigError  # noqa: E402
 from intes.trainer import load_engine  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -150,6 +151,27 @@ def test_nccl_only_for_work_on_cuda(monkeypatch, cuda_status) -> None:
                                                        "cuda": cuda_status})
     assert distributed._uses_cuda("cuda") and not distributed._uses_cuda("cpu")
     assert not distributed._uses_cuda("auto")
+
+
+@pytest.mark.parametrize("name, raw, ok", [
+    ("INTES_DIST_TIMEOUT", "", 60.0), ("INTES_DIST_TIMEOUT", "2.5", 2.5),
+    ("INTES_DIST_TIMEOUT", "0", None), ("INTES_DIST_TIMEOUT", "-3", None),
+    ("INTES_DIST_TIMEOUT", "inf", None), ("INTES_DIST_TIMEOUT", "nan", None),
+    ("INTES_DIST_TIMEOUT", "soon", None),
+    ("INTES_DIST_VERIFY_EVERY", "", 10), ("INTES_DIST_VERIFY_EVERY", "3", 3),
+    ("INTES_DIST_VERIFY_EVERY", "0", None), ("INTES_DIST_VERIFY_EVERY", "2.5", None),
+])
+def test_distributed_settings_are_checked(monkeypatch, name, raw, ok) -> None:
+    """The two settings from the environment: their defaults, a good value, and one clear
+    error for a value that would hang a run or never check it."""
+    monkeypatch.setenv(name, raw)
+    read = (distributed.timeout_seconds if name == "INTES_DIST_TIMEOUT"
+            else distributed.verify_every)
+    if ok is None:
+        with pytest.raises(ConfigError, match=name):
+            read()
+    else:
+        assert read() == ok
 
 
 def test_collectives_are_no_ops_in_one_process() -> None:
