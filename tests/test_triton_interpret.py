@@ -224,12 +224,19 @@ class _DeviceXp:
 
 
 @check
-def cuda_backend_two_es_steps_match_reference() -> None:
+@settings(max_examples=24 if _DEV else 4, deadline=None, derandomize=not _DEV, database=None)
+@given(mode=st.sampled_from(["cached", "kernel"]), kind=st.sampled_from(["rwkv", "egg"]),
+       pairs=st.integers(2, 4), dim=st.sampled_from([8, 16]), rank=st.integers(1, 3),
+       noise_reuse=st.integers(1, 2), chunk=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def cuda_backend_two_es_steps_match_reference(mode: str, kind: str, pairs: int, dim: int,
+                                              rank: int, noise_reuse: int, chunk: int,
+                                              seed: int) -> None:
     """The whole CudaBackend on a CPU: two ES steps of a tiny Engine (members scored with
     activations and state in the backend's memory, ``CudaBackend.score``), every op, and
-    plain inference, same bits; documents start mid-window, so states are reset there. Its
-    kernels see "device" arrays that refuse host ones as CuPy's do, so a host array that
-    reaches a kernel, or a device array mixed with a host one, fails here as on a GPU."""
+    plain inference, same bits, over models, noise modes, sizes, ranks, seeds and chunkings;
+    documents start mid-window, so states are reset there. Its kernels see "device" arrays
+    that refuse host ones as CuPy's do, so a host array that reaches a kernel, or a device
+    array mixed with a host one, fails here as on a GPU."""
     if shutil.which("g++") is None:
         raise _Skip("no g++ to build the CPU emulation of the CUDA kernels")
     from intes import es
@@ -238,21 +245,21 @@ def cuda_backend_two_es_steps_match_reference() -> None:
     from intes.kernels.cupy import Kernels, emulated_kernels
 
     kernels = Kernels(_DeviceXp(), emulated_kernels().launch)  # strict: see _OnDevice
-    for mode, kind in (("cached", "rwkv"), ("kernel", "egg")):
-        cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=8, layers=2),
-                          es=es.ESConfig(population=4, group_size=2, rank=2, fitness="normalized"),
-                          seq_len=3, seed=11)
-        ref = Engine(cfg, backend=ReferenceBackend())
-        gpu = Engine(cfg, backend=CudaBackend(mode, device="cpu", kernels=kernels))
-        rng = np.random.default_rng(0)
-        for _ in range(2):
-            windows = rng.integers(1, 16, size=(4, 4))
-            windows[rng.random(windows.shape) < 0.2] = 0  # document starts
-            assert np.array_equal(gpu.step(windows, chunk_pairs=1), ref.step(windows)), (
-                mode, kind)
-            for name, value in ref.params.items():
-                assert np.array_equal(gpu.params[name], value), (mode, kind, name)
-        assert np.array_equal(gpu.log_likelihood(windows), ref.log_likelihood(windows))
+    population = 2 * pairs
+    cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=dim, layers=2),
+                      es=es.ESConfig(population=population, group_size=2, rank=rank,
+                                     noise_reuse=noise_reuse, fitness="normalized"),
+                      seq_len=3, seed=seed)
+    ref = Engine(cfg, backend=ReferenceBackend())
+    gpu = Engine(cfg, backend=CudaBackend(mode, device="cpu", kernels=kernels))
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        windows = rng.integers(1, 16, size=(population, 4))
+        windows[rng.random(windows.shape) < 0.2] = 0  # document starts
+        assert np.array_equal(gpu.step(windows, chunk_pairs=chunk), ref.step(windows))
+        for name, value in ref.params.items():
+            assert np.array_equal(gpu.params[name], value), name
+    assert np.array_equal(gpu.log_likelihood(windows), ref.log_likelihood(windows))
 
 
 class _Skip(Exception):
