@@ -303,6 +303,15 @@ def test_an_out_below_a_file_is_one_line_naming_it(text_file, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+def test_resume_past_its_steps_does_nothing_and_says_so(run_copy):
+    before = snapshot(run_copy)
+    result = invoke("pretrain", "--out", run_copy, "--resume", "--steps", 3, "--no-progress",
+                    "--backend", "reference")
+    assert result.exit_code == 0, result.output
+    assert "already at step 4 (asked for 3); raise --steps to train further" in result.output
+    assert snapshot(run_copy) == before
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume"))
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume", "--out", tmp_path / "none"))
