@@ -256,8 +256,10 @@ def _read_documents(files: list[Path], base: Path) -> list[Document]:
 
 
 def _size(n_bytes: int) -> str:
-    """A size for people: MB from 0.1 MB up, else kB."""
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.1f} kB"
+    """A size for people: MB from 0.1 MB up, kB from 0.1 kB up, else bytes."""
+    if n_bytes >= 100_000:
+        return f"{n_bytes / 1e6:.1f} MB"
+    return f"{n_bytes / 1e3:.1f} kB" if n_bytes >= 100 else f"{n_bytes} bytes"
 
 
 def _describe(name: str, docs: list[Document]) -> str:

@@ -119,6 +119,7 @@ def test_eval_prints_bits_per_byte(run_dir, text_file):
     engine, corpus = load_run(run_dir, "reference")
     bpb = validation_bpb(engine, corpus, Validation.of(corpus, 4, 32).windows)
     assert result.output.startswith(f"validation bits per byte: {bpb:.4f} (step 4, ")
+    assert result.output.rstrip().endswith("only 128 tokens scored, a rough figure)")
 
 
 def test_eval_scores_the_whole_valid_split_by_default(run_dir, text_file):
