@@ -228,6 +228,47 @@ def test_collectives_between_two_workers() -> None:
     assert [p.returncode for p in procs] == [0, 0], outputs
 
 
+DIVERGE = textwrap.dedent("""
+    import os, numpy as np
+    from intes import distributed as d
+    from intes.engine import Engine, ModelConfig, TrainConfig, member_windows
+    from intes.es import ESConfig
+    d.init_from_env("reference")
+    r = int(os.environ["RANK"])
+    cfg = TrainConfig(model=ModelConfig(vocab_size=16, dim=8), es=ESConfig(population=8),
+                      seq_len=4, seed=3)
+    engine, fitness = Engine(cfg, "reference"), d.ShardFitness(8)
+    rng = np.random.default_rng(0)
+    try:
+        for step in range(6):
+            if step == 2 and r == 1:  # a silent fault on one replica
+                engine.params["head"][0, 0] ^= 1
+            engine.apply_fitness(fitness(engine, member_windows(rng.integers(0, 16, (4, 5)), 2)))
+    except d.DistributedError as err:
+        print(f"stopped before step {engine.step_index}: {err}")
+        d.shutdown()  # leave the group as the trainer does on an error path
+        raise SystemExit(3)
+    raise SystemExit("the diverged replica went unnoticed")
+""")
+
+
+@slow
+def test_a_replica_that_diverges_stops_every_worker() -> None:
+    """The replica check (every INTES_DIST_VERIFY_EVERY steps, here 1) sees one worker's weights
+    change behind the others' backs and stops both with one line naming the rank."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", DIVERGE],
+                              env=worker_env(r, port, INTES_DIST_VERIFY_EVERY="1",
+                                             INTES_DIST_TIMEOUT="60"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], outputs
+    for out in outputs:
+        assert "stopped before step 2: workers diverged: the weights at step 2 on rank(s) 1" in (
+            out), out
+
+
 # ---------------------------------------------------------------------------------------------
 # torchrun == one process
 
