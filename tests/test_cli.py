@@ -212,6 +212,11 @@ def test_data_prepare_makes_a_store_pretrain_can_use(text_file, tmp_path):
     result = invoke("data", "prepare", text_file, "--out", store)
     assert result.exit_code == 0, result.output
     assert "train" in result.output and "vocab 256" in result.output
+    assert "note:" not in result.output
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x):\n    return x\n", encoding="utf-8")
+    tiny = invoke("data", "prepare", short, "--out", tmp_path / "short.zarr")
+    assert tiny.exit_code == 0 and "note: the train split has only" in tiny.output
     run = invoke("pretrain", *TINY, "--data", store, "--steps", 1, "--out", tmp_path / "r")
     assert run.exit_code == 0, run.output
     before = snapshot(store)

@@ -8,7 +8,10 @@ import click
 
 from intes.checkpoint import existing_version
 from intes.data import prepare_store
+from intes.engine import TrainConfig
 from intes.errors import DataError
+
+DEFAULT_SEQ_LEN = TrainConfig().seq_len
 
 
 @click.group()
@@ -38,3 +41,7 @@ def prepare(path: str | None, out: str, tokenizer: str) -> None:
     click.echo(f"wrote {store}: {len(corpus.train):,} train + {len(corpus.valid):,} valid "
                f"tokens ({corpus.train_bytes:,} + {corpus.valid_bytes:,} bytes of text), "
                f"vocab {corpus.vocab_size} ({kind}), from {corpus.source}")
+    if len(corpus.train) <= DEFAULT_SEQ_LEN:
+        click.echo(f"note: the train split has only {len(corpus.train):,} tokens; pretrain "
+                   f"needs more than --seq-len ({DEFAULT_SEQ_LEN} by default), so give more "
+                   "text or a shorter --seq-len")
