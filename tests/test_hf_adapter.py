@@ -167,7 +167,9 @@ def test_batched_side_path_equals_explicit_perturbation(tokenizer, arch, members
             batched = model(ids.repeat(len(members), 1)).logits.view(len(members), *base.shape)
         for i, member in enumerate(members):
             expected = explicitly_perturbed(model, adapter, step, member)(ids).logits
-            torch.testing.assert_close(batched[i], expected, rtol=1e-4, atol=1e-5)
+            # float32 in two orders (x W^T + sigma (x B) A^T against x (W + sigma A B^T)^T):
+            # up to 1.8e-5 apart in 200 examples, against 1e-3 for the perturbation itself
+            torch.testing.assert_close(batched[i], expected, rtol=1e-3, atol=1e-4)
             assert not torch.allclose(batched[i], base, atol=1e-3)  # the perturbation is felt
 
 
