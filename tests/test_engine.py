@@ -11,11 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intes import distributed, intmath
+from intes.bench import gemm_engines
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
-from intes.errors import ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels.cpu import CpuBackend
-from intes.kernels.gemm import make_gemm
 from intes.kernels.reference import ReferenceBackend
 from intes.models.base import Ops
 
@@ -23,19 +22,7 @@ VOCAB = 24
 ENGINE = settings(max_examples=max(4, settings.default.max_examples // 2))
 
 
-def _runnable_gemms() -> list[str]:
-    """The cpu backend's GEMM engines this machine runs."""
-    runnable = []
-    for name in ("vnni", "int8", "avx2", "float32"):
-        try:
-            make_gemm(name)
-        except ConfigError:
-            continue
-        runnable.append(name)
-    return runnable
-
-
-GEMMS = _runnable_gemms()
+GEMMS = sorted(gemm_engines())  # the cpu backend's GEMM engines this machine runs
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Tiny configs on a small generated text keep every run well under a second of tra
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import replace
 from functools import cache
@@ -173,6 +174,19 @@ def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, ca
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 3
     run(tmp_path, K, resume=True)
     assert same_weights(weights(tmp_path), straight_run()[1])
+
+
+def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys):
+    def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
+        if engine.step_index == 2:
+            raise KeyboardInterrupt
+        return engine.population_fitness(windows)
+
+    with pytest.raises(Interrupted):
+        pretrain(tiny_config(), corpus(), replace(options(tmp_path, None), time_limit=5.0),
+                 backend="reference", fitness_fn=interrupted)
+    hint = capsys.readouterr().out
+    assert re.search(r"--resume --time-limit (4\.\d|5\.0)\n", hint), hint  # not --steps
 
 
 def test_time_limit_stops_and_checkpoints(tmp_path):

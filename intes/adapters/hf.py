@@ -37,7 +37,6 @@ this runs.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,7 +50,7 @@ from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from intes import distributed
-from intes.adapters import MAX_RANK, MAX_SEED
+from intes.adapters import check_settings, target_pattern
 from intes.errors import ConfigError, DataError, IntesError
 from intes.noise import lowrank_factors, member_signs
 
@@ -86,11 +85,7 @@ def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[st
     A tied weight (GPT-2's lm_head shares the input embedding) is skipped: the side path would
     only perturb its output role, while the update would also move the embedding.
     """
-    try:
-        pattern = re.compile(target_modules) if target_modules else None
-    except re.error as exc:
-        raise ConfigError(f"target_modules {target_modules!r} is not a valid regular "
-                          f"expression: {' '.join(str(exc).split())}") from None
+    pattern = target_pattern(target_modules)
     tied = _shared_weights(model)
     layers = [
         (name, m) for name, m in model.named_modules()
@@ -161,12 +156,7 @@ class LowRankAdapter:
 
     def __init__(self, model: nn.Module, sigma: float, rank: int, seed: int,
                  target_modules: str | None = None) -> None:
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise ConfigError(f"sigma must be a positive number, got {sigma}")
-        if not 1 <= rank <= MAX_RANK:
-            raise ConfigError(f"rank must be in 1..{MAX_RANK}, got {rank}")
-        if not 0 <= seed <= MAX_SEED:
-            raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {seed}")
+        check_settings(sigma=sigma, rank=rank, seed=seed)
         self.model = model
         self.sigma = float(sigma)
         self.rank = rank
@@ -253,16 +243,10 @@ class ESFineTuner:
                  sigma: float = 1e-3, lr: float = 5e-7, rank: int = 1, seed: int = 0,
                  shaping: str = "zscore", max_new_tokens: int = 64,
                  target_modules: str | None = None, member_chunk: int | None = None) -> None:
-        if population < 2 or population % 2:
-            raise ConfigError(f"population must be a positive even number, got {population}")
+        check_settings(population=population, lr=lr, max_new_tokens=max_new_tokens,
+                       member_chunk=member_chunk)
         if shaping not in SHAPINGS:
             raise ConfigError(f"shaping must be one of {SHAPINGS}, got {shaping!r}")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if member_chunk is not None and member_chunk < 1:
-            raise ConfigError(f"member_chunk must be >= 1, got {member_chunk}")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ConfigError(f"lr must be a positive number, got {lr}")
         self.model = model.eval()  # dropout off: a member's reward must depend on its weights
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn

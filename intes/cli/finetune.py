@@ -18,9 +18,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from intes.adapters import MAX_RANK, MAX_SEED
+from intes.adapters import MAX_RANK, MAX_SEED, check_settings, target_pattern
 from intes.adapters.tasks import DEFAULT_TARGET_CHARS, load_task
 from intes.errors import ConfigError, DataError
 
@@ -76,37 +74,6 @@ def _import_reward(spec: str):
     if not callable(fn):
         raise ConfigError(f"{module_name!r} has no callable {attr!r}")
     return fn
-
-
-def _check_numbers(population: int, sigma: float, lr: float, rank: int, steps: int,
-                   max_new_tokens: int, seed: int, member_chunk: int | None) -> None:
-    """Refuse numeric flags that make no sense, before anything slow is loaded."""
-    if population < 2 or population % 2:
-        raise ConfigError(f"--population must be an even number >= 2 (antithetic pairs), "
-                          f"got {population}")
-    for flag, value in (("--sigma", sigma), ("--lr", lr)):
-        if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{flag} must be a positive finite number, got {value}")
-    if not 1 <= rank <= MAX_RANK:
-        raise ConfigError(f"--rank must be in 1..{MAX_RANK}, got {rank}")
-    for flag, value in (("--steps", steps), ("--max-new-tokens", max_new_tokens)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
-    if member_chunk is not None and member_chunk < 1:
-        raise ConfigError(f"--member-chunk must be >= 1, got {member_chunk}")
-
-
-def _check_target_modules(pattern: str | None) -> None:
-    """Refuse a --target-modules that is not a regular expression."""
-    if not pattern:
-        return
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"--target-modules {pattern!r} is not a valid regular expression: "
-                          f"{_one_line(exc)}") from None
 
 
 def _resolve_device(device: str | None) -> str:
@@ -234,8 +201,10 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
     """Fine-tune a Hugging Face causal LM with low-rank evolution strategies."""
     if (task is None) == (reward_spec is None):
         raise ConfigError("give exactly one of --task NAME or --reward module:function")
-    _check_numbers(population, sigma, lr, rank, steps, max_new_tokens, seed, member_chunk)
-    _check_target_modules(target_modules)
+    check_settings(as_flags=True, population=population, sigma=sigma, lr=lr, rank=rank,
+                   steps=steps, max_new_tokens=max_new_tokens, seed=seed,
+                   member_chunk=member_chunk)  # before anything slow is loaded
+    target_pattern(target_modules, as_flag=True)
     device = _resolve_device(device)
     _check_out(out)
     lines = _read_prompts(prompts_path)
