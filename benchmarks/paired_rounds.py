@@ -7,7 +7,7 @@ the median over rounds of inference / ES (each round's pair meets the same machi
 the median seconds of each, and the file ``intes`` was imported from. To compare an older
 version, copy this script into its checkout and run it there.
 
-    python benchmarks/paired_rounds.py [--model rwkv] [--rounds 15]
+    python benchmarks/paired_rounds.py [--model rwkv] [--dim 256] [--layers 2] [--rounds 15]
 
 Token blocks are compared with ``INTES_CPU_TOKEN_BLOCK=k python benchmarks/paired_rounds.py``.
 """
@@ -31,11 +31,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="rwkv", choices=["rwkv", "egg"])
     p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--population", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()
-    engine = make_engine(args.model, args.dim, 2, args.population, args.seq_len, 1,
+    engine = make_engine(args.model, args.dim, args.layers, args.population, args.seq_len, 1,
                          bench_backend("auto", None, None))
     windows = bench_windows(engine)
     engine.step(windows[:, :3])  # warm-up: compiles every kernel

@@ -50,6 +50,7 @@ from intes.kernels.cpu import (
     NORM_BITS,
     SMALL_BATCH_BLOCK,
     SMALL_BATCH_BYTES,
+    SUM16_WIDTH,
     TOKEN_BLOCK,
     CpuBackend,
     CpuElementwise,
@@ -487,25 +488,38 @@ def test_tensor_noises_in_one_call(seed, step, first, pairs, rank, shapes, tids)
 
 
 @njit
-def _reciprocal_mismatches(limit, dens):
+def _reciprocal_mismatches(limit, dens, lanes16):
     """Count of (n, den), |n| < limit, den in dens, where the norm's reciprocal division
-    differs from truncating division."""
+    differs from truncating division: the kernel's int16 one if ``lanes16``, else the
+    reciprocal's formula sign(n) ((|n| m) >> k) in int64."""
     bad = 0
     for den in dens:
         m, k = _row_reciprocal(den)
         for n in range(-limit + 1, limit):
             q = abs(n) // den
-            if _div_by_reciprocal(np.int32(n), m, k) != (-q if n < 0 else q):
+            want = -q if n < 0 else q
+            if lanes16:
+                got = np.int64(_div_by_reciprocal(np.int16(n), np.uint16(m),
+                                                  np.uint16(k - NORM_BITS)))
+            else:
+                got = (abs(n) * np.int64(m)) >> np.int64(k)
+                got = -got if n < 0 else got
+            if got != want:
                 bad += 1
     return bad
 
 
 def test_norm_reciprocal_divides_exactly():
-    """The norm's per-row reciprocal gives truncating division for every numerator it can
-    meet (|x w| < 2^15) and every divisor 1..256 (mean |x| is at most 128); one more bit of
-    numerator and it would not: the bound is tight where it matters."""
-    assert _reciprocal_mismatches(1 << NORM_BITS, np.arange(1, 257)) == 0
-    assert _reciprocal_mismatches(1 << (NORM_BITS + 1), np.arange(1, 257)) > 0
+    """The norm's per-row reciprocal division, in int16 lanes, is truncating division for
+    every int16 numerator (|x w| <= 2^14 in the norm) and every divisor 1..256 (mean |x| is
+    at most 128); with one more bit of numerator the reciprocal itself would fail: the bound
+    is tight where it matters."""
+    assert _reciprocal_mismatches(1 << NORM_BITS, np.arange(1, 257), True) == 0
+    assert _reciprocal_mismatches(1 << NORM_BITS, np.arange(1, 257), False) == 0
+    assert _reciprocal_mismatches(1 << (NORM_BITS + 1), np.arange(1, 257), False) > 0
+    for den in range(1, 257):  # what the int16 form takes: m fits uint16, k - 15 >= 0
+        m, k = _row_reciprocal(den)
+        assert 0 < m < 1 << 16 and NORM_BITS <= k < NORM_BITS + 16
 
 
 @given(d=st.integers(1, (1 << MEAN_BITS) - 1), data=st.data())
@@ -615,6 +629,40 @@ def test_elementwise(seed, rows, dim, shared, fills):
     same(ew.gru_blend(x, prev, y), im.gru_blend(x, prev, y))
     same(ew.gru_blend(np.zeros_like(x), prev, y), im.gru_blend(np.zeros_like(x), prev, y))
     same(ew.relu(x), im.relu(x))
+
+
+def test_int16_ops_cover_every_int8_value():
+    """token_mix and sat_add run in int16 lanes; every (x, prev) and (a, b) pair of int8
+    values, -128 included, under every mu and every third term, equals the reference."""
+    grid = np.arange(-128, 128, dtype=np.int8)
+    x, prev = np.repeat(grid[:, None], 256, axis=1), np.repeat(grid[None, :], 256, axis=0)
+    ew = CpuElementwise
+    same(ew.sat_add(x, prev), im.sat_add(x, prev))
+    for value in grid:
+        row = np.full((1, 256), value, dtype=np.int8)
+        same(ew.token_mix(x, prev, row), im.token_mix(x, prev, row))
+        same(ew.sat_add(x, prev, row), im.sat_add(x, prev, row))
+
+
+@given(seed=seeds, rows=st.integers(1, 4),
+       dim=st.one_of(st.integers(1, 600), st.sampled_from([SUM16_WIDTH, SUM16_WIDTH + 1])),
+       shared=st.booleans(), fill=st.sampled_from(["random", "max", "min", "signs"]),
+       w_fill=st.sampled_from(["random", "max", "min", "signs"]))
+def test_norm_at_any_width_and_int8_value(seed, rows, dim, shared, fill, w_fill):
+    """The norm sums |x| in int16 up to SUM16_WIDTH and in int32 beyond; at any width and
+    for int8 values out to -128 it equals the reference (an all -128 row at SUM16_WIDTH + 1
+    would overflow an int16 sum)."""
+    rng = np.random.default_rng(seed)
+
+    def values(shape, kind):
+        """Any int8: random, all 127, all -128, or random picks of the two."""
+        ends = np.array([-128, 127], dtype=np.int8)
+        picks = {"max": ends[1:], "min": ends[:1], "signs": ends}.get(kind)
+        return (rng.integers(-128, 128, shape) if picks is None
+                else rng.choice(picks, size=shape)).astype(np.int8)
+
+    x, w = values((rows, dim), fill), values((1 if shared else rows, dim), w_fill)
+    same(CpuElementwise.norm(x, w), im.norm(x, w))
 
 
 @given(seed=seeds, pairs=st.integers(1, 9), dim=st.integers(1, 70), sigma=st.integers(0, 8),

@@ -178,6 +178,8 @@ class CpuWeight:
 # int32 arithmetic: numba widens int32 +, -, *, >> to int64, which halves the SIMD lanes and
 # loses the reference's int32 wrap-around. numpy's ufuncs on int32 scalars stay int32 and wrap
 # like numpy, so the kernels write np.add / np.subtract / np.multiply / np.right_shift on I32.
+# Where every value an op can meet fits int16 (for any int8 inputs, -128 included), it runs in
+# I16 the same way: twice the lanes per vector.
 
 # Every kernel: serial, GIL released, cached; numpy's error model, so that a division
 # vectorizes instead of branching to raise ZeroDivisionError (each divisor here is >= 1).
@@ -188,12 +190,20 @@ _LO, _HI = I32(-INT8_MAX), I32(INT8_MAX)
 _FRAC, _S7, _S8 = I32(FRAC_BITS), I32(7), I32(8)
 _ONE = I32(1)
 _BYTE8, _W0, _WKV_FRAC = I32(255), I32(128), I32(WKV_FRAC_BITS)
+I16, U16, U32 = np.int16, np.uint16, np.uint32
+_LO16, _HI16, _S7_16 = I16(-INT8_MAX), I16(INT8_MAX), I16(7)
 
 
 @njit(inline="always", cache=True)
 def _sat8(v):
     """Saturate to int8 in [-127, 127]."""
     return np.int8(np.minimum(np.maximum(v, _LO), _HI))
+
+
+@njit(inline="always", cache=True)
+def _sat8_16(v):
+    """``_sat8`` of an int16."""
+    return np.int8(np.minimum(np.maximum(v, _LO16), _HI16))
 
 
 @njit(inline="always", cache=True)
@@ -242,16 +252,20 @@ def _reciprocal(den, bits):
 @njit(inline="always", cache=True)
 def _row_reciprocal(den):
     """``_reciprocal`` for the norm's divisions: |n| < 2^NORM_BITS and 1 <= den <= 2^8, so
-    |n| m < 2^15 2^16 fits int32 and the row divides in int32 lanes that vectorize (tested
-    against every n and den)."""
+    m < 2^16 and the row divides in int16 lanes (``_div_by_reciprocal``; tested against every
+    n and den)."""
     m, k = _reciprocal(den, NORM_BITS)
     return I32(m), I32(k)
 
 
 @njit(inline="always", cache=True)
 def _div_by_reciprocal(num, m, k):
-    """trunc(num / den) for (m, k) = ``_row_reciprocal(den)``."""
-    q = np.right_shift(np.multiply(np.abs(num), m), k)
+    """trunc(num / den) for an int16 num > -2^15, as int16, from (m, k - NORM_BITS) as uint16
+    for (m, k) = ``_row_reciprocal(den)``, in int16 lanes: ((2 |num| m) >> 16) >> (k - 15),
+    whose first shift is one high-half multiply of uint16 lanes (vpmulhuw): 2 |num| < 2^16,
+    m < 2^16 for every den <= 256 (tested), and k >= NORM_BITS = 15."""
+    twice = np.left_shift(U16(np.abs(num)), U16(1))
+    q = I16(np.right_shift(U16(np.right_shift(np.multiply(U32(twice), U32(m)), U32(16))), k))
     return np.negative(q) if num < 0 else q
 
 
@@ -265,6 +279,7 @@ def _reciprocal_table():
 
 MEAN_RECIPROCALS = _reciprocal_table()  # _row_reciprocal(den) at row den - 1, den <= 128
 MEAN_BITS = 30  # a row's sum of |x| below 2^30: any width below 2^23
+SUM16_WIDTH = 255  # a row's sum of |x| <= 255 * 128 fits int16 up to this width
 
 
 @njit(inline="always", cache=True)
@@ -776,30 +791,45 @@ class CpuNoise:
 # elementwise model ops: intmath's functions on (rows, d) int8, fused, same bits
 
 
+@njit(inline="always", cache=True)
+def _abs_sum(x, m):
+    """sum |x[m, j]| as int32, summed in int16 lanes up to SUM16_WIDTH."""
+    if x.shape[1] <= SUM16_WIDTH:
+        total16 = I16(0)
+        for j in range(x.shape[1]):
+            total16 = np.add(total16, np.abs(I16(x[m, j])))
+        return I32(total16)
+    total = I32(0)
+    for j in range(x.shape[1]):
+        total = np.add(total, np.abs(I32(x[m, j])))
+    return total
+
+
 @kernel
 def _norm(x, w, out):
+    """In int16 lanes: |x w| <= 128 * 128."""
     n, d = x.shape
     dm, ds = _floor_divider(d)
     for m in range(n):
         wr = _row(m, w.shape[0])
-        total = I32(0)
-        for j in range(d):
-            total = np.add(total, np.abs(I32(x[m, j])))
+        total = _abs_sum(x, m)
         mean = max(I32(np.right_shift(np.multiply(np.int64(total), dm), ds)), I32(1))  # <= 128
-        recip, k = MEAN_RECIPROCALS[mean - 1, 0], MEAN_RECIPROCALS[mean - 1, 1]
+        recip = U16(MEAN_RECIPROCALS[mean - 1, 0])
+        k = U16(MEAN_RECIPROCALS[mean - 1, 1] - NORM_BITS)
         for j in range(d):
-            out[m, j] = _sat8(_div_by_reciprocal(np.multiply(I32(x[m, j]), I32(w[wr, j])),
-                                                 recip, k))
+            v = np.multiply(I16(x[m, j]), I16(w[wr, j]))
+            out[m, j] = _sat8_16(_div_by_reciprocal(v, recip, k))
 
 
 @kernel
 def _token_mix(x, prev, mu, out):
+    """In int16 lanes: |(prev - x) mu| <= 255 * 128."""
     for m in range(x.shape[0]):
         mr = _row(m, mu.shape[0])
         for j in range(x.shape[1]):
-            x32 = I32(x[m, j])
-            step = np.multiply(np.subtract(I32(prev[m, j]), x32), I32(mu[mr, j]))
-            out[m, j] = _sat8(np.add(x32, np.right_shift(step, _S7)))
+            x16 = I16(x[m, j])
+            step = np.multiply(np.subtract(I16(prev[m, j]), x16), I16(mu[mr, j]))
+            out[m, j] = _sat8_16(np.add(x16, np.right_shift(step, _S7_16)))
 
 
 @kernel
@@ -869,18 +899,20 @@ def _wkv_scan(num, den, k_exp, v, decay, resets, has_resets, wkv, num_out, den_o
 
 @kernel
 def _sat_add2(a, b, out):
+    """In int16 lanes, as ``_sat_add3``."""
     for m in range(out.shape[0]):
         ar, br = _row(m, a.shape[0]), _row(m, b.shape[0])
         for j in range(out.shape[1]):
-            out[m, j] = _sat8(np.add(I32(a[ar, j]), I32(b[br, j])))
+            out[m, j] = _sat8_16(np.add(I16(a[ar, j]), I16(b[br, j])))
 
 
 @kernel
 def _sat_add3(a, b, c, out):
+    """In int16 lanes: three int8 terms sum to at most 3 * 128."""
     for m in range(out.shape[0]):
         ar, br, cr = _row(m, a.shape[0]), _row(m, b.shape[0]), _row(m, c.shape[0])
         for j in range(out.shape[1]):
-            out[m, j] = _sat8(np.add(np.add(I32(a[ar, j]), I32(b[br, j])), I32(c[cr, j])))
+            out[m, j] = _sat8_16(np.add(np.add(I16(a[ar, j]), I16(b[br, j])), I16(c[cr, j])))
 
 
 @kernel
