@@ -547,22 +547,24 @@ def _embed_plain(table, tokens, out):
 
 @kernel
 def _embed_rank1(table, tokens, at, bt, shift, out):
-    """_embed_lowrank at rank 1, one pass per row: table[tok] +- ((A_p[tok] B_p) >> shift).
+    """_embed_lowrank at rank 1, one pass per row: table[tok] +- ((A_p[tok] B_p) >> shift),
+    in int16 lanes (|A B| <= 128 * 128).
 
     Each row's A_p[tok] is one byte of a different cache line of A (P x vocab), so it is
     gathered for all rows first, in a loop of independent loads whose misses the CPU
     overlaps; read inside the row loop, each miss stalled a row's whole pass (2x slower
     measured, where the caches hold the forward's dirty activations)."""
     members = 2 * at.shape[0]
-    a_rows = np.empty(out.shape[0], dtype=np.int32)
+    a_rows = np.empty(out.shape[0], dtype=np.int16)
     for m in range(out.shape[0]):
         a_rows[m] = at[(m % members) // 2, 0, tokens[m]]
+    shift16 = I16(min(shift, 15))  # |a b| < 2^15: any shift past 15 floors it to 0 or -1 too
     for m in range(out.shape[0]):
         p, tok, ar = (m % members) // 2, tokens[m], a_rows[m]
         for j in range(out.shape[1]):
-            c = np.right_shift(np.multiply(ar, I32(bt[p, 0, j])), shift)
-            row = I32(table[tok, j])
-            out[m, j] = _sat8(np.add(row, c) if m % 2 == 0 else np.subtract(row, c))
+            c = np.right_shift(np.multiply(ar, I16(bt[p, 0, j])), shift16)
+            row = I16(table[tok, j])
+            out[m, j] = _sat8_16(np.add(row, c) if m % 2 == 0 else np.subtract(row, c))
 
 
 @kernel
