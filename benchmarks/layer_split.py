@@ -74,7 +74,7 @@ def es_order(x, packed, comp, at, bt, half, shift, out):
     for r0, m0, rows in _es_panels(x, at):
         _prefetch_next(x, r0, m0, rows, at, bt, out)
         for block in range(packed.shape[0]):
-            tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out)
+            tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out, None)
 
 
 @njit(nogil=True)
@@ -85,7 +85,7 @@ def es_no_projection(x, packed, comp, at, bt, sigma_shift, half, shift, out):
         _prefetch_next(x, r0, m0, rows, at, bt, out)
         for block in range(packed.shape[0]):
             tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv[0], half, sigma_shift,
-                     low, total, out)
+                     low, total, out, None)
 
 
 def variants(x: np.ndarray, w, noise: LowRank, fan_in: int) -> dict:
@@ -98,13 +98,14 @@ def variants(x: np.ndarray, w, noise: LowRank, fan_in: int) -> dict:
     out = {name: np.empty((x.shape[0], w.w.shape[0]), dtype=np.int8)
            for name in ("plain", "es_order", "es_no_projection", "es")}
     return {
-        "plain": lambda: _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out["plain"]),
+        "plain": lambda: _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out["plain"],
+                                      None),
         "es_order": lambda: es_order(x, p.packed, p.comp, at, bt, half, shift,
                                      out["es_order"]),
         "es_no_projection": lambda: es_no_projection(x, p.packed, p.comp, at, bt, sigma, half,
                                                      shift, out["es_no_projection"]),
         "es": lambda: _fused_rank1(x, p.packed, p.comp, at, bt, bsum, sigma, half, shift,
-                                   out["es"]),
+                                   out["es"], None),
     }
 
 

@@ -42,6 +42,7 @@ from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import LowRank
 from intes.kernels.cpu import (
     BLOCK_ROWS,
+    EPILOGUES,
     ES_PLANS,
     FUSED_BLOCK,
     FUSED_BLOCK_BYTES,
@@ -98,6 +99,12 @@ FILLS = ("random", "max", "min", "signs")
 seeds = st.integers(0, 2**32 - 1)
 fills = st.sampled_from(FILLS)
 ranks = st.integers(1, 4)
+activations = st.sampled_from([None, "relu", "relu_sq"])
+
+
+def activated(y: np.ndarray, activation: str | None) -> np.ndarray:
+    """The reference's layer output y, then intmath's op ``activation``, if any."""
+    return y if activation is None else getattr(im, activation)(y)
 
 
 def int8s(rng: np.random.Generator, shape, fill: str = "random", bound: int = 127) -> np.ndarray:
@@ -132,17 +139,19 @@ def same(a: np.ndarray, b: np.ndarray) -> None:
 @given(seed=seeds, pairs=st.integers(1, 4), fan_in=st.integers(1, 2200),
        out=st.integers(1, 40), rank=ranks, sigma=st.integers(0, 8), shift=st.integers(0, 14),
        x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
-       cpu=st.sampled_from(GEMM_BACKENDS), tokens=st.sampled_from([None, 1, 3, 4, 5, 8]))
+       cpu=st.sampled_from(GEMM_BACKENDS), tokens=st.sampled_from([None, 1, 3, 4, 5, 8]),
+       activation=activations)
 def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy, cpu,
-                tokens):
+                tokens, activation):
     """One token's rows (N, in) or a token block's (T, N, in): the projection takes a block's
-    copies of a pair four at a time, the rest one by one."""
+    copies of a pair four at a time, the rest one by one. An activation (applied in the
+    VNNI tiles, after the layer on the other engines) gives intmath's op of the output."""
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
-    same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma),
-         REF.linear(x, REF.prepare(w), shift, noise, sigma))
+    same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma, activation=activation),
+         activated(REF.linear(x, REF.prepare(w), shift, noise, sigma), activation))
 
 
 @given(seed=seeds, pairs=st.integers(1, 3), fan_in=st.integers(1, 300), out=st.integers(1, 30),
@@ -181,19 +190,21 @@ def test_row_dots_are_the_exact_dot_products(seed, n, fill, offset, rows, data):
 @given(seed=seeds, pairs=st.integers(1, 40), fan_in=st.integers(1, 600),
        out=st.integers(1, 200), sigma=st.integers(0, 8), shift=st.integers(0, 14),
        x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
-       tokens=st.sampled_from([None, 1, 2, 3, 4, 5, 8]), rank=st.sampled_from([1, 1, 2, 3]))
+       tokens=st.sampled_from([None, 1, 2, 3, 4, 5, 8]), rank=st.sampled_from([1, 1, 2, 3]),
+       activation=activations)
 def test_fused_linear_over_many_panels(seed, pairs, fan_in, out, sigma, shift, x_fill, w_fill,
-                                       n_fill, noisy, tokens, rank):
+                                       n_fill, noisy, tokens, rank, activation):
     """The VNNI engine's fused layers where shapes span several panels, column blocks and
     tile remainders: up to 40 pairs (a panel holds 24 of them, inside one token's copy),
     widths past and between multiples of 64 (and last blocks of at most 32 columns), fan-in
-    with and without a 1-3 column tail, ranks 1-3."""
+    with and without a 1-3 column tail, ranks 1-3, with and without an activation (whole
+    64-column rows looked up at once, partial and narrow blocks 16 columns at a time)."""
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
-    same(VNNI.linear(x, VNNI.prepare(w), shift, noise, sigma),
-         REF.linear(x, REF.prepare(w), shift, noise, sigma))
+    same(VNNI.linear(x, VNNI.prepare(w), shift, noise, sigma, activation=activation),
+         activated(REF.linear(x, REF.prepare(w), shift, noise, sigma), activation))
 
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
@@ -262,6 +273,34 @@ def test_vnni_layers_run_fused_at_every_rank(monkeypatch):
 
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+@pytest.mark.parametrize("activation", ["relu", "relu_sq"])
+def test_vnni_layers_apply_activations_in_the_tiles(monkeypatch, activation):
+    """relu, and relu^2 where the CPU has VBMI, run inside the fused layer: the elementwise
+    op is never called. Without VBMI relu^2 is that op, after the layer."""
+    inside = activation in EPILOGUES
+    assert inside == (activation == "relu" or vbmi.HAVE_VBMI)
+    calls = []
+    inner = getattr(CpuElementwise, activation)
+    monkeypatch.setattr(CpuElementwise, activation,
+                        staticmethod(lambda y: calls.append(activation) or inner(y)))
+    backend = CpuBackend(1, "vnni")
+    rng = np.random.default_rng(1)
+    x, w = int8s(rng, (3, 4, 96)), int8s(rng, (130, 96))
+    for noise in (None, lowrank(rng, 2, 130, 96, 1, "random", 3)):
+        calls.clear()
+        same(backend.linear(x, backend.prepare(w), 7, noise, 3, activation=activation),
+             activated(REF.linear(x, REF.prepare(w), 7, noise, 3), activation))
+        assert calls == ([] if inside else [activation])
+
+
+def test_unknown_activation_is_refused():
+    rng = np.random.default_rng(0)
+    w = CPU.prepare(int8s(rng, (8, 8)))
+    with pytest.raises(ValueError, match="unknown activation"):
+        CPU.linear(int8s(rng, (2, 8)), w, 4, None, 3, activation="gelu")
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
 @pytest.mark.parametrize(("sigma", "rank"), [(3, 1), (8, 1), (6, 3)])
 def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
     """The widest fan-in whose merged rescale fits int32 and the next one (which goes
@@ -274,8 +313,9 @@ def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
             w = np.full((3, fan_in), 127 * sign, dtype=np.int8)
             noise = LowRank(np.full((2, 3, rank), nz.NOISE_MAX, dtype=np.int8),
                             np.full((2, fan_in, rank), -nz.NOISE_MAX * sign, dtype=np.int8))
-            same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma),
-                 REF.linear(x, REF.prepare(w), 12, noise, sigma))
+            for activation in (None, "relu", "relu_sq"):
+                same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma, activation=activation),
+                     activated(REF.linear(x, REF.prepare(w), 12, noise, sigma), activation))
 
 
 @pytest.mark.skipif(AVX2_MISSING is not None, reason=str(AVX2_MISSING))

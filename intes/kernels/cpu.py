@@ -58,7 +58,13 @@ from intes.intmath import (
 )
 from intes.kernels.base import LowRank
 from intes.kernels.gemm import GemmEngine, VnniGemm, make_gemm
-from intes.kernels.vbmi import WKV_EXP_BYTES, exp2_sum, lookup_flat, sigmoid_gate_flat
+from intes.kernels.vbmi import (
+    HAVE_VBMI,
+    WKV_EXP_BYTES,
+    exp2_sum,
+    lookup_flat,
+    sigmoid_gate_flat,
+)
 from intes.kernels.vnni import factor_sums, pair_dot, project_pairs, quad_pair_dot
 from intes.kernels.vnni_gemm import (
     BLOCK_COLS,
@@ -303,6 +309,18 @@ def _rescale(acc, half, shift):
     return _sat8(np.right_shift(np.add(acc, half), shift))
 
 
+@njit(cache=True)
+def _activate(v, act):
+    """A fused epilogue's activation of an int8 layer output v, as the tiles apply it
+    (``vnni_gemm.store_tile``): v itself without ``act``, else max(v, 0), then act[v] for a
+    table of 128 entries (an empty one: relu alone). A function of its own, not inlined,
+    so that numba drops the branch a None act rules out."""
+    if act is None:
+        return v
+    v = max(v, np.int8(0))
+    return np.int8(act[v]) if len(act) else v
+
+
 @functools.lru_cache(maxsize=64)
 def _rounding(shift: int) -> tuple[np.int32, np.int32]:
     """(half, shift) of intmath.rshift_round as int32; a shift <= 0 leaves values as they are."""
@@ -422,22 +440,23 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 
 
 @kernel
-def _fused_plain(x, packed, comp, tail, half, shift, out):
-    """Inference: sat8(rshift_round(x @ W^T, shift)). Each tile is rescaled in registers
-    right after its sums (``_tile_rescale``), panel by panel; with a fan-in tail the panel's
-    sums go through a buffer first."""
+def _fused_plain(x, packed, comp, tail, half, shift, out, act):
+    """Inference: sat8(rshift_round(x @ W^T, shift)), then the activation ``act`` if not
+    None (``_activate``, ``EPILOGUES``). Each tile is rescaled in registers right after its
+    sums (``_tile_rescale``), panel by panel; with a fan-in tail the panel's sums go
+    through a buffer first."""
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for r0 in range(0, x.shape[0], PANEL_ROWS):
         rows = min(PANEL_ROWS, x.shape[0] - r0)
         prefetch_rows(x, r0 + PANEL_ROWS, PANEL_ROWS, out)  # the next panel's
         if tail.shape[1] == 0:
             for block in range(packed.shape[0]):
-                tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out)
+                tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out, act)
             continue
         panel_product(x, r0, rows, packed, comp, tail, acc)
         for j in range(rows):
             for o in range(out.shape[1]):
-                out[r0 + j, o] = _rescale(acc[j, o], half, shift)
+                out[r0 + j, o] = _activate(_rescale(acc[j, o], half, shift), act)
 
 
 @njit(inline="always", cache=True)
@@ -479,11 +498,12 @@ def _es_panels(x, at):
 
 
 @kernel
-def _fused_rank1(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out):
+def _fused_rank1(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out, act):
     """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel (``_es_panels``):
     first the panel's projections (``project_pairs``, 16 rows per call), then its
     product block by block, each tile corrected and rescaled in registers (``_tile_es``,
-    the two shifts merged). Only where ``merged_rescale_fits`` and the fan-in has no tail.
+    the two shifts merged), then the activation (``_fused_plain``). Only where
+    ``merged_rescale_fits`` and the fan-in has no tail.
 
     A kernel of its own, not a branch of ``_fused_lowrank``: with both tile kinds inlined in
     one function the rank-1 path ran 3-5% slower."""
@@ -493,11 +513,11 @@ def _fused_rank1(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out):
         _es_panel(x, r0, m0, rows, at, bt, bsum, xv, True, out)
         for block in range(packed.shape[0]):
             tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv[0], half, sigma_shift,
-                     low, total, out)
+                     low, total, out, act)
 
 
 @kernel
-def _fused_lowrank(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out):
+def _fused_lowrank(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out, act):
     """``_fused_rank1`` at any rank: each tile sums the rank's corrections before the merged
     shift. The same bits as ``_linear_lowrank``."""
     total, low = np.add(sigma_shift, shift), odd_low(sigma_shift)
@@ -506,11 +526,11 @@ def _fused_lowrank(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out)
         _es_panel(x, r0, m0, rows, at, bt, bsum, xv, True, out)
         for block in range(packed.shape[0]):
             tiles_es(x, r0, rows, packed, comp, block, at, m0 // 2, xv, half, sigma_shift,
-                     low, total, out)
+                     low, total, out, act)
 
 
 @kernel
-def _fused_buffered(x, packed, comp, tail, at, bt, bsum, sigma_shift, half, shift, out):
+def _fused_buffered(x, packed, comp, tail, at, bt, bsum, sigma_shift, half, shift, out, act):
     """ES at any rank where the merged shift could overflow or the fan-in has a tail: each
     panel's int32 product through a buffer, then the unmerged epilogue of
     ``_linear_lowrank``."""
@@ -528,8 +548,8 @@ def _fused_buffered(x, packed, comp, tail, at, bt, bsum, sigma_shift, half, shif
                 v = bias
                 for r in range(rank):
                     v = np.add(v, np.multiply(xv[r, m], I32(at[p, r, o])))
-                out[m, o] = _rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
-                                     half, shift)
+                out[m, o] = _activate(_rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
+                                               half, shift), act)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -971,9 +991,9 @@ def _gru_scan_plain(fx, hx, h0, resets, has_resets, wf, half_f, shift_f, wh, hal
     f, gated = np.empty_like(h0), np.empty_like(h0)
     for t in range(fx.shape[0]):
         _clear_reset_rows(h, resets, has_resets, t)
-        _fused_plain(h, *wf, half_f, shift_f, uf)
+        _fused_plain(h, *wf, half_f, shift_f, uf, None)
         _gru_gate(fx[t], uf, bf, h, f, gated)
-        _fused_plain(gated, *wh, half_h, shift_h, uh)
+        _fused_plain(gated, *wh, half_h, shift_h, uh, None)
         _gru_step(hx[t], uh, bh, f, h, hs[t])
 
 
@@ -987,14 +1007,14 @@ def _gru_scan_es(fx, hx, h0, resets, has_resets, wf, half_f, shift_f, wh, half_h
     for t in range(fx.shape[0]):
         _clear_reset_rows(h, resets, has_resets, t)
         if lowrank:
-            _fused_lowrank(h, *wf, half_f, shift_f, uf)
+            _fused_lowrank(h, *wf, half_f, shift_f, uf, None)
         else:
-            _fused_rank1(h, *wf, half_f, shift_f, uf)
+            _fused_rank1(h, *wf, half_f, shift_f, uf, None)
         _gru_gate(fx[t], uf, bf, h, f, gated)
         if lowrank:
-            _fused_lowrank(gated, *wh, half_h, shift_h, uh)
+            _fused_lowrank(gated, *wh, half_h, shift_h, uh, None)
         else:
-            _fused_rank1(gated, *wh, half_h, shift_h, uh)
+            _fused_rank1(gated, *wh, half_h, shift_h, uh, None)
         _gru_step(hx[t], uh, bh, f, h, hs[t])
 
 
@@ -1110,6 +1130,14 @@ class CpuElementwise:
 # ---------------------------------------------------------------------------------------------
 
 
+# The activations the VNNI tiles apply in registers (``vnni_gemm.store_tile``), as their
+# ``act`` argument: relu clamps at 0 instead of -127 (an empty table), at no cost; relu^2
+# also reads its table's entries for 0..127 by VBMI's vpermi2b. Without VBMI relu^2 runs
+# as an op of its own after the layer.
+EPILOGUES = {"relu": np.zeros(0, dtype=np.uint8)}
+if HAVE_VBMI:
+    EPILOGUES["relu_sq"] = intmath.RELU_SQ_TABLE[INT8_MAX:].astype(np.uint8)
+
 ES_PLANS = 64  # plans kept per weight: one per population slice (or chunk) of a step
 
 
@@ -1154,6 +1182,7 @@ class CpuBackend:
 
     name = "cpu"
     ew = CpuElementwise
+    fused_activations = ("relu", "relu_sq")  # linear(..., activation=) takes these
     noise_source = CpuNoise
     chunk_rows = CHUNK_ROWS  # member rows per forward call, at most (see CHUNK_ROWS)
 
@@ -1188,15 +1217,17 @@ class CpuBackend:
         return self.gemm.product(x, w.wt)
 
     def fused_linear(self, x: np.ndarray, w: CpuWeight, half: np.int32, shift: np.int32,
-                     noise: LowRank | None, sigma_shift: int) -> np.ndarray:
+                     noise: LowRank | None, sigma_shift: int, act: np.ndarray | None = None
+                     ) -> np.ndarray:
         """int8 (rows, out) of a layer whose product and epilogue run fused, panel by panel
-        (the VNNI engine): plain for inference, or ES at any rank."""
+        (the VNNI engine): plain for inference, or ES at any rank; ``act`` an activation's
+        table (``EPILOGUES``), or None."""
         p, out = w.wt, np.empty((x.shape[0], w.w.shape[0]), dtype=np.int8)
         if noise is None:
-            _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out)
+            _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out, act)
             return out
         _, kernel, args = _kept_plan(w, noise, x.shape[1], sigma_shift, shift)
-        kernel(x, *args, half, shift, out)
+        kernel(x, *args, half, shift, out, act)
         return out
 
     def gru_scan(self, fx: np.ndarray, hx: np.ndarray, h: np.ndarray, resets: np.ndarray | None,
@@ -1229,12 +1260,31 @@ class CpuBackend:
                      _rows2d(bh), hs, kernel_f is _fused_lowrank)
         return hs, hs[-1] if len(hs) else h
 
-    def linear(self, x, w, shift, noise, sigma_shift):
+    def linear(self, x, w, shift, noise, sigma_shift, activation=None):
+        """``Backend.linear``, then ``activation`` (None or one of ``fused_activations``,
+        intmath's op of that name): in the VNNI tiles' registers where ``EPILOGUES`` has
+        it, else by ``ew`` on the output."""
+        if activation is not None and activation not in self.fused_activations:
+            raise ValueError(f"unknown activation {activation!r}")
         rows = np.ascontiguousarray(_rows2d(x))
         half, shift = _rounding(shift)
-        if isinstance(w.wt, VnniWeight):
+        if isinstance(w.wt, VnniWeight) and activation in EPILOGUES:
+            out = self.fused_linear(rows, w, half, shift, noise, sigma_shift,
+                                    EPILOGUES[activation])
+            activation = None
+        elif isinstance(w.wt, VnniWeight):
             out = self.fused_linear(rows, w, half, shift, noise, sigma_shift)
-            return out.reshape(*x.shape[:-1], out.shape[1])
+        else:
+            out = self._unfused_linear(rows, w, half, shift, noise, sigma_shift)
+        if activation is not None:
+            out = getattr(self.ew, activation)(out)
+        return out.reshape(*x.shape[:-1], out.shape[1])
+
+    def _unfused_linear(self, rows: np.ndarray, w: CpuWeight, half: np.int32,
+                        shift: np.int32, noise: LowRank | None, sigma_shift: int
+                        ) -> np.ndarray:
+        """A layer on the other GEMM engines: their int32 (or exact float32) product, then
+        the epilogue in a pass of its own."""
         rank1 = noise is not None and noise.a.shape[2] == 1
         factors = None if noise is None else _factors(noise)
         if rank1:  # projected before the GEMM, while x is in cache
@@ -1248,7 +1298,7 @@ class CpuBackend:
             _correct_rank1(acc, xb, factors[0], I32(sigma_shift), half, shift, out)
         else:
             _linear_lowrank(acc, rows, *factors, I32(sigma_shift), half, shift, out)
-        return out.reshape(*x.shape[:-1], out.shape[1])
+        return out
 
     def embed(self, table, tokens, noise, sigma_shift):
         out = np.empty((*tokens.shape, table.shape[1]), dtype=np.int8)

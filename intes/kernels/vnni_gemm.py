@@ -52,6 +52,13 @@ _VECS = BLOCK_COLS // 16
 
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _V32 = ir.VectorType(_I32, 16)
+_V8x64 = ir.VectorType(ir.IntType(8), 64)
+
+
+def _indices(values) -> ir.Constant:
+    """A shufflevector mask."""
+    values = list(values)
+    return ir.Constant(ir.VectorType(_I32, len(values)), [ir.Constant(_I32, v) for v in values])
 _BIAS = ir.Constant(_I32, 0x80808080 - (1 << 32))  # xor 0x80 in each byte: x + 128 as uint8
 
 
@@ -116,6 +123,11 @@ def _tile_typing_ok(x, rows, packed, comp, x_ndim: int = 2) -> bool:
             and isinstance(rows.dtype, types.Integer) and 1 <= len(rows) <= TILE_ROWS)
 
 
+def _activation_ok(act) -> bool:
+    """An epilogue's activation (``store_tile``): None, or a 1-D uint8 table."""
+    return isinstance(act, types.NoneType) or _is_array(act, (1,), types.uint8)
+
+
 class _Emit:
     """IR helpers shared by the tile intrinsics."""
 
@@ -137,6 +149,15 @@ class _Emit:
 
     def array(self, typ, value):
         return self.context.make_array(typ)(self.context, self.builder, value)
+
+    def activation(self, typ, value):
+        """An activation argument as (a pointer to its table's two 64-byte halves, its
+        length), or None."""
+        if isinstance(typ, types.NoneType):
+            return None
+        table = self.array(typ, value)
+        return (self.builder.bitcast(table.data, _V8x64.as_pointer()),
+                cgutils.unpack_tuple(self.builder, table.shape, 1)[0])
 
     def row_pointer(self, array, index, element_bytes: int, vector):
         """Pointer to array[index, 0] (a 2-D C array) as a ``vector`` pointer."""
@@ -234,32 +255,59 @@ class _Emit:
             v for lane in range(16) for v in (4 * lane, 4 * lane + 1, 64, 4 * lane)])
         return b.bitcast(b.shuffle_vector(a, ir.Constant(bytes64, [0] * 64), pick), _V32)
 
-    def store_tile(self, count, row_of, out, block, value_of):
-        """out[row_of(j), 64 block + 16 c ...] = sat8(value_of(j, c, masked)) for the tile's
+    def store_tile(self, count, row_of, out, block, value_of, act=None):
+        """out[row_of(j), 64 block + 16 c ...] = act(value_of(j, c, masked)) for the tile's
         rows and vectors, value_of emitting the int32 vector (rows in order, vectors in order
         within a row). One branch per tile on whether the block lies inside out's width:
         plain stores, or (a last, partial block, ``masked``) stores masked to the width.
-        sat8 is vpmaxsd against -127 and vpmovsdb, whose signed saturation gives the 127
-        side."""
+
+        Without ``act`` (None) act is sat8: vpmaxsd against -127, then vpmovsdb, whose
+        signed saturation gives the 127 side. With it ((table, length) of ``activation``) the
+        clamp is at 0, relu(sat8); then, for a table of 128 entries (length 0: none, relu
+        alone), table[value] is read for each row's clamped bytes, values in [0, 127], by
+        vpermi2b: an activation such as relu^2 applied in registers instead of in a pass of
+        its own. The length is tested once per tile."""
         b = self.builder
         width = cgutils.unpack_tuple(b, out.shape, 2)[1]
         first = b.mul(block, _I64(BLOCK_COLS))
         v8 = ir.VectorType(ir.IntType(8), 16)
-        lo = ir.Constant(_V32, [ir.Constant(_I32, -127)] * 16)
+        lo = ir.Constant(_V32, [ir.Constant(_I32, -127 if act is None else 0)] * 16)
         pack = self.function("llvm.x86.avx512.mask.pmovs.db.512", v8,
                              [_V32, v8, ir.IntType(16)])
         store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
                               [v8, v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)])
         lanes = ir.Constant(_V32, [ir.Constant(_I32, i) for i in range(16)])
 
-        def emit(masked: bool) -> None:
+        def look(value):
+            """table[value] for 16 or 64 bytes, by one vpermi2b."""
+            halves = [b.load(b.gep(act[0], [_I64(h)]), align=1) for h in range(2)]
+            permute = self.function("llvm.x86.avx512.vpermi2var.qi.512", _V8x64,
+                                    [_V8x64, _V8x64, _V8x64])
+            n = value.type.count
+            if n < 64:
+                value = b.shuffle_vector(value, ir.Constant(value.type, ir.Undefined),
+                                         _indices([i % (2 * n) for i in range(64)]))
+            picked = b.call(permute, [halves[0], value, halves[1]])
+            if n < 64:
+                picked = b.shuffle_vector(picked, ir.Constant(_V8x64, ir.Undefined),
+                                          _indices(range(n)))
+            return picked
+
+        def emit(masked: bool, lookup: bool) -> None:
+            whole_rows = lookup and not masked and self.vecs == _VECS
             for j in range(count):
                 base = self.row_pointer(out, row_of(j), 1, ir.IntType(8))
+                row = []
                 for c in range(self.vecs):
                     value = value_of(j, c, masked)
                     value = b.select(b.icmp_signed("<", value, lo), lo, value)
                     value = b.call(pack, [value, ir.Constant(v8, ir.Undefined),
                                           ir.Constant(ir.IntType(16), -1)])
+                    if whole_rows:  # stored below, the row's 64 bytes at once
+                        row.append(value)
+                        continue
+                    if lookup:
+                        value = look(value)
                     col = b.add(first, _I64(16 * c))
                     pointer = b.bitcast(b.gep(base, [col]), v8.as_pointer())
                     if masked:
@@ -267,13 +315,29 @@ class _Emit:
                         b.call(store, [value, pointer, _I32(1), mask])
                     else:
                         b.store(value, pointer, align=1)
+                if whole_rows:  # one lookup and one store for the row's 64 bytes
+                    low, high = (b.shuffle_vector(row[i], row[i + 1], _indices(range(32)))
+                                 for i in (0, 2))
+                    value = look(b.shuffle_vector(low, high, _indices(range(64))))
+                    pointer = b.bitcast(b.gep(base, [first]), _V8x64.as_pointer())
+                    b.store(value, pointer, align=1)
+
+        def emit_both(masked: bool) -> None:
+            if act is None:
+                emit(masked, False)
+                return
+            with b.if_else(b.icmp_signed(">", act[1], _I64(0))) as (table, clamp):
+                with table:
+                    emit(masked, True)
+                with clamp:
+                    emit(masked, False)
 
         inside = b.icmp_signed("<=", b.add(first, _I64(16 * self.vecs)), width)
         with b.if_else(inside) as (whole, part):
             with whole:
-                emit(False)
+                emit_both(False)
             with part:
-                emit(True)
+                emit_both(True)
 
 
 @intrinsic
@@ -309,25 +373,27 @@ def _vector_count(vecs) -> int | None:
 
 
 @intrinsic
-def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out, vecs):
-    """out[rows[j], 64 block ...] = sat8((x @ W^T + half) >> shift) for the block's first
+def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out, act, vecs):
+    """out[rows[j], 64 block ...] = act((x @ W^T + half) >> shift) for the block's first
     16 ``vecs`` columns (those inside out's width): the inference epilogue applied to the
-    tile's registers, ``half`` folded into the accumulators' start."""
+    tile's registers, ``half`` folded into the accumulators' start; act is sat8, or with
+    an ``act`` argument an activation of it (``store_tile``)."""
     count_vecs = _vector_count(vecs)
     if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
-            and _is_array(out, (2,), types.int8)):
+            and _is_array(out, (2,), types.int8) and _activation_ok(act)):
         return None
-    sig = types.void(x, rows, packed, comp, block, half, shift, out, vecs)
+    sig = types.void(x, rows, packed, comp, block, half, shift, out, act, vecs)
 
     def codegen(context, builder, signature, args):
-        vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout, _ = args
+        vx, vrows, vpacked, vcomp, vblock, vhalf, vshift, vout, vact, _ = args
         e = _Emit(context, builder, count_vecs)
         ap, ac, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 7))
         block, count = e.i64(vblock), len(signature.args[1])
         sums = e.sums(signature.args[0], count, vx, vrows, ap, ac, block, e.splat(vhalf))
         shifts = e.splat(vshift)
         e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
-                     lambda j, c, masked: builder.ashr(sums[j][c], shifts))
+                     lambda j, c, masked: builder.ashr(sums[j][c], shifts),
+                     e.activation(signature.args[8], vact))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -335,10 +401,10 @@ def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out, vec
 
 @intrinsic
 def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low,
-             total, out, vecs):
+             total, out, act, vecs):
     """The ES epilogue applied to the tile's registers, for the block's first 16 ``vecs``
-    columns: out[rows[j], 64 block ...] = sat8((((sums + half) << shift) + bias +
-    sum_r a_r xv_r) >> total) (see ``merged_rescale_fits``).
+    columns: out[rows[j], 64 block ...] = act((((sums + half) << shift) + bias +
+    sum_r a_r xv_r) >> total) (see ``merged_rescale_fits``; act as in ``_tile_rescale``).
 
     ``half`` is folded into the accumulators' start; bias is 0 on a pair's even row and
     2^shift - 1 on its odd row (whose xv come negated), one funnel shift (vpshldvd) against
@@ -352,14 +418,15 @@ def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift
     count_vecs = _vector_count(vecs)
     if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
             and _is_array(out, (2,), types.int8) and _is_array(at, (3,), types.int8)
-            and _is_array(xb, (1, 2), types.int32) and len(rows) % 2 == 0):
+            and _is_array(xb, (1, 2), types.int32) and len(rows) % 2 == 0
+            and _activation_ok(act)):
         return None
     sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
-                     out, vecs)
+                     out, act, vecs)
 
     def codegen(context, builder, signature, args):
         (vx, vrows, vpacked, vcomp, vblock, vat, vpair0, vxb, vhalf, vshift, vodd_low, vtotal,
-         vout, _) = args
+         vout, vact, _) = args
         b = builder
         e = _Emit(context, b, count_vecs)
         ap, ac, aa, axb, ao = (e.array(signature.args[i], args[i]) for i in (2, 3, 5, 7, 12))
@@ -408,7 +475,8 @@ def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift
             return b.ashr(b.load(slots[0]), totals)
 
         value_of = rank1_value if signature.args[7].ndim == 1 else lowrank_value
-        e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of)
+        e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of,
+                     e.activation(signature.args[13], vact))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -526,67 +594,70 @@ def tiles(x, r0, rows, packed, comp, block, acc, a0):
 
 
 @njit(inline="always", cache=True)
-def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out):
+def tiles_rescale(x, r0, rows, packed, comp, block, half, shift, out, act):
     """``_tile_rescale`` over x rows r0 .. r0 + rows - 1, 2 vectors per row for a last
     block of at most 32 columns, else 4."""
     if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:
-        _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, 2)
+        _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, act, 2)
     else:
-        _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, 4)
+        _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, act, 4)
 
 
 @njit(inline="always", cache=True)
-def _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, vecs):
+def _rescale_rows(x, r0, rows, packed, comp, block, half, shift, out, act, vecs):
     """``tiles_rescale`` at a literal ``vecs``: whole tiles, then the rest."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
         _tile_rescale(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, half,
-                      shift, out, vecs)
+                      shift, out, act, vecs)
         j += TILE_ROWS
     left, m = rows - j, r0 + j
     if left == 1:
-        _tile_rescale(x, (m,), packed, comp, block, half, shift, out, vecs)
+        _tile_rescale(x, (m,), packed, comp, block, half, shift, out, act, vecs)
     elif left == 2:
-        _tile_rescale(x, (m, m + 1), packed, comp, block, half, shift, out, vecs)
+        _tile_rescale(x, (m, m + 1), packed, comp, block, half, shift, out, act, vecs)
     elif left == 3:
-        _tile_rescale(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out, vecs)
+        _tile_rescale(x, (m, m + 1, m + 2), packed, comp, block, half, shift, out, act,
+                      vecs)
     elif left == 4:
-        _tile_rescale(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift, out, vecs)
+        _tile_rescale(x, (m, m + 1, m + 2, m + 3), packed, comp, block, half, shift, out, act,
+                      vecs)
     elif left == 5:
         _tile_rescale(x, (m, m + 1, m + 2, m + 3, m + 4), packed, comp, block, half, shift,
-                      out, vecs)
+                      out, act, vecs)
 
 
 @njit(inline="always", cache=True)
-def tiles_es(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out):
+def tiles_es(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
+             act):
     """``_tile_es`` over x rows r0 .. r0 + rows - 1, whole pairs (r0 and rows even) from
     pair pair0 on, 2 vectors per row for a last block of at most 32 columns, else 4."""
     if out.shape[1] - block * BLOCK_COLS <= BLOCK_COLS // 2:
         _es_rows(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
-                 2)
+                 act, 2)
     else:
         _es_rows(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
-                 4)
+                 act, 4)
 
 
 @njit(inline="always", cache=True)
 def _es_rows(x, r0, rows, packed, comp, block, at, pair0, xb, half, shift, low, total, out,
-             vecs):
+             act, vecs):
     """``tiles_es`` at a literal ``vecs``: whole tiles, then the rest (2 or 4 rows)."""
     j = 0
     while j + TILE_ROWS <= rows:
         m = r0 + j
         _tile_es(x, (m, m + 1, m + 2, m + 3, m + 4, m + 5), packed, comp, block, at,
-                 pair0 + j // 2, xb, half, shift, low, total, out, vecs)
+                 pair0 + j // 2, xb, half, shift, low, total, out, act, vecs)
         j += TILE_ROWS
     left, m, p = rows - j, r0 + j, pair0 + j // 2
     if left == 2:
         _tile_es(x, (m, m + 1), packed, comp, block, at, p, xb, half, shift, low, total, out,
-                 vecs)
+                 act, vecs)
     elif left == 4:
         _tile_es(x, (m, m + 1, m + 2, m + 3), packed, comp, block, at, p, xb, half, shift, low,
-                 total, out, vecs)
+                 total, out, act, vecs)
 
 
 @njit(inline="always", cache=True)

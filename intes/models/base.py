@@ -111,9 +111,17 @@ class Ops:
             else:
                 self.vectors[s.name] = members(v, e, sigma_shift)
 
-    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        return self.backend.linear(x, self.prepared[name], self.shifts[name],
-                                   self.noise.get(name), self.sigma_shift)
+    def linear(self, name: str, x: np.ndarray, activation: str | None = None) -> np.ndarray:
+        """The layer's output, then ``activation`` (an ``ew`` op's name, such as relu_sq) if
+        given: by the backend itself where it lists the name in ``fused_activations`` (the
+        cpu backend applies it in the product's epilogue), else by ``ew`` after."""
+        args = (x, self.prepared[name], self.shifts[name], self.noise.get(name),
+                self.sigma_shift)
+        if activation is None:
+            return self.backend.linear(*args)
+        if activation in getattr(self.backend, "fused_activations", ()):
+            return self.backend.linear(*args, activation=activation)
+        return getattr(self.ew, activation)(self.backend.linear(*args))
 
     def layer(self, name: str) -> tuple:
         """(backend weight, shift, noise or None) of a matrix: what ``linear`` passes, for a

@@ -67,7 +67,8 @@ class EGG(IntLM):
             hs, state[f"{i}.h"] = gru_scan(ops, p, fx, hx, h, resets)
             x = ew.sat_add(x, hs)
             xn = ew.norm(x, ops.vec(p + "ln2"))
-            x = ew.sat_add(x, ops.linear(p + "mlp.w2", ew.relu(ops.linear(p + "mlp.w1", xn))))
+            hidden = ops.linear(p + "mlp.w1", xn, activation="relu")
+            x = ew.sat_add(x, ops.linear(p + "mlp.w2", hidden))
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
 
 

@@ -94,9 +94,10 @@ class RWKV(IntLM):
 
             xn = ew.norm(x, ops.vec(p + "ln2"))
             prev = ew.token_shift(xn, state[s + "ffn_prev"], resets)
-            k = ops.linear(p + "ffn.wk", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")))
+            kk = ops.linear(p + "ffn.wk", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")),
+                            activation="relu_sq")
             r = ops.linear(p + "ffn.wr", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
             state[s + "ffn_prev"] = xn[-1].copy()
-            ffn = ew.sigmoid_gate(r, ops.linear(p + "ffn.wv", ew.relu_sq(k)))
+            ffn = ew.sigmoid_gate(r, ops.linear(p + "ffn.wv", kk))
             x = ew.sat_add(x, ffn)
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
