@@ -5,8 +5,10 @@ must read it back: at a token block's 2048 rows that is 2-8 MB per layer, stream
 and in again, and the projection x . b_p streams x once more. Here each register tile's
 accumulators are corrected, rescaled and stored as int8 right where they are made
 (``_tile_rescale``, ``_tile_es``), panel by panel, and no int32 product
-reaches memory; ``_tile`` stores the int32 sums instead, for a fan-in tail and the bare
-product, and ``_tile_levels`` makes the update's Z with the pairs grouped by |f|.
+reaches memory; an activation that follows the layer (relu, or relu^2 by its table) is
+applied there too (``store_tile``). ``_tile`` stores the int32 sums instead, for a fan-in
+tail and the bare product, and ``_tile_levels`` makes the update's Z with the pairs
+grouped by |f|.
 
 The kernel is the classic register tile: ``TILE_ROWS`` x 64 int32 accumulators (6 x 4
 zmm registers), each step one 4-byte broadcast of every row's x against 4 registers of W,
@@ -53,13 +55,13 @@ _VECS = BLOCK_COLS // 16
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _V32 = ir.VectorType(_I32, 16)
 _V8x64 = ir.VectorType(ir.IntType(8), 64)
+_BIAS = ir.Constant(_I32, 0x80808080 - (1 << 32))  # xor 0x80 in each byte: x + 128 as uint8
 
 
 def _indices(values) -> ir.Constant:
     """A shufflevector mask."""
     values = list(values)
     return ir.Constant(ir.VectorType(_I32, len(values)), [ir.Constant(_I32, v) for v in values])
-_BIAS = ir.Constant(_I32, 0x80808080 - (1 << 32))  # xor 0x80 in each byte: x + 128 as uint8
 
 
 @dataclass(frozen=True)
