@@ -183,6 +183,15 @@ def token_shift(x: np.ndarray, first: np.ndarray, resets: np.ndarray | None) -> 
     return prev
 
 
+def token_mixes(x: np.ndarray, first: np.ndarray, resets: np.ndarray | None,
+                mus: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """token_mix(x, token_shift(x, first, resets), mu) for each mu of mus, over a block of
+    tokens x (T, N, d): one op, so that a backend can read x and its shift once for all the
+    mixes a layer takes."""
+    prev = token_shift(x, first, resets)
+    return tuple(token_mix(x, prev, mu) for mu in mus)
+
+
 def wkv_scan(num: np.ndarray, den: np.ndarray, k: np.ndarray, v: np.ndarray,
              decay: np.ndarray, resets: np.ndarray | None):
     """wkv_step over a block of tokens k, v (T, N, d), states cleared where resets (T, N) is

@@ -672,6 +672,24 @@ def test_elementwise(seed, rows, dim, shared, fills):
     same(ew.relu(x), im.relu(x))
 
 
+@given(seed=seeds, tokens=st.integers(1, 8), rows=st.integers(1, 9), dim=st.integers(1, 130),
+       count=st.integers(1, 3), shared=st.booleans(), fill=fills, resets=st.booleans())
+def test_token_mixes_read_the_block_once(seed, tokens, rows, dim, count, shared, fill, resets):
+    """A token block's mixes against its own previous tokens (first before token 0, zero
+    where a row is reset), one to three of them in one pass, equal intmath's token_shift then
+    token_mix, with mu shared or one row per member and any int8 value."""
+    rng = np.random.default_rng(seed)
+    x, first = int8s(rng, (tokens, rows, dim), fill), int8s(rng, (rows, dim))
+    mus = tuple(int8s(rng, (1 if shared else rows, dim), fill) for _ in range(count))
+    cleared = rng.random((tokens, rows)) < 0.3 if resets else None
+    got = CpuElementwise.token_mixes(x, first, cleared, mus)
+    prev = im.token_shift(x, first, cleared)
+    assert len(got) == count == len(im.token_mixes(x, first, cleared, mus))
+    for out, want, mu in zip(got, im.token_mixes(x, first, cleared, mus), mus, strict=True):
+        same(out, want)
+        same(out, im.token_mix(x, prev, mu))
+
+
 def test_int16_ops_cover_every_int8_value():
     """token_mix and sat_add run in int16 lanes; every (x, prev) and (a, b) pair of int8
     values, -128 included, under every mu and every third term, equals the reference."""

@@ -855,6 +855,31 @@ def _token_mix(x, prev, mu, out):
 
 
 @kernel
+def _token_mixes(x, first, resets, has_resets, mus, outs):
+    """``_token_mix`` of a token block x (T, N, d) against its previous tokens
+    (``intmath.token_shift``: first[m] before x[0], zero where resets[t, m]) for every mu of
+    mus at once: x and its previous token are read once for all the mixes, and no shifted
+    copy is made."""
+    tokens, rows, dim = x.shape
+    zero = np.zeros(dim, dtype=np.int8)
+    for t in range(tokens):
+        for m in range(rows):
+            if has_resets and resets[t, m]:
+                prev = zero
+            elif t == 0:
+                prev = first[m]
+            else:
+                prev = x[t - 1, m]
+            for i in range(len(mus)):
+                mu, out = mus[i], outs[i]
+                mr = _row(m, mu.shape[0])
+                for j in range(dim):
+                    x16 = I16(x[t, m, j])
+                    step = np.multiply(np.subtract(I16(prev[j]), x16), I16(mu[mr, j]))
+                    out[t, m, j] = _sat8_16(np.add(x16, np.right_shift(step, _S7_16)))
+
+
+@kernel
 def _relu_sq(x, out):
     """RELU_SQ_TABLE's own formula, (max(x, 0)^2) >> 7: arithmetic vectorizes, a gather not."""
     for m in range(x.shape[0]):
@@ -1063,6 +1088,16 @@ class CpuElementwise:
         out, rows = _like(x)
         _token_mix(_rows2d(x), _rows2d(prev), _rows2d(mu), rows)
         return out
+
+    @staticmethod
+    def token_mixes(x: np.ndarray, first: np.ndarray, resets: np.ndarray | None,
+                    mus: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        outs = tuple(np.empty(x.shape, dtype=np.int8) for _ in mus)
+        _token_mixes(np.ascontiguousarray(x), np.ascontiguousarray(first),
+                     _NO_RESETS if resets is None else np.ascontiguousarray(resets),
+                     resets is not None, tuple(np.ascontiguousarray(_rows2d(mu)) for mu in mus),
+                     outs)
+        return outs
 
     @staticmethod
     def sigmoid_gate(r: np.ndarray, v: np.ndarray) -> np.ndarray:

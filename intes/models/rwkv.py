@@ -83,20 +83,21 @@ class RWKV(IntLM):
         for i in range(self.layers):
             p, s = f"blocks.{i}.", f"{i}."
             xn = ew.norm(x, ops.vec(p + "ln1"))
-            prev = ew.token_shift(xn, state[s + "att_prev"], resets)
-            k = ops.linear(p + "att.wk", ew.token_mix(xn, prev, ops.vec(p + "att.mix_k")))
-            v = ops.linear(p + "att.wv", ew.token_mix(xn, prev, ops.vec(p + "att.mix_v")))
-            r = ops.linear(p + "att.wr", ew.token_mix(xn, prev, ops.vec(p + "att.mix_r")))
+            xk, xv, xr = ew.token_mixes(xn, state[s + "att_prev"], resets,
+                                        tuple(ops.vec(p + f"att.mix_{c}") for c in "kvr"))
+            k = ops.linear(p + "att.wk", xk)
+            v = ops.linear(p + "att.wv", xv)
+            r = ops.linear(p + "att.wr", xr)
             wkv, state[s + "num"], state[s + "den"] = ew.wkv_scan(
                 state[s + "num"], state[s + "den"], k, v, ops.vec(p + "att.decay"), resets)
             state[s + "att_prev"] = xn[-1].copy()
             x = ew.sat_add(x, ops.linear(p + "att.wo", ew.sigmoid_gate(r, wkv)))
 
             xn = ew.norm(x, ops.vec(p + "ln2"))
-            prev = ew.token_shift(xn, state[s + "ffn_prev"], resets)
-            kk = ops.linear(p + "ffn.wk", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_k")),
-                            activation="relu_sq")
-            r = ops.linear(p + "ffn.wr", ew.token_mix(xn, prev, ops.vec(p + "ffn.mix_r")))
+            xk, xr = ew.token_mixes(xn, state[s + "ffn_prev"], resets,
+                                    (ops.vec(p + "ffn.mix_k"), ops.vec(p + "ffn.mix_r")))
+            kk = ops.linear(p + "ffn.wk", xk, activation="relu_sq")
+            r = ops.linear(p + "ffn.wr", xr)
             state[s + "ffn_prev"] = xn[-1].copy()
             ffn = ew.sigmoid_gate(r, ops.linear(p + "ffn.wv", kk))
             x = ew.sat_add(x, ffn)
