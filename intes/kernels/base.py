@@ -30,8 +30,8 @@ class Backend(Protocol):
 
     Two optional attributes let a backend bring faster versions of shared code, same bits:
     ``ew``, the elementwise ops of ``intes.intmath`` (norm, token_mix, sigmoid_gate, relu_sq,
-    wkv_step, sat_add, gru_blend, relu, member_vectors, token_shift, wkv_scan), and
-    ``noise_source``, the factor generators of ``intes.noise`` (lowrank_factors,
+    wkv_step, sat_add, gru_blend, relu, member_vectors, token_shift, token_mixes, wkv_scan),
+    and ``noise_source``, the factor generators of ``intes.noise`` (lowrank_factors,
     vector_noise). Without them the numpy versions are used. A third, ``gru_scan``, runs
     EGG's recurrence over a token block in one call (``intes.models.egg.gru_scan``; None
     where it cannot, and the model loops). A fourth, ``fused_activations``, names the ``ew``

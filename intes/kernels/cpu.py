@@ -1129,7 +1129,7 @@ class CpuElementwise:
                   den_out)
         return wkv, num_out, den_out
 
-    token_shift = staticmethod(intmath.token_shift)  # numpy's: one copy, nothing to fuse
+    token_shift = staticmethod(intmath.token_shift)  # numpy's copy; token_mixes needs none
 
     @staticmethod
     def sat_add(*terms: np.ndarray) -> np.ndarray:
