@@ -7,8 +7,11 @@ seconds (each round's pair meets the same machine load) and of each variant's se
   after its layer (the cpu backend's ``EPILOGUES`` emptied for the round); rwkv and egg.
 - ``token_mixes``: RWKV's token mixes of a layer in one pass over the block
   (``CpuElementwise.token_mixes``), against numpy's shifted copy and one mix per call.
+- ``residual``: the residual add after rwkv's time-mix output layer and egg's MLP in the
+  GEMM epilogue, against ``sat_add`` after the layer ("residual" left out of the cpu
+  backend's ``fused_epilogues`` for the round).
 
-    python benchmarks/fused_ops.py {activation,token_mixes} [--dim 96] [--layers 1]
+    python benchmarks/fused_ops.py {activation,token_mixes,residual} [--dim 96] [--layers 1]
                                    [--population 8192] [--rounds 10]
 """
 
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from intes import intmath
 from intes.bench import bench_backend, bench_windows, machine_info, make_engine
 from intes.kernels import cpu
-from intes.kernels.cpu import CpuElementwise
+from intes.kernels.cpu import CpuBackend, CpuElementwise
 
 
 def epilogues(table: dict) -> Callable[[], None]:
@@ -40,6 +43,12 @@ def mixes(fn) -> Callable[[], None]:
     return use
 
 
+def epilogue_names(names: tuple[str, ...]) -> Callable[[], None]:
+    def use() -> None:
+        CpuBackend.fused_epilogues = names
+    return use
+
+
 def mixes_one_by_one(x, first, resets, mus):
     prev = intmath.token_shift(x, first, resets)
     return tuple(CpuElementwise.token_mix(x, prev, mu) for mu in mus)
@@ -50,8 +59,13 @@ def variants(op: str) -> tuple[tuple[str, ...], dict[str, Callable[[], None]]]:
     if op == "activation":
         return ("rwkv", "egg"), {"fused": epilogues(dict(cpu.EPILOGUES)),
                                  "separate": epilogues({})}
-    return ("rwkv",), {"fused": mixes(CpuElementwise.token_mixes),
-                       "separate": mixes(mixes_one_by_one)}
+    if op == "token_mixes":
+        return ("rwkv",), {"fused": mixes(CpuElementwise.token_mixes),
+                           "separate": mixes(mixes_one_by_one)}
+    names = CpuBackend.fused_epilogues
+    return ("rwkv", "egg"), {"fused": epilogue_names(names),
+                             "separate": epilogue_names(tuple(n for n in names
+                                                              if n != "residual"))}
 
 
 def timed(fn) -> float:
@@ -84,7 +98,7 @@ def rounds(model: str, setups: dict, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("op", choices=["activation", "token_mixes"])
+    p.add_argument("op", choices=["activation", "token_mixes", "residual"])
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--population", type=int, default=8192)

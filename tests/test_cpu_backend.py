@@ -99,11 +99,25 @@ FILLS = ("random", "max", "min", "signs")
 seeds = st.integers(0, 2**32 - 1)
 fills = st.sampled_from(FILLS)
 ranks = st.integers(1, 4)
-activations = st.sampled_from([None, "relu", "relu_sq"])
+afters = st.sampled_from([None, "relu", "relu_sq", "residual"])
 
 
-def activated(y: np.ndarray, activation: str | None) -> np.ndarray:
-    """The reference's layer output y, then intmath's op ``activation``, if any."""
+def after_layer(rng: np.random.Generator, after: str | None, shape, fill: str) -> dict:
+    """``linear``'s keyword for ``after``: an activation's name, or a residual of the
+    output's shape."""
+    if after is None:
+        return {}
+    if after == "residual":
+        return {"residual": int8s(rng, shape, fill)}
+    return {"activation": after}
+
+
+def followed(y: np.ndarray, activation: str | None = None,
+             residual: np.ndarray | None = None) -> np.ndarray:
+    """The reference's layer output y, then intmath's op ``activation`` or the residual
+    add, if given."""
+    if residual is not None:
+        return im.sat_add(residual, y)
     return y if activation is None else getattr(im, activation)(y)
 
 
@@ -140,18 +154,20 @@ def same(a: np.ndarray, b: np.ndarray) -> None:
        out=st.integers(1, 40), rank=ranks, sigma=st.integers(0, 8), shift=st.integers(0, 14),
        x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
        cpu=st.sampled_from(GEMM_BACKENDS), tokens=st.sampled_from([None, 1, 3, 4, 5, 8]),
-       activation=activations)
+       after=afters)
 def test_linear(seed, pairs, fan_in, out, rank, sigma, shift, x_fill, w_fill, n_fill, noisy, cpu,
-                tokens, activation):
+                tokens, after):
     """One token's rows (N, in) or a token block's (T, N, in): the projection takes a block's
-    copies of a pair four at a time, the rest one by one. An activation (applied in the
-    VNNI tiles, after the layer on the other engines) gives intmath's op of the output."""
+    copies of a pair four at a time, the rest one by one. An activation or a residual
+    (applied in the VNNI tiles, after the layer on the other engines) gives intmath's op
+    of the output."""
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
-    same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma, activation=activation),
-         activated(REF.linear(x, REF.prepare(w), shift, noise, sigma), activation))
+    kw = after_layer(rng, after, (*x.shape[:-1], out), x_fill)
+    same(cpu.linear(x, cpu.prepare(w), shift, noise, sigma, **kw),
+         followed(REF.linear(x, REF.prepare(w), shift, noise, sigma), **kw))
 
 
 @given(seed=seeds, pairs=st.integers(1, 3), fan_in=st.integers(1, 300), out=st.integers(1, 30),
@@ -191,20 +207,22 @@ def test_row_dots_are_the_exact_dot_products(seed, n, fill, offset, rows, data):
        out=st.integers(1, 200), sigma=st.integers(0, 8), shift=st.integers(0, 14),
        x_fill=fills, w_fill=fills, n_fill=fills, noisy=st.booleans(),
        tokens=st.sampled_from([None, 1, 2, 3, 4, 5, 8]), rank=st.sampled_from([1, 1, 2, 3]),
-       activation=activations)
+       after=afters)
 def test_fused_linear_over_many_panels(seed, pairs, fan_in, out, sigma, shift, x_fill, w_fill,
-                                       n_fill, noisy, tokens, rank, activation):
+                                       n_fill, noisy, tokens, rank, after):
     """The VNNI engine's fused layers where shapes span several panels, column blocks and
     tile remainders: up to 40 pairs (a panel holds 24 of them, inside one token's copy),
     widths past and between multiples of 64 (and last blocks of at most 32 columns), fan-in
     with and without a 1-3 column tail, ranks 1-3, with and without an activation (whole
-    64-column rows looked up at once, partial and narrow blocks 16 columns at a time)."""
+    64-column rows looked up at once, partial and narrow blocks 16 columns at a time) or a
+    residual (masked loads in a partial block)."""
     rng = np.random.default_rng(seed)
     x = int8s(rng, (2 * pairs, fan_in) if tokens is None else (tokens, 2 * pairs, fan_in), x_fill)
     w = int8s(rng, (out, fan_in), w_fill)
     noise = lowrank(rng, pairs, out, fan_in, rank, n_fill, seed) if noisy else None
-    same(VNNI.linear(x, VNNI.prepare(w), shift, noise, sigma, activation=activation),
-         activated(REF.linear(x, REF.prepare(w), shift, noise, sigma), activation))
+    kw = after_layer(rng, after, (*x.shape[:-1], out), w_fill)
+    same(VNNI.linear(x, VNNI.prepare(w), shift, noise, sigma, **kw),
+         followed(REF.linear(x, REF.prepare(w), shift, noise, sigma), **kw))
 
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
@@ -289,22 +307,46 @@ def test_vnni_layers_apply_activations_in_the_tiles(monkeypatch, activation):
     for noise in (None, lowrank(rng, 2, 130, 96, 1, "random", 3)):
         calls.clear()
         same(backend.linear(x, backend.prepare(w), 7, noise, 3, activation=activation),
-             activated(REF.linear(x, REF.prepare(w), 7, noise, 3), activation))
+             followed(REF.linear(x, REF.prepare(w), 7, noise, 3), activation))
         assert calls == ([] if inside else [activation])
 
 
-def test_unknown_activation_is_refused():
+@pytest.mark.parametrize("cpu", GEMM_BACKENDS, ids=lambda b: b.gemm.name)
+def test_residual_adds_to_the_saturated_output(cpu):
+    """sat8(r + sat8(y)), not sat8(r + y): outputs far past +-127 against a residual of the
+    other sign give 0, plain and ES, on every GEMM engine."""
+    rng = np.random.default_rng(2)
+    x = np.full((2, 4, 64), 127, dtype=np.int8)
+    for sign in (1, -1):
+        w = np.full((70, 64), 127 * sign, dtype=np.int8)
+        r = np.full((2, 4, 70), -127 * sign, dtype=np.int8)
+        for noise in (None, lowrank(rng, 2, 70, 64, 1, "random", 5)):
+            got = cpu.linear(x, cpu.prepare(w), 4, noise, 3, residual=r)
+            same(got, followed(REF.linear(x, REF.prepare(w), 4, noise, 3), residual=r))
+            assert not got.any()
+
+
+def test_bad_epilogues_are_refused():
+    """An unknown activation, an activation and a residual at once, a residual of another
+    shape or dtype than the layer's output."""
     rng = np.random.default_rng(0)
-    w = CPU.prepare(int8s(rng, (8, 8)))
+    x, w = int8s(rng, (2, 8)), CPU.prepare(int8s(rng, (6, 8)))
     with pytest.raises(ValueError, match="unknown activation"):
-        CPU.linear(int8s(rng, (2, 8)), w, 4, None, 3, activation="gelu")
+        CPU.linear(x, w, 4, None, 3, activation="gelu")
+    with pytest.raises(ValueError, match="not both"):
+        CPU.linear(x, w, 4, None, 3, activation="relu", residual=int8s(rng, (2, 6)))
+    for residual in (int8s(rng, (2, 5)), int8s(rng, (2, 6)).astype(np.int16)):
+        with pytest.raises(ValueError, match="residual"):
+            CPU.linear(x, w, 4, None, 3, residual=residual)
 
 
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
 @pytest.mark.parametrize(("sigma", "rank"), [(3, 1), (8, 1), (6, 3)])
 def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
     """The widest fan-in whose merged rescale fits int32 and the next one (which goes
-    through the int32 buffer and the unmerged formula), all-extreme inputs and noise."""
+    through the int32 buffer and the unmerged formula), all-extreme inputs and noise. The
+    outputs saturate, so a residual of either sign tells sat8(r + sat8(y)) from
+    sat8(r + y)."""
     fits = [k for k in range(4, 20000, 4) if merged_rescale_fits(k, sigma, 12, rank)]
     for fan_in in (fits[-1], fits[-1] + 4):
         assert merged_rescale_fits(fan_in, sigma, 12, rank) == (fan_in == fits[-1])
@@ -313,9 +355,10 @@ def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
             w = np.full((3, fan_in), 127 * sign, dtype=np.int8)
             noise = LowRank(np.full((2, 3, rank), nz.NOISE_MAX, dtype=np.int8),
                             np.full((2, fan_in, rank), -nz.NOISE_MAX * sign, dtype=np.int8))
-            for activation in (None, "relu", "relu_sq"):
-                same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma, activation=activation),
-                     activated(REF.linear(x, REF.prepare(w), 12, noise, sigma), activation))
+            for after in (None, "relu", "relu_sq", "residual"):
+                kw = after_layer(np.random.default_rng(fan_in), after, (2, 4, 3), "signs")
+                same(VNNI.linear(x, VNNI.prepare(w), 12, noise, sigma, **kw),
+                     followed(REF.linear(x, REF.prepare(w), 12, noise, sigma), **kw))
 
 
 @pytest.mark.skipif(AVX2_MISSING is not None, reason=str(AVX2_MISSING))

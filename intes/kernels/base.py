@@ -34,9 +34,10 @@ class Backend(Protocol):
     and ``noise_source``, the factor generators of ``intes.noise`` (lowrank_factors,
     vector_noise). Without them the numpy versions are used. A third, ``gru_scan``, runs
     EGG's recurrence over a token block in one call (``intes.models.egg.gru_scan``; None
-    where it cannot, and the model loops). A fourth, ``fused_activations``, names the ``ew``
-    ops that ``linear(..., activation=name)`` applies to its own output (the cpu backend, in
-    the product's epilogue); for the others ``Ops.linear`` applies the op after the layer.
+    where it cannot, and the model loops). A fourth, ``fused_epilogues``, names what
+    ``linear`` applies to its own output: ``ew`` ops (``activation=name``) and "residual"
+    (``residual=r``, sat_add(r, output)); the cpu backend does both in the product's
+    epilogue. For the others ``Ops.linear`` applies them after the layer.
 
     ``token_block(rows, width)`` (default 1) is how many tokens a forward over that many
     member rows of a model that wide passes at once, as (T, rows, d) blocks: a backend that

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from intes import intmath
 from intes import noise as nz
@@ -309,16 +310,26 @@ def _rescale(acc, half, shift):
     return _sat8(np.right_shift(np.add(acc, half), shift))
 
 
-@njit(cache=True)
-def _activate(v, act):
-    """A fused epilogue's activation of an int8 layer output v, as the tiles apply it
-    (``vnni_gemm.store_tile``): v itself without ``act``, else max(v, 0), then act[v] for a
-    table of 128 entries (an empty one: relu alone). A function of its own, not inlined,
-    so that numba drops the branch a None act rules out."""
-    if act is None:
-        return v
-    v = max(v, np.int8(0))
-    return np.int8(act[v]) if len(act) else v
+def _after(v, act, m, o):
+    """What follows a fused layer's rescale for its int8 output v at (m, o), as the tiles
+    apply it (``vnni_gemm.store_tile``): v itself without ``act``; for an activation table,
+    max(v, 0), then act[v] for a table of 128 entries (an empty one: relu alone); for a
+    residual, sat8(act[m, o] + v). numba compiles the one the type of ``act`` names
+    (``_after_overload``)."""
+    raise NotImplementedError("compiled by numba only")
+
+
+@overload(_after, jit_options={"cache": True})
+def _after_overload(v, act, m, o):
+    if isinstance(act, types.NoneType):
+        return lambda v, act, m, o: v
+    if act.ndim == 2:
+        return lambda v, act, m, o: _sat8(np.add(I32(act[m, o]), I32(v)))
+
+    def activate(v, act, m, o):
+        v = max(v, np.int8(0))
+        return np.int8(act[v]) if len(act) else v
+    return activate
 
 
 @functools.lru_cache(maxsize=64)
@@ -442,7 +453,7 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 @kernel
 def _fused_plain(x, packed, comp, tail, half, shift, out, act):
     """Inference: sat8(rshift_round(x @ W^T, shift)), then the activation ``act`` if not
-    None (``_activate``, ``EPILOGUES``). Each tile is rescaled in registers right after its
+    None (``_after``, ``EPILOGUES``). Each tile is rescaled in registers right after its
     sums (``_tile_rescale``), panel by panel; with a fan-in tail the panel's sums go
     through a buffer first."""
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
@@ -456,7 +467,7 @@ def _fused_plain(x, packed, comp, tail, half, shift, out, act):
         panel_product(x, r0, rows, packed, comp, tail, acc)
         for j in range(rows):
             for o in range(out.shape[1]):
-                out[r0 + j, o] = _activate(_rescale(acc[j, o], half, shift), act)
+                out[r0 + j, o] = _after(_rescale(acc[j, o], half, shift), act, r0 + j, o)
 
 
 @njit(inline="always", cache=True)
@@ -548,8 +559,8 @@ def _fused_buffered(x, packed, comp, tail, at, bt, bsum, sigma_shift, half, shif
                 v = bias
                 for r in range(rank):
                     v = np.add(v, np.multiply(xv[r, m], I32(at[p, r, o])))
-                out[m, o] = _activate(_rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
-                                               half, shift), act)
+                out[m, o] = _after(_rescale(np.add(acc[j, o], np.right_shift(v, sigma_shift)),
+                                            half, shift), act, m, o)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1168,7 +1179,8 @@ class CpuElementwise:
 # The activations the VNNI tiles apply in registers (``vnni_gemm.store_tile``), as their
 # ``act`` argument: relu clamps at 0 instead of -127 (an empty table), at no cost; relu^2
 # also reads its table's entries for 0..127 by VBMI's vpermi2b. Without VBMI relu^2 runs
-# as an op of its own after the layer.
+# as an op of its own after the layer. A residual is the other ``act`` the tiles take.
+ACTIVATIONS = ("relu", "relu_sq")
 EPILOGUES = {"relu": np.zeros(0, dtype=np.uint8)}
 if HAVE_VBMI:
     EPILOGUES["relu_sq"] = intmath.RELU_SQ_TABLE[INT8_MAX:].astype(np.uint8)
@@ -1217,7 +1229,7 @@ class CpuBackend:
 
     name = "cpu"
     ew = CpuElementwise
-    fused_activations = ("relu", "relu_sq")  # linear(..., activation=) takes these
+    fused_epilogues = (*ACTIVATIONS, "residual")  # what linear(...) takes after the layer
     noise_source = CpuNoise
     chunk_rows = CHUNK_ROWS  # member rows per forward call, at most (see CHUNK_ROWS)
 
@@ -1255,8 +1267,9 @@ class CpuBackend:
                      noise: LowRank | None, sigma_shift: int, act: np.ndarray | None = None
                      ) -> np.ndarray:
         """int8 (rows, out) of a layer whose product and epilogue run fused, panel by panel
-        (the VNNI engine): plain for inference, or ES at any rank; ``act`` an activation's
-        table (``EPILOGUES``), or None."""
+        (the VNNI engine): plain for inference, or ES at any rank; ``act`` what follows
+        the rescale: an activation's table (``EPILOGUES``), a residual (rows, out), or
+        None."""
         p, out = w.wt, np.empty((x.shape[0], w.w.shape[0]), dtype=np.int8)
         if noise is None:
             _fused_plain(x, p.packed, p.comp, p.tail, half, shift, out, act)
@@ -1295,25 +1308,35 @@ class CpuBackend:
                      _rows2d(bh), hs, kernel_f is _fused_lowrank)
         return hs, hs[-1] if len(hs) else h
 
-    def linear(self, x, w, shift, noise, sigma_shift, activation=None):
-        """``Backend.linear``, then ``activation`` (None or one of ``fused_activations``,
-        intmath's op of that name): in the VNNI tiles' registers where ``EPILOGUES`` has
-        it, else by ``ew`` on the output."""
-        if activation is not None and activation not in self.fused_activations:
+    def linear(self, x, w, shift, noise, sigma_shift, activation=None, residual=None):
+        """``Backend.linear``, then ``activation`` (relu or relu_sq, intmath's op of that
+        name) or the ``residual`` add sat_add(residual, output): in the VNNI tiles'
+        registers where they can (``EPILOGUES``, any residual), else by ``ew`` on the
+        output."""
+        if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}")
+        if activation is not None and residual is not None:
+            raise ValueError("an activation or a residual, not both")
         rows = np.ascontiguousarray(_rows2d(x))
         half, shift = _rounding(shift)
-        if isinstance(w.wt, VnniWeight) and activation in EPILOGUES:
-            out = self.fused_linear(rows, w, half, shift, noise, sigma_shift,
-                                    EPILOGUES[activation])
-            activation = None
+        shape = (*x.shape[:-1], w.w.shape[0])
+        if residual is not None:
+            if residual.shape != shape or residual.dtype != np.int8:
+                raise ValueError(f"residual {residual.dtype}{residual.shape}, layer int8{shape}")
+            residual = np.ascontiguousarray(_rows2d(residual))
+        if isinstance(w.wt, VnniWeight) and (activation in EPILOGUES or residual is not None):
+            after = residual if activation is None else EPILOGUES[activation]
+            out = self.fused_linear(rows, w, half, shift, noise, sigma_shift, after)
+            activation = residual = None
         elif isinstance(w.wt, VnniWeight):
             out = self.fused_linear(rows, w, half, shift, noise, sigma_shift)
         else:
             out = self._unfused_linear(rows, w, half, shift, noise, sigma_shift)
         if activation is not None:
             out = getattr(self.ew, activation)(out)
-        return out.reshape(*x.shape[:-1], out.shape[1])
+        if residual is not None:
+            out = self.ew.sat_add(residual, out)
+        return out.reshape(shape)
 
     def _unfused_linear(self, rows: np.ndarray, w: CpuWeight, half: np.int32,
                         shift: np.int32, noise: LowRank | None, sigma_shift: int

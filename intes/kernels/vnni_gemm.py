@@ -5,10 +5,10 @@ must read it back: at a token block's 2048 rows that is 2-8 MB per layer, stream
 and in again, and the projection x . b_p streams x once more. Here each register tile's
 accumulators are corrected, rescaled and stored as int8 right where they are made
 (``_tile_rescale``, ``_tile_es``), panel by panel, and no int32 product
-reaches memory; an activation that follows the layer (relu, or relu^2 by its table) is
-applied there too (``store_tile``). ``_tile`` stores the int32 sums instead, for a fan-in
-tail and the bare product, and ``_tile_levels`` makes the update's Z with the pairs
-grouped by |f|.
+reaches memory; an activation that follows the layer (relu, or relu^2 by its table) or a
+residual add is applied there too (``store_tile``). ``_tile`` stores the int32 sums
+instead, for a fan-in tail and the bare product, and ``_tile_levels`` makes the update's Z
+with the pairs grouped by |f|.
 
 The kernel is the classic register tile: ``TILE_ROWS`` x 64 int32 accumulators (6 x 4
 zmm registers), each step one 4-byte broadcast of every row's x against 4 registers of W,
@@ -125,9 +125,11 @@ def _tile_typing_ok(x, rows, packed, comp, x_ndim: int = 2) -> bool:
             and isinstance(rows.dtype, types.Integer) and 1 <= len(rows) <= TILE_ROWS)
 
 
-def _activation_ok(act) -> bool:
-    """An epilogue's activation (``store_tile``): None, or a 1-D uint8 table."""
-    return isinstance(act, types.NoneType) or _is_array(act, (1,), types.uint8)
+def _after_ok(act) -> bool:
+    """What follows an epilogue's rescale (``store_tile``): None, a 1-D uint8 activation
+    table, or a 2-D int8 residual."""
+    return (isinstance(act, types.NoneType) or _is_array(act, (1,), types.uint8)
+            or _is_array(act, (2,), types.int8))
 
 
 class _Emit:
@@ -152,14 +154,17 @@ class _Emit:
     def array(self, typ, value):
         return self.context.make_array(typ)(self.context, self.builder, value)
 
-    def activation(self, typ, value):
-        """An activation argument as (a pointer to its table's two 64-byte halves, its
-        length), or None."""
+    def after(self, typ, value):
+        """What follows the rescale (``_after_ok``) as store_tile takes it: None,
+        ("table", a pointer to its two 64-byte halves, its length) or ("residual", the
+        array)."""
         if isinstance(typ, types.NoneType):
             return None
-        table = self.array(typ, value)
-        return (self.builder.bitcast(table.data, _V8x64.as_pointer()),
-                cgutils.unpack_tuple(self.builder, table.shape, 1)[0])
+        array = self.array(typ, value)
+        if typ.ndim == 2:
+            return "residual", array
+        return ("table", self.builder.bitcast(array.data, _V8x64.as_pointer()),
+                cgutils.unpack_tuple(self.builder, array.shape, 1)[0])
 
     def row_pointer(self, array, index, element_bytes: int, vector):
         """Pointer to array[index, 0] (a 2-D C array) as a ``vector`` pointer."""
@@ -264,16 +269,22 @@ class _Emit:
         plain stores, or (a last, partial block, ``masked``) stores masked to the width.
 
         Without ``act`` (None) act is sat8: vpmaxsd against -127, then vpmovsdb, whose
-        signed saturation gives the 127 side. With it ((table, length) of ``activation``) the
-        clamp is at 0, relu(sat8); then, for a table of 128 entries (length 0: none, relu
-        alone), table[value] is read for each row's clamped bytes, values in [0, 127], by
-        vpermi2b: an activation such as relu^2 applied in registers instead of in a pass of
-        its own. The length is tested once per tile."""
+        signed saturation gives the 127 side. With a table (``after``) the clamp is at
+        0, relu(sat8); then, for a table of 128 entries (length 0: none, relu alone),
+        table[value] is read for each row's clamped bytes, values in [0, 127], by vpermi2b:
+        an activation such as relu^2 applied in registers instead of in a pass of its own.
+        The length is tested once per tile. With a residual r (out's shape) it is
+        sat8(r + sat8(value)), the residual add of the layer's output: the value clamped to
+        [-127, 127], r's bytes loaded and sign-extended, added, then sat8."""
         b = self.builder
         width = cgutils.unpack_tuple(b, out.shape, 2)[1]
         first = b.mul(block, _I64(BLOCK_COLS))
         v8 = ir.VectorType(ir.IntType(8), 16)
-        lo = ir.Constant(_V32, [ir.Constant(_I32, -127 if act is None else 0)] * 16)
+        table = act is not None and act[0] == "table"
+        lo = ir.Constant(_V32, [ir.Constant(_I32, 0 if table else -127)] * 16)
+        hi = ir.Constant(_V32, [ir.Constant(_I32, 127)] * 16)
+        load = self.function("llvm.masked.load.v16i8.p0", v8,
+                             [v8.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), v8])
         pack = self.function("llvm.x86.avx512.mask.pmovs.db.512", v8,
                              [_V32, v8, ir.IntType(16)])
         store = self.function("llvm.masked.store.v16i8.p0", ir.VoidType(),
@@ -282,7 +293,7 @@ class _Emit:
 
         def look(value):
             """table[value] for 16 or 64 bytes, by one vpermi2b."""
-            halves = [b.load(b.gep(act[0], [_I64(h)]), align=1) for h in range(2)]
+            halves = [b.load(b.gep(act[1], [_I64(h)]), align=1) for h in range(2)]
             permute = self.function("llvm.x86.avx512.vpermi2var.qi.512", _V8x64,
                                     [_V8x64, _V8x64, _V8x64])
             n = value.type.count
@@ -295,6 +306,20 @@ class _Emit:
                                           _indices(range(n)))
             return picked
 
+        def residual(j, c, masked, value):
+            """sat8(value) + the residual's 16 bytes at row j, vector c, in int32."""
+            value = b.select(b.icmp_signed("<", value, hi), value, hi)
+            value = b.select(b.icmp_signed("<", value, lo), lo, value)
+            col = b.add(first, _I64(16 * c))
+            base = self.row_pointer(act[1], row_of(j), 1, ir.IntType(8))
+            pointer = b.bitcast(b.gep(base, [col]), v8.as_pointer())
+            if masked:
+                mask = b.icmp_signed("<", lanes, self.splat(b.sub(width, col)))
+                r8 = b.call(load, [pointer, _I32(1), mask, ir.Constant(v8, [0] * 16)])
+            else:
+                r8 = b.load(pointer, align=1)
+            return b.add(value, b.sext(r8, _V32))
+
         def emit(masked: bool, lookup: bool) -> None:
             whole_rows = lookup and not masked and self.vecs == _VECS
             for j in range(count):
@@ -302,6 +327,8 @@ class _Emit:
                 row = []
                 for c in range(self.vecs):
                     value = value_of(j, c, masked)
+                    if act is not None and act[0] == "residual":
+                        value = residual(j, c, masked, value)
                     value = b.select(b.icmp_signed("<", value, lo), lo, value)
                     value = b.call(pack, [value, ir.Constant(v8, ir.Undefined),
                                           ir.Constant(ir.IntType(16), -1)])
@@ -325,11 +352,11 @@ class _Emit:
                     b.store(value, pointer, align=1)
 
         def emit_both(masked: bool) -> None:
-            if act is None:
+            if not table:
                 emit(masked, False)
                 return
-            with b.if_else(b.icmp_signed(">", act[1], _I64(0))) as (table, clamp):
-                with table:
+            with b.if_else(b.icmp_signed(">", act[2], _I64(0))) as (lookup, clamp):
+                with lookup:
                     emit(masked, True)
                 with clamp:
                     emit(masked, False)
@@ -378,11 +405,11 @@ def _vector_count(vecs) -> int | None:
 def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out, act, vecs):
     """out[rows[j], 64 block ...] = act((x @ W^T + half) >> shift) for the block's first
     16 ``vecs`` columns (those inside out's width): the inference epilogue applied to the
-    tile's registers, ``half`` folded into the accumulators' start; act is sat8, or with
-    an ``act`` argument an activation of it (``store_tile``)."""
+    tile's registers, ``half`` folded into the accumulators' start; act is sat8, then
+    what an ``act`` argument names (an activation or a residual, ``store_tile``)."""
     count_vecs = _vector_count(vecs)
     if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
-            and _is_array(out, (2,), types.int8) and _activation_ok(act)):
+            and _is_array(out, (2,), types.int8) and _after_ok(act)):
         return None
     sig = types.void(x, rows, packed, comp, block, half, shift, out, act, vecs)
 
@@ -395,7 +422,7 @@ def _tile_rescale(typingctx, x, rows, packed, comp, block, half, shift, out, act
         shifts = e.splat(vshift)
         e.store_tile(count, lambda j: builder.extract_value(vrows, j), ao, block,
                      lambda j, c, masked: builder.ashr(sums[j][c], shifts),
-                     e.activation(signature.args[8], vact))
+                     e.after(signature.args[8], vact))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -421,7 +448,7 @@ def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift
     if not (count_vecs and _tile_typing_ok(x, rows, packed, comp)
             and _is_array(out, (2,), types.int8) and _is_array(at, (3,), types.int8)
             and _is_array(xb, (1, 2), types.int32) and len(rows) % 2 == 0
-            and _activation_ok(act)):
+            and _after_ok(act)):
         return None
     sig = types.void(x, rows, packed, comp, block, at, pair0, xb, half, shift, odd_low, total,
                      out, act, vecs)
@@ -478,7 +505,7 @@ def _tile_es(typingctx, x, rows, packed, comp, block, at, pair0, xb, half, shift
 
         value_of = rank1_value if signature.args[7].ndim == 1 else lowrank_value
         e.store_tile(count, lambda j: b.extract_value(vrows, j), ao, block, value_of,
-                     e.activation(signature.args[13], vact))
+                     e.after(signature.args[13], vact))
         return context.get_dummy_value()
 
     return sig, codegen

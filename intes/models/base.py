@@ -111,17 +111,26 @@ class Ops:
             else:
                 self.vectors[s.name] = members(v, e, sigma_shift)
 
-    def linear(self, name: str, x: np.ndarray, activation: str | None = None) -> np.ndarray:
-        """The layer's output, then ``activation`` (an ``ew`` op's name, such as relu_sq) if
-        given: by the backend itself where it lists the name in ``fused_activations`` (the
-        cpu backend applies it in the product's epilogue), else by ``ew`` after."""
+    def linear(self, name: str, x: np.ndarray, activation: str | None = None,
+               residual: np.ndarray | None = None) -> np.ndarray:
+        """The layer's output, then ``activation`` (an ``ew`` op's name, such as relu_sq) or
+        the ``residual`` add sat_add(residual, output), if given: by the backend itself
+        where it lists the name (or "residual") in ``fused_epilogues`` (the cpu backend, in
+        the product's epilogue), else by ``ew`` after."""
+        if activation is not None and residual is not None:
+            raise ValueError("an activation or a residual, not both")
         args = (x, self.prepared[name], self.shifts[name], self.noise.get(name),
                 self.sigma_shift)
-        if activation is None:
-            return self.backend.linear(*args)
-        if activation in getattr(self.backend, "fused_activations", ()):
-            return self.backend.linear(*args, activation=activation)
-        return getattr(self.ew, activation)(self.backend.linear(*args))
+        fused = getattr(self.backend, "fused_epilogues", ())
+        if activation is not None:
+            if activation in fused:
+                return self.backend.linear(*args, activation=activation)
+            return getattr(self.ew, activation)(self.backend.linear(*args))
+        if residual is not None:
+            if "residual" in fused:
+                return self.backend.linear(*args, residual=residual)
+            return self.ew.sat_add(residual, self.backend.linear(*args))
+        return self.backend.linear(*args)
 
     def layer(self, name: str) -> tuple:
         """(backend weight, shift, noise or None) of a matrix: what ``linear`` passes, for a

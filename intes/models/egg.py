@@ -68,7 +68,7 @@ class EGG(IntLM):
             x = ew.sat_add(x, hs)
             xn = ew.norm(x, ops.vec(p + "ln2"))
             hidden = ops.linear(p + "mlp.w1", xn, activation="relu")
-            x = ew.sat_add(x, ops.linear(p + "mlp.w2", hidden))
+            x = ops.linear(p + "mlp.w2", hidden, residual=x)
         return ops.linear("head", ew.norm(x, ops.vec("ln_out"))), state
 
 

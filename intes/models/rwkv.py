@@ -91,7 +91,7 @@ class RWKV(IntLM):
             wkv, state[s + "num"], state[s + "den"] = ew.wkv_scan(
                 state[s + "num"], state[s + "den"], k, v, ops.vec(p + "att.decay"), resets)
             state[s + "att_prev"] = xn[-1].copy()
-            x = ew.sat_add(x, ops.linear(p + "att.wo", ew.sigmoid_gate(r, wkv)))
+            x = ops.linear(p + "att.wo", ew.sigmoid_gate(r, wkv), residual=x)
 
             xn = ew.norm(x, ops.vec(p + "ln2"))
             xk, xr = ew.token_mixes(xn, state[s + "ffn_prev"], resets,
