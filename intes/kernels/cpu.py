@@ -321,6 +321,7 @@ def _after(v, act, m, o):
 
 @overload(_after, jit_options={"cache": True})
 def _after_overload(v, act, m, o):
+    """``_after`` for the type of ``act``: None, a residual (2-D) or an activation table."""
     if isinstance(act, types.NoneType):
         return lambda v, act, m, o: v
     if act.ndim == 2:
@@ -452,10 +453,10 @@ def _linear_lowrank(acc, x, at, bt, sigma_shift, half, shift, out):
 
 @kernel
 def _fused_plain(x, packed, comp, tail, half, shift, out, act):
-    """Inference: sat8(rshift_round(x @ W^T, shift)), then the activation ``act`` if not
-    None (``_after``, ``EPILOGUES``). Each tile is rescaled in registers right after its
-    sums (``_tile_rescale``), panel by panel; with a fan-in tail the panel's sums go
-    through a buffer first."""
+    """Inference: sat8(rshift_round(x @ W^T, shift)), then what ``act`` names, if not None:
+    an activation (``EPILOGUES``) or a residual add (``_after``). Each tile is rescaled in
+    registers right after its sums (``_tile_rescale``), panel by panel; with a fan-in tail
+    the panel's sums go through a buffer first."""
     acc = np.empty((PANEL_ROWS, packed.shape[0] * BLOCK_COLS), dtype=np.int32)
     for r0 in range(0, x.shape[0], PANEL_ROWS):
         rows = min(PANEL_ROWS, x.shape[0] - r0)
