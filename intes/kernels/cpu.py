@@ -514,7 +514,7 @@ def _fused_rank1(x, packed, comp, at, bt, bsum, sigma_shift, half, shift, out, a
     """ES at rank 1, the same bits as ``_correct_rank1``, panel by panel (``_es_panels``):
     first the panel's projections (``project_pairs``, 16 rows per call), then its
     product block by block, each tile corrected and rescaled in registers (``_tile_es``,
-    the two shifts merged), then the activation (``_fused_plain``). Only where
+    the two shifts merged), then what ``act`` names (``_fused_plain``). Only where
     ``merged_rescale_fits`` and the fan-in has no tail.
 
     A kernel of its own, not a branch of ``_fused_lowrank``: with both tile kinds inlined in
@@ -855,15 +855,21 @@ def _norm(x, w, out):
             out[m, j] = _sat8_16(_div_by_reciprocal(v, recip, k))
 
 
+@njit(inline="always", cache=True)
+def _mixed(x, prev, mu):
+    """intmath.token_mix of one int8 value, in int16 lanes: |(prev - x) mu| <= 255 * 128."""
+    x16 = I16(x)
+    step = np.multiply(np.subtract(I16(prev), x16), I16(mu))
+    return _sat8_16(np.add(x16, np.right_shift(step, _S7_16)))
+
+
 @kernel
 def _token_mix(x, prev, mu, out):
-    """In int16 lanes: |(prev - x) mu| <= 255 * 128."""
+    """``_mixed`` over rows."""
     for m in range(x.shape[0]):
         mr = _row(m, mu.shape[0])
         for j in range(x.shape[1]):
-            x16 = I16(x[m, j])
-            step = np.multiply(np.subtract(I16(prev[m, j]), x16), I16(mu[mr, j]))
-            out[m, j] = _sat8_16(np.add(x16, np.right_shift(step, _S7_16)))
+            out[m, j] = _mixed(x[m, j], prev[m, j], mu[mr, j])
 
 
 @kernel
@@ -886,9 +892,7 @@ def _token_mixes(x, first, resets, has_resets, mus, outs):
                 mu, out = mus[i], outs[i]
                 mr = _row(m, mu.shape[0])
                 for j in range(dim):
-                    x16 = I16(x[t, m, j])
-                    step = np.multiply(np.subtract(I16(prev[j]), x16), I16(mu[mr, j]))
-                    out[t, m, j] = _sat8_16(np.add(x16, np.right_shift(step, _S7_16)))
+                    out[t, m, j] = _mixed(x[t, m, j], prev[j], mu[mr, j])
 
 
 @kernel
