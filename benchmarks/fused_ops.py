@@ -27,7 +27,8 @@ from collections.abc import Callable
 from intes import intmath
 from intes.bench import bench_backend, bench_windows, machine_info, make_engine
 from intes.kernels import cpu
-from intes.kernels.cpu import CpuBackend, CpuElementwise
+from intes.kernels.cpu import CpuBackend
+from intes.kernels.cpu_elementwise import CpuElementwise
 
 
 def epilogues(table: dict) -> Callable[[], None]:

@@ -30,15 +30,10 @@ from numba import njit
 from intes.bench import machine_info
 from intes.intmath import fan_in_shift
 from intes.kernels.base import LowRank
-from intes.kernels.cpu import (
-    CpuBackend,
-    CpuNoise,
-    _es_panels,
-    _factors,
-    _fused_plain,
-    _fused_rank1,
-    _rounding,
-)
+from intes.kernels.cpu import CpuBackend
+from intes.kernels.cpu_linear import _es_panels, _fused_plain, _fused_rank1
+from intes.kernels.cpu_noise import CpuNoise, _factors
+from intes.kernels.cpu_scalar import _rounding
 from intes.kernels.vnni import factor_sums
 from intes.kernels.vnni_gemm import (
     PANEL_ROWS,
@@ -60,7 +55,7 @@ def shapes(width: int) -> tuple[tuple[int, int], ...]:
 
 @njit(inline="always")
 def _prefetch_next(x, r0, m0, rows, at, bt, out):
-    """The ES panel's prefetches, as ``cpu._es_panel`` makes them."""
+    """The ES panel's prefetches, as ``cpu_linear._es_panel`` makes them."""
     members = 2 * at.shape[0]
     nxt = r0 + members if r0 + members < x.shape[0] else m0 + rows
     prefetch_rows(x, nxt, PANEL_ROWS, out)

@@ -1,6 +1,7 @@
 """Where an ES step's extra cost over inference goes on the cpu backend: seconds per kernel.
 
-Wraps every numba kernel of ``intes.kernels.cpu`` and the GEMM engine's product with a timer,
+Wraps every numba kernel the cpu backend and its elementwise ops call (``intes.kernels.cpu``,
+``intes.kernels.cpu_elementwise``) and the GEMM engine's product with a timer,
 runs the ES forward (all members' fitness), the update (``apply_fitness``) and inference on
 the same windows, best of ``--repeats``, and prints JSON: per-kernel seconds for the ES
 forward and for inference, their difference, and the update's and noise's seconds. With
@@ -20,15 +21,15 @@ import time
 from collections import defaultdict
 
 from intes.bench import bench_windows, machine_info, make_engine
-from intes.kernels import cpu
+from intes.kernels import cpu, cpu_elementwise
 from intes.kernels.cpu import CpuBackend
 
 KERNELS = ("_linear_plain", "_project_rank1", "_correct_rank1", "_linear_lowrank", "_fused_plain",
            "_fused_rank1", "_fused_lowrank", "_fused_buffered",
            "_embed_plain", "_embed_rank1", "_embed_lowrank", "_member_vectors",
-           "_log_likelihood", "_norm", "_token_mix", "sigmoid_gate_flat", "_relu_sq", "_wkv_step",
-           "_wkv_scan", "_sat_add2", "_sat_add3", "_gru_blend", "_relu", "_gru_scan_plain",
-           "_gru_scan_es")
+           "_log_likelihood", "_norm", "_token_mix", "_token_mixes", "sigmoid_gate_flat",
+           "_relu_sq", "_wkv_step", "_wkv_scan", "_sat_add2", "_sat_add3", "_gru_blend", "_relu",
+           "_gru_scan_plain", "_gru_scan_es")
 
 
 def timed(seconds: defaultdict, name: str, fn):
@@ -68,8 +69,10 @@ def main() -> None:
         warm = make_engine("egg", 64, 1, 4, 4, 1, CpuBackend(1))  # numba: compile them first
         warm.step(bench_windows(warm)[:, :3])
         warm.log_likelihood(bench_windows(warm)[:, :3])
-    for name in KERNELS:
-        setattr(cpu, name, timed(seconds, name, getattr(cpu, name)))
+    for module in (cpu, cpu_elementwise):  # where the backend and its ops call them from
+        for name in KERNELS:
+            if hasattr(module, name):
+                setattr(module, name, timed(seconds, name, getattr(module, name)))
     backend = CpuBackend(args.threads)
     backend.gemm.product = timed(seconds, "gemm", backend.gemm.product)
     engine = make_engine(args.model, args.dim, args.layers, args.population, args.seq_len, 1,

@@ -68,7 +68,9 @@ from intes.intmath import FRAC_BITS
 from intes.kernels import get_backend
 from intes.kernels.avx2_gemm import avx2_unavailable
 from intes.kernels.base import Backend
-from intes.kernels.cpu import _gaussian, _mix32, _sat8, _stream_indices, usable_cores
+from intes.kernels.cpu import usable_cores
+from intes.kernels.cpu_noise import _gaussian, _mix32, _stream_indices
+from intes.kernels.cpu_scalar import _sat8
 from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare

@@ -46,21 +46,23 @@ from intes.kernels.cpu import (
     ES_PLANS,
     FUSED_BLOCK,
     FUSED_BLOCK_BYTES,
+    SMALL_BATCH_BLOCK,
+    SMALL_BATCH_BYTES,
+    TOKEN_BLOCK,
+    CpuBackend,
+    keep_freed_memory,
+)
+from intes.kernels.cpu_elementwise import CpuElementwise
+from intes.kernels.cpu_noise import CpuNoise
+from intes.kernels.cpu_scalar import (
     MEAN_BITS,
     MEAN_RECIPROCALS,
     NORM_BITS,
-    SMALL_BATCH_BLOCK,
-    SMALL_BATCH_BYTES,
     SUM16_WIDTH,
-    TOKEN_BLOCK,
-    CpuBackend,
-    CpuElementwise,
-    CpuNoise,
     _div_by_reciprocal,
     _div_sat8,
     _floor_divider,
     _row_reciprocal,
-    keep_freed_memory,
 )
 from intes.kernels.gemm import (
     EXACT_K,

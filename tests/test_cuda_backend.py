@@ -129,7 +129,7 @@ def test_emulated_backend_names_its_device(emulated) -> None:
     pytest.importorskip("triton")
     backend = cuda.CudaBackend(device="cpu", kernels=emulated)
     assert backend.accelerator() == {"name": "cpu (emulated kernels)", "peak_int8_tops": None}
-    from intes.kernels.cpu import CpuElementwise
+    from intes.kernels.cpu_elementwise import CpuElementwise
     assert backend.ew is CpuElementwise  # the host's fused elementwise ops, not numpy's
 
 

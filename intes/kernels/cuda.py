@@ -109,7 +109,7 @@ def device_kernels() -> Any:
 def host_elementwise() -> Any:
     """The model's elementwise ops on the host: the cpu backend's numba kernels, else intmath."""
     try:
-        from intes.kernels.cpu import CpuElementwise
+        from intes.kernels.cpu_elementwise import CpuElementwise
     except ImportError:
         from intes import intmath
         return intmath

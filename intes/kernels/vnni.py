@@ -23,8 +23,8 @@ is made once per layer and step (``factor_sums``) instead of by a vpdpbusd again
 every call.
 
 numba's on-disk cache keys a kernel on its own source file only: after editing this module,
-delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__`` (or touch cpu.py), or
-the cpu kernels keep the old inlined code.
+delete the ``*.nbi``/``*.nbc`` files under ``intes/kernels/__pycache__`` (or touch
+cpu_linear.py), or the cpu kernels keep the old inlined code.
 
 ``HAVE_VNNI`` says whether this CPU has the instruction (as LLVM sees the host); without it
 ``pair_dot`` and ``quad_pair_dot`` are numba's own loops, with the same results.
