@@ -37,13 +37,12 @@ from intes.kernels.cpu import (
     CpuBackend,
     keep_freed_memory,
 )
-from intes.kernels.cpu_elementwise import CpuElementwise
+from intes.kernels.cpu_elementwise import SUM16_WIDTH, CpuElementwise
 from intes.kernels.cpu_noise import CpuNoise
 from intes.kernels.cpu_scalar import (
     MEAN_BITS,
     MEAN_RECIPROCALS,
     NORM_BITS,
-    SUM16_WIDTH,
     _div_by_reciprocal,
     _div_sat8,
     _floor_divider,

@@ -116,7 +116,6 @@ def _reciprocal_table():
 
 MEAN_RECIPROCALS = _reciprocal_table()  # _row_reciprocal(den) at row den - 1, den <= 128
 MEAN_BITS = 30  # a row's sum of |x| below 2^30: any width below 2^23
-SUM16_WIDTH = 255  # a row's sum of |x| <= 255 * 128 fits int16 up to this width
 
 
 @njit(inline="always", cache=True)
