@@ -1,9 +1,7 @@
-"""Corpora -> token arrays: reading text, tokenizers, the train/valid split, batching windows.
+"""Corpora -> token arrays: reading text, the train/valid split, token stores, batch windows.
 
 A corpus is a list of UTF-8 documents. Each document becomes ``[SEPARATOR] + tokens(doc)``, so a
-split is one flat token array that starts with a separator. Byte tokens are the raw UTF-8 bytes
-(vocab 256; byte 0 never occurs in accepted text, so token 0 is free to be the separator). BPE
-tokens come from a byte-level ``tokenizers`` BPE whose special token ``<sep>`` has id 0.
+split is one flat token array that starts with a separator (``intes.tokenizer``).
 
 Train/valid split: by file, ``crc32(relative posix path) % valid_fraction == 0`` goes to valid,
 so the split is the same on every machine and no file leaks into both. A single file (or a set of
@@ -24,29 +22,22 @@ import re
 import sysconfig
 import zlib
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import zarr
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from intes.checkpoint import atomic_directory, existing_version
 from intes.errors import DataError
 from intes.noise import hash_u32, stream_key
+from intes.tokenizer import resolve_tokenizer, tokenize, vocab_size
 
-SEPARATOR = 0
-SEPARATOR_TOKEN = "<sep>"
-BYTE_VOCAB = 256
-MIN_BPE_VOCAB = BYTE_VOCAB + 1  # the byte alphabet plus <sep>
 STORE_FORMAT = "intes-tokens-1"
 STORE_CHUNK = 1 << 20
 WINDOW_TENSOR_ID = 0xDA7A  # keeps window offsets apart from every weight's noise stream
-DENSE_BIGRAM_MAX_VOCAB = 4096  # V^2 int64 counts = 128 MiB at this size; sparse above
 _MAGIC = re.compile(r"[*?\[]")
 _SKIP_STDLIB_DIRS = frozenset({"site-packages", "dist-packages"})
-_BPE_SPEC = re.compile(r"bpe:(\d+)")
-_TOKENIZER_HELP = "use 'bytes', 'bpe:VOCAB' (VOCAB >= 257) or a tokenizer .json file"
 
 Document = tuple[str, bytes]  # (relative posix path, raw UTF-8 bytes)
 
@@ -81,123 +72,6 @@ class Corpus:
             h.update(f"{tokens.dtype.str}:{len(tokens)};".encode())
             h.update(np.ascontiguousarray(tokens).tobytes())
         return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizers
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    if vocab_size <= BYTE_VOCAB:
-        return np.dtype(np.uint8)
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
-
-
-@lru_cache(maxsize=4)
-def _bpe(tokenizer_json: str) -> Tokenizer:
-    """A parsed tokenizer; literal "<sep>" in text stays text instead of becoming a separator."""
-    try:
-        tok = Tokenizer.from_str(tokenizer_json)
-    except Exception as err:
-        raise DataError(f"tokenizer JSON cannot be parsed ({err}); {_TOKENIZER_HELP}") from None
-    if tok.token_to_id(SEPARATOR_TOKEN) != SEPARATOR:
-        raise DataError(f"tokenizer has no '{SEPARATOR_TOKEN}' token with id 0; {_TOKENIZER_HELP}")
-    tok.encode_special_tokens = True
-    return tok
-
-
-def _vocab_size(tokenizer: str) -> int:
-    return BYTE_VOCAB if tokenizer == "bytes" else _bpe(tokenizer).get_vocab_size()
-
-
-def _check_tokenizer(tokenizer: str) -> None:
-    if tokenizer != "bytes" and not tokenizer.lstrip().startswith("{"):
-        raise DataError(f"cannot encode with tokenizer {tokenizer[:40]!r}; {_TOKENIZER_HELP}")
-
-
-def encode(text: str, tokenizer: str) -> np.ndarray:
-    """Token ids of ``text`` under ``tokenizer`` ("bytes" or a tokenizers JSON string)."""
-    _check_tokenizer(tokenizer)
-    if tokenizer == "bytes":
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
-    tok = _bpe(tokenizer)
-    return np.asarray(tok.encode(text).ids, dtype=_token_dtype(tok.get_vocab_size()))
-
-
-def decode(tokens: np.ndarray | list[int], tokenizer: str) -> str:
-    """Text of ``tokens``; never raises, so sampling can print whatever a model emits.
-
-    Invalid UTF-8 becomes U+FFFD; ids outside the vocab become U+FFFD (bytes) or are dropped
-    (BPE). The separator decodes as "\\x00" (bytes) or "<sep>" (BPE).
-    """
-    _check_tokenizer(tokenizer)
-    ids = np.asarray(tokens, dtype=np.int64).ravel()
-    if tokenizer == "bytes":
-        ids = np.where((ids < 0) | (ids >= BYTE_VOCAB), 0xFF, ids)  # 0xFF is never valid UTF-8
-        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-    tok = _bpe(tokenizer)
-    ids = ids[(ids >= 0) & (ids < tok.get_vocab_size())]
-    return tok.decode(ids.tolist(), skip_special_tokens=False)
-
-
-def _train_bpe(docs: list[bytes], vocab_size: int) -> str:
-    """Train a byte-level BPE on ``docs``; returns its JSON. May stop below ``vocab_size``."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[SEPARATOR_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((d.decode("utf-8") for d in docs), trainer, length=len(docs))
-    return tok.to_str()
-
-
-def _resolve_tokenizer(spec: str, train_docs: list[bytes]) -> str:
-    """Turn a user spec into a tokenizer string ("bytes" or JSON), training BPE if asked."""
-    spec = spec.strip()
-    if spec == "bytes":
-        return spec
-    if spec.startswith("bpe:"):
-        match = _BPE_SPEC.fullmatch(spec)
-        if match is None or int(match.group(1)) < MIN_BPE_VOCAB:
-            raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
-        return _train_bpe(train_docs, int(match.group(1)))
-    if spec.startswith("{"):
-        _bpe(spec)
-        return spec
-    if spec.endswith(".json"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise DataError(f"tokenizer file {spec!r} does not exist; {_TOKENIZER_HELP}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"cannot read tokenizer file {spec!r} as UTF-8 JSON ({err}); "
-                            f"{_TOKENIZER_HELP}") from None
-        _bpe(text)
-        return text
-    raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
-
-
-def _tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:
-    """One flat array: a separator before every document."""
-    if not docs:
-        return np.zeros(0, dtype=_token_dtype(_vocab_size(tokenizer)))
-    if tokenizer == "bytes":
-        joined = b"\0" + b"\0".join(docs)
-        return np.frombuffer(joined, dtype=np.uint8).copy()
-    tok = _bpe(tokenizer)
-    encoded = tok.encode_batch([d.decode("utf-8") for d in docs])
-    out = np.empty(sum(len(e.ids) + 1 for e in encoded), dtype=_token_dtype(tok.get_vocab_size()))
-    pos = 0
-    for e in encoded:
-        out[pos] = SEPARATOR
-        out[pos + 1 : pos + 1 + len(e.ids)] = e.ids
-        pos += len(e.ids) + 1
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,13 +333,13 @@ def load_corpus(
     if not any(raw.strip() for _, raw in docs):
         raise DataError(f"{source} is empty (no text besides whitespace); give a text corpus")
     train_docs, valid_docs = _split(docs, valid_fraction)
-    tokenizer = _resolve_tokenizer(tokenizer, train_docs)
-    train, valid = _tokenize(train_docs, tokenizer), _tokenize(valid_docs, tokenizer)
+    tokenizer = resolve_tokenizer(tokenizer, train_docs)
+    train, valid = tokenize(train_docs, tokenizer), tokenize(valid_docs, tokenizer)
     _check_sizes(train, valid, source)
     return Corpus(
         train=train,
         valid=valid,
-        vocab_size=_vocab_size(tokenizer),
+        vocab_size=vocab_size(tokenizer),
         train_bytes=sum(map(len, train_docs)),
         valid_bytes=sum(map(len, valid_docs)),
         tokenizer=tokenizer,
@@ -531,45 +405,3 @@ def eval_streams(tokens: np.ndarray, n_streams: int, length: int) -> np.ndarray:
     slack = len(tokens) - (length + 1)
     starts = np.arange(n_streams, dtype=np.int64) * slack // max(1, n_streams - 1)
     return _windows(tokens, starts, length)
-
-
-# ---------------------------------------------------------------------------------------------
-# reference figures
-
-
-def _pair_counts(train: np.ndarray, prev: np.ndarray, nxt: np.ndarray, vocab: int) -> np.ndarray:
-    """How often each (prev, nxt) pair occurs in ``train``: dense bincount or sorted codes."""
-    queries = prev * vocab + nxt
-    if vocab <= DENSE_BIGRAM_MAX_VOCAB:  # codes < 2^24: int32 halves the memory traffic
-        t = train.astype(np.int32)
-        return np.bincount(t[:-1] * vocab + t[1:], minlength=vocab * vocab)[queries]
-    t = train.astype(np.int64)
-    uniq, counts = np.unique(t[:-1] * vocab + t[1:], return_counts=True)
-    idx = np.minimum(np.searchsorted(uniq, queries), len(uniq) - 1)
-    return np.where(uniq[idx] == queries, counts[idx], 0)
-
-
-def ngram_bits_per_byte(corpus: Corpus, windows: np.ndarray | None = None) -> tuple[float, float]:
-    """Unigram and bigram bits per byte under add-one smoothed train counts, of the valid
-    split's next-token targets, or of the targets ``windows[:, 1:]`` (each after its window's
-    previous token) when given: the same tokens a model evaluated on those windows scores, so
-    the two compare token for token.
-
-    Reporting only (floats). Bits per token are converted with the valid split's bytes per
-    token, as the model's are. Large vocabularies use a sort-based sparse bigram count.
-    """
-    vocab, train = corpus.vocab_size, corpus.train
-    if windows is None:
-        valid = corpus.valid.astype(np.int64)
-        prev, nxt = valid[:-1], valid[1:]
-    else:
-        w = np.asarray(windows, dtype=np.int64)
-        prev, nxt = w[:, :-1].ravel(), w[:, 1:].ravel()
-    uni = np.bincount(train, minlength=vocab)
-    uni_bits = -(np.log2(uni[nxt] + 1.0) - np.log2(len(train) + vocab)).sum()
-    ctx = uni.copy()
-    ctx[train[-1]] -= 1  # contexts are train[:-1]
-    pairs = _pair_counts(train, prev, nxt, vocab)
-    bi_bits = -(np.log2(pairs + 1.0) - np.log2(ctx[prev] + float(vocab))).sum()
-    per_token = 1.0 / (len(nxt) * corpus.bytes_per_token("valid"))
-    return float(uni_bits * per_token), float(bi_bits * per_token)

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from intes.data import SEPARATOR
 from intes.engine import Engine
 from intes.intmath import EXP2_TABLE
 from intes.noise import hash_u32, stream_key
+from intes.tokenizer import SEPARATOR
 
 SAMPLE_TENSOR_ID = 0x5A3B  # keeps sampling draws apart from every weight's and window's stream
 

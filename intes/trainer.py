@@ -28,10 +28,11 @@ from intes.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from intes.data import Corpus, eval_streams, load_corpus, ngram_bits_per_byte, sample_windows
+from intes.data import Corpus, eval_streams, load_corpus, sample_windows
 from intes.engine import Engine, TrainConfig, member_windows
 from intes.errors import CheckpointError, ConfigError, DataError, Interrupted
 from intes.intmath import LL_FRAC_BITS
+from intes.ngram import ngram_bits_per_byte
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"

@@ -23,9 +23,10 @@ import intes.cli
 from intes.checkpoint import CHECKPOINT_NAME
 from intes.cli import cli, main
 from intes.cli.evaluate import printable
-from intes.data import decode, encode, load_corpus
+from intes.data import load_corpus
 from intes.errors import DataError, Interrupted
 from intes.sampling import generate
+from intes.tokenizer import decode, encode
 from intes.trainer import Validation, intes_version, load_engine, load_run, validation_bpb
 
 TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",

@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 
 import intes.trainer as trainer
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from intes.data import load_corpus, ngram_bits_per_byte
+from intes.data import load_corpus
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.es import ESConfig
+from intes.ngram import ngram_bits_per_byte
 from intes.sampling import draw, generate, token_weights
 from intes.trainer import (
     METRICS_NAME,

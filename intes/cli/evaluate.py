@@ -13,11 +13,11 @@ import click
 import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
-from intes.data import BYTE_VOCAB, decode, encode
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
 from intes.sampling import stream
+from intes.tokenizer import BYTE_VOCAB, decode, encode
 from intes.trainer import (
     EVAL_LEN,
     FINAL_EVAL_TOKENS,
