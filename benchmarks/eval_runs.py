@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from intes.trainer import Validation, load_run, validation_bpb
+from intes.runs import load_run
+from intes.validation import Validation, validation_bpb
 
 
 def score(run: str, sample_streams: int) -> dict:

@@ -15,34 +15,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from intes.checkpoint import (
-    CHECKPOINT_NAME,
-    existing_version,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from intes.data import Corpus, eval_streams, load_corpus, sample_windows
+from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint, save_checkpoint
+from intes.data import Corpus, sample_windows
 from intes.engine import Engine, TrainConfig, member_windows
-from intes.errors import CheckpointError, ConfigError, DataError, Interrupted
+from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.intmath import LL_FRAC_BITS
-from intes.ngram import ngram_bits_per_byte
+from intes.runs import check_params, check_resumable, run_meta
+from intes.validation import EVAL_LEN, EVAL_STREAMS, Validation, validation_bpb
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
-RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
-# The periodic validation sample: 131k tokens in windows spread over the valid split. On 21
-# 10-minute runs' final weights it read within -0.003..+0.012 bpb of the whole split; 32 windows,
-# the default until then, read 0.025-0.064 below it (benchmarks/results/pretrain_rescored_*.json).
-EVAL_STREAMS, EVAL_LEN = 512, 256
-FINAL_EVAL_TOKENS = 1 << 21  # the end of a run scores the whole valid split, up to this many
-EVAL_CHUNK_ROWS = 1024  # windows per forward: a large vocabulary's logits stay small
 EVAL_TIME_SHARE = 0.05  # automatic evaluation keeps eval (+ plot + checkpoint) under ~5% of time
 
 FitnessFn = Callable[[Engine, np.ndarray], np.ndarray]
@@ -83,179 +70,6 @@ class RunOptions:
                               f"x {self.eval_len}")
 
 
-def intes_version() -> str:
-    try:
-        return metadata.version("intes")
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------
-# validation bits per byte
-
-
-def eval_shape(n_tokens: int, streams: int, length: int) -> tuple[int, int]:
-    """The asked-for (streams, length) shrunk until it fits a valid split of n_tokens."""
-    length = min(length, n_tokens - 1)
-    return max(1, min(streams, n_tokens // (length + 1))), length
-
-
-@dataclass(frozen=True)
-class Validation:
-    """Windows of the valid split a model is scored on, and what a unigram and a bigram model
-    score on the same targets: the references a model's figure compares with, token for token.
-    """
-
-    windows: np.ndarray  # (streams, length + 1) int32
-    unigram: float
-    bigram: float
-
-    @classmethod
-    def of(cls, corpus: Corpus, streams: int, length: int) -> Validation:
-        """``streams`` evenly spread windows of ``length`` scored tokens (shrunk to fit)."""
-        streams, length = eval_shape(len(corpus.valid), streams, length)
-        windows = eval_streams(corpus.valid, streams, length)
-        return cls(windows, *ngram_bits_per_byte(corpus, windows))
-
-    @classmethod
-    def whole_split(cls, corpus: Corpus, length: int = EVAL_LEN) -> Validation:
-        """Windows tiling the valid split (evenly spread, up to FINAL_EVAL_TOKENS tokens)."""
-        return cls.of(corpus, max(1, FINAL_EVAL_TOKENS // length), length)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.windows.shape[0], self.windows.shape[1] - 1
-
-    def describe(self) -> str:
-        streams, length = self.shape
-        return f"{streams:,} x {length} tokens"
-
-
-def validation_bpb(engine: Engine, corpus: Corpus, windows: np.ndarray) -> float:
-    """Unperturbed bits per byte of the targets of valid ``windows`` (floats for reporting only),
-    EVAL_CHUNK_ROWS windows at a time.
-
-    Each token stands for the valid split's mean bytes per token, the same conversion the
-    n-gram reference figures use.
-    """
-    total = sum(int(engine.log_likelihood(windows[i:i + EVAL_CHUNK_ROWS]).astype(np.int64).sum())
-                for i in range(0, len(windows), EVAL_CHUNK_ROWS))
-    return -total / (1 << LL_FRAC_BITS) / (windows[:, 1:].size * corpus.bytes_per_token("valid"))
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints of runs
-
-
-def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
-             val_bpb: float | None) -> dict:
-    """Everything besides the weights that a resume, eval or sample needs."""
-    return {
-        "config": config.to_dict(),
-        "step": step,
-        "seed": config.seed,
-        "tokenizer": corpus.tokenizer,
-        "vocab_size": corpus.vocab_size,
-        "data": data,
-        "source": corpus.source,
-        "data_digest": corpus.digest,
-        "data_tokens": [len(corpus.train), len(corpus.valid)],
-        "val_bpb": val_bpb,
-        "intes_version": intes_version(),
-    }
-
-
-def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with; a foreign or damaged one is one line."""
-    missing = [key for key in RUN_META_KEYS if key not in meta]
-    if missing:
-        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (its metadata "
-                              f"lacks {', '.join(missing)})")
-    try:
-        return TrainConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (bad config: "
-                              f"{err})") from None
-
-
-def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
-    """The engine (weights, step, config) of a run directory or .zarr checkpoint, and its meta."""
-    store = resolve_checkpoint(path)
-    arrays, meta = load_checkpoint(store)
-    config = checkpoint_config(meta, store)
-    config.validate()
-    engine = Engine(config, backend, params=arrays, step=int(meta.get("step", 0)))
-    _check_params(engine, arrays, store)
-    return engine, meta
-
-
-def load_run(path: str | Path, backend: str = "auto", data: str | None = None
-             ) -> tuple[Engine, Corpus]:
-    """A checkpoint's engine and the corpus to score it on: ``data``, else the run's own
-    (with the run's tokenizer either way)."""
-    engine, meta = load_engine(path, backend)
-    corpus = (load_corpus(data, tokenizer=meta["tokenizer"]) if data is not None
-              else run_corpus(meta, tokenizer=meta["tokenizer"]))
-    if corpus.vocab_size != engine.config.model.vocab_size:
-        raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
-                        f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
-    return engine, corpus
-
-
-def run_corpus(meta: dict, tokenizer: str = "bytes") -> Corpus:
-    """The corpus a checkpoint recorded; if it cannot be loaded any more, the error says it is
-    the run's data and how to give it."""
-    try:
-        return load_corpus(meta.get("data"), tokenizer=tokenizer)
-    except DataError as err:
-        raise DataError(f"the run's data cannot be loaded any more ({err}); give it with "
-                        "--data") from None
-
-
-def _check_params(engine: Engine, arrays: dict[str, np.ndarray], store: Path) -> None:
-    """Refuse weights that do not fit the model the config describes."""
-    for spec in engine.specs:
-        a = arrays.get(spec.name)
-        if a is None or a.shape != spec.shape or a.dtype != np.int8:
-            found = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
-            raise CheckpointError(f"checkpoint {store} does not match its config: {spec.name!r} "
-                                  f"is {found}, expected int8{list(spec.shape)}")
-
-
-def _first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, object, object]:
-    """The first (dotted field, ours, theirs) where two nested config dicts differ, else ()."""
-    for key in sorted(set(ours) | set(theirs)):
-        a, b = ours.get(key), theirs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}", a, b
-    return ()
-
-
-def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path) -> None:
-    """A resume must continue the same run: same config, same tokens. One line if not."""
-    found = _first_difference(config.to_dict(), meta.get("config", {}))
-    if found:
-        field, ours, theirs = found
-        raise CheckpointError(f"cannot resume {store}: {field} is {ours!r} here but {theirs!r} "
-                              "in the checkpoint; keep the checkpoint's setting or use another "
-                              "--out")
-    if corpus.tokenizer != meta.get("tokenizer") or corpus.vocab_size != meta.get("vocab_size"):
-        raise CheckpointError(f"cannot resume {store}: the data is tokenized differently (vocab "
-                              f"{corpus.vocab_size}, checkpoint {meta.get('vocab_size')}); "
-                              "resume on the checkpoint's data")
-    if meta.get("data_digest") not in (None, corpus.digest):  # older checkpoints lack it
-        then = meta.get("data_tokens")
-        counts = f"; {then[0]:,} / {then[1]:,} then" if then else ""
-        raise CheckpointError(f"cannot resume {store}: its data changed since the checkpoint "
-                              f"({len(corpus.train):,} train / {len(corpus.valid):,} valid tokens "
-                              f"now{counts}); resume on the same data, or start a new run with "
-                              "another --out")
-
-
 def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str,
                  is_main: bool) -> Engine:
     """A fresh or resumed engine after every check that can fail; creates nothing on disk.
@@ -280,7 +94,7 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
     arrays, meta = load_checkpoint(store)
     check_resumable(config, corpus, meta, store)
     engine = Engine(config, backend, params=arrays, step=int(meta["step"]))
-    _check_params(engine, arrays, store)
+    check_params(engine, arrays, store)
     return engine
 
 

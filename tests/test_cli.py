@@ -25,9 +25,10 @@ from intes.cli import cli, main
 from intes.cli.evaluate import printable
 from intes.data import load_corpus
 from intes.errors import DataError, Interrupted
+from intes.runs import intes_version, load_engine, load_run
 from intes.sampling import generate
 from intes.tokenizer import decode, encode
-from intes.trainer import Validation, intes_version, load_engine, load_run, validation_bpb
+from intes.validation import Validation, validation_bpb
 
 TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", "--seq-len", "8",
         "--seed", "5", "--eval-streams", "4", "--eval-len", "32", "--backend", "reference",

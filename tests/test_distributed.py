@@ -28,7 +28,7 @@ pytest.importorskip("torch")
 from intes import distributed  # noqa: E402
 from intes.cli import cli  # noqa: E402
 from intes.errors import ConfigError  # noqa: E402
-from intes.trainer import load_engine  # noqa: E402
+from intes.runs import load_engine  # noqa: E402
 
 BIN = Path(sys.executable).parent
 INTES = str(BIN / "intes") if (BIN / "intes").exists() else shutil.which("intes")

@@ -17,24 +17,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import intes.trainer as trainer
+import intes.validation as validation
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from intes.data import load_corpus
 from intes.engine import Engine, ModelConfig, TrainConfig
 from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.es import ESConfig
 from intes.ngram import ngram_bits_per_byte
+from intes.runs import intes_version
 from intes.sampling import draw, generate, token_weights
-from intes.trainer import (
-    METRICS_NAME,
-    PLOT_NAME,
-    RunOptions,
-    Validation,
-    eval_shape,
-    intes_version,
-    pretrain,
-    validation_bpb,
-)
+from intes.trainer import METRICS_NAME, PLOT_NAME, RunOptions, pretrain
+from intes.validation import Validation, eval_shape, validation_bpb
 
 K = 5  # steps of the reference run
 WORDS = "the quick brown fox jumps over a lazy dog while seven odd wizards quietly hex it".split()
@@ -140,7 +133,7 @@ def test_validation_is_the_same_in_chunks(monkeypatch):
     engine = Engine(tiny_config(), backend="reference", params=params, step=K)
     windows = Validation.of(corpus(), 7, 16).windows
     whole = validation_bpb(engine, corpus(), windows)
-    monkeypatch.setattr(trainer, "EVAL_CHUNK_ROWS", 3)
+    monkeypatch.setattr(validation, "EVAL_CHUNK_ROWS", 3)
     assert validation_bpb(engine, corpus(), windows) == whole
 
 

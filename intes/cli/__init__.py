@@ -22,7 +22,7 @@ from intes.cli.data import data
 from intes.cli.evaluate import evaluate, info, sample
 from intes.cli.pretrain import pretrain
 from intes.errors import Interrupted, IntesError
-from intes.trainer import intes_version
+from intes.runs import intes_version
 
 LAZY_COMMANDS = {"bench": "intes.cli.bench", "finetune": "intes.cli.finetune"}
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C

@@ -16,18 +16,11 @@ from intes.checkpoint import load_checkpoint, resolve_checkpoint
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
+from intes.runs import checkpoint_config, load_engine, load_run
 from intes.sampling import stream
 from intes.tokenizer import BYTE_VOCAB, decode, encode
-from intes.trainer import (
-    EVAL_LEN,
-    FINAL_EVAL_TOKENS,
-    Validation,
-    checkpoint_config,
-    counted,
-    load_engine,
-    load_run,
-    validation_bpb,
-)
+from intes.trainer import counted
+from intes.validation import EVAL_LEN, FINAL_EVAL_TOKENS, Validation, validation_bpb
 
 # Below this many scored tokens the figure is rough: 32 windows of 256 tokens read 0.025-0.064
 # off the whole valid split (docs/pretraining.md, the re-scored runs).

@@ -23,15 +23,10 @@ from intes.errors import CheckpointError, ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels import BACKENDS
 from intes.models import MODELS
-from intes.trainer import (
-    EVAL_LEN,
-    EVAL_STREAMS,
-    FINAL_EVAL_TOKENS,
-    RunOptions,
-    checkpoint_config,
-    run_corpus,
-)
+from intes.runs import checkpoint_config, run_corpus
+from intes.trainer import RunOptions
 from intes.trainer import pretrain as run_pretraining
+from intes.validation import EVAL_LEN, EVAL_STREAMS, FINAL_EVAL_TOKENS
 
 DEFAULT_TIME_LIMIT = 10.0  # minutes, when neither --steps nor --time-limit is given
 _M, _E, _T = ModelConfig(), ESConfig(), TrainConfig()

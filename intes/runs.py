@@ -1,0 +1,133 @@
+"""A run's checkpoint: what it records besides the weights, how eval and sample load it, and
+the checks a resume must pass before anything is written."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from intes.checkpoint import load_checkpoint, resolve_checkpoint
+from intes.data import Corpus, load_corpus
+from intes.engine import Engine, TrainConfig
+from intes.errors import CheckpointError, DataError
+
+RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
+
+
+def intes_version() -> str:
+    """The installed package's version, which every checkpoint records."""
+    try:
+        return metadata.version("intes")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
+             val_bpb: float | None) -> dict:
+    """Everything besides the weights that a resume, eval or sample needs."""
+    return {
+        "config": config.to_dict(),
+        "step": step,
+        "seed": config.seed,
+        "tokenizer": corpus.tokenizer,
+        "vocab_size": corpus.vocab_size,
+        "data": data,
+        "source": corpus.source,
+        "data_digest": corpus.digest,
+        "data_tokens": [len(corpus.train), len(corpus.valid)],
+        "val_bpb": val_bpb,
+        "intes_version": intes_version(),
+    }
+
+
+def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with; a foreign or damaged one is one line."""
+    missing = [key for key in RUN_META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (its metadata "
+                              f"lacks {', '.join(missing)})")
+    try:
+        return TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (bad config: "
+                              f"{err})") from None
+
+
+def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
+    """The engine (weights, step, config) of a run directory or .zarr checkpoint, and its meta."""
+    store = resolve_checkpoint(path)
+    arrays, meta = load_checkpoint(store)
+    config = checkpoint_config(meta, store)
+    config.validate()
+    engine = Engine(config, backend, params=arrays, step=int(meta.get("step", 0)))
+    check_params(engine, arrays, store)
+    return engine, meta
+
+
+def load_run(path: str | Path, backend: str = "auto", data: str | None = None
+             ) -> tuple[Engine, Corpus]:
+    """A checkpoint's engine and the corpus to score it on: ``data``, else the run's own
+    (with the run's tokenizer either way)."""
+    engine, meta = load_engine(path, backend)
+    corpus = (load_corpus(data, tokenizer=meta["tokenizer"]) if data is not None
+              else run_corpus(meta, tokenizer=meta["tokenizer"]))
+    if corpus.vocab_size != engine.config.model.vocab_size:
+        raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
+                        f"{engine.config.model.vocab_size}; give data with the run's tokenizer")
+    return engine, corpus
+
+
+def run_corpus(meta: dict, tokenizer: str = "bytes") -> Corpus:
+    """The corpus a checkpoint recorded; if it cannot be loaded any more, the error says it is
+    the run's data and how to give it."""
+    try:
+        return load_corpus(meta.get("data"), tokenizer=tokenizer)
+    except DataError as err:
+        raise DataError(f"the run's data cannot be loaded any more ({err}); give it with "
+                        "--data") from None
+
+
+def check_params(engine: Engine, arrays: dict[str, np.ndarray], store: Path) -> None:
+    """Refuse weights that do not fit the model the config describes."""
+    for spec in engine.specs:
+        a = arrays.get(spec.name)
+        if a is None or a.shape != spec.shape or a.dtype != np.int8:
+            found = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+            raise CheckpointError(f"checkpoint {store} does not match its config: {spec.name!r} "
+                                  f"is {found}, expected int8{list(spec.shape)}")
+
+
+def _first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, object, object]:
+    """The first (dotted field, ours, theirs) where two nested config dicts differ, else ()."""
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return ()
+
+
+def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path) -> None:
+    """A resume must continue the same run: same config, same tokens. One line if not."""
+    found = _first_difference(config.to_dict(), meta.get("config", {}))
+    if found:
+        field, ours, theirs = found
+        raise CheckpointError(f"cannot resume {store}: {field} is {ours!r} here but {theirs!r} "
+                              "in the checkpoint; keep the checkpoint's setting or use another "
+                              "--out")
+    if corpus.tokenizer != meta.get("tokenizer") or corpus.vocab_size != meta.get("vocab_size"):
+        raise CheckpointError(f"cannot resume {store}: the data is tokenized differently (vocab "
+                              f"{corpus.vocab_size}, checkpoint {meta.get('vocab_size')}); "
+                              "resume on the checkpoint's data")
+    if meta.get("data_digest") not in (None, corpus.digest):  # older checkpoints lack it
+        then = meta.get("data_tokens")
+        counts = f"; {then[0]:,} / {then[1]:,} then" if then else ""
+        raise CheckpointError(f"cannot resume {store}: its data changed since the checkpoint "
+                              f"({len(corpus.train):,} train / {len(corpus.valid):,} valid tokens "
+                              f"now{counts}); resume on the same data, or start a new run with "
+                              "another --out")
