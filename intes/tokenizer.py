@@ -45,6 +45,7 @@ def _bpe(tokenizer_json: str) -> Tokenizer:
 
 
 def vocab_size(tokenizer: str) -> int:
+    """How many token ids ``tokenizer`` ("bytes" or a BPE's JSON) has, the separator's included."""
     return BYTE_VOCAB if tokenizer == "bytes" else _bpe(tokenizer).get_vocab_size()
 
 
