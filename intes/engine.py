@@ -252,6 +252,15 @@ class Engine:
         self.step_index += 1
         return shaped
 
+    def warm_up(self, windows: np.ndarray) -> None:
+        """Run a step's kernels once on one pair and two tokens of ``windows`` and discard the
+        results, so that JIT compilation happens here rather than inside a timed run. Weights and
+        step stay as they are (the packed forms made are the ones the step would make): the
+        next step's bits do not change."""
+        self.evaluate_members(windows[:2, :3], 0, 1)
+        es.tell(self.backend, self.specs, self.params, self.config.seed, self.step_index,
+                np.ones(1, dtype=np.int32), self.config.es)
+
     def step(self, windows: np.ndarray, chunk_pairs: int | None = None) -> np.ndarray:
         """One ES step on (population, seq_len + 1) windows; returns member fitness."""
         raw = self.population_fitness(windows, chunk_pairs)

@@ -190,7 +190,6 @@ class _Run:
         self.log = MetricsLog(self.out / METRICS_NAME,
                               self.start_step if self.options.resume else None)
         self.sample = Validation.of(self.corpus, self.options.eval_streams, self.options.eval_len)
-        self.warm_up()
         cfg, c = self.engine.config, self.corpus
         n_params = sum(int(p.size) for p in self.engine.params.values())
         self.say(f"data: {c.source}: {len(c.train):,} train / {len(c.valid):,} valid tokens, "
@@ -237,11 +236,23 @@ class _Run:
                         "elapsed_s": round(self.elapsed(), 3)})
 
     def warm_up(self) -> None:
-        """Pay one-time costs (JIT compilation, the matplotlib import) before the first timed
-        evaluation, whose cost sets the automatic evaluation interval."""
+        """Pay one-time costs (JIT compilation of a step's and an evaluation's kernels, the
+        matplotlib import) before the time limit's clock starts and before the first timed
+        evaluation, whose cost sets the automatic evaluation interval. Every worker compiles
+        its own; no weight changes."""
+        self.engine.warm_up(self.step_windows())
+        if not self.is_main:
+            return
         from intes import plot  # noqa: F401
 
         validation_bpb(self.engine, self.corpus, self.sample.windows[:1, :2])
+
+    def step_windows(self) -> np.ndarray:
+        """The members' windows of the engine's current step: a pure function of (seed, step)."""
+        cfg = self.engine.config
+        n_seq = cfg.es.population // cfg.es.group_size
+        return member_windows(sample_windows(self.corpus.train, cfg.seed, self.engine.step_index,
+                                             n_seq, cfg.seq_len), cfg.es.group_size)
 
     def plot(self) -> None:
         from intes.plot import plot_validation
@@ -261,11 +272,7 @@ class _Run:
     def train_step(self) -> None:
         cfg, engine = self.engine.config, self.engine
         began = time.monotonic()
-        n_seq = cfg.es.population // cfg.es.group_size
-        windows = member_windows(
-            sample_windows(self.corpus.train, cfg.seed, engine.step_index, n_seq, cfg.seq_len),
-            cfg.es.group_size)
-        raw = self.fitness_fn(engine, windows)
+        raw = self.fitness_fn(engine, self.step_windows())
         engine.apply_fitness(raw)
         self.snapshot = (engine.params, engine.step_index)
         took = max(time.monotonic() - began, 1e-9)
@@ -328,6 +335,7 @@ class _Run:
                      "train further")
             return self.summary("steps")
         self.open()
+        self.warm_up()
         try:
             self.evaluate()
             self.bar = self._progress_bar()

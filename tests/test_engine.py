@@ -161,6 +161,23 @@ def test_resume_equals_uninterrupted_run(case, k, data):
 
 
 @ENGINE
+@given(cases(), st.integers(0, 2))
+def test_warm_up_changes_nothing(case, j):
+    """``warm_up`` (a step's kernels on one pair, results discarded) at any step leaves the
+    weights and the step as they were, and the run goes on as one without it."""
+    plain, warmed = case.engine(), case.engine()
+    run(plain, case, j)
+    run(warmed, case, j)
+    before = {n: v.copy() for n, v in warmed.params.items()}
+    warmed.warm_up(case.windows(warmed.step_index))
+    assert warmed.step_index == j
+    assert_same_params(warmed.params, before)
+    assert all(np.array_equal(a, b)
+               for a, b in zip(run(plain, case, 2), run(warmed, case, 2), strict=True))
+    assert_same_params(plain.params, warmed.params)
+
+
+@ENGINE
 @given(cases())
 def test_resume_does_not_alias_callers_params(case):
     """An Engine built from a params dict never mutates the caller's arrays."""
