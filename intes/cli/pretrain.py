@@ -114,7 +114,8 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
 @click.option("--steps", type=int, default=None,
               help="Total steps to reach (counting the resumed ones)")
 @click.option("--time-limit", type=float, default=None, metavar="MINUTES",
-              help=f"Stop after this long  [default: {DEFAULT_TIME_LIMIT:g} if no --steps]")
+              help="Stop after this long of steps and evaluations (setup and the final "
+                   f"evaluation on top)  [default: {DEFAULT_TIME_LIMIT:g} if no --steps]")
 @click.option("--eval-every", type=int, default=None, metavar="STEPS",
               help="Evaluate every STEPS steps  [default: automatic, ~5% of the time]")
 @click.option("--eval-streams", type=int, default=EVAL_STREAMS, show_default=True,
