@@ -183,12 +183,10 @@ class _Run:
 
     # -- phases --------------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def announce(self) -> None:
+        """The validation sample and the run's header; nothing written yet."""
         if not self.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(self.out / METRICS_NAME,
-                              self.start_step if self.options.resume else None)
         self.sample = Validation.of(self.corpus, self.options.eval_streams, self.options.eval_len)
         cfg, c = self.engine.config, self.corpus
         n_params = sum(int(p.size) for p in self.engine.params.values())
@@ -203,6 +201,14 @@ class _Run:
                  f"unigram {self.sample.unigram:.4f} bpb, bigram {self.sample.bigram:.4f} bpb")
         verb = "resuming" if self.options.resume else "starting"
         self.say(f"{verb} at step {self.start_step} -> {self.out}")
+
+    def open(self) -> None:
+        """The run directory and its metrics log."""
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.out / METRICS_NAME,
+                              self.start_step if self.options.resume else None)
 
     def evaluate(self) -> None:
         """Validation bpb + metrics line + plot (+ checkpoint when none is scheduled)."""
@@ -237,15 +243,16 @@ class _Run:
 
     def warm_up(self) -> None:
         """Pay one-time costs (JIT compilation of a step's and an evaluation's kernels, the
-        matplotlib import) before the time limit's clock starts and before the first timed
-        evaluation, whose cost sets the automatic evaluation interval. Every worker compiles
-        its own; no weight changes."""
-        self.engine.warm_up(self.step_windows())
+        matplotlib import) before anything is written, before the time limit's clock starts
+        and before the first timed evaluation, whose cost sets the automatic evaluation
+        interval. Every worker compiles its own; no weight changes."""
+        windows = self.step_windows()
+        self.engine.warm_up(windows)
         if not self.is_main:
             return
         from intes import plot  # noqa: F401
 
-        validation_bpb(self.engine, self.corpus, self.sample.windows[:1, :2])
+        validation_bpb(self.engine, self.corpus, windows[:1, :2])  # any windows compile it
 
     def step_windows(self) -> np.ndarray:
         """The members' windows of the engine's current step: a pure function of (seed, step)."""
@@ -334,8 +341,9 @@ class _Run:
             self.say(f"already at step {self.start_step} (asked for {steps}); raise --steps to "
                      "train further")
             return self.summary("steps")
-        self.open()
+        self.announce()
         self.warm_up()
+        self.open()
         try:
             self.evaluate()
             self.bar = self._progress_bar()

@@ -170,6 +170,19 @@ def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, ca
     assert same_weights(weights(tmp_path), straight_run()[1])
 
 
+def test_an_interrupt_while_compiling_leaves_nothing_on_disk(tmp_path, monkeypatch):
+    """Ctrl-C during the warm-up (a first run's compilation, tens of seconds) comes before the
+    run directory exists, so the same command simply starts again."""
+    def compiling(engine: Engine, windows: np.ndarray) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "warm_up", compiling)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(), corpus(), options(out, K), backend="reference")
+    assert not out.exists()
+
+
 def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys):
     def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
         if engine.step_index == 2:
