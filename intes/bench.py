@@ -43,7 +43,8 @@ whole fused layer's: a lower bound on the product's own rate.
 
 On a shared machine other processes stretch any one run, so ES, inference and bare GEMM runs
 are interleaved and the best of each counts; the JSON also gives CPU seconds and the load
-average before and after, to judge how disturbed the figures were.
+average before and after, to judge how disturbed the figures were, and ``code``: the intes
+version and, from a git checkout, the commit and whether tracked files had changes.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -74,6 +77,7 @@ from intes.kernels.cpu_scalar import _sat8
 from intes.kernels.gemm import Avx2Gemm, Float32Gemm, Int8Gemm, VnniGemm, int8_gemm_unavailable
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import Ops, make_noise, prepare
+from intes.runs import intes_version
 
 VOCAB = 256
 Tick = Callable[[], object]  # called once per unit of progress
@@ -120,6 +124,26 @@ def cpu_details() -> dict:
     except (OSError, ValueError):
         pass
     return details
+
+
+def code_info() -> dict:
+    """Which intes took the figures: its version and, when it runs from a git checkout of its
+    own, the commit and whether tracked files had changes (figures of uncommitted code)."""
+    root = Path(__file__).resolve().parents[1]
+    info = {"intes_version": intes_version(), "git_commit": None, "git_dirty": None}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return info  # an installed copy inside some other repository
+        info.update(git_commit=git("rev-parse", "--short", "HEAD"),
+                    git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def machine_info(load_before: float) -> dict:
@@ -458,6 +482,7 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
         "gemm": getattr(getattr(engine.backend, "gemm", None), "description", None),
         "threads": getattr(engine.backend, "threads", None),
         "machine": machine_info(load_before),
+        "code": code_info(),
         "es_tokens_per_s": tokens / es["wall"],
         "inference_tokens_per_s": tokens / inference["wall"],
         "ratio": inference["wall"] / es["wall"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import intes
 from intes import intmath as im
 from intes import noise as nz
 from intes.bench import (
@@ -18,6 +20,7 @@ from intes.bench import (
     _measure,
     bench_runs,
     bench_windows,
+    code_info,
     full_rank_pair_params,
     int8_ops_per_token,
     low_rank_pair_params,
@@ -33,6 +36,7 @@ from intes.kernels.gemm import int8_gemm_unavailable
 from intes.kernels.reference import ReferenceBackend
 from intes.kernels.vnni_gemm import vnni_unavailable
 from intes.models.base import make_noise
+from intes.runs import intes_version
 
 CPU, F32 = CpuBackend(), CpuBackend(gemm="float32")
 INT8_MISSING, AVX2_MISSING, VNNI_MISSING = (
@@ -68,6 +72,25 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).stdout)
     assert forced["gemm"] == F32.gemm.description
+    assert result["code"] == code_info()
+
+
+def test_code_info_names_this_checkouts_commit():
+    """The commit and dirty flag are git's own for the checkout intes runs from; None where
+    intes is not a git checkout of its own (an installed copy)."""
+    root = Path(intes.__file__).resolve().parents[1]
+    info = code_info()
+    assert info["intes_version"] == intes_version()
+    if not (root / ".git").exists():
+        assert info["git_commit"] is None and info["git_dirty"] is None
+        return
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert info["git_commit"] == git("rev-parse", "--short", "HEAD")
+    assert info["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
 
 
 @pytest.mark.parametrize("flags", [["--gemm", "float32"], ["--threads", "2"]])
