@@ -94,6 +94,7 @@ class Ops:
                  noise: dict | None = None, sigma_shift: int = 4, prepared: dict | None = None):
         self.backend = backend
         self.ew = getattr(backend, "ew", intmath)
+        self.fused_epilogues = getattr(backend, "fused_epilogues", ())
         self.sigma_shift = sigma_shift
         self.params = params
         self.noise = noise or {}
@@ -121,13 +122,12 @@ class Ops:
             raise ValueError("an activation or a residual, not both")
         args = (x, self.prepared[name], self.shifts[name], self.noise.get(name),
                 self.sigma_shift)
-        fused = getattr(self.backend, "fused_epilogues", ())
         if activation is not None:
-            if activation in fused:
+            if activation in self.fused_epilogues:
                 return self.backend.linear(*args, activation=activation)
             return getattr(self.ew, activation)(self.backend.linear(*args))
         if residual is not None:
-            if "residual" in fused:
+            if "residual" in self.fused_epilogues:
                 return self.backend.linear(*args, residual=residual)
             return self.ew.sat_add(residual, self.backend.linear(*args))
         return self.backend.linear(*args)
