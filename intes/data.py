@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from intes.checkpoint import atomic_directory, existing_version
+from intes.checkpoint import CHECKPOINT_NAME, atomic_directory, existing_version
 from intes.errors import DataError
 from intes.noise import hash_u32, stream_key
 from intes.tokenizer import resolve_tokenizer, tokenize, vocab_size
@@ -90,9 +90,11 @@ def _is_text(raw: bytes) -> bool:
 
 
 def _is_run_output(path: Path) -> bool:
-    """A zarr store (a checkpoint or a token store) or an intes run directory: not text to
-    train on, and ``--data .`` would otherwise read earlier runs' weights and metrics."""
-    return path.suffix == ".zarr" or (path / "checkpoint.zarr").is_dir()
+    """A zarr store (a checkpoint or a token store, or one's copy left by a writer killed
+    mid-swap) or an intes run directory: not text to train on, and ``--data .`` would
+    otherwise read earlier runs' weights and metrics."""
+    return (path.name.endswith((".zarr", ".zarr.old"))
+            or existing_version(path / CHECKPOINT_NAME) is not None)
 
 
 def _walk(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
@@ -162,15 +164,28 @@ def _glob_base(pattern: str) -> Path:
     return Path(*static) if static else Path(".")
 
 
+def _skipped_below(path: Path, base: Path) -> bool:
+    """Whether a directory walk from ``base`` would prune ``path`` or a directory above it."""
+    prefix = base
+    for part in path.relative_to(base).parts:
+        prefix = prefix / part
+        if part.startswith(".") or (prefix.is_dir() and _is_run_output(prefix)):
+            return True
+    return False
+
+
 def _glob_files(pattern: str) -> list[Path]:
-    """Files matching ``pattern``; a matched directory contributes all files under it."""
-    files: list[Path] = []
-    for match in map(Path, sorted(set(glob.glob(pattern, recursive=True)))):
-        if match.is_dir():
-            files += _walk(match)
-        elif match.is_file():
-            files.append(match)
-    return files
+    """Files matching ``pattern``, each once; a matched directory contributes the files under
+    it. What a directory walk skips is skipped here too, below the pattern's fixed part."""
+    base = _glob_base(pattern)
+    files: dict[Path, Path] = {}
+    for match in map(Path, sorted(glob.glob(pattern, recursive=True))):
+        if _skipped_below(match, base):
+            continue
+        for path in _walk(match) if match.is_dir() else [match]:
+            if path.is_file():
+                files.setdefault(path.resolve(), path)
+    return list(files.values())
 
 
 def _gather(data: str | os.PathLike | None) -> tuple[list[Document], str]:

@@ -143,6 +143,27 @@ def test_glob_matches_like_directory(tmp_path):
     assert f"({len(files)} files," in corpus.source
 
 
+@pytest.mark.parametrize("pattern", ["**", "**/*", "*", "pkg*/**"])
+def test_glob_reads_each_file_once_and_skips_what_a_walk_skips(tmp_path, pattern):
+    """Matches that overlap (a directory and the files under it) give each file once, and
+    earlier runs, stores and hidden entries stay out whether matched or walked into."""
+    root = tmp_path / "d"
+    files = _tree(root)
+    outputs = [root / "runs" / "a" / "checkpoint.zarr" / "zarr.json",
+               root / "runs" / "a" / "metrics.jsonl",
+               root / "runs" / "b" / "checkpoint.zarr.old" / "zarr.json",  # killed mid-swap
+               root / "pkg" / "tokens.zarr" / "zarr.json",
+               root / "pkg" / ".cache" / "notes.txt"]
+    for path in outputs:
+        _write(path, '{"step": 1}')
+    corpus = load_corpus(str(root / pattern))
+    if pattern.startswith("pkg"):
+        files = {rel: raw for rel, raw in files.items() if rel.startswith("pkg/")}
+    train, valid = _expected_split(files)
+    assert _docs(corpus.train) == train and _docs(corpus.valid) == valid
+    assert f"({len(files)} files," in corpus.source
+
+
 def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
     files = {"m1.txt": b"x" * 300, "pkg/m3.txt": b"y" * 100}  # both crc32 % 20 != 0
     assert not _expected_split(files)[1]
