@@ -25,8 +25,10 @@ def intes_version() -> str:
 
 
 def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
-             val_bpb: float | None) -> dict:
-    """Everything besides the weights that a resume, eval or sample needs."""
+             val_bpb: float | None, eval_sample: tuple[int, int]) -> dict:
+    """Everything besides the weights that a resume, eval or sample needs; ``eval_sample``
+    is the (streams, length) the run's evaluations asked for, which a resume keeps so that
+    its log's figures stay comparable."""
     return {
         "config": config.to_dict(),
         "step": step,
@@ -38,6 +40,7 @@ def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
         "data_digest": corpus.digest,
         "data_tokens": [len(corpus.train), len(corpus.valid)],
         "val_bpb": val_bpb,
+        "eval_sample": list(eval_sample),
         "intes_version": intes_version(),
     }
 
@@ -112,8 +115,10 @@ def _first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, 
     return ()
 
 
-def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path) -> None:
-    """A resume must continue the same run: same config, same tokens. One line if not."""
+def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path,
+                    eval_sample: tuple[int, int]) -> None:
+    """A resume must continue the same run: same config, same tokens, the same validation
+    sample for its log. One line if not."""
     found = _first_difference(config.to_dict(), meta.get("config", {}))
     if found:
         field, ours, theirs = found
@@ -131,3 +136,9 @@ def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path
                               f"({len(corpus.train):,} train / {len(corpus.valid):,} valid tokens "
                               f"now{counts}); resume on the same data, or start a new run with "
                               "another --out")
+    then = meta.get("eval_sample")  # older checkpoints lack it
+    if then is not None and tuple(then) != tuple(eval_sample):
+        raise CheckpointError(f"cannot resume {store}: its evaluations score {then[0]} x "
+                              f"{then[1]} tokens, here {eval_sample[0]} x {eval_sample[1]}; keep "
+                              "the run's --eval-streams and --eval-len (intes eval scores "
+                              "other windows)")

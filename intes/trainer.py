@@ -1,6 +1,6 @@
 """The pretraining run loop: data -> ES steps -> metrics, evaluation, plot and checkpoints.
 
-A run directory holds ``checkpoint.zarr`` (weights + step + config, nothing else),
+A run directory holds ``checkpoint.zarr`` (weights, step, config and the run's metadata),
 ``metrics.jsonl`` (one line per step and per evaluation) and ``loss.png``. The batch of a step
 is a pure function of (seed, step), so the step index is the whole data position and resuming
 from a checkpoint continues bit-exactly where an uninterrupted run would be.
@@ -92,7 +92,7 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
     if existing_version(store) is None:
         raise CheckpointError(f"no checkpoint at {store} to resume; drop --resume to start")
     arrays, meta = load_checkpoint(store)
-    check_resumable(config, corpus, meta, store)
+    check_resumable(config, corpus, meta, store, (options.eval_streams, options.eval_len))
     engine = Engine(config, backend, params=arrays, step=int(meta["step"]))
     check_params(engine, arrays, store)
     return engine
@@ -170,6 +170,7 @@ class _Run:
         self.whole: Validation | None = None  # the whole split, scored at the end ...
         self.final_bpb: float | None = None  # ... to this figure
         self.t0 = time.monotonic()
+        self.loop_began: float | None = None  # when the time limit's clock started
 
     # -- output --------------------------------------------------------------------------------
 
@@ -272,7 +273,8 @@ class _Run:
         params, step = self.snapshot
         if not self.is_main or step == self.saved_step:
             return
-        meta = run_meta(self.engine.config, step, self.corpus, self.options.data, self.val_bpb)
+        meta = run_meta(self.engine.config, step, self.corpus, self.options.data, self.val_bpb,
+                        (self.options.eval_streams, self.options.eval_len))
         save_checkpoint(self.out / CHECKPOINT_NAME, dict(params), meta)
         self.saved_step = step
 
@@ -301,16 +303,22 @@ class _Run:
             return step % self.options.eval_every == 0
         return time.monotonic() - self.last_eval_end >= self.eval_cost / EVAL_TIME_SHARE
 
-    def budget_left(self) -> str:
-        """The flag that gives a resumed run what is left of this one's budget: the same step
-        target, or the minutes not yet spent (a resume without either trains for the default
-        time)."""
-        if self.options.steps is not None:
-            return f" --steps {self.options.steps}"
-        if self.options.time_limit is None:
-            return ""
-        spent = (time.monotonic() - self.t0) / 60
-        return f" --time-limit {max(self.options.time_limit - spent, 0.1):.1f}"
+    def continue_command(self) -> str:
+        """The command that resumes this run as it was going: what is left of its budget (the
+        same step target, or the minutes of the time limit not yet spent) and the flags that
+        shaped it without being saved with it."""
+        o = self.options
+        flags = [f"--out {self.out}", "--resume"]
+        if o.steps is not None:
+            flags.append(f"--steps {o.steps}")
+        elif o.time_limit is not None:
+            began = self.loop_began if self.loop_began is not None else time.monotonic()
+            spent = (time.monotonic() - began) / 60
+            flags.append(f"--time-limit {max(o.time_limit - spent, 0.1):.1f}")
+        for name in ("eval_every", "checkpoint_every", "chunk_pairs"):
+            if getattr(o, name) is not None:
+                flags.append(f"--{name.replace('_', '-')} {getattr(o, name)}")
+        return "intes pretrain " + " ".join(flags)
 
     def out_of_time(self, began: float) -> bool:
         limit = self.options.time_limit
@@ -321,7 +329,7 @@ class _Run:
 
     def loop(self) -> str:
         """Train until the step count or the time limit; returns which one stopped it."""
-        began = time.monotonic()
+        began = self.loop_began = time.monotonic()
         steps = self.options.steps
         every_ckpt = self.options.checkpoint_every
         while steps is None or self.engine.step_index < steps:
@@ -357,8 +365,7 @@ class _Run:
             self.close_bar()
             self.checkpoint()
             self.say(f"interrupted: checkpoint at step {self.snapshot[1]} in {self.out}; "
-                     f"continue with: intes pretrain --out {self.out} --resume"
-                     f"{self.budget_left()}")
+                     f"continue with: {self.continue_command()}")
             raise Interrupted from None
         finally:
             self.close_bar()

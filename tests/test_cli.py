@@ -107,6 +107,7 @@ def test_two_steps_then_resume_equals_four_steps(run_dir, text_file, tmp_path):
                     "--no-progress")
     assert result.exit_code == 0, result.output
     assert "resuming at step 2" in result.output
+    assert "validation sample: 4 x 32 tokens" in result.output  # the run's, not the defaults
     assert digest(out) == digest(run_dir)
 
 
@@ -263,7 +264,8 @@ def test_existing_run_without_resume_is_refused_untouched(run_copy, text_file):
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("flag", [["--dim", "32"], ["--seed", "6"], ["--fitness", "sign"]])
+@pytest.mark.parametrize("flag", [["--dim", "32"], ["--seed", "6"], ["--fitness", "sign"],
+                                  ["--eval-len", "16"]])
 def test_resume_with_another_config_is_refused_untouched(run_copy, flag):
     before = snapshot(run_copy)
     result = invoke("pretrain", "--steps", 6, "--out", run_copy, "--resume", *flag)

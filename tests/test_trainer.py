@@ -6,17 +6,18 @@ Tiny configs on a small generated text keep every run well under a second of tra
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import intes.trainer as trainer
 import intes.validation as validation
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from intes.data import load_corpus
@@ -99,6 +100,7 @@ def test_checkpoint_holds_weights_and_run_metadata():
     assert meta["data_digest"] == data.digest
     assert meta["data_tokens"] == [len(data.train), len(data.valid)]
     assert meta["intes_version"] == intes_version()
+    assert meta["eval_sample"] == [4, 32]  # what a resume keeps
 
 
 def test_metrics_and_plot_are_written():
@@ -183,17 +185,30 @@ def test_an_interrupt_while_compiling_leaves_nothing_on_disk(tmp_path, monkeypat
     assert not out.exists()
 
 
-def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys):
+def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys, monkeypatch):
+    """The hint gives back the limit less the minutes of steps (setup and compilation are on
+    top of the limit, so they are not spent from it) and the flags the checkpoint lacks."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    warm_up = Engine.warm_up
+
+    def compiling(engine: Engine, windows: np.ndarray) -> None:
+        clock[0] += 120.0
+        warm_up(engine, windows)
+
     def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
         if engine.step_index == 2:
             raise KeyboardInterrupt
+        clock[0] += 15.0
         return engine.population_fitness(windows)
 
+    monkeypatch.setattr(Engine, "warm_up", compiling)
+    opts = replace(options(tmp_path, None), time_limit=5.0, eval_every=3, chunk_pairs=1)
     with pytest.raises(Interrupted):
-        pretrain(tiny_config(), corpus(), replace(options(tmp_path, None), time_limit=5.0),
-                 backend="reference", fitness_fn=interrupted)
+        pretrain(tiny_config(), corpus(), opts, backend="reference", fitness_fn=interrupted)
     hint = capsys.readouterr().out
-    assert re.search(r"--resume --time-limit (4\.\d|5\.0)\n", hint), hint  # not --steps
+    assert hint.rstrip().endswith(f"continue with: intes pretrain --out {tmp_path} --resume "
+                                  "--time-limit 4.5 --eval-every 3 --chunk-pairs 1"), hint
 
 
 def test_time_limit_stops_and_checkpoints(tmp_path):
@@ -229,6 +244,16 @@ def test_resume_refuses_another_config_naming_the_field(tmp_path):
     with pytest.raises(CheckpointError, match="es.rank"):
         run(tmp_path, 2, config=replace(tiny_config(), es=replace(tiny_config().es, rank=2)),
             resume=True)
+
+
+def test_resume_refuses_another_validation_sample(tmp_path):
+    """The log's evaluations before and after a resume score the same windows."""
+    run(tmp_path, 1)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="4 x 32 tokens, here 4 x 16"):
+        pretrain(tiny_config(), corpus(), replace(options(tmp_path, 2), eval_len=16,
+                                                  resume=True), backend="reference")
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(eval_every=0), dict(eval_streams=0),

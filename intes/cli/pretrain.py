@@ -136,15 +136,19 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
 def pretrain(ctx: click.Context, **flags) -> None:
     """Pretrain an integer language model with ES; writes RUN/checkpoint.zarr, metrics, plot.
 
-    With --resume the model, ES, seq-len and seed settings come from the checkpoint (the
-    defaults below are for new runs); a setting given that differs from it is refused.
+    With --resume the model, ES, seq-len and seed settings and the validation sample
+    (--eval-streams, --eval-len) come from the checkpoint (the defaults below are for new
+    runs); a setting given that differs from it is refused.
     """
-    given = {n for n in CONFIG_FLAGS if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+    given = {n for n in flags if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
     data, meta = flags["data"], None
     if flags["resume"]:
         base, meta = _resume_base(flags["out"])
-        config = build_config(base, flags, given)
+        config = build_config(base, flags, given & set(CONFIG_FLAGS))
         data = data if data is not None else meta.get("data")
+        if "eval_sample" in meta:  # the run's validation sample, unless given
+            for name, value in zip(("eval_streams", "eval_len"), meta["eval_sample"], strict=True):
+                flags[name] = flags[name] if name in given else value
     else:
         config = build_config(TrainConfig(), flags, set(CONFIG_FLAGS))
     no_budget = flags["steps"] is None and flags["time_limit"] is None
