@@ -81,6 +81,24 @@ class TrainConfig:
                    seq_len=d["seq_len"], seed=d["seed"])
 
 
+def check_windows(windows: np.ndarray, vocab_size: int, rows: int | None = None) -> None:
+    """Refuse windows a forward would misread rather than score: not (rows, tokens + 1)
+    integers, token ids outside the vocabulary, a row count other than the population's (one
+    window per member), or more tokens than an int32 sum per row holds."""
+    if windows.ndim != 2 or windows.shape[1] < 2 or not np.issubdtype(windows.dtype, np.integer):
+        raise ConfigError(f"windows must be integer (rows, tokens + 1) with tokens >= 1, got "
+                          f"{windows.dtype}{list(windows.shape)}")
+    if rows is not None and len(windows) != rows:
+        raise ConfigError(f"{len(windows)} windows for a population of {rows}: give one per "
+                          "member (member_windows repeats a sequence for its group)")
+    if windows.shape[1] - 1 > MAX_SEQ_LEN:
+        raise ConfigError(f"windows of {windows.shape[1] - 1} tokens; at most {MAX_SEQ_LEN} "
+                          "are scored at once")
+    if windows.size and not 0 <= windows.min() <= windows.max() < vocab_size:
+        raise ConfigError(f"token ids must be in 0..{vocab_size - 1}, got "
+                          f"{windows.min()}..{windows.max()}")
+
+
 def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np.ndarray:
     """Summed int32 log2-likelihood (1/256 bit) of windows[:, 1:] given windows[:, :-1].
 
@@ -223,6 +241,7 @@ class Engine:
         """Fitness of members 2*start .. 2*stop-1: pairs in chunks of ``chunk_pairs`` (default:
         ``chunks``, near-equal, one or more per thread), chunks run on the backend's threads;
         same bits for any chunking."""
+        check_windows(windows, self.config.model.vocab_size, self.config.es.population)
         if stop <= start:
             return np.zeros(0, dtype=np.int32)
         if chunk_pairs:
@@ -274,6 +293,7 @@ class Engine:
     def log_likelihood(self, windows: np.ndarray) -> np.ndarray:
         """Unperturbed summed log2-likelihood per row (int32, 1/256 bit), rows sliced over the
         backend's threads like the population."""
+        check_windows(windows, self.config.model.vocab_size)
         ops = self.inference_ops()
         spans = self.chunks(len(windows), 1)
         if not spans:

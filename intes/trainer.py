@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint, save_checkpoint
 from intes.data import Corpus, sample_windows
-from intes.engine import Engine, TrainConfig, member_windows
+from intes.engine import MAX_SEQ_LEN, Engine, TrainConfig, member_windows
 from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.intmath import LL_FRAC_BITS
 from intes.runs import check_params, check_resumable, run_meta
@@ -65,9 +65,9 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
-        if self.eval_streams < 1 or self.eval_len < 1:
-            raise ConfigError(f"eval streams and length must be >= 1, got {self.eval_streams} "
-                              f"x {self.eval_len}")
+        if self.eval_streams < 1 or not 1 <= self.eval_len <= MAX_SEQ_LEN:
+            raise ConfigError(f"eval streams must be >= 1 and eval length in 1..{MAX_SEQ_LEN}, "
+                              f"got {self.eval_streams} x {self.eval_len}")
 
 
 def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str,

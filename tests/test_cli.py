@@ -243,9 +243,12 @@ def test_bad_pretrain_input_is_one_line_and_writes_nothing(bad, text_file, tmp_p
     assert not out.exists()
 
 
-def test_usage_errors_exit_2(tmp_path):
-    result = invoke("pretrain", "--model", "transformer", "--out", tmp_path / "run")
-    assert result.exit_code == 2 and "Traceback" not in result.output
+@pytest.mark.parametrize("args", [["pretrain", "--model", "transformer"],
+                                  ["pretrain", "--eval-len", "65537"],  # past an int32 row sum
+                                  ["eval", "RUN", "--length", "65537"]])
+def test_usage_errors_exit_2(tmp_path, args):
+    result = invoke(*args, "--out" if args[0] == "pretrain" else "--data", tmp_path / "run")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert not (tmp_path / "run").exists()
 
 

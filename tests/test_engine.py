@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from intes import distributed, intmath
 from intes.bench import gemm_engines
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
+from intes.errors import ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels.cpu import CpuBackend
 from intes.kernels.reference import ReferenceBackend
@@ -103,15 +104,46 @@ def test_same_seed_config_data_gives_identical_weights(case, k):
 
 @ENGINE
 @given(cases())
-def test_different_seed_gives_different_weights(case):
-    """The run really depends on the seed (so (a) is not passing vacuously)."""
-    other = Case(TrainConfig(model=case.config.model, es=case.config.es,
-                             seq_len=case.config.seq_len, seed=case.config.seed ^ 1),
-                 case.data_seed)
-    e1, e2 = case.engine(), other.engine()
-    run(e1, case, 2)
-    run(e2, other, 2)
+def test_different_seed_gives_different_noise_and_update(case):
+    """The run depends on the seed through its noise, not only its initial weights (so (a) is
+    not passing vacuously): from the same weights, another seed perturbs the members
+    differently and moves the weights differently for the same fitness."""
+    other = replace(case.config, seed=case.config.seed ^ 1)
+    e1 = case.engine()
+    e2 = Engine(other, e1.backend, params={n: p.copy() for n, p in e1.params.items()})
+    n1, n2 = (e.member_ops(0, case.pairs).noise for e in (e1, e2))
+
+    def factors(noise) -> list[np.ndarray]:
+        return [noise] if isinstance(noise, np.ndarray) else [noise.a, noise.b]
+
+    assert any(not np.array_equal(a, b) for name in n1
+               for a, b in zip(factors(n1[name]), factors(n2[name]), strict=True))
+    fitness = np.random.default_rng(case.data_seed).permutation(case.config.es.population)
+    for e in (e1, e2):
+        e.apply_fitness(fitness.astype(np.int32))
     assert any(not np.array_equal(e1.params[n], e2.params[n]) for n in e1.params)
+
+
+def test_bad_windows_are_refused_before_any_forward():
+    """Windows that would be misread (too few or too many rows, ids outside the vocabulary,
+    floats, a row longer than an int32 sum holds) raise instead of scoring."""
+    cfg = TrainConfig(model=ModelConfig(kind="rwkv", vocab_size=VOCAB, dim=8, layers=1),
+                      es=ESConfig(population=4, group_size=2), seq_len=4)
+    engine = Engine(cfg, ReferenceBackend())
+    good = np.zeros((4, 5), dtype=np.int32)
+    bad = {"3 windows for a population of 4": good[:3],
+           "6 windows for a population of 4": np.zeros((6, 5), dtype=np.int32),
+           "token ids must be in 0..23": good + VOCAB,
+           "integer": good.astype(np.float32),
+           "tokens >= 1": good[:, :1]}
+    for message, windows in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            engine.population_fitness(windows)
+    with pytest.raises(ConfigError, match="at most 65536"):
+        engine.log_likelihood(np.zeros((1, 65538), dtype=np.int32))
+    with pytest.raises(ConfigError, match="token ids"):
+        engine.log_likelihood(good - 1)
+    engine.population_fitness(good)  # the right shape goes through
 
 
 @ENGINE

@@ -13,6 +13,7 @@ import click
 import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
+from intes.engine import MAX_SEQ_LEN
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
@@ -41,8 +42,8 @@ def describe_tokenizer(tokenizer: str, vocab_size: int) -> str:
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="Score this many evenly spread windows  [default: the whole valid split, "
                    f"up to {FINAL_EVAL_TOKENS:,} tokens]")
-@click.option("--length", type=click.IntRange(min=1), default=EVAL_LEN, show_default=True,
-              help="Tokens scored per window")
+@click.option("--length", type=click.IntRange(1, MAX_SEQ_LEN), default=EVAL_LEN,
+              show_default=True, help="Tokens scored per window")
 @backend_option
 def evaluate(checkpoint: str, data: str | None, streams: int | None, length: int,
              backend: str) -> None:

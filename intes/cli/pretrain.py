@@ -18,7 +18,7 @@ from click.core import ParameterSource
 from intes import distributed
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint
 from intes.data import load_corpus
-from intes.engine import ModelConfig, TrainConfig
+from intes.engine import MAX_SEQ_LEN, ModelConfig, TrainConfig
 from intes.errors import CheckpointError, ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels import BACKENDS
@@ -121,8 +121,8 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
 @click.option("--eval-streams", type=int, default=EVAL_STREAMS, show_default=True,
               help="Windows of the valid split each evaluation scores (the run's last scores "
                    f"all of them, up to {FINAL_EVAL_TOKENS:,} tokens)")
-@click.option("--eval-len", type=int, default=EVAL_LEN, show_default=True,
-              help="Tokens scored per window")
+@click.option("--eval-len", type=click.IntRange(1, MAX_SEQ_LEN), default=EVAL_LEN,
+              show_default=True, help="Tokens scored per window")
 @click.option("--checkpoint-every", type=int, default=None, metavar="STEPS",
               help="Checkpoint every STEPS steps  [default: at each evaluation]")
 @click.option("--chunk-pairs", type=int, default=None,
