@@ -16,13 +16,15 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from intes.errors import DataError
+from intes.intmath import MAX_VOCAB
 
 SEPARATOR = 0
 SEPARATOR_TOKEN = "<sep>"
 BYTE_VOCAB = 256
 MIN_BPE_VOCAB = BYTE_VOCAB + 1  # the byte alphabet plus <sep>
 _BPE_SPEC = re.compile(r"bpe:(\d+)")
-_TOKENIZER_HELP = "use 'bytes', 'bpe:VOCAB' (VOCAB >= 257) or a tokenizer .json file"
+_TOKENIZER_HELP = (f"use 'bytes', 'bpe:VOCAB' ({MIN_BPE_VOCAB} <= VOCAB < {MAX_VOCAB}) or a "
+                   "tokenizer .json file")
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -40,6 +42,9 @@ def _bpe(tokenizer_json: str) -> Tokenizer:
         raise DataError(f"tokenizer JSON cannot be parsed ({err}); {_TOKENIZER_HELP}") from None
     if tok.token_to_id(SEPARATOR_TOKEN) != SEPARATOR:
         raise DataError(f"tokenizer has no '{SEPARATOR_TOKEN}' token with id 0; {_TOKENIZER_HELP}")
+    if tok.get_vocab_size() >= MAX_VOCAB:  # the models' int32 log-likelihood sums need less
+        raise DataError(f"tokenizer has {tok.get_vocab_size():,} tokens; the models take fewer "
+                        f"than {MAX_VOCAB:,}")
     tok.encode_special_tokens = True
     return tok
 
@@ -101,7 +106,7 @@ def resolve_tokenizer(spec: str, train_docs: list[bytes]) -> str:
         return spec
     if spec.startswith("bpe:"):
         match = _BPE_SPEC.fullmatch(spec)
-        if match is None or int(match.group(1)) < MIN_BPE_VOCAB:
+        if match is None or not MIN_BPE_VOCAB <= int(match.group(1)) < MAX_VOCAB:
             raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
         return _train_bpe(train_docs, int(match.group(1)))
     if spec.startswith("{"):

@@ -18,6 +18,7 @@ from intes.data import (
     sample_windows,
 )
 from intes.errors import DataError
+from intes.intmath import MAX_VOCAB
 from intes.ngram import ngram_bits_per_byte
 from intes.tokenizer import decode, encode
 
@@ -206,14 +207,24 @@ def test_bad_data_gives_one_line_error(tmp_path, make, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("spec", ["bpe:abc", "bpe:256", "bpe:", "words", '{"not": "a tokenizer"}',
-                                  "BINARY.json", "MISSING.json"])
+@pytest.mark.parametrize("spec", ["bpe:abc", "bpe:256", "bpe:32768", "bpe:", "words",
+                                  '{"not": "a tokenizer"}', "BINARY.json", "MISSING.json"])
 def test_bad_tokenizer_spec(tmp_path, spec):
     _write(tmp_path / "BINARY.json", bytes(range(128, 256)))
     spec = str(tmp_path / spec) if spec.endswith(".json") else spec
     with pytest.raises(DataError, match="tokenizer") as info:
         load_corpus(_write(tmp_path / "a.txt", TEXT), tokenizer=spec)
     assert "\n" not in str(info.value)
+
+
+def test_a_tokenizer_larger_than_the_models_take_is_refused(tmp_path):
+    """Refused when the data is read, not later when a run's model is built."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<sep>": 0} | {f"w{i}": i for i in range(1, MAX_VOCAB)}
+    spec = Tokenizer(models.WordLevel(vocab, unk_token="<sep>")).to_str()
+    with pytest.raises(DataError, match=f"{MAX_VOCAB:,} tokens; the models take fewer"):
+        load_corpus(_write(tmp_path / "a.txt", TEXT), tokenizer=spec)
 
 
 @pytest.mark.parametrize("fraction", [0, 1, 2.5, True])
