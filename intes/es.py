@@ -7,14 +7,15 @@ Z = sum_p f_p A_p B_p^T, then moves each weight by +-1 where |Z| passes a z-test
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from statistics import NormalDist
+from decimal import ROUND_FLOOR, Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 
 from intes.errors import ConfigError
+from intes.intmath import QUANTILE_PREC, normal_quantile
 from intes.kernels.base import Backend
 from intes.models.base import ParamSpec, make_noise
 from intes.noise import NOISE_MAX, NOISE_VARIANCE_X2_32
@@ -81,10 +82,12 @@ def shape_fitness(raw: np.ndarray, kind: str = "sign") -> np.ndarray:
     return (np.sign(diff) * mag).astype(np.int32)
 
 
-def alpha(step: int, cfg: ESConfig) -> float:
-    """Share of weights allowed to move (the z-test's alpha): 1 -> 2^-alpha_final_log2."""
-    progress = min(step / cfg.alpha_steps, 1.0)
-    return 1.0 / ((2.0**cfg.alpha_final_log2 - 1.0) * progress + 1.0)
+def alpha(step: int, cfg: ESConfig) -> Fraction:
+    """Share of weights allowed to move (the z-test's alpha), exactly: 1 / ((2^k - 1) * progress
+    + 1) with progress = min(step / alpha_steps, 1), from 1 down to 2^-alpha_final_log2."""
+    done = min(step, cfg.alpha_steps)
+    return Fraction(cfg.alpha_steps,
+                    ((1 << cfg.alpha_final_log2) - 1) * done + cfg.alpha_steps)
 
 
 def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]:
@@ -92,14 +95,20 @@ def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]
 
     Under the null (fitness independent of noise) Z_ij has variance sum(f^2) * r * E[v^2]^2
     for low-rank tensors and sum(f^2) * E[v^2] for vectors; E[v^2] is the noise's exact
-    second moment. A schedule is computed once per step, so floats are allowed here.
+    second moment. Computed in decimal software arithmetic from exact alpha, like the lookup
+    tables, so that every machine gets the same integers (no libm float in the update).
     """
     a = alpha(step, cfg)
-    z = NormalDist().inv_cdf(1.0 - a / 2.0) if a < 1.0 else 0.0
+    if a == 1:
+        return 0, 0
+    z = normal_quantile(1 - a / 2)
     sumsq = int(np.sum(fitness.astype(np.int64) ** 2))
-    var = NOISE_VARIANCE_X2_32 / 2.0**32
-    return (math.floor(z * math.sqrt(sumsq * cfg.rank) * var),
-            math.floor(z * math.sqrt(sumsq * var)))
+    with localcontext(prec=QUANTILE_PREC):
+        var = Decimal(NOISE_VARIANCE_X2_32) / (1 << 32)
+        matrix = z * Decimal(sumsq * cfg.rank).sqrt() * var
+        vector = z * (sumsq * var).sqrt()
+        return (int(matrix.to_integral_value(ROUND_FLOOR)),
+                int(vector.to_integral_value(ROUND_FLOOR)))
 
 
 def tell(backend: Backend, specs: list[ParamSpec], params: dict[str, np.ndarray], seed: int,

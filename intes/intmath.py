@@ -12,7 +12,8 @@ software arithmetic), never with libm floats, so every machine gets the same tab
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal, getcontext
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 
@@ -24,8 +25,9 @@ EXP2_FRAC_BITS = 16  # softmax terms are 2^16 * 2^(-d/16)
 WKV_FRAC_BITS = 7
 MAX_VOCAB = 1 << 15  # vocab < this: the sum of V terms <= 2^16 each stays below 2^31
 
-getcontext().prec = 40
-_LN2 = Decimal(2).ln()
+TABLE_PREC = 40  # decimal digits of the tables' arithmetic, in a local context: importing
+with localcontext(prec=TABLE_PREC):  # intes leaves the caller's decimal context as it was
+    _LN2 = Decimal(2).ln()
 
 
 def _round(d: Decimal) -> int:
@@ -67,24 +69,63 @@ def fan_in_shift(fan_in: int) -> int:
     return FRAC_BITS + ((fan_in - 1).bit_length() + 1) // 2
 
 
-# exp2 of a logit below the max: index d = max - logit in [0, 254].
-EXP2_TABLE = np.array(
-    [_round(_exp2(Decimal(-d) / 16) * (1 << EXP2_FRAC_BITS)) for d in range(255)], dtype=np.int32
-)
-# log2(1 + m/256) * 256 for the 8 mantissa bits after the leading one.
-LOG2_MANTISSA = np.array(
-    [_round(_log2(1 + Decimal(m) / 256) * 256) for m in range(256)], dtype=np.int32
-)
-# sigmoid(x / 16) * 128 over int8 x (index x + 127): a gate in [0, 128] applied as (g * v) >> 7.
-SIGMOID_TABLE = np.array(
-    [_round(128 / (1 + (Decimal(-x) / 16).exp())) for x in range(-127, 128)], dtype=np.int32
-)
-# exp2(k / 32 + 4) over int8 k (index k + 127): WKV weights in [1, 251] (see wkv_step).
-WKV_EXP_TABLE = np.array(
-    [max(1, _round(_exp2(Decimal(k) / 32 + 4))) for k in range(-127, 128)], dtype=np.int32
-)
+with localcontext(prec=TABLE_PREC):
+    # exp2 of a logit below the max: index d = max - logit in [0, 254].
+    EXP2_TABLE = np.array(
+        [_round(_exp2(Decimal(-d) / 16) * (1 << EXP2_FRAC_BITS)) for d in range(255)],
+        dtype=np.int32,
+    )
+    # log2(1 + m/256) * 256 for the 8 mantissa bits after the leading one.
+    LOG2_MANTISSA = np.array(
+        [_round(_log2(1 + Decimal(m) / 256) * 256) for m in range(256)], dtype=np.int32
+    )
+    # sigmoid(x / 16) * 128 over int8 x (index x + 127): a gate in [0, 128], applied as
+    # (g * v) >> 7.
+    SIGMOID_TABLE = np.array(
+        [_round(128 / (1 + (Decimal(-x) / 16).exp())) for x in range(-127, 128)], dtype=np.int32
+    )
+    # exp2(k / 32 + 4) over int8 k (index k + 127): WKV weights in [1, 251] (see wkv_step).
+    WKV_EXP_TABLE = np.array(
+        [max(1, _round(_exp2(Decimal(k) / 32 + 4))) for k in range(-127, 128)], dtype=np.int32
+    )
+
 # relu(x)^2 >> 7 over int8 x (index x + 127): RWKV channel-mix activation, result in [0, 126].
 RELU_SQ_TABLE = np.array([(max(x, 0) ** 2) >> 7 for x in range(-127, 128)], dtype=np.int32)
+
+
+QUANTILE_PREC = 50  # decimal digits of normal_quantile's arithmetic
+_PI = Decimal("3.14159265358979323846264338327950288419716939937510")
+
+
+def normal_quantile(p: Fraction) -> Decimal:
+    """The z with Phi(z) = p, for 1/2 <= p < 1, in decimal software arithmetic, so that the same
+    p gives the same digits on every machine (the update's thresholds rest on it; libm's
+    log, which a float quantile needs, may differ in its last bit between platforms).
+
+    Newton's method from z = 0 on Phi(z) - 1/2 = phi(z) * sum_n z^(2n+1) / (2n+1)!!, a series
+    of positive terms; Phi - 1/2 is concave for z >= 0, so every iterate stays below the root
+    and the iteration is a deterministic function of p. Good to about 40 digits.
+    """
+    if not Fraction(1, 2) <= p < 1:
+        raise ValueError(f"p must be in [1/2, 1), got {p}")
+    with localcontext(prec=QUANTILE_PREC):
+        target = Decimal(p.numerator) / p.denominator - Decimal("0.5")
+        root_2pi = (2 * _PI).sqrt()
+        tolerance = Decimal(10) ** (10 - QUANTILE_PREC)
+        z = Decimal(0)
+        for _ in range(1000):
+            density = (-z * z / 2).exp() / root_2pi
+            term = total = z
+            n = 0
+            while term > total * tolerance * tolerance:
+                n += 1
+                term = term * z * z / (2 * n + 1)
+                total += term
+            correction = (target - density * total) / density
+            z += correction
+            if abs(correction) <= tolerance:
+                return z
+    raise ArithmeticError(f"normal_quantile({p}) did not converge")  # not reached for p < 1
 
 
 def lut(table: np.ndarray, x: np.ndarray) -> np.ndarray:

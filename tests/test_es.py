@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import mpmath
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -97,6 +100,25 @@ def test_thresholds_grow_as_alpha_decays(fitness, rank, final_log2, alpha_steps)
         prev = thr
     if np.any(fitness):
         assert prev[0] > 0 and prev[1] > 0
+
+
+@FEW
+@given(hnp.arrays(np.int32, st.integers(1, 64), elements=st.integers(-15, 15)),
+       st.integers(1, 16), st.integers(0, 16), st.integers(1, 5000), st.integers(0, 6000))
+def test_thresholds_are_the_exact_z_test_floors(fitness, rank, final_log2, alpha_steps, step):
+    """Each threshold is floor(z * sigma) for the exact alpha of the schedule, with z and sigma
+    computed independently by mpmath at 60 digits: no float rounding reaches the integers."""
+    cfg = es.ESConfig(rank=rank, alpha_final_log2=final_log2, alpha_steps=alpha_steps)
+    a = es.alpha(step, cfg)
+    assert a == Fraction(1) / ((2**final_log2 - 1) * Fraction(min(step, alpha_steps), alpha_steps)
+                               + 1)
+    sumsq = int(np.sum(fitness.astype(np.int64) ** 2))
+    with mpmath.workdps(60):
+        z = mpmath.sqrt(2) * mpmath.erfinv(1 - mpmath.mpf(a.numerator) / a.denominator)
+        var = mpmath.mpf(NOISE_VARIANCE_X2_32) / 2**32
+        expected = (int(mpmath.floor(z * mpmath.sqrt(sumsq * rank) * var)),
+                    int(mpmath.floor(z * mpmath.sqrt(sumsq * var))))
+    assert es.thresholds(step, fitness, cfg) == expected
 
 
 @pytest.mark.parametrize("rank", [1, 4])

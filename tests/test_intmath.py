@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from fractions import Fraction
 
 import mpmath
@@ -105,6 +107,28 @@ def test_luts_match_independent_references():
     assert im.WKV_EXP_TABLE.min() == 1 and im.WKV_EXP_TABLE.max() == 251
     assert 251 * 127 < 2**15
     assert im.RELU_SQ_TABLE.min() == 0 and im.RELU_SQ_TABLE.max() == 126
+
+
+@given(st.fractions(Fraction(1, 2), Fraction(1) - Fraction(1, 2**20)))
+def test_normal_quantile_matches_mpmath(p):
+    """normal_quantile(p) is the normal distribution's p-quantile to 40 digits (the update's
+    thresholds take their z from it)."""
+    with mpmath.workdps(60):
+        want = mpmath.sqrt(2) * mpmath.erfinv(2 * mpmath.mpf(p.numerator) / p.denominator - 1)
+        assert abs(mpmath.mpf(str(im.normal_quantile(p))) - want) < mpmath.mpf(10) ** -40
+
+
+@pytest.mark.parametrize("p", [Fraction(0), Fraction(1, 3), Fraction(1), Fraction(3, 2)])
+def test_normal_quantile_refuses_p_outside_its_range(p):
+    with pytest.raises(ValueError, match="p must be in"):
+        im.normal_quantile(p)
+
+
+def test_importing_intes_leaves_the_decimal_context_alone():
+    """Tables and thresholds use local decimal contexts: a user's precision is not changed."""
+    code = ("import decimal; before = decimal.getcontext().prec; import intes.es, intes.intmath; "
+            "assert decimal.getcontext().prec == before == 28, decimal.getcontext().prec")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @given(int8_arrays(st.integers(0, 64)))
