@@ -1,4 +1,4 @@
-"""Evolution strategies over integer weights: ask (who is evaluated on what), tell (update).
+"""Evolution strategies over integer weights: fitness shaping, z-test thresholds, tell (update).
 
 The update never stores noise, gradients or optimizer state: it regenerates every pair's
 factors from (seed, step, pair, tensor) and reduces them with the shaped integer fitness,
@@ -29,7 +29,7 @@ class ESConfig:
     """Everything that defines the ES search; saved in checkpoints and checked on resume."""
 
     population: int = 8192  # N, even: pairs (2p, 2p+1) share noise with opposite sign
-    group_size: int = 2  # members that read the same sequence (even): one pair per window
+    group_size: int = 2  # members that read the same sequence (even; 2: a pair per window)
     rank: int = 1  # r of each perturbation A B^T
     sigma_shift: int = 3  # noise scale 2^-sigma_shift beyond the x16 fixed point
     noise_reuse: int = 1  # redraw noise every k steps

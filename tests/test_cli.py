@@ -325,9 +325,14 @@ def test_resume_past_its_steps_does_nothing_and_says_so(run_copy):
     assert snapshot(run_copy) == before
 
 
-def test_resume_needs_a_checkpoint(tmp_path):
+def test_resume_needs_a_checkpoint(tmp_path, run_copy):
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume"))
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume", "--out", tmp_path / "none"))
+    before = snapshot(run_copy)
+    result = invoke("pretrain", "--steps", 6, "--resume", "--out", run_copy / CHECKPOINT_NAME)
+    assert_user_error(result)
+    assert f"give its run directory, {run_copy}" in result.stderr
+    assert snapshot(run_copy) == before
 
 
 def test_corrupted_checkpoint_is_one_line(run_copy):

@@ -28,7 +28,9 @@ Taking lr = 5e-4 literally would move each weight by ~0.1 per step and wreck a p
 Under torchrun (a process group is up, see ``intes.distributed``) each worker generates for a
 contiguous shard of whole antithetic pairs only, the float64 reward matrix (members x prompts)
 is all-gathered, and every worker applies the same seed-rebuilt update, so the replicas stay
-bit-identical without sending a weight: the same result as one process. The workers compare
+bit-identical without sending a weight. The result is one process's only where the model's
+float forward gives the same bits at any batch size (a worker generates for its shard, a
+batch of its own, and kernels may reduce in another order per batch size). The workers compare
 a hash of their weights before step 0, every ``INTES_DIST_VERIFY_EVERY`` steps (default 10) and
 whenever ``ESFineTuner.verify`` is called (at the end). Without a process group nothing of
 this runs.

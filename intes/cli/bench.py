@@ -8,10 +8,11 @@ import click
 
 from intes.kernels import BACKENDS
 from intes.kernels.gemm import GEMMS
+from intes.models import MODELS
 
 
 @click.command()
-@click.option("--model", type=click.Choice(["rwkv", "egg"]), default="rwkv", show_default=True)
+@click.option("--model", type=click.Choice(sorted(MODELS)), default="rwkv", show_default=True)
 @click.option("--dim", type=int, default=256, show_default=True)
 @click.option("--layers", type=int, default=2, show_default=True)
 @click.option("--population", type=int, default=1024, show_default=True)

@@ -7,9 +7,9 @@ imported inside the functions that need them, so `intes --help` stays fast.
 
 Under torchrun (``torchrun --nproc-per-node N intes finetune ...``) every process is one
 worker: it joins the process group (NCCL when CUDA is available, else gloo), generates for its
-shard of the population, and all apply the same update (see ``intes.adapters.hf``); the
-result is the model one process would have made, bit for bit. Rank 0 alone shows progress
-and writes --out.
+shard of the population, and all apply the same update (see ``intes.adapters.hf``): the
+replicas stay bit-identical (and equal one process's model where the float forward does not
+depend on the batch size). Rank 0 alone shows progress and writes --out.
 """
 
 from __future__ import annotations
@@ -128,15 +128,16 @@ def _load_model(path: Path, dtype: str, device: str):
 
 
 def _plot(history: list[dict], path: Path) -> None:
-    """Reward per step: population mean with the min..max band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Reward per step: population mean with the min..max band (an Agg canvas, as
+    ``intes.plot``: no pyplot, so no global backend or figure state is touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.fill_between(steps, [h["reward_min"] for h in history], [h["reward_max"] for h in history],
                     alpha=0.25, label="population min..max")
     ax.plot(steps, [h["reward_mean"] for h in history], label="population mean")
@@ -146,7 +147,6 @@ def _plot(history: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _check_out(out: Path) -> None:

@@ -78,6 +78,9 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
     """The checkpoint config and metadata a --resume continues."""
     if out is None:
         raise ConfigError("--resume needs --out RUN, the run directory to continue")
+    if Path(out).name == CHECKPOINT_NAME:
+        raise ConfigError(f"--out {out} is a checkpoint; give its run directory, "
+                          f"{Path(out).parent}, which the resumed run writes to")
     store = Path(out).expanduser() / CHECKPOINT_NAME
     if existing_version(store) is None:
         raise CheckpointError(f"no checkpoint at {store} to resume; drop --resume to start")

@@ -62,9 +62,11 @@ class IntLM:
 
     kind = ""
 
-    def __init__(self, vocab_size: int, dim: int, layers: int, hidden_mult: int = 4):
+    hidden_mult = 4  # the MLP's width over the model's
+
+    def __init__(self, vocab_size: int, dim: int, layers: int):
         self.vocab_size, self.dim, self.layers = vocab_size, dim, layers
-        self.hidden = hidden_mult * dim
+        self.hidden = self.hidden_mult * dim
         self.specs = [ParamSpec("emb", (vocab_size, dim), "embedding")]
         for i in range(layers):
             self.specs += self.block_specs(f"blocks.{i}.")
