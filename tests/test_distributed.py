@@ -1,9 +1,11 @@
 """Distributed pretraining: 2 gloo workers on 127.0.0.1 give the weights of 1 process.
 
 Workers are real processes: torchrun for the runs a user would launch, and for the failure
-tests two processes given torchrun's environment variables by hand, so the test can kill or
-stall one and watch the other. Tiny configs keep each run to seconds; most of the time is
-importing torch in every process.
+tests two processes given torchrun's environment variables by hand (this process hosts their
+store, as torchrun's agent does), so the test can make one die or stall and watch the other.
+Tiny configs keep each run to seconds; most of the time is importing torch in every process.
+No assertion is on elapsed time: a stalled worker waits for the test to release it, and the
+timeouts here only bound a hang.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,16 @@ slow = pytest.mark.slow  # starts worker processes, each importing torch: second
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def port() -> Iterator[int]:
+    """The port of a TCP store this process hosts for hand-started workers, as torchrun's agent
+    hosts one (TORCHELASTIC_USE_AGENT_STORE): the OS picks the port and the store holds it
+    throughout, so no other process can take it between picking and binding."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    yield store.port
+    del store
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -62,9 +69,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def worker_env(rank: int, port: int, **extra: str) -> dict[str, str]:
-    """What torchrun gives worker ``rank`` of 2 on this machine."""
+    """What torchrun gives worker ``rank`` of 2 on this machine, its agent's store at ``port``."""
     return clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                     TORCHELASTIC_USE_AGENT_STORE="True", **extra)
 
 
 def single(args: list[str]) -> None:
@@ -74,8 +82,9 @@ def single(args: list[str]) -> None:
 
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), INTES, "pretrain", *args]
+    """``intes pretrain *args`` on 2 workers; --standalone: torchrun's store takes a free port
+    itself (no port picked here and raced for)."""
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", INTES, "pretrain", *args]
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=180)
 
 
@@ -182,9 +191,32 @@ def test_collectives_are_no_ops_in_one_process() -> None:
     distributed.assert_same(3, "anything")
 
 
+def start_together(procs: list[subprocess.Popen]) -> list[str]:
+    """Release workers that said "ready" and wait for a line on stdin, all at once; returns
+    what each printed before. Importing torch takes seconds, unevenly on a busy machine, so
+    this keeps a short INTES_DIST_TIMEOUT from also bounding the skew of their start-up."""
+    before = []
+    for p in procs:
+        lines = []
+        for line in p.stdout:  # line by line: nothing after "ready" is read ahead here
+            if line == "ready\n":
+                break
+            lines.append(line)
+        else:
+            pytest.fail(f"a worker exited before it was ready:\n{''.join(lines)}")
+        before.append("".join(lines))
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return before
+
+
 COLLECTIVES = textwrap.dedent("""
-    import os, time, numpy as np
+    import os, sys, numpy as np
+    import torch.distributed
     from intes import distributed as d
+    print("ready", flush=True)
+    sys.stdin.readline()  # the test starts both workers together
     d.init_from_env("reference")
     r = int(os.environ["RANK"])
     a, b = d.shard_range(10)
@@ -203,13 +235,12 @@ COLLECTIVES = textwrap.dedent("""
         assert "rank(s) 1 differ" in str(err), err
     else:
         raise SystemExit("a divergence went unnoticed")
-    if r == 1:
-        time.sleep(STALL)  # longer than INTES_DIST_TIMEOUT: rank 0 must give up, not hang
-    began = time.monotonic()
+    if r == 1:  # stalls until the test closes its stdin, which it does once rank 0 has
+        sys.stdin.read()  # exited: rank 0 must give up after INTES_DIST_TIMEOUT, not hang
     try:
         d.any_rank(False)
     except d.DistributedError as err:  # rank 1 finds rank 0 gone, or times out itself
-        assert r == 1 or "Timed out" in str(err) and time.monotonic() - began < STALL, err
+        assert r == 1 or "Timed out" in str(err), err
     else:
         raise SystemExit("a stalled worker went unnoticed")
     d.shutdown()  # leave the group as the trainer does on an error path
@@ -217,14 +248,21 @@ COLLECTIVES = textwrap.dedent("""
 
 
 @slow
-def test_collectives_between_two_workers() -> None:
-    port, timeout = free_port(), 4
-    script = f"STALL = {timeout + 6}\n{COLLECTIVES}"  # 6 s of margin on a busy 2-core host
-    procs = [subprocess.Popen([sys.executable, "-c", script],
-                              env=worker_env(r, port, INTES_DIST_TIMEOUT=str(timeout)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_collectives_between_two_workers(port: int) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES],
+                              env=worker_env(r, port, INTES_DIST_TIMEOUT="2"),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    try:
+        before = start_together(procs)
+        # rank 0 first: it can only finish by giving up on rank 1, whose stdin communicate()
+        # then closes, letting it find rank 0 gone (timeouts: hang guards only)
+        outputs = [b + p.communicate(timeout=120)[0] for b, p in zip(before, procs, strict=True)]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     assert [p.returncode for p in procs] == [0, 0], outputs
 
 
@@ -253,10 +291,9 @@ DIVERGE = textwrap.dedent("""
 
 
 @slow
-def test_a_replica_that_diverges_stops_every_worker() -> None:
+def test_a_replica_that_diverges_stops_every_worker(port: int) -> None:
     """The replica check (every INTES_DIST_VERIFY_EVERY steps, here 1) sees one worker's weights
     change behind the others' backs and stops both with one line naming the rank."""
-    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", DIVERGE],
                               env=worker_env(r, port, INTES_DIST_VERIFY_EVERY="1",
                                              INTES_DIST_TIMEOUT="60"),
@@ -307,14 +344,14 @@ def test_resume_under_torchrun_is_bit_exact(two_steps: tuple[Path, Path], text: 
 # failures: one line, no hang, nothing broken on disk
 
 
-def launch(args: list[list[str]], logs: Path, **extra: str) -> list[subprocess.Popen]:
-    """Worker r runs ``intes pretrain *args[r]`` as torchrun would start it; output in
-    logs/rank{r}.log."""
-    port, procs = free_port(), []
-    for r, a in enumerate(args):
+def launch(commands: list[list[str]], port: int, logs: Path,
+           **extra: str) -> list[subprocess.Popen]:
+    """Worker r runs ``commands[r]`` as torchrun would start it; output in logs/rank{r}.log."""
+    procs = []
+    for r, cmd in enumerate(commands):
         with (logs / f"rank{r}.log").open("w") as log:
-            procs.append(subprocess.Popen([INTES, "pretrain", *a], env=worker_env(r, port, **extra),
-                                          stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, env=worker_env(r, port, **extra), stdout=log,
+                                          stderr=subprocess.STDOUT))
     return procs
 
 
@@ -326,42 +363,55 @@ def last_line(path: Path) -> str:
     return path.read_text().strip().splitlines()[-1]
 
 
+# ``intes pretrain`` (argv after -c) that SIGKILLs itself after 2 steps, before it scores step 3:
+# a worker that dies at a known step, with no chance to say goodbye
+DIES_AFTER_2_STEPS = textwrap.dedent("""
+    import os, signal, sys
+    from intes import distributed
+    from intes.cli import main
+    score = distributed.ShardFitness.__call__
+    def dying(self, engine, windows):
+        if engine.step_index == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return score(self, engine, windows)
+    distributed.ShardFitness.__call__ = dying
+    main(sys.argv[1:])
+""")
+
+
 @slow
 @needs_cli
-def test_dead_worker_stops_the_other_with_one_line(text: Path, tmp_path: Path) -> None:
+def test_dead_worker_stops_the_other_with_one_line(text: Path, tmp_path: Path, port: int) -> None:
     timeout = 30  # a dead peer's sockets close, so it is noticed long before the timeout
     out = tmp_path / "run"
-    args = [*TINY, "--data", str(text), "--steps", "100000", "--checkpoint-every", "1",
-            "--eval-every", "100000", "--out", str(out)]
-    rank0, rank1 = launch([args, args], tmp_path, INTES_DIST_TIMEOUT=str(timeout))
+    args = ["pretrain", *TINY, "--data", str(text), "--steps", "100000", "--checkpoint-every",
+            "1", "--eval-every", "100000", "--out", str(out)]
+    procs = launch([[INTES, *args], [sys.executable, "-c", DIES_AFTER_2_STEPS, *args]], port,
+                   tmp_path, INTES_DIST_TIMEOUT=str(timeout))
     try:
-        deadline = time.monotonic() + 90
-        while max(steps_logged(out), default=0) < 2:
-            assert time.monotonic() < deadline and rank0.poll() is None, last_line(
-                tmp_path / "rank0.log")
-            time.sleep(0.05)
-        rank1.send_signal(signal.SIGKILL)
-        assert rank0.wait(timeout=2 * timeout) == 1  # margin: noticed by a closed socket or by then
+        assert finish(procs) == [1, -signal.SIGKILL], last_line(tmp_path / "rank0.log")
     finally:
-        for p in (rank0, rank1):
+        for p in procs:
             p.kill()
             p.wait()
     line = last_line(tmp_path / "rank0.log")
     assert line.startswith("error: worker 0 lost the other workers during"), line
     assert f"INTES_DIST_TIMEOUT={timeout} s" in line and "continue with --resume" in line, line
+    assert steps_logged(out) == [1, 2]
     engine, _ = load_engine(out)  # the last checkpoint rank 0 wrote is whole
-    assert engine.step_index >= 2
+    assert engine.step_index == 2
 
 
 @slow
 @needs_cli
-def test_workers_refuse_to_start_on_different_data(text: Path, tmp_path: Path) -> None:
+def test_workers_refuse_to_start_on_different_data(text: Path, tmp_path: Path,
+                                                   port: int) -> None:
     other = tmp_path / "other.txt"
     other.write_text(text.read_text().replace("fox", "cat"), encoding="utf-8")
     out = tmp_path / "run"
-    args = [[*TINY, "--data", str(data), "--steps", "2", "--out", str(out)]
+    cmds = [[INTES, "pretrain", *TINY, "--data", str(data), "--steps", "2", "--out", str(out)]
             for data in (text, other)]
-    assert finish(launch(args, tmp_path)) == [1, 1]
+    assert finish(launch(cmds, port, tmp_path)) == [1, 1]
     for r in range(2):
         line = last_line(tmp_path / f"rank{r}.log")
         assert line.startswith("error: worker 1's data differ from worker 0's"), line

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -213,16 +212,23 @@ def test_same_seed_same_weights_and_tied_rewards_change_nothing(tokenizer):
     assert weights(model) == before  # no signal, no move, bit for bit
 
 
-def test_member_chunks_give_the_same_completions(tokenizer):
+@settings(max_examples=6, deadline=None)
+@given(arch=st.sampled_from(ARCHS), population=st.integers(1, 5).map(lambda p: 2 * p),
+       chunk=st.integers(1, 10))
+def test_member_chunks_give_the_same_completions(tokenizer, arch, population, chunk):
+    """Members generated chunk at a time (chunks that split pairs, a ragged last one, one
+    member each, or larger than the population) complete every prompt as in one generate()."""
     def completions(chunk: int | None) -> list[str]:
         seen: list[str] = []
-        tuner = ESFineTuner(build("llama", tokenizer), tokenizer,
-                            lambda p, c: seen.append(c) or 0.0, population=6, sigma=0.05,
-                            max_new_tokens=6, member_chunk=chunk)
+        tuner = ESFineTuner(build(arch, tokenizer), tokenizer,
+                            lambda p, c: seen.append(c) or 0.0, population=population,
+                            sigma=0.05, max_new_tokens=6, member_chunk=chunk)
         tuner.evaluate(PROMPTS)
         return seen
 
-    assert completions(None) == completions(3) == completions(1)
+    whole = completions(None)
+    assert len(whole) == population * len(PROMPTS)
+    assert completions(chunk) == whole
 
 
 def test_out_of_memory_halves_the_member_chunk(tokenizer, monkeypatch):
@@ -566,12 +572,6 @@ def chars(prompt, completion):
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tensors(folder: Path) -> dict[str, bytes]:
     from safetensors.torch import load_file
 
@@ -595,9 +595,9 @@ def test_finetune_under_torchrun_gives_the_weights_of_one_process(saved, tmp_pat
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(OMP_NUM_THREADS="1", INTES_DIST_VERIFY_EVERY="1")  # as the in-process run
-    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), INTES, "finetune", *map(str, args),
-           "--out", str(tmp_path / "two" / "out")]
+    # --standalone: torchrun's store takes a free port itself (none picked here and raced for)
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", INTES, "finetune",
+           *map(str, args), "--out", str(tmp_path / "two" / "out")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("saved ") == 1  # rank 0 alone reports (and writes)

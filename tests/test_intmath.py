@@ -182,19 +182,6 @@ def _float_log2_softmax(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.take_along_axis(z, targets[:, None], axis=1)[:, 0] - lse
 
 
-@given(seeds, st.integers(2, 4096), st.integers(1, 6))
-def test_log_likelihood_matches_float_on_random_logits(seed, vocab, rows):
-    """Integer log2 p(target) is <= 0 and within 0.02 bits of float log-softmax (random logits)."""
-    rng = _rng(seed)
-    logits = rng.integers(-127, 128, (rows, vocab)).astype(np.int8)
-    targets = rng.integers(0, vocab, rows)
-    ll = im.log_likelihood(logits, targets)
-    assert ll.dtype == np.int32 and ll.shape == (rows,)
-    assert np.all(ll <= 0)
-    err = ll / 2**im.LL_FRAC_BITS - _float_log2_softmax(logits, targets)
-    assert np.all(np.abs(err) <= 0.02), err
-
-
 def _worst_case_bound(vocab: int) -> float:
     """Error bound in bits: each of vocab-1 table terms rounds by <= 1/2 against a sum >= 2^16,
     plus log2_fixed's error."""
@@ -215,18 +202,34 @@ def test_log_likelihood_adversarial_logits(vocab, gap, top, data):
     assert np.all(np.abs(err) <= _worst_case_bound(vocab)), err
 
 
-@given(int8_arrays(st.tuples(st.integers(1, 4), st.integers(2, 300))), st.data())
-def test_log_likelihood_any_int8_logits(logits, data):
-    """Arbitrary int8 logits: int32, <= 0, the argmax scores highest, error within the bound."""
+@st.composite
+def _logits(draw) -> tuple[np.ndarray, bool]:
+    """(rows, vocab) int8 logits, and whether they are uniform random: each value picked by
+    hypothesis (vocabularies up to 300: ties, runs, extremes), or uniform over [-127, 127]
+    from a seed (vocabularies up to 4096)."""
+    rows = draw(st.integers(1, 6))
+    if draw(st.booleans()):
+        return draw(int8_arrays((rows, draw(st.integers(2, 300))))), False
+    vocab = draw(st.integers(2, 4096))
+    return _rng(draw(seeds)).integers(-127, 128, (rows, vocab)).astype(np.int8), True
+
+
+@given(_logits(), st.data())
+def test_log_likelihood_any_int8_logits(drawn, data):
+    """Any int8 logits: int32 of shape (rows,), <= 0, the argmax scores highest, error within
+    the worst-case bound; on uniform random logits also within 0.02 bits of float log-softmax,
+    tighter than that bound past a vocabulary of ~1200 (random roundings mostly cancel)."""
+    logits, uniform = drawn
     rows, vocab = logits.shape
     targets = np.array(data.draw(st.lists(st.integers(0, vocab - 1), min_size=rows,
                                           max_size=rows)))
     ll = im.log_likelihood(logits, targets)
-    assert ll.dtype == np.int32 and np.all(ll <= 0)
+    assert ll.dtype == np.int32 and ll.shape == (rows,) and np.all(ll <= 0)
     best = im.log_likelihood(logits, logits.argmax(axis=1))
     assert np.all(best >= ll)
-    err = ll / 2**im.LL_FRAC_BITS - _float_log2_softmax(logits, targets)
-    assert np.all(np.abs(err) <= _worst_case_bound(vocab))
+    err = np.abs(ll / 2**im.LL_FRAC_BITS - _float_log2_softmax(logits, targets))
+    assert np.all(err <= _worst_case_bound(vocab)), err
+    assert not uniform or np.all(err <= 0.02), err
 
 
 def test_log_likelihood_uniform_logits():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from intes import noise as nz
@@ -130,22 +130,16 @@ def test_stream_key_is_the_chained_hash_of_its_fields(seed, step, pairs, tid):
     want = nz.mix32(k ^ nz.mix32(np.array(pairs, dtype=nz.U32) ^ salts[2]))
     assert np.array_equal(nz.stream_key(seed, step, np.array(pairs), tid), want)
 
+
+@example(0)  # the extremes: 0 and 1 ...
+@example(2**31 - 2**15)  # ... 2^31 ...
+@example(2**32 - 2**16)  # ... and 2^32 - 1
 @given(st.integers(0, 2**32 - 2**16))
 def test_mix32_is_a_bijection(start):
     """mix32 has no collisions on a block of 2^16 inputs and inverts exactly."""
     x = np.arange(start, start + 2**16, dtype=np.uint64).astype(np.uint32)
     y = nz.mix32(x)
     assert y.dtype == np.uint32
-    assert len(np.unique(y)) == len(x)
-    assert np.array_equal(_mix32_inverse(y), x)
-
-
-def test_mix32_is_a_bijection_on_random_and_extreme_inputs():
-    """No collisions on a large random sample including 0 and 2^32-1; inverse recovers inputs."""
-    rng = np.random.default_rng(0)
-    x = np.unique(np.concatenate([rng.integers(0, 2**32, 2**18, dtype=np.uint64),
-                                  [0, 1, 2**31, U32_MAX]]).astype(np.uint32))
-    y = nz.mix32(x)
     assert len(np.unique(y)) == len(x)
     assert np.array_equal(_mix32_inverse(y), x)
 

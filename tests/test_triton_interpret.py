@@ -246,7 +246,7 @@ def cuda_backend_two_es_steps_match_reference(mode: str, kind: str, pairs: int, 
 
     kernels = Kernels(_DeviceXp(), emulated_kernels().launch)  # strict: see _OnDevice
     population = 2 * pairs
-    cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=dim, layers=2),
+    cfg = TrainConfig(model=ModelConfig(kind=kind, vocab_size=16, dim=dim, layers=1),
                       es=es.ESConfig(population=population, group_size=2, rank=rank,
                                      noise_reuse=noise_reuse, fitness="normalized"),
                       seq_len=3, seed=seed)
