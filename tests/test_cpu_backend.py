@@ -326,6 +326,111 @@ def test_bad_epilogues_are_refused():
             CPU.linear(x, w, 4, None, 3, residual=residual)
 
 
+def bad_layer(case: str) -> tuple[np.ndarray, LowRank | None, str, bool]:
+    """An input a (64, 64) layer must refuse (x, noise of 4 pairs), what it says, and whether
+    the reference raises ValueError too (it casts any dtype, and broadcasts a rank-1 B)."""
+    rng = np.random.default_rng(5)
+    x, noise = int8s(rng, (2, 8, 64)), lowrank(rng, 4, 64, 64, 2, "random", 1)
+    a, b = noise.a, noise.b
+    return {"fan_in": (x[..., :60], None, "takes int8", True),
+            "fan_in_es": (x[..., :60], noise, "takes int8", True),
+            "dtype": (x.astype(np.int16), None, "takes int8", False),
+            "rows": (x[:, :5], noise, "whole copies", True),
+            "noise_out": (x, LowRank(a[:, :60], b), "do not fit", True),
+            "noise_in": (x, LowRank(a, b[:, :60]), "do not fit", True),
+            "noise_rank": (x, LowRank(a, b[..., :1]), "do not fit", False),
+            "noise_dtype": (x, LowRank(a.astype(np.int16), b), "do not fit", False)}[case]
+
+
+@pytest.mark.parametrize("case", ["fan_in", "fan_in_es", "dtype", "rows", "noise_out",
+                                  "noise_in", "noise_rank", "noise_dtype"])
+@pytest.mark.parametrize("cpu", GEMM_BACKENDS, ids=lambda b: b.gemm.name)
+def test_bad_layer_inputs_are_refused(cpu, case):
+    """x of another fan-in or dtype, rows that are not whole copies of the noise's members,
+    noise factors that do not fit the weight: ValueError before any kernel reads or writes
+    past an array."""
+    x, noise, match, ref_raises = bad_layer(case)
+    w = int8s(np.random.default_rng(6), (64, 64))
+    with pytest.raises(ValueError, match=match):
+        cpu.linear(x, cpu.prepare(w), 6, noise, 3)
+    if noise is None:
+        with pytest.raises(ValueError, match=match):
+            cpu.base_product(np.ascontiguousarray(x[0]), cpu.prepare(w))
+    if ref_raises:
+        with pytest.raises(ValueError):
+            REF.linear(x, REF.prepare(w), 6, noise, 3)
+
+
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
+def test_bad_gru_scan_inputs_are_refused():
+    """EGG's fused recurrence takes int8 state whose width is its weights' and whose rows are
+    whole copies of the members, blocks fx, hx of the state's rows, per-token resets and
+    biases as wide as the state, noise that fits the weights."""
+    rng = np.random.default_rng(7)
+    d, rows, tokens = 32, 8, 3
+    w = VNNI.prepare(int8s(rng, (d, d)))
+    noise = lowrank(rng, 4, d, d, 1, "random", 2)
+    fx, hx, h, b = (int8s(rng, s) for s in ((tokens, rows, d), (tokens, rows, d), (rows, d),
+                                            (d,)))
+
+    def scan(fx=fx, hx=hx, h=h, resets=None, bf=b, noise=noise):
+        return VNNI.gru_scan(fx, hx, h, resets, (w, 6, noise), (w, 6, noise), bf, b, 3)
+
+    assert scan() is not None  # the fused kernel runs these
+    wide = int8s(rng, (tokens, rows, d + 8))
+    for kw, match in (({"h": h.astype(np.int16)}, "takes int8"),
+                      ({"fx": fx[:, :6], "hx": hx[:, :6], "h": h[:6]}, "whole copies"),
+                      ({"fx": wide, "hx": wide, "h": wide[0]}, "gru_scan of"),
+                      ({"hx": hx[:2]}, "gru_scan of"),
+                      ({"fx": fx.astype(np.int16)}, "gru_scan of"),
+                      ({"bf": b[:16]}, "gru_scan of"),
+                      ({"resets": np.zeros((tokens, rows + 2), dtype=bool)}, "gru_scan of"),
+                      ({"noise": LowRank(noise.a[:, :16], noise.b)}, "do not fit")):
+        with pytest.raises(ValueError, match=match):
+            scan(**kw)
+
+
+def test_bad_embed_and_log_likelihood_inputs_are_refused():
+    """Tokens that are not whole copies of the noise's members, noise that does not fit the
+    table, a table that is not (vocab, dim), logits that are not one row per target."""
+    rng = np.random.default_rng(8)
+    table, tokens = int8s(rng, (16, 8)), rng.integers(0, 16, 8)
+    noise = lowrank(rng, 4, 16, 8, 2, "random", 3)
+    for args, match, ref_raises in (
+            ((table, tokens[:6], noise), "whole copies", True),
+            ((table, tokens, LowRank(noise.a[:, :12], noise.b)), "do not fit", False),
+            ((table, tokens, LowRank(noise.a, noise.b[:, :6])), "do not fit", True),
+            ((table[None], tokens, None), r"want \(vocab, dim\)", False)):
+        with pytest.raises(ValueError, match=match):
+            CPU.embed(*args, 3)
+        if ref_raises:
+            with pytest.raises(ValueError):
+                REF.embed(*args, 3)
+    with pytest.raises(ValueError, match="for targets"):
+        CPU.log_likelihood(int8s(rng, (6, 16)), tokens[:5])
+
+
+@pytest.mark.parametrize("cpu", GEMM_BACKENDS, ids=lambda b: b.gemm.name)
+def test_bad_update_inputs_are_refused(cpu):
+    """Noise that does not fit the matrix or vector, fitness of another population."""
+    rng = np.random.default_rng(9)
+    w, v = int8s(rng, (20, 12)), int8s(rng, (12,))
+    noise, vnoise = lowrank(rng, 4, 20, 12, 2, "random", 4), int8s(rng, (4, 12), bound=8)
+    f = rng.integers(-15, 16, 4).astype(np.int32)
+    for args, match in (((w, LowRank(noise.a[:, :16], noise.b), f), "do not fit"),
+                        ((w, LowRank(noise.a, noise.b[:, :10]), f), "do not fit"),
+                        ((w, noise, f[:3]), "fitness")):
+        with pytest.raises(ValueError, match=match):
+            cpu.update_matrix(*args, 40)
+        with pytest.raises(ValueError):
+            REF.update_matrix(*args, 40)
+    for args, match in (((v, vnoise[:, :10], f), "for a vector"), ((v, vnoise, f[:3]), "fitness")):
+        with pytest.raises(ValueError, match=match):
+            cpu.update_vector(*args, 40)
+        with pytest.raises(ValueError):
+            REF.update_vector(*args, 40)
+
+
 @pytest.mark.skipif(VNNI_MISSING is not None, reason=str(VNNI_MISSING))
 @pytest.mark.parametrize(("sigma", "rank"), [(3, 1), (8, 1), (6, 3)])
 def test_fused_es_on_both_sides_of_the_merged_bound(sigma, rank):
@@ -882,6 +987,14 @@ def test_bad_thread_count_is_a_config_error(monkeypatch, value):
         CpuBackend()
 
 
+def test_zero_threads_or_token_block_is_refused_not_auto():
+    """None asks for the default; an explicit 0 is an error, not a request for it."""
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        CpuBackend(0)
+    with pytest.raises(ConfigError, match="token block must be >= 1"):
+        CpuBackend(1, token_block=0)
+
+
 def test_token_block_rule_and_overrides(monkeypatch):
     """By default a tiny batch runs SMALL_BATCH_BLOCK tokens at once, small slices blocks of
     TOKEN_BLOCK tokens and large ones token by token; the fused VNNI engine blocks tokens at
@@ -956,7 +1069,8 @@ def test_gemm_summary_names_the_engine_intes_cpu_gemm_asks_for(monkeypatch):
 @given(seed=seeds, pairs=st.integers(1, 80), rank=ranks, spread=st.integers(1, 40))
 def test_level_plan_groups_pairs_by_magnitude(seed, pairs, rank, spread):
     """Every k = p r + r' with f_p != 0 sits once in the level of its |f|, signed as f_p;
-    each level is whole groups of 4 with zero padding; past MAX_LEVELS there is no plan."""
+    each level is whole groups of 4 with zero padding; past MAX_LEVELS there is no plan.
+    The cached plan is read-only."""
     rng = np.random.default_rng(seed)
     fitness = rng.integers(-spread, spread + 1, pairs).astype(np.int32)
     plan = level_plan(fitness.tobytes(), rank)
@@ -965,6 +1079,7 @@ def test_level_plan_groups_pairs_by_magnitude(seed, pairs, rank, spread):
         assert plan is None
         return
     slots, levels = plan
+    assert not slots.flags.writeable and not levels.flags.writeable
     assert len(slots) % 4 == 0 and len(levels) == distinct
     assert len(slots) == 4 * (levels[-1, 0] if len(levels) else 0)
     start = 0

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,6 +134,32 @@ def test_emulated_backend_names_its_device(emulated) -> None:
     assert backend.ew is CpuElementwise  # the host's fused elementwise ops, not numpy's
 
 
+def test_device_ops_linear_applies_what_ops_linear_does(emulated) -> None:
+    """DeviceOps.linear takes Ops.linear's activation or residual and applies it after the
+    layer with the CUDA C kernels. The layer itself is the reference's (a stand-in for the
+    Triton kernel, which test_triton_interpret.py checks)."""
+    rng = np.random.default_rng(4)
+    x, w, calls = _int8(rng, (4, 24), True), _int8(rng, (16, 24), False), []
+    y = REF.linear(x, w, 5, None, 0)
+
+    def device_linear(*args):
+        calls.append(args[1:])
+        return emulated.xp.asarray(y)
+
+    ops = SimpleNamespace(vectors={}, prepared={"w": w}, shifts={"w": 5}, noise={},
+                          sigma_shift=0)
+    dev = cuda.DeviceOps(SimpleNamespace(kernels=emulated, device_linear=device_linear), ops)
+    r = _int8(rng, y.shape, True)
+    assert np.array_equal(_host(dev.linear("w", x)), y)
+    assert calls == [(w, 5, None, 0)]
+    for activation in ("relu", "relu_sq"):
+        got = dev.linear("w", x, activation=activation)
+        assert np.array_equal(_host(got), getattr(im, activation)(y))
+    assert np.array_equal(_host(dev.linear("w", x, residual=r)), im.sat_add(r, y))
+    with pytest.raises(ValueError, match="not both"):
+        dev.linear("w", x, activation="relu", residual=r)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit) here")
 def test_cuda_source_compiles_for_h100() -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,13 +235,6 @@ def test_norm_matches_intmath(kernels, rows, d, per_row, extreme, seed):
     x = _int8(rng, (rows, d), extreme)
     w = _int8(rng, (rows if per_row else 1, d), extreme)
     assert np.array_equal(run(kernels, "norm", x, w), im.norm(x, w))
-
-
-@pytest.mark.parametrize("table", ["EXP2_TABLE", "SIGMOID_TABLE", "WKV_EXP_TABLE",
-                                   "RELU_SQ_TABLE", "LOG2_MANTISSA"])
-def test_lut_matches_intmath(kernels, table) -> None:
-    x = np.arange(-127, 128, dtype=np.int8).reshape(5, 51)  # every entry
-    assert np.array_equal(run(kernels, "lut", table, x), im.lut(getattr(im, table), x))
 
 
 @given(rows=st.integers(1, 6), d=st.integers(1, 64), terms=st.integers(2, 3),

@@ -36,8 +36,10 @@ class Backend(Protocol):
     EGG's recurrence over a token block in one call (``intes.models.egg.gru_scan``; None
     where it cannot, and the model loops). A fourth, ``fused_epilogues``, names what
     ``linear`` applies to its own output: ``ew`` ops (``activation=name``) and "residual"
-    (``residual=r``, sat_add(r, output)); the cpu backend does both in the product's
-    epilogue. For the others ``Ops.linear`` applies them after the layer.
+    (``residual=r``, sat_add(r, output)): the cpu backend's VNNI engine applies relu and
+    residuals in the product's epilogue (relu_sq too where the CPU has VBMI), its other
+    engines with ``ew`` right after the layer. For other backends ``Ops.linear`` applies
+    them after the layer.
 
     ``token_block(rows, width)`` (default 1) is how many tokens a forward over that many
     member rows of a model that wide passes at once, as (T, rows, d) blocks: a backend that

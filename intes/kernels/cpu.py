@@ -22,9 +22,15 @@ layers, EGG's recurrence over them, the embedding and the update's step),
 ``cpu_elementwise`` (the model's other ops and the log-likelihood), ``cpu_noise`` (the noise
 generators) and ``cpu_scalar`` (the int32 helpers every kernel inlines).
 
-Integer overflow: where the reference computes in int32 these kernels do too (and wrap the
-same way), so results agree even outside the argued bounds. Inputs follow ``intes.intmath``'s
-conventions: int8 values in [-127, 127], never -128.
+Integer overflow: where the reference computes in int32 these kernels do too and wrap the
+same way, but results are argued to agree only inside the bounds of
+``intes.kernels.reference``: an ES correction is negated as ((-y) + 2^sigma_shift - 1) >>
+sigma_shift, which needs that much headroom (``linear_bound``), and the update's float path
+(``float_lowrank_sum``) stays exact in float64 where the reference's int32 would wrap (at
+|Z| >= 2^31, which ``ESConfig.validate`` rules out). Inputs follow ``intes.intmath``'s
+conventions: int8 values in [-127, 127], never -128. Shapes and dtypes are checked before a
+kernel indexes by them (ValueError): the kernels check no bounds, so a mismatch would read or
+write outside the arrays.
 
 The per-step forms (``prepare``) are shared and read-only but for their ES-plan cache (dict
 writes, atomic under the GIL); per-call scratch buffers are per thread, so one backend serves
@@ -185,14 +191,56 @@ if HAVE_VBMI:
     EPILOGUES["relu_sq"] = intmath.RELU_SQ_TABLE[INT8_MAX:].astype(np.uint8)
 
 ES_PLANS = 64  # plans kept per weight: one per population slice (or chunk) of a step
+_INT8 = np.dtype(np.int8)  # what the checks compare dtypes with: faster than with np.int8
+
+
+def _check_rows(x: np.ndarray, fan_in: int, noise: LowRank | None) -> None:
+    """ValueError unless x is int8 rows (rows, fan_in), with noise whole copies of its 2P
+    members: the kernels index by these shapes unchecked."""
+    if x.ndim != 2 or x.dtype != _INT8 or x.shape[1] != fan_in:
+        raise ValueError(f"x is {x.dtype}{x.shape}, the layer takes int8 (rows, {fan_in})")
+    if noise is not None and len(x) % (2 * len(noise.a)):
+        raise ValueError(f"{len(x)} rows are not whole copies of the {2 * len(noise.a)} "
+                         "members of the noise's pairs")
+
+
+def _check_noise(noise: LowRank, shape: tuple[int, ...]) -> None:
+    """ValueError unless noise's factors are int8 a (P, out, r), b (P, in, r) for a matrix
+    (out, in)."""
+    a, b = noise.a, noise.b
+    if (len(shape) != 2 or a.ndim != 3 or a.dtype != _INT8 or b.dtype != _INT8
+            or a.shape[1] != shape[0] or b.shape != (len(a), shape[1], a.shape[2])):
+        raise ValueError(f"noise factors {a.dtype}{a.shape}, {b.dtype}{b.shape} do not fit "
+                         f"a matrix {shape}: want int8 (P, out, r), (P, in, r)")
+
+
+def _check_fitness(fitness: np.ndarray, pairs: int) -> None:
+    if fitness.shape != (pairs,):
+        raise ValueError(f"fitness {fitness.shape} for noise of {pairs} pairs")
+
+
+def _check_scan(fx, hx, h, resets, biases, weights, noise) -> None:
+    """ValueError unless ``gru_scan``'s arrays fit its square recurrent weights (d, d): int8
+    fx, hx (T, rows, d) and h (rows, d), resets (T, rows), biases (..., d)."""
+    d = h.shape[-1]
+    _check_rows(h, d, noise)
+    if (fx.shape != hx.shape or fx.shape[1:] != h.shape or fx.dtype != _INT8
+            or hx.dtype != _INT8 or any(w.shape != (d, d) for w in weights)
+            or any(b.shape[-1] != d for b in biases)
+            or (resets is not None and resets.shape != fx.shape[:2])):
+        raise ValueError(f"gru_scan of fx {fx.dtype}{fx.shape}, hx {hx.dtype}{hx.shape}, h "
+                         f"{h.shape}, resets {None if resets is None else resets.shape}, "
+                         f"biases {[b.shape for b in biases]}, weights "
+                         f"{[w.shape for w in weights]}")
 
 
 def _es_plan(w: CpuWeight, noise: LowRank, fan_in: int, sigma_shift: int,
              shift: np.int32) -> tuple:
-    """(noise, kernel, its arguments before (half, shift, out)) of an ES layer, kept with
-    its weight for the step: the same for all of the layer's token blocks, so each call
-    after the first skips the factor views, the bound check and the kernel choice (a few
-    microseconds a call, most of an ES layer's Python)."""
+    """(noise, kernel, args) of an ES layer, called as kernel(x, *args, half, shift, out,
+    act), kept with its weight for the step: the same for all of the layer's token blocks,
+    so each call after the first skips the factor views, the shape and bound checks and the
+    kernel choice (a few microseconds a call, most of an ES layer's Python)."""
+    _check_noise(noise, w.w.shape)
     p = w.wt
     at, bt = _factors(noise)
     rank, bsum = at.shape[1], factor_sums(bt)
@@ -234,10 +282,11 @@ class CpuBackend:
 
     def __init__(self, threads: int | None = None, gemm: str | None = None,
                  token_block: int | None = None) -> None:
-        self.threads = threads or default_threads()  # population slices run concurrently
+        # population slices run concurrently; None: the default (0 is refused, not "auto")
+        self.threads = default_threads() if threads is None else threads
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        self.fixed_block = token_block or default_token_block()
+        self.fixed_block = default_token_block() if token_block is None else token_block
         if self.fixed_block is not None and self.fixed_block < 1:
             raise ConfigError(f"token block must be >= 1, got {self.fixed_block}")
         self.gemm: GemmEngine = make_gemm(gemm)
@@ -256,10 +305,16 @@ class CpuBackend:
         return TOKEN_BLOCK if rows <= BLOCK_ROWS else 1
 
     def prepare(self, w: np.ndarray) -> CpuWeight:
+        """W with its GEMM engine's form of W^T, once per step (``CpuWeight``)."""
         return CpuWeight(w, self.gemm.prepare(w))
 
     def base_product(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
-        """(rows, out) exact X @ W^T: int32, or float32 holding exact integers."""
+        """(rows, out) exact X @ W^T: int32, or float32 holding exact integers.
+
+        The float32, AVX2 and int8 engines write it into a per-thread scratch buffer, valid
+        until this thread's next product of that shape: use it (or copy it) before then.
+        The VNNI engine returns a new array."""
+        _check_rows(x, w.w.shape[1], None)
         return self.gemm.product(x, w.wt)
 
     def fused_linear(self, x: np.ndarray, w: CpuWeight, half: np.int32, shift: np.int32,
@@ -287,6 +342,7 @@ class CpuBackend:
         (wf, shift_f, noise_f), (wh, shift_h, noise_h) = uf, uh
         if not (isinstance(wf.wt, VnniWeight) and isinstance(wh.wt, VnniWeight)):
             return None
+        _check_scan(fx, hx, h, resets, (bf, bh), (wf.w, wh.w), noise_f or noise_h)
         (half_f, shift_f), (half_h, shift_h) = _rounding(shift_f), _rounding(shift_h)
         hs = np.empty(fx.shape, dtype=np.int8)
         args = (fx, hx, np.ascontiguousarray(h), _NO_RESETS if resets is None else resets,
@@ -317,6 +373,7 @@ class CpuBackend:
         if activation is not None and residual is not None:
             raise ValueError("an activation or a residual, not both")
         rows = np.ascontiguousarray(_rows2d(x))
+        _check_rows(rows, w.w.shape[1], noise)
         half, shift = _rounding(shift)
         shape = (*x.shape[:-1], w.w.shape[0])
         if residual is not None:
@@ -342,6 +399,8 @@ class CpuBackend:
                         ) -> np.ndarray:
         """A layer on the other GEMM engines: their int32 (or exact float32) product, then
         the epilogue in a pass of its own."""
+        if noise is not None:  # no ES plan here to check it once per step
+            _check_noise(noise, w.w.shape)
         rank1 = noise is not None and noise.a.shape[2] == 1
         factors = None if noise is None else _factors(noise)
         if rank1:  # projected before the GEMM, while x is in cache
@@ -358,6 +417,15 @@ class CpuBackend:
         return out
 
     def embed(self, table, tokens, noise, sigma_shift):
+        """``Backend.embed``: each token's table row, perturbed per member (tokens whole
+        copies of the 2P members). Token values are not checked: they index the table."""
+        if table.ndim != 2:
+            raise ValueError(f"table is {table.shape}, want (vocab, dim)")
+        if noise is not None:
+            _check_noise(noise, table.shape)
+            if tokens.size % (2 * len(noise.a)):
+                raise ValueError(f"{tokens.size} tokens are not whole copies of the "
+                                 f"{2 * len(noise.a)} members of the noise's pairs")
         out = np.empty((*tokens.shape, table.shape[1]), dtype=np.int8)
         flat, rows = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1), _rows2d(out)
         if noise is None:
@@ -369,12 +437,19 @@ class CpuBackend:
         return out
 
     def log_likelihood(self, logits, targets):
+        """``Backend.log_likelihood``: one per target, a row of logits for each."""
+        rows = _rows2d(logits)
+        if len(rows) != targets.size:
+            raise ValueError(f"logits {logits.shape} for targets {targets.shape}")
         out = np.empty(targets.shape, dtype=np.int32)
-        _log_likelihood(_rows2d(logits), np.ascontiguousarray(targets, dtype=np.int64).reshape(-1),
+        _log_likelihood(rows, np.ascontiguousarray(targets, dtype=np.int64).reshape(-1),
                         out.reshape(-1))
         return out
 
     def update_matrix(self, w, noise, fitness, threshold):
+        """``Backend.update_matrix``: Z by the GEMM engine, fused with the step on VNNI."""
+        _check_noise(noise, w.shape)
+        _check_fitness(fitness, len(noise.a))
         factors = _factors(noise)
         if isinstance(self.gemm, VnniGemm):
             operands = self.gemm.update_operands(*factors, fitness)
@@ -387,4 +462,8 @@ class CpuBackend:
         return step_by_sign(w, self.gemm.lowrank_sum(*factors, fitness), threshold)
 
     def update_vector(self, v, noise, fitness, threshold):
+        """``Backend.update_vector``: sum_p f_p e_p by the GEMM engine, then the step."""
+        if v.ndim != 1 or noise.shape[1:] != v.shape:
+            raise ValueError(f"noise {noise.shape} for a vector {v.shape}: want (P, {v.size})")
+        _check_fitness(fitness, len(noise))
         return step_by_sign(v, self.gemm.vector_sum(fitness, noise), threshold)

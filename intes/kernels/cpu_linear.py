@@ -422,6 +422,7 @@ def _fused_update(x, packed, comp, levels, w, threshold, out):
 
 
 def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
+    """``reference.step_by_sign`` by the flat numba kernel ``_step_by_sign``."""
     out = np.empty(w.size, dtype=np.int8)
     _step_by_sign(np.ascontiguousarray(w).ravel(), np.ascontiguousarray(z).ravel(),
                   threshold, out)

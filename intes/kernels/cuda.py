@@ -27,7 +27,8 @@ activations and recurrent state stay in device memory; the windows go up once, a
 summed log-likelihoods come back. Through the Engine on an H200, before
 scoring moved onto the device, the ES step ran at a tenth of the cpu backend's speed on two
 cores (``benchmarks/results/gpu_cli_bench_rwkv_n1024_h200.json``). That is why
-``--backend auto`` does not pick this backend until a GPU run measures the device scoring.
+``--backend auto`` prefers the cpu backend (``intes.kernels.AUTO_ORDER``) and takes this one
+only where that one fails to import, until a GPU run measures the device scoring.
 ``benchmarks/bench_gpu.py`` times the device kernels on a model of its own.
 
 Nothing here imports torch, triton or cupy at module import: ``unavailable_reason()`` says
@@ -337,10 +338,18 @@ class DeviceOps:
         self.vectors = {name: backend.kernels.xp.asarray(v) for name, v in ops.vectors.items()}
         self._tables: dict[str, Any] = {}
 
-    def linear(self, name: str, x: Any) -> Any:
+    def linear(self, name: str, x: Any, activation: str | None = None,
+               residual: Any = None) -> Any:
+        """``Ops.linear`` on device arrays: the layer, then the kernels' ``activation`` or
+        sat_add(residual, output), if given."""
+        if activation is not None and residual is not None:
+            raise ValueError("an activation or a residual, not both")
         o = self.ops
-        return self.backend.device_linear(x, o.prepared[name], o.shifts[name],
-                                          o.noise.get(name), o.sigma_shift)
+        out = self.backend.device_linear(x, o.prepared[name], o.shifts[name],
+                                         o.noise.get(name), o.sigma_shift)
+        if activation is not None:
+            return getattr(self.ew, activation)(out)
+        return out if residual is None else self.ew.sat_add(residual, out)
 
     def embed(self, name: str, tokens: Any) -> Any:
         if name not in self._tables:  # once per score call: the weights are fixed during it

@@ -174,11 +174,6 @@ extern "C" __global__ void scale_rows(const i8* x, const i8* w, const int* mean_
     }
 }
 
-/* intmath.lut: table[x + 127] for int8 x */
-extern "C" __global__ void lut(const int* table, const i8* x, long long n, int* out) {
-    GRID_STRIDE(i, n) out[i] = table[x[i] + INT8_MAX];
-}
-
 /* intmath.lut cast to int8 as numpy's astype does (relu_sq: table values in [0, 126]) */
 extern "C" __global__ void lut8(const int* table, const i8* x, long long n, i8* out) {
     GRID_STRIDE(i, n) out[i] = (i8)table[x[i] + INT8_MAX];
@@ -366,13 +361,6 @@ class Kernels:
         out = xp.empty_like(x)
         self.launch("scale_rows", rows * d, (x, w, mean_abs, np.int32(rows), np.int32(d),
                                              _row_stride(w, rows, d), out))
-        return out
-
-    def lut(self, name: str, x: Any) -> Any:
-        """intmath.lut(intmath.<name>, x): int32 table values at int8 x."""
-        x = self._dense(x, self.xp.int8)
-        out = self.xp.empty(x.shape, dtype=self.xp.int32)
-        self.launch("lut", x.size, (self._table(name), x, np.int64(x.size), out))
         return out
 
     def lut8(self, name: str, x: Any) -> Any:

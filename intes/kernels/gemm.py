@@ -146,7 +146,7 @@ def _scale_split(at, fitness, hi, lo):
             for o in range(at.shape[2]):
                 v = f * np.int32(at[p, r, o])
                 hi[p, r, o] = np.int8(v >> _LO_BITS)
-                lo[p, r, o] = np.int8(v & ((1 << _LO_BITS) - 1))
+                lo[p, r, o] = np.int8(v & _LO_MASK)
 
 
 @njit(nogil=True, cache=True)
@@ -217,6 +217,8 @@ class Float32Gemm(FloatUpdate):
     def chunks(self, x: np.ndarray, wt: np.ndarray) -> np.ndarray:
         """(chunks, N, out) float32 exact partial products X[:, chunk] @ W^T[chunk]."""
         rows, fan_in = x.shape
+        if fan_in != wt.shape[0]:  # the chunks would slice a prefix of W
+            raise ValueError(f"x has {fan_in} columns, W {wt.shape[0]}")
         xf = self._scratch.get("x", x.shape, lambda s: np.empty(s, np.float32))
         np.copyto(xf, x)
         chunks = k_chunks(fan_in)
@@ -372,7 +374,7 @@ def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray] | Non
 
     Returns (slots, levels): slots[s] = sign(f) (k + 1) of the k in slot s, 0 for padding;
     levels (L, 2) int32 = (end group, |f|) per level, as ``_tile_levels`` reads them. None
-    past MAX_LEVELS distinct |f|.
+    past MAX_LEVELS distinct |f|. Both read-only, as the cache shares them.
     """
     f = np.frombuffer(fitness, dtype=np.int32).astype(np.int64)
     mags = np.abs(f)
@@ -391,6 +393,7 @@ def level_plan(fitness: bytes, rank: int) -> tuple[np.ndarray, np.ndarray] | Non
     for r in range(rank):  # k = p r + r', stored as sign(f_p) (k + 1)
         slots[start + r] = np.sign(f[order]) * (order * rank + r + 1)
     levels = np.stack([ends // 4, -values], axis=1).astype(np.int32)  # (L, 2), L may be 0
+    slots.flags.writeable = levels.flags.writeable = False
     return slots, levels
 
 

@@ -4,7 +4,8 @@ Bounds (``linear_bound`` is checked for every layer by ``TrainConfig.validate``,
 tests run all-extreme inputs):
 - base product: |x @ W^T| <= in * 127^2.
 - correction: |x @ B| >> 4 <= in * 127 * NOISE_MAX / 16; times |A| <= NOISE_MAX over r terms
-  before the sigma shift; the base plus the shifted correction is the accumulator.
+  before the sigma shift; the base plus the shifted correction is the accumulator, to which
+  the rescale (rshift_round) adds 2^(shift - 1).
 - update: |sum_p f_p (A_p B_p^T)_ij| <= sum |f_p| * r * NOISE_MAX^2 (ESConfig.validate).
 """
 
@@ -12,17 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from intes.intmath import FRAC_BITS, log_likelihood, rshift_round, sat8
+from intes.intmath import FRAC_BITS, fan_in_shift, log_likelihood, rshift_round, sat8
 from intes.kernels.base import LowRank
 from intes.noise import NOISE_MAX
 
 
-def linear_bound(fan_in: int, rank: int, sigma_shift: int) -> int:
-    """Largest |int32 intermediate| of a perturbed linear layer with all-extreme inputs."""
+def linear_bound(fan_in: int, rank: int, sigma_shift: int, shift: int | None = None) -> int:
+    """Largest |int32 intermediate| of a perturbed linear layer with all-extreme inputs: the
+    correction before its sigma shift, and the accumulator with rshift_round's half
+    2^(shift - 1) added (``shift``: the layer's rescale, by default the models'
+    ``fan_in_shift``)."""
+    shift = fan_in_shift(fan_in) if shift is None else shift
     base = fan_in * 127 * 127
     rank_sum = ((fan_in * 127 * NOISE_MAX) >> FRAC_BITS) * NOISE_MAX * rank
-    # + 2^sigma - 1: the cpu backend rounds a negated correction up by that before its shift
-    return max(rank_sum + (1 << sigma_shift) - 1, base + (rank_sum >> sigma_shift) + 1)
+    half = (1 << shift) >> 1
+    # + 2^sigma - 1: the cpu backend rounds a negated correction up by that before its shift;
+    # + 1: the shift floors a negative correction to one past |y| >> sigma_shift
+    return max(rank_sum + (1 << sigma_shift) - 1, base + (rank_sum >> sigma_shift) + 1 + half)
 
 
 def lowrank_correction(x: np.ndarray, noise: LowRank, sigma_shift: int) -> np.ndarray:
@@ -52,6 +59,8 @@ def step_by_sign(w: np.ndarray, z: np.ndarray, threshold: int) -> np.ndarray:
 
 
 class ReferenceBackend:
+    """``Backend`` in plain numpy integer ops: the semantics every other backend matches."""
+
     name = "reference"
 
     def prepare(self, w: np.ndarray) -> np.ndarray:

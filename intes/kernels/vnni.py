@@ -213,9 +213,9 @@ PAIR_ROWS = (16, 8, 4, 2)  # rows per ``_pair_rows_dots`` call, largest first
 def _pair_rows_dots(typingctx, x, r0, count, bt, pair0, r, bsum, xv, words):
     """The rank-r projections of rows r0 .. r0 + R - 1 (R = ``count``, a literal in
     PAIR_ROWS), whole pairs: row r0 + j against B of pair pair0 + j // 2, as one layer's ES
-    epilogue takes them: xv[r, r0 + j] = ((x . B[:, r] - bsum[r, p]) >> 4), negated on a
-    pair's odd row, and as the int16 words (xv & 255, xv >> 8) of ``_tile_es``'s vpdpwssd
-    if ``words`` (a literal bool).
+    epilogue takes them: xv[r, r0 + j] = (((x + 128) . B[:, r] - bsum[r, p]) >> 4), which is
+    (x . B[:, r]) >> 4, negated on a pair's odd row, and as the int16 words (xv & 255,
+    xv >> 8) of ``_tile_es``'s vpdpwssd if ``words`` (a literal bool).
 
     bt is (P, rank, in) int8 and bsum (rank, P) int32 holds 128 sum(B[:, r]) per pair
     (``factor_sums``): the x + 128 that vpdpbusd's unsigned operand takes, taken off again.
