@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 
 from intes.errors import ConfigError
-from intes.intmath import QUANTILE_PREC, normal_quantile
+from intes.intmath import QUANTILE_PREC, exact_context, normal_quantile
 from intes.kernels.base import Backend
 from intes.models.base import ParamSpec, make_noise
 from intes.noise import NOISE_MAX, NOISE_VARIANCE_X2_32
@@ -103,7 +103,7 @@ def thresholds(step: int, fitness: np.ndarray, cfg: ESConfig) -> tuple[int, int]
         return 0, 0
     z = normal_quantile(1 - a / 2)
     sumsq = int(np.sum(fitness.astype(np.int64) ** 2))
-    with localcontext(prec=QUANTILE_PREC):
+    with localcontext(exact_context(QUANTILE_PREC)):
         var = Decimal(NOISE_VARIANCE_X2_32) / (1 << 32)
         matrix = z * Decimal(sumsq * cfg.rank).sqrt() * var
         vector = z * (sumsq * var).sqrt()

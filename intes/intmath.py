@@ -12,7 +12,17 @@ software arithmetic), never with libm floats, so every machine gets the same tab
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import (
+    MAX_EMAX,
+    MIN_EMIN,
+    ROUND_HALF_EVEN,
+    Context,
+    Decimal,
+    DivisionByZero,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
 from fractions import Fraction
 
 import numpy as np
@@ -25,8 +35,16 @@ EXP2_FRAC_BITS = 16  # softmax terms are 2^16 * 2^(-d/16)
 WKV_FRAC_BITS = 7
 MAX_VOCAB = 1 << 15  # vocab < this: the sum of V terms <= 2^16 each stays below 2^31
 
-TABLE_PREC = 40  # decimal digits of the tables' arithmetic, in a local context: importing
-with localcontext(prec=TABLE_PREC):  # intes leaves the caller's decimal context as it was
+def exact_context(prec: int) -> Context:
+    """A decimal context fixed in full (precision, half-even rounding, exponent range, traps),
+    not derived from the caller's, which is per thread and may round or trap otherwise: the
+    same digits for every caller. Importing intes leaves the caller's context as it was."""
+    return Context(prec=prec, rounding=ROUND_HALF_EVEN, Emin=MIN_EMIN, Emax=MAX_EMAX, clamp=0,
+                   flags=[], traps=[InvalidOperation, DivisionByZero, Overflow])
+
+
+TABLE_PREC = 40  # decimal digits of the tables' arithmetic
+with localcontext(exact_context(TABLE_PREC)):
     _LN2 = Decimal(2).ln()
 
 
@@ -69,7 +87,7 @@ def fan_in_shift(fan_in: int) -> int:
     return FRAC_BITS + ((fan_in - 1).bit_length() + 1) // 2
 
 
-with localcontext(prec=TABLE_PREC):
+with localcontext(exact_context(TABLE_PREC)):
     # exp2 of a logit below the max: index d = max - logit in [0, 254].
     EXP2_TABLE = np.array(
         [_round(_exp2(Decimal(-d) / 16) * (1 << EXP2_FRAC_BITS)) for d in range(255)],
@@ -108,7 +126,7 @@ def normal_quantile(p: Fraction) -> Decimal:
     """
     if not Fraction(1, 2) <= p < 1:
         raise ValueError(f"p must be in [1/2, 1), got {p}")
-    with localcontext(prec=QUANTILE_PREC):
+    with localcontext(exact_context(QUANTILE_PREC)):
         target = Decimal(p.numerator) / p.denominator - Decimal("0.5")
         root_2pi = (2 * _PI).sqrt()
         tolerance = Decimal(10) ** (10 - QUANTILE_PREC)

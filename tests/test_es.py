@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 from fractions import Fraction
 
 import mpmath
@@ -13,8 +14,10 @@ from hypothesis.extra import numpy as hnp
 
 from intes import es
 from intes import noise as nz
+from intes.bench import gemm_engines
 from intes.errors import ConfigError
 from intes.kernels.base import LowRank
+from intes.kernels.cpu import CpuBackend
 from intes.kernels.reference import ReferenceBackend, lowrank_sum, step_by_sign
 from intes.models import build_model
 from intes.models.base import init_params, make_noise
@@ -121,6 +124,16 @@ def test_thresholds_are_the_exact_z_test_floors(fitness, rank, final_log2, alpha
     assert es.thresholds(step, fitness, cfg) == expected
 
 
+def test_thresholds_ignore_the_callers_decimal_context():
+    cfg = es.ESConfig(rank=3, alpha_final_log2=6, alpha_steps=50)
+    fitness = np.arange(-15, 16, dtype=np.int32)
+    want = [es.thresholds(step, fitness, cfg) for step in range(0, 60, 7)]
+    hostile = decimal.Context(prec=4, rounding=decimal.ROUND_CEILING, Emax=40, Emin=-40,
+                              traps=[decimal.Inexact, decimal.Rounded])
+    with decimal.localcontext(hostile):
+        assert [es.thresholds(step, fitness, cfg) for step in range(0, 60, 7)] == want
+
+
 @pytest.mark.parametrize("rank", [1, 4])
 def test_threshold_calibration_under_null(rank):
     """With fitness independent of noise, the share of weights that move is ~alpha (z-test)."""
@@ -187,33 +200,41 @@ def test_validate_accepts_exactly_the_configs_whose_update_fits_int32(rank, kind
             cfg.validate()
 
 
-def _largest_valid_pairs(rank: int, fmax: int) -> int:
+def _largest_valid_pairs(rank: int, kind: str) -> int:
+    fmax = 1 if kind == "sign" else es.NORMALIZED_MAX
     pairs = (2**31 - 1) // (fmax * rank * NOISE_MAX**2)
-    es.ESConfig(population=2 * pairs, group_size=2, rank=rank,
-                 fitness="normalized").validate()
+    es.ESConfig(population=2 * pairs, group_size=2, rank=rank, fitness=kind).validate()
+    with pytest.raises(ConfigError):
+        es.ESConfig(population=2 * pairs + 2, group_size=2, rank=rank, fitness=kind).validate()
     return pairs
 
 
-def test_update_at_the_validated_limit_does_not_overflow():
-    """At the largest accepted population (rank 16, normalized), all-extreme noise and fitness
-    give the exact Z (int32 result equal to int64) and the right update."""
-    rank, fmax = 16, es.NORMALIZED_MAX
-    pairs = _largest_valid_pairs(rank, fmax)
-    with pytest.raises(ConfigError):
-        es.ESConfig(population=2 * pairs + 2, group_size=2, rank=rank,
-                     fitness="normalized").validate()
+UPDATE_BACKENDS = [ReferenceBackend()] + [CpuBackend(threads=1, gemm=g) for g in gemm_engines()]
+
+
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS,
+                         ids=lambda b: getattr(getattr(b, "gemm", None), "name", b.name))
+@pytest.mark.parametrize(("rank", "kind", "sign"), [(16, "normalized", 1), (16, "normalized", -1),
+                                                    (1, "normalized", 1), (1, "sign", -1)])
+def test_update_at_the_validated_limit_does_not_overflow(backend, rank, kind, sign):
+    """At the largest population validate accepts, all-extreme noise and fitness give the
+    right update on every backend's engine: Z reaches the int32 limit exactly, no engine's
+    intermediate (the VNNI engine's x + 128 compensation among them) wraps into a wrong sign."""
+    pairs = _largest_valid_pairs(rank, kind)
+    fmax = 1 if kind == "sign" else es.NORMALIZED_MAX
     rows, cols = 2, 3
     a = np.full((pairs, rows, rank), NOISE_MAX, np.int8)
     b = np.full((pairs, cols, rank), NOISE_MAX, np.int8)
     b[:, 1] = -NOISE_MAX
-    f = np.full(pairs, fmax, np.int32)
-    z = lowrank_sum(LowRank(a, b), f)
-    want = pairs * fmax * rank * NOISE_MAX**2
-    assert z.dtype.kind == "i"
-    assert z[:, 0].tolist() == [want] * rows and z[:, 1].tolist() == [-want] * rows
+    f = np.full(pairs, sign * fmax, np.int32)
+    want = sign * pairs * fmax * rank * NOISE_MAX**2
+    if isinstance(backend, ReferenceBackend):
+        z = lowrank_sum(LowRank(a, b), f)
+        assert z.dtype.kind == "i"
+        assert z[:, 0].tolist() == [want] * rows and z[:, 1].tolist() == [-want] * rows
     w = np.zeros((rows, cols), np.int8)
-    new = ReferenceBackend().update_matrix(w, LowRank(a, b), f, want - 1)
-    assert new.tolist() == [[1, -1, 1]] * rows
+    new = backend.update_matrix(w, LowRank(a, b), f, abs(want) - 1)
+    assert new.tolist() == [[sign, -sign, sign]] * rows
 
 
 # ---- the update reduction ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import subprocess
 import sys
@@ -116,6 +117,17 @@ def test_normal_quantile_matches_mpmath(p):
     with mpmath.workdps(60):
         want = mpmath.sqrt(2) * mpmath.erfinv(2 * mpmath.mpf(p.numerator) / p.denominator - 1)
         assert abs(mpmath.mpf(str(im.normal_quantile(p))) - want) < mpmath.mpf(10) ** -40
+
+
+def test_normal_quantile_ignores_the_callers_decimal_context():
+    """A caller's precision, rounding, exponent range and traps (its context, per thread) do
+    not reach the digits: the update's thresholds are the same in any program."""
+    ps = [Fraction(1, 2), Fraction(5, 8), 1 - Fraction(1, 37), 1 - Fraction(1, 2**17)]
+    want = [im.normal_quantile(p) for p in ps]
+    hostile = decimal.Context(prec=5, rounding=decimal.ROUND_FLOOR, Emax=60, Emin=-60,
+                              traps=[decimal.Inexact, decimal.Rounded])
+    with decimal.localcontext(hostile):
+        assert [im.normal_quantile(p) for p in ps] == want
 
 
 @pytest.mark.parametrize("p", [Fraction(0), Fraction(1, 3), Fraction(1), Fraction(3, 2)])
