@@ -21,8 +21,9 @@ from intes.kernels import get_backend
 from intes.kernels.base import Backend
 from intes.kernels.reference import linear_bound
 from intes.models import MODELS, build_model
-from intes.models.base import Ops, ParamSpec, init_params, make_noise, prepare
+from intes.models.base import INIT_STEP, Ops, ParamSpec, init_params, make_noise, prepare
 
+MAX_STEPS = INIT_STEP  # the noise hash's step field is 32 bits; its last value is the init's
 MAX_SEQ_LEN = 1 << 16  # per-token |log-likelihood| < 2^15 (1/256 bit), so T * 2^15 < 2^31
 T = TypeVar("T")
 R = TypeVar("R")
@@ -185,6 +186,8 @@ class Engine:
         self.model = build_model(m.kind, m.vocab_size, m.dim, m.layers)
         self.specs = self.model.specs
         self.params = params if params is not None else init_params(self.specs, config.seed)
+        if not 0 <= step <= MAX_STEPS:
+            raise ConfigError(f"step must be in 0..{MAX_STEPS}, got {step}")
         self.step_index = step
         self.threads = max(1, int(getattr(self.backend, "threads", 1)))
         self.update_threads = update_threads(self.specs, config.es, self.threads)
@@ -257,6 +260,8 @@ class Engine:
 
     def apply_fitness(self, raw: np.ndarray) -> np.ndarray:
         """Shape member fitness, update the weights from seeds, advance the step."""
+        if self.step_index >= MAX_STEPS:  # its noise would be the init's
+            raise ConfigError(f"step {self.step_index} is past the noise hash's last step")
         cfg = self.config
         shaped = es.shape_fitness(raw, cfg.es.fitness)
         prepared = {}

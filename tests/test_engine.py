@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from intes import distributed, intmath
 from intes.bench import gemm_engines
-from intes.engine import Engine, ModelConfig, TrainConfig, member_windows, score, split
+from intes.engine import (
+    MAX_STEPS,
+    Engine,
+    ModelConfig,
+    TrainConfig,
+    member_windows,
+    score,
+    split,
+)
 from intes.errors import ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels.cpu import CpuBackend
@@ -89,12 +97,16 @@ def assert_same_params(p, q):
 @ENGINE
 @given(cases(), st.integers(1, 4))
 def test_same_seed_config_data_gives_identical_weights(case, k):
-    """(a) Two independent runs of K steps give bit-identical weights and fitness."""
+    """(a) Two independent runs of K steps give bit-identical weights and fitness, and so does
+    the numpy reference: any backend, engine, thread count and token block, any model shape."""
     e1, e2 = case.engine(), case.engine()
     f1, f2 = run(e1, case, k), run(e2, case, k)
     assert e1.step_index == e2.step_index == k
     assert all(np.array_equal(a, b) for a, b in zip(f1, f2, strict=True))
     assert_same_params(e1.params, e2.params)
+    reference = Case(case.config, case.data_seed).engine()
+    assert all(np.array_equal(a, b) for a, b in zip(f1, run(reference, case, k), strict=True))
+    assert_same_params(e1.params, reference.params)
     # not vacuous: at step 0 (alpha = 1, threshold 0) any non-zero shaped fitness moves weights
     e3 = case.engine()
     init = {n: v.copy() for n, v in e3.params.items()}
@@ -122,6 +134,19 @@ def test_different_seed_gives_different_noise_and_update(case):
     for e in (e1, e2):
         e.apply_fitness(fitness.astype(np.int32))
     assert any(not np.array_equal(e1.params[n], e2.params[n]) for n in e1.params)
+
+
+def test_steps_stop_before_the_noise_hash_repeats_the_init():
+    """The hash's step field is 32 bits and its last value seeds the initial weights: a step
+    there would perturb with the init's noise, so it is refused."""
+    cfg = TrainConfig(model=ModelConfig(kind="rwkv", vocab_size=VOCAB, dim=8, layers=1),
+                      es=ESConfig(population=4, group_size=2), seq_len=4)
+    fitness = np.arange(4, dtype=np.int32)
+    Engine(cfg, ReferenceBackend(), step=MAX_STEPS - 1).apply_fitness(fitness)  # the last one
+    with pytest.raises(ConfigError, match="past the noise hash's last step"):
+        Engine(cfg, ReferenceBackend(), step=MAX_STEPS).apply_fitness(fitness)
+    with pytest.raises(ConfigError, match="step must be in"):
+        Engine(cfg, ReferenceBackend(), step=MAX_STEPS + 1)
 
 
 def test_bad_windows_are_refused_before_any_forward():
