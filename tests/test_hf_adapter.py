@@ -1,6 +1,7 @@
 """The float HF adapter: shared batched side path == explicit perturbation, no drift, seeded
-update == stored-noise update, learning on a toy reward, the built-in tasks and `finetune`,
-alone and under torchrun (2 gloo workers give the weights of one process).
+update == stored-noise update (summed in float32 masters for bf16 weights), learning on a toy
+reward, the built-in tasks and `finetune`, alone and under torchrun (2 gloo workers give the
+weights of one process).
 
 Models are tiny Llama / GPT-2 built from configs with a BPE tokenizer trained here: no network.
 """
@@ -13,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,7 @@ from transformers import (  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from intes import distributed  # noqa: E402
+from intes.adapters import check_settings  # noqa: E402
 from intes.adapters.hf import (  # noqa: E402
     ESFineTuner,
     LowRankAdapter,
@@ -172,6 +175,20 @@ def test_batched_side_path_equals_explicit_perturbation(tokenizer, arch, members
             assert not torch.allclose(batched[i], base, atol=1e-3)  # the perturbation is felt
 
 
+def stored_update(adapter, tid: int, step: int, fitness: np.ndarray, lr: float) -> torch.Tensor:
+    """lr / (N sigma) sum_m f_m s_m A_p B_p^T of layer tid in float64, one explicit term per
+    member straight from noise.py, laid out as the layer's weight."""
+    module, population = adapter.layers[tid][1], len(fitness)
+    out_dim, in_dim = layer_dims(module)
+    a, b = lowrank_factors(adapter.seed, step, np.arange(population) // 2, tid, out_dim, in_dim,
+                           adapter.rank)
+    signs = member_signs(np.arange(population))
+    stored = sum(fitness[m] * signs[m] * (a[m] / 16.0) @ (b[m] / 16.0).T
+                 for m in range(population))
+    delta = torch.from_numpy(lr / (population * adapter.sigma) * stored)
+    return delta.T if isinstance(module, Conv1D) else delta
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @settings(max_examples=8, deadline=None)
 @given(data=st.data())
@@ -184,15 +201,36 @@ def test_update_from_seeds_equals_update_from_stored_factors(tokenizer, arch, da
     adapter = LowRankAdapter(model, sigma=0.02, rank=rank, seed=5)
     before = {n: m.weight.detach().double().clone() for n, m in adapter.layers}
     adapter.update(step, fitness, lr)
-    signs = member_signs(np.arange(population))
     for tid, (name, module) in enumerate(adapter.layers):
-        out_dim, in_dim = layer_dims(module)
-        a, b = lowrank_factors(5, step, np.arange(population) // 2, tid, out_dim, in_dim, rank)
-        stored = sum(fitness[m] * signs[m] * (a[m] / 16.0) @ (b[m] / 16.0).T
-                     for m in range(population))  # one explicit term per member, float64
-        delta = torch.from_numpy(lr / (population * 0.02) * stored)
-        expected = before[name] + (delta.T if isinstance(module, Conv1D) else delta)
+        expected = before[name] + stored_update(adapter, tid, step, fitness, lr)
         torch.testing.assert_close(module.weight.double(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_updates_accumulate_in_float32_masters(tokenizer, arch):
+    """At the default sigma and lr most per-weight changes are below half a bf16 ulp, so
+    rounding each step's change into the bf16 weight would lose them: the float32 master sums
+    the updates, and the weight is the master rounded."""
+    assert all(m is None for m in LowRankAdapter(build(arch, tokenizer), 1e-3, 1, 0).masters)
+    model = build(arch, tokenizer, torch.bfloat16)
+    adapter = LowRankAdapter(model, sigma=1e-3, rank=1, seed=0)
+    start = [m.weight.detach().double().clone() for _, m in adapter.layers]
+    intended = [torch.zeros_like(w) for w in start]
+    rng = np.random.default_rng(0)
+    for step in range(16):
+        fitness = shape_rewards(rng.normal(size=30), "zscore")
+        adapter.update(step, fitness, 5e-7)
+        for tid in range(len(intended)):
+            intended[tid] += stored_update(adapter, tid, step, fitness, 5e-7)
+    now = [m.weight.detach() for _, m in adapter.layers]
+    err = sum(float((w.double() - s - d).norm() ** 2)
+              for w, s, d in zip(now, start, intended, strict=True))
+    # the last rounding only: 0.09 (llama) / 0.08 (gpt2); rounding every step gave 0.34 / 0.28
+    assert err / sum(float(d.norm() ** 2) for d in intended) < 0.15 ** 2
+    for master, w, s, d in zip(adapter.masters, now, start, intended, strict=True):
+        # float32 sums of ~1e-4 changes to weights of ~0.02-0.1: exact to ~1e-8
+        torch.testing.assert_close(master.double() - s, d, rtol=0, atol=1e-7)
+        assert torch.equal(w, master.to(torch.bfloat16))
 
 
 def test_same_seed_same_weights_and_tied_rewards_change_nothing(tokenizer):
@@ -247,6 +285,38 @@ def test_out_of_memory_halves_the_member_chunk(tokenizer, monkeypatch):
     assert tuner.member_chunk == 2
 
 
+def test_out_of_memory_with_one_member_names_what_to_shrink(tokenizer, monkeypatch):
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2,
+                        member_chunk=1)
+
+    def no_memory(enc, members):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(tuner, "_complete", no_memory)
+    with pytest.raises(IntesError, match="fewer or shorter prompts or fewer new tokens "
+                                         r"\(--max-new-tokens\)") as err:
+        tuner.evaluate(PROMPTS)
+    assert "\n" not in str(err.value)
+
+
+def test_generation_stops_at_the_models_own_eos_ids(tokenizer):
+    """An instruct model's end-of-turn id is often only in its generation_config: a completion
+    stops there as well as at the tokenizer's eos."""
+    model = build("llama", tokenizer)
+    enc = tokenizer(["the quick"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    greedy = out[0, enc["input_ids"].shape[1]:].tolist()
+    assert len(greedy) == 6  # the tokenizer's eos alone does not stop it early
+    stop = next(j for j in range(1, len(greedy)) if greedy[j] not in greedy[:j])
+    model.generation_config.eos_token_id = [greedy[stop]]
+    seen: list[str] = []
+    tuner = ESFineTuner(model, tokenizer, lambda p, c: seen.append(c) or 0.0, population=2,
+                        sigma=1e-9, max_new_tokens=6)  # members as the base model
+    tuner.evaluate(["the quick"])
+    assert seen == [tokenizer.decode(greedy[:stop + 1])] * 2
+    assert tuner.generation.eos_token_id == [greedy[stop], tokenizer.eos_token_id]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mean_reward_rises_on_a_toy_reward(tokenizer, arch):
     target = tokenizer.convert_tokens_to_ids("Ġfox")
@@ -259,6 +329,13 @@ def test_mean_reward_rises_on_a_toy_reward(tokenizer, arch):
                         sigma=0.02, lr=1e-3, max_new_tokens=8, seed=0)
     history = [tuner.step(PROMPTS)["reward_mean"] for _ in range(30)]
     assert np.mean(history[-5:]) > np.mean(history[:5]) + 0.25, history
+
+
+def test_a_batch_that_is_not_members_x_prompts_is_a_config_error(tokenizer):
+    model = build("gpt2", tokenizer)
+    adapter = LowRankAdapter(model, sigma=0.05, rank=1, seed=0)
+    with adapter.perturbed(0, [0, 1]), pytest.raises(ConfigError, match="batch of 3 rows"):
+        model(torch.zeros(3, 4, dtype=torch.long))
 
 
 def test_bf16_steps_update_in_bf16(tokenizer):
@@ -326,10 +403,22 @@ def test_reward_that_raises_is_one_clear_error(tokenizer):
     (dict(lr=-1e-3), "lr must be a positive"),
     (dict(seed=-1), "seed must be in 0..4294967295"),
     (dict(seed=2**32), "seed must be in 0..4294967295"),
+    (dict(population=4.0), r"^population must be an integer, got 4\.0$"),
+    (dict(rank=True), "^rank must be an integer, got True$"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an integer"),
+    (dict(member_chunk=2.0), "member_chunk must be an integer"),
+    (dict(seed=0.0), "seed must be an integer"),
+    (dict(sigma="0.1"), "sigma must be a number, got '0.1'"),
 ])
 def test_bad_configuration(tokenizer, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ESFineTuner(build("llama", tokenizer), tokenizer, zero_reward, **kwargs)
+
+
+def test_settings_count_in_integers():
+    check_settings(population=np.int64(4), steps=np.int32(2), lr=np.float32(1e-3), sigma=1)
+    with pytest.raises(ConfigError, match=r"^--steps must be an integer, got 2\.0$"):
+        check_settings(as_flags=True, steps=2.0)
 
 
 def test_model_without_linear_layers(tokenizer):
@@ -368,6 +457,11 @@ def test_conciseness_targets_and_default():
     ("-19 + 36", 0.0),  # unary minus is not allowed
     ("", 0.0),
     ("the answer is 65", 0.0),
+    ("(36) + 55 - 19 - 7", 1.0),
+    ("0x24 + 55 - 19 - 7", 0.0),  # 36 in hex is not the given 36 written down
+    ("0o44 + 55 - 19 - 7", 0.0),
+    ("0b100100 + 55 - 19 - 7", 0.0),
+    ("3_6 + 55 - 19 - 7", 0.0),
 ])
 def test_countdown_scores(answer, score):
     assert countdown_score([19, 36, 55, 7], 65, answer) == pytest.approx(score)
@@ -376,6 +470,16 @@ def test_countdown_scores(answer, score):
 @given(st.text(alphabet="0123456789+-*/() =<>answer\n", max_size=80))
 def test_countdown_never_raises_and_stays_in_range(text):
     assert 0.0 <= countdown_score([3, 5, 7, 11], 24, text) <= 1.0
+
+
+def test_repeated_prompts_merge_or_are_refused():
+    prompts, reward = conciseness(["a\tRed", "b", "a\tTan"])  # the same length: merged
+    assert prompts == ["a", "b"] and reward("a", "xyz") == 0
+    with pytest.raises(DataError, match="line 3 repeats the prompt of line 1 .*'a'"):
+        conciseness(["a\tRed", "b", "a\tBlue"])
+    with pytest.raises(DataError, match="line 2 repeats the prompt of line 1"):
+        conciseness(["b", "b\tRed"])  # no tab: DEFAULT_TARGET_CHARS
+    assert countdown(["Using 3 5 reach 8"] * 2)[0] == ["Using 3 5 reach 8"]
 
 
 def test_countdown_prompt_parsing():
@@ -398,6 +502,24 @@ def saved(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(root / "model")
     (root / "prompts.txt").write_text("the quick brown\nlazy dog\n")
     return root
+
+
+def test_prompts_file_drops_blank_lines_and_trailing_whitespace(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"the quick  \r\n\n \t\n lazy dog\t\nover\tthe target \n")
+    assert finetune_module._read_prompts(path) == ["the quick", " lazy dog", "over\tthe target"]
+
+
+def test_output_folder_gets_the_mode_of_a_plain_mkdir(tmp_path):
+    old = os.umask(0o027)
+    try:
+        (tmp_path / "plain").mkdir()
+        staged = finetune_module._staging_dir(tmp_path / "out")
+        assert os.umask(0o027) == 0o027  # the umask is put back
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o750
 
 
 def invoke(*args: str):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from numbers import Integral, Real
 
 from intes.errors import ConfigError
 
 MAX_RANK = 64  # rank of a member's side path
 MAX_SEED = 2**32 - 1  # the noise keys use the seed's low 32 bits: larger seeds would alias
+SHAPINGS = ("zscore", "rank", "sign")  # fitness shapings, see ``hf.shape_rewards``
+RewardFn = Callable[[str, str], float]  # reward(prompt, completion) -> float
 
 
 def _positive_finite(value: float) -> bool:
@@ -31,6 +34,7 @@ RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "member_chunk": (lambda v: v >= 1, ">= 1"),
 }
+REALS = ("sigma", "lr")  # every other setting counts something, so must be an integer
 
 
 def _name(setting: str, as_flag: bool) -> str:
@@ -40,10 +44,16 @@ def _name(setting: str, as_flag: bool) -> str:
 def check_settings(as_flags: bool = False, **settings: float | None) -> None:
     """Refuse a fine-tuning setting that makes no sense (``RULES``), in one ConfigError line
     naming it as the Python argument or, ``as_flags``, as ``intes finetune``'s flag. None is
-    unset."""
+    unset. Counts must be integers (not bool): a 4.0 would otherwise fail deep inside numpy or
+    torch with a traceback."""
     for setting, value in settings.items():
         valid, wanted = RULES[setting]
-        if value is not None and not valid(value):
+        if value is None:
+            continue
+        kind, what = (Real, "a number") if setting in REALS else (Integral, "an integer")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"{_name(setting, as_flags)} must be {what}, got {value!r}")
+        if not valid(value):
             raise ConfigError(f"{_name(setting, as_flags)} must be {wanted}, got {value}")
 
 

@@ -7,23 +7,29 @@ transposed) gets a member-aware side path during evaluation::
 
 The factors A_p, B_p come from ``intes.noise.lowrank_factors`` keyed by
 (seed, step, pair, tensor_id), with tensor_id the index of the layer in the sorted list of
-selected layer names; the int8 values are divided by 16, so they are ~N(0, 1). The batch of one
-``generate()`` is members x prompts (member-major), so the whole population shares every base
-matmul and only the rank-r side path differs per member. The side path lives in forward hooks
-that exist only inside ``LowRankAdapter.perturbed``: base weights are never written while
-members are evaluated, so unlike the perturb / generate / restore loop of "Evolution
-Strategies at Scale" nothing drifts, even in bf16.
+selected layer names; the int8 values are divided by 16, so they are ~N(0, 1). With no
+1/sqrt(r), each weight's perturbation sigma * (A_p B_p^T)_ij has std sigma * sqrt(r) at rank r.
+The batch of one ``generate()`` is members x prompts (member-major), so the whole population
+shares every base matmul and only the rank-r side path differs per member. The side path lives
+in forward hooks that exist only inside ``LowRankAdapter.perturbed``: base weights are never
+written while members are evaluated, so unlike the perturb / generate / restore loop of
+"Evolution Strategies at Scale" nothing drifts, even in bf16.
 
 The update is rebuilt from seeds alone (no stored noise, no optimizer state)::
 
     W += lr / (N * sigma) * sum_m f_m s_m A_p B_p^T
 
 with f the shaped rewards, computed per layer as one float32 matmul (A^T diag(c)) B over the
-pairs (c_p = f_2p - f_2p+1) and cast back to the weight's dtype. ``lr`` multiplies the
-textbook ES gradient estimate (hence the 1/sigma), so it does not change meaning when sigma
-does. "Evolution Strategies at Scale" absorbs sigma into its step size alpha (5e-4 with
-sigma 1e-3); the same update here is ``lr = alpha * sigma``, hence the default lr of 5e-7.
-Taking lr = 5e-4 literally would move each weight by ~0.1 per step and wreck a pretrained model.
+pairs (c_p = f_2p - f_2p+1). ``lr`` multiplies the textbook ES gradient estimate (hence the
+1/sigma), so it does not change meaning when sigma does. "Evolution Strategies at Scale"
+absorbs sigma into its step size alpha (5e-4 with sigma 1e-3); the same update here is
+``lr = alpha * sigma``, hence the default lr of 5e-7. Taking lr = 5e-4 literally would move
+each weight by ~0.1 per step and wreck a pretrained model.
+
+At those defaults most per-weight changes are below half a bf16 ulp: added to a bf16 weight
+they would be rounded away at every step. So each selected bf16 / fp16 weight has a float32
+master copy (4 bytes per selected weight, allocated with the adapter) that takes the update,
+and the weight is the master rounded to its dtype. float32 weights are updated in place.
 
 Under torchrun (a process group is up, see ``intes.distributed``) each worker generates for a
 contiguous shard of whole antithetic pairs only, the float64 reward matrix (members x prompts)
@@ -52,12 +58,10 @@ from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from intes import distributed
-from intes.adapters import check_settings, target_pattern
+from intes.adapters import SHAPINGS, RewardFn, check_settings, target_pattern
 from intes.errors import ConfigError, DataError, IntesError
 from intes.noise import lowrank_factors, member_signs
 
-RewardFn = Callable[[str, str], float]
-SHAPINGS = ("zscore", "rank", "sign")
 NOISE_UNIT = 16.0  # int8 noise is N(0, 1) in x16 fixed point; a power of two, so /16 is exact
 
 
@@ -145,7 +149,7 @@ def _side_path(a: torch.Tensor, b: torch.Tensor) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         if x.shape[0] % members:
-            raise ValueError(f"batch of {x.shape[0]} rows is not {members} members x prompts")
+            raise ConfigError(f"batch of {x.shape[0]} rows is not {members} members x prompts")
         xs = x.reshape(members, -1, x.shape[-1]).float()
         delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
         return (output.float() + delta.reshape(output.shape)).to(output.dtype)
@@ -154,7 +158,13 @@ def _side_path(a: torch.Tensor, b: torch.Tensor) -> Callable:
 
 
 class LowRankAdapter:
-    """Member-aware rank-r perturbations of a model's linear layers, and the seeded update."""
+    """Member-aware rank-r perturbations of a model's linear layers, and the seeded update.
+
+    ``masters[i]`` is the float32 master of layer i's weight when that weight is bf16 / fp16
+    (None for float32): 4 bytes per selected weight, so small updates accumulate instead of
+    being rounded away. The masters are the truth: the next update overwrites any other write
+    to those weights.
+    """
 
     def __init__(self, model: nn.Module, sigma: float, rank: int, seed: int,
                  target_modules: str | None = None) -> None:
@@ -164,6 +174,8 @@ class LowRankAdapter:
         self.rank = rank
         self.seed = seed
         self.layers = select_layers(model, target_modules)
+        self.masters = [m.weight.detach().float().clone() if m.weight.element_size() < 4
+                        else None for _, m in self.layers]
 
     @property
     def names(self) -> list[str]:
@@ -204,7 +216,10 @@ class LowRankAdapter:
 
     @torch.no_grad()
     def update(self, step: int, fitness: np.ndarray, lr: float) -> None:
-        """W += lr / (N sigma) * sum_m f_m s_m A_p B_p^T, the factors regenerated from seeds."""
+        """W += lr / (N sigma) * sum_m f_m s_m A_p B_p^T, the factors regenerated from seeds.
+
+        A bf16 / fp16 weight's master takes the float32 sum and the weight becomes the master
+        rounded once; every torchrun worker does the same, so the replicas stay identical."""
         coef = pair_coefficients(fitness)
         pairs = np.arange(len(coef))
         scale = lr / (len(fitness) * self.sigma)
@@ -215,9 +230,13 @@ class LowRankAdapter:
             a_cat = (a * c[:, None, None]).permute(1, 0, 2).reshape(out_dim, -1)
             b_cat = b.permute(1, 0, 2).reshape(in_dim, -1)
             delta = a_cat @ b_cat.T  # (out, in): one matmul over all pairs and ranks
-            w = module.weight
-            w.copy_((w.float() + scale * (delta.T if isinstance(module, Conv1D) else delta))
-                    .to(w.dtype))
+            change = scale * (delta.T if isinstance(module, Conv1D) else delta)
+            master, w = self.masters[tid], module.weight
+            if master is None:
+                w.add_(change.to(w.dtype))
+            else:
+                master.add_(change)
+                w.copy_(master)  # round to nearest into bf16 / fp16
 
 
 def _check_reward(value: object, prompt: str, name: str) -> float:
@@ -261,14 +280,23 @@ class ESFineTuner:
         self.generation = self._generation_config(max_new_tokens)
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
-        """Greedy decoding; a tokenizer without a pad token pads with its eos token."""
+        """Greedy decoding; a tokenizer without a pad token pads with its eos token.
+
+        Generation stops at any of the model's generation_config eos ids (an instruct model's
+        end-of-turn tokens are often there only) and the tokenizer's eos id."""
         tok = self.tokenizer
         if tok.pad_token is None:
             if tok.eos_token is None:
                 raise ConfigError("the tokenizer has neither a pad nor an eos token")
             tok.pad_token = tok.eos_token
+        eos: list[int] = []
+        model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for ids in (model_eos, tok.eos_token_id):
+            for i in [ids] if isinstance(ids, int) else ids or []:
+                if i not in eos:
+                    eos.append(i)
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                pad_token_id=tok.pad_token_id, eos_token_id=eos or None)
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded prompt batch (decoder-only generation continues from the right edge)."""
@@ -332,8 +360,9 @@ class ESFineTuner:
                 texts = self._complete(enc, members)
             except torch.cuda.OutOfMemoryError:
                 if len(members) == 1:
-                    raise IntesError("out of memory with one member per forward; use fewer "
-                                     "prompts per step or fewer new tokens") from None
+                    raise IntesError("out of memory with one member per generate(); every step "
+                                     "scores all its prompts: use fewer or shorter prompts "
+                                     "or fewer new tokens (--max-new-tokens)") from None
                 self.member_chunk = len(members) // 2
                 torch.cuda.empty_cache()
                 continue

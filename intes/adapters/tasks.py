@@ -7,11 +7,17 @@ line without a tab asks for an answer of DEFAULT_TARGET_CHARS characters.
 countdown: each line is the prompt itself; its integers are the numbers to use, except the last
 one, which is the target (e.g. "Using 3 5 7 make 22" -> numbers 3, 5, 7, target 22). The answer
 is the text inside <answer>...</answer> if present, else the first non-empty line, cut at "=".
-It is parsed with ``ast`` (never eval): only + - * / and non-negative integer literals, each
-literal one of the given numbers, each number used at most once. Reward: 1 if the exact
-(fraction) value equals the target; 0.5 * max(0, 1 - |value - target| / max(|target|, 1)) for
-a valid but wrong expression (closeness, always below 0.5); 0 if it does not parse or breaks
-the rules (including division by zero).
+It is parsed with ``ast`` (never eval): only + - * / and integer literals in plain decimal
+digits (not 0x4b, 0o7, 0b1 or 1_0), each literal one of the given numbers, each number used
+at most once. Reward: 1 if the exact (fraction) value equals the target;
+0.5 * max(0, 1 - |value - target| / max(|target|, 1)) for a valid but wrong expression
+(closeness, always below 0.5); 0 if it does not parse or breaks the rules (including division
+by zero).
+
+Each prompt is scored once per step: a repeated countdown line, or a repeated conciseness
+prompt asking for the same length, is merged; a conciseness prompt repeated with another
+target length is a DataError naming its line (counted in the lines given; ``intes finetune``
+drops blank lines first).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
 
+from intes.adapters import RewardFn
 from intes.errors import ConfigError, DataError
 
-RewardFn = Callable[[str, str], float]
 DEFAULT_TARGET_CHARS = 10
 MAX_EXPRESSION_CHARS = 200  # longer answers are not expressions worth parsing
 _OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__,
@@ -35,12 +41,18 @@ def conciseness(lines: list[str]) -> tuple[list[str], RewardFn]:
     """Prompts and a reward preferring answers as long as each prompt's target.
 
     A line ``prompt<TAB>target`` targets len(target) characters; a line without a tab is all
-    prompt and targets DEFAULT_TARGET_CHARS characters.
+    prompt and targets DEFAULT_TARGET_CHARS characters. A repeated prompt is merged if it asks
+    for the same length, else refused (one target per prompt).
     """
     targets: dict[str, int] = {}
-    for line in lines:
+    first_line: dict[str, int] = {}
+    for i, line in enumerate(lines, 1):
         prompt, tab, target = line.partition("\t")
-        targets[prompt] = len(target.strip()) if tab else DEFAULT_TARGET_CHARS
+        chars = len(target.strip()) if tab else DEFAULT_TARGET_CHARS
+        if targets.setdefault(prompt, chars) != chars:
+            raise DataError(f"conciseness line {i} repeats the prompt of line "
+                            f"{first_line[prompt]} with another target length: {prompt[:60]!r}")
+        first_line.setdefault(prompt, i)
 
     def reward(prompt: str, completion: str) -> float:
         return -abs(len(completion.strip()) - targets.get(prompt, DEFAULT_TARGET_CHARS))
@@ -48,11 +60,16 @@ def conciseness(lines: list[str]) -> tuple[list[str], RewardFn]:
     return list(targets), reward
 
 
-def _literals(node: ast.AST) -> list[int]:
-    """The integer literals of an expression using only + - * /; ValueError otherwise."""
+def _literals(node: ast.AST, source: str) -> list[int]:
+    """The integer literals of an expression using only + - * /; ValueError otherwise.
+
+    A literal must be written in plain decimal digits: "0x4b" is 75 to Python, but it is not
+    the number 75 written down, so it must not count as using the given 75."""
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _literals(node.left) + _literals(node.right)
-    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return _literals(node.left, source) + _literals(node.right, source)
+    text = ast.get_source_segment(source, node) or ""
+    if isinstance(node, ast.Constant) and type(node.value) is int and text.isascii() \
+            and text.isdigit():
         return [node.value]
     raise ValueError(f"not allowed in a countdown answer: {ast.dump(node)[:40]}")
 
@@ -79,7 +96,7 @@ def countdown_score(numbers: list[int], target: int, completion: str) -> float:
         return 0.0
     try:
         tree = ast.parse(expr, mode="eval").body
-        used = Counter(_literals(tree))
+        used = Counter(_literals(tree, expr))
         value = _value(tree)
     except (SyntaxError, ValueError, ZeroDivisionError):
         return 0.0
@@ -91,7 +108,8 @@ def countdown_score(numbers: list[int], target: int, completion: str) -> float:
 
 
 def countdown(lines: list[str]) -> tuple[list[str], RewardFn]:
-    """Prompts and a reward for reaching each line's target with its numbers."""
+    """Prompts and a reward for reaching each line's target with its numbers (a repeated line
+    is one prompt)."""
     puzzles: dict[str, tuple[list[int], int]] = {}
     for i, line in enumerate(lines, 1):
         ints = [int(x) for x in re.findall(r"\d+", line)]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from intes.adapters import MAX_RANK, MAX_SEED, check_settings, target_pattern
+from intes.adapters import MAX_RANK, MAX_SEED, SHAPINGS, check_settings, target_pattern
 from intes.adapters.tasks import DEFAULT_TARGET_CHARS, load_task
 from intes.errors import ConfigError, DataError
 
@@ -39,13 +39,14 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def _read_prompts(path: Path) -> list[str]:
-    """Non-empty lines of the prompts file (trailing whitespace and newlines removed)."""
+    """Non-blank lines of the prompts file, trailing whitespace removed (a trailing space
+    changes the tokens and is almost always accidental)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read prompts file {path}: {exc}") from None
-    lines = [line.rstrip("\r\n") for line in text.splitlines()]
-    lines = [line for line in lines if line.strip()]
+    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
     if not lines:
         raise DataError(f"prompts file {path} has no prompts (one per line)")
     return lines
@@ -159,7 +160,9 @@ def _staging_dir(out: Path) -> Path:
     """A fresh temporary folder beside --out, renamed onto it once everything is written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the final folder's mode
+    umask = os.umask(0)  # the only way to read it: set it and put it straight back
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a plain mkdir's mode, not mkdtemp's 0700
     return tmp
 
 
@@ -174,23 +177,33 @@ def _staging_dir(out: Path) -> Path:
 @click.option("--reward", "reward_spec", type=str,
               help="Own reward module:function or file.py:function: f(prompt, completion)->float.")
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(path_type=Path),
-              help="Text file, one prompt per line (conciseness: prompt<TAB>target; without "
-                   f"a tab the target is {DEFAULT_TARGET_CHARS} characters).")
+              help="Text file, one prompt per line, trailing whitespace removed (conciseness: "
+                   "prompt<TAB>target; without a tab the target is "
+                   f"{DEFAULT_TARGET_CHARS} characters). Every step scores every prompt with "
+                   "every member, so the file sets the work per step.")
 @click.option("--population", default=8, show_default=True, help="Members per step (even, >= 2).")
-@click.option("--sigma", default=1e-3, show_default=True, help="Perturbation scale (> 0).")
+@click.option("--sigma", default=1e-3, show_default=True,
+              help="Perturbation scale (> 0): each weight's perturbation has std sigma * "
+                   "sqrt(rank) (rank-r factors of N(0, 1) entries, no 1/sqrt(rank)).")
 @click.option("--lr", default=5e-7, show_default=True,
               help="Step (> 0) of W += lr/(N sigma) sum f_m eps_m; the paper's alpha times sigma.")
 @click.option("--rank", default=1, show_default=True,
               help=f"Rank of each perturbation, 1..{MAX_RANK}.")
-@click.option("--shaping", type=click.Choice(["zscore", "rank", "sign"]), default="zscore",
+@click.option("--shaping", type=click.Choice(SHAPINGS), default="zscore",
               show_default=True, help="Fitness shaping.")
 @click.option("--steps", default=100, show_default=True, help="ES steps.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="New tokens per prompt.")
 @click.option("--seed", default=0, show_default=True, help=f"Noise seed, 0..{MAX_SEED}.")
-@click.option("--target-modules", default=None, help="Regex over layer names to perturb (all).")
+@click.option("--target-modules", default=None,
+              help="Regex over the names of the Linear (and GPT-2 Conv1D) layers to perturb "
+                   "(default: all). Weights stored as bare parameters, such as fused MoE "
+                   "experts, are never perturbed.")
 @click.option("--member-chunk", default=None, type=int,
               help="Members per generate() call, >= 1 (default: the whole population).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Weights' dtype (auto: as saved). Bfloat16 / float16 weights (chosen or "
+                   "saved) that are perturbed each get a float32 master copy, 4 more bytes per "
+                   "weight, so that small updates are not rounded away.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="New folder for the fine-tuned model, metrics.jsonl and reward.png.")
