@@ -14,13 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
 import intes.cli
-from intes.checkpoint import CHECKPOINT_NAME
+from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from intes.cli import cli, main
 from intes.cli.evaluate import printable
 from intes.data import load_corpus
@@ -94,12 +95,6 @@ def test_version_is_the_package_s():
     assert result.exit_code == 0 and result.output == f"intes {intes_version()}\n"
 
 
-def test_pretrain_writes_checkpoint_metrics_and_plot(run_dir):
-    assert (run_dir / CHECKPOINT_NAME / "zarr.json").is_file()
-    assert (run_dir / "metrics.jsonl").stat().st_size > 0
-    assert (run_dir / "loss.png").stat().st_size > 0
-
-
 def test_two_steps_then_resume_equals_four_steps(run_dir, text_file, tmp_path):
     out = tmp_path / "b"
     assert invoke("pretrain", *TINY, "--data", text_file, "--steps", 2, "--out", out).exit_code == 0
@@ -148,6 +143,20 @@ def test_sample_continues_the_prompt_reproducibly(run_dir):
     assert invoke(*args[:-3], 4, "--backend", "reference").output != first.output  # seed 4
 
 
+def test_sample_temperature_shift_sharpens_to_the_argmax(run_dir):
+    """At shift -8 only the top logits keep weight, so the draws are --greedy's picks; the
+    flag's range is -8..8."""
+    args = ("sample", run_dir, "--prompt", "def ", "--tokens", 8, "--seed", 3, "--backend",
+            "reference")
+    greedy, sharp = invoke(*args, "--greedy"), invoke(*args, "--temperature-shift", -8)
+    assert sharp.exit_code == 0, sharp.output
+    assert sharp.output == greedy.output
+    assert invoke(*args, "--temperature-shift", 8).output != greedy.output  # the shift is used
+    for shift in (9, -9):
+        result = invoke(*args, "--temperature-shift", shift)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
 def test_sample_refuses_a_prompt_that_is_not_utf8(run_dir):
     assert_user_error(invoke("sample", run_dir, "--prompt", "caf\udce9", "--tokens", 2))
 
@@ -189,7 +198,8 @@ def test_alpha_flags_reach_the_checkpoint(text_file, tmp_path):
 
 def test_every_config_flag_reaches_the_run(monkeypatch, text_file, tmp_path):
     """Each flag of CONFIG_FLAGS, given a value other than its default, lands in the
-    TrainConfig the run gets; with neither --steps nor --time-limit it runs 10 minutes."""
+    TrainConfig the run gets, and each run flag in its RunOptions; with neither --steps nor
+    --time-limit it runs 10 minutes."""
     runs = []
     monkeypatch.setattr(PRETRAIN_MODULE, "run_pretraining",
                         lambda config, corpus, options, backend: runs.append((config, options)))
@@ -197,7 +207,10 @@ def test_every_config_flag_reaches_the_run(monkeypatch, text_file, tmp_path):
              "rank": 3, "sigma_shift": 5, "noise_reuse": 2, "fitness": "sign",
              "alpha_steps": 77, "alpha_final_log2": 2, "seq_len": 9, "seed": 123}
     assert set(flags) == set(PRETRAIN_MODULE.CONFIG_FLAGS)
-    args = [a for name, value in flags.items() for a in (f"--{name.replace('_', '-')}", value)]
+    run_flags = {"chunk_pairs": 3, "eval_every": 7, "eval_streams": 5, "eval_len": 17,
+                 "checkpoint_every": 11}
+    args = [a for name, value in {**flags, **run_flags}.items()
+            for a in (f"--{name.replace('_', '-')}", value)]
     result = invoke("pretrain", *args, "--data", text_file, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     (config, options), = runs
@@ -207,6 +220,8 @@ def test_every_config_flag_reaches_the_run(monkeypatch, text_file, tmp_path):
         for key in path:
             value = value[key]
         assert value == flags[name], name
+    for name, value in run_flags.items():
+        assert getattr(options, name) == value, name
     assert options.steps is None and options.time_limit == PRETRAIN_MODULE.DEFAULT_TIME_LIMIT
 
 
@@ -325,7 +340,8 @@ def test_resume_past_its_steps_does_nothing_and_says_so(run_copy):
     assert snapshot(run_copy) == before
 
 
-def test_resume_needs_a_checkpoint(tmp_path, run_copy):
+def test_resume_needs_a_checkpoint(tmp_path, run_copy, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a run without --out would go (runs/...)
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume"))
     assert_user_error(invoke("pretrain", "--steps", 2, "--resume", "--out", tmp_path / "none"))
     before = snapshot(run_copy)
@@ -333,6 +349,68 @@ def test_resume_needs_a_checkpoint(tmp_path, run_copy):
     assert_user_error(result)
     assert f"give its run directory, {run_copy}" in result.stderr
     assert snapshot(run_copy) == before
+    assert not Path("runs").exists()
+
+
+def damage(store: Path, how: str) -> None:
+    """Rewrite a checkpoint, checksums and all, as one that loads but is not a run's."""
+    arrays, meta = load_checkpoint(store)
+    if how == "shape":
+        arrays["head"] = arrays["head"].reshape(arrays["head"].shape[::-1])
+    elif how == "dtype":
+        arrays["head"] = arrays["head"].astype(np.int16)
+    elif how == "missing":
+        del arrays["head"]
+    elif how == "meta":
+        meta = {"step": 1}
+    else:  # a config the model classes do not take
+        meta["config"]["model"]["width"] = 16
+    save_checkpoint(store, arrays, meta)
+
+
+@pytest.mark.parametrize("how, says", [("shape", "'head' is int8[16, 256], expected "
+                                                 "int8[256, 16]"),
+                                       ("dtype", "'head' is int16[256, 16]"),
+                                       ("missing", "'head' is missing"),
+                                       ("meta", "its metadata lacks config, tokenizer, "
+                                                "vocab_size"),
+                                       ("config", "bad config")])
+def test_a_checkpoint_that_is_not_its_config_s_is_one_line(run_copy, how, says):
+    """Weights that do not fit the config, or metadata that is not a pretraining run's, are
+    refused in one line by every command that loads them, and nothing is written."""
+    damage(run_copy / CHECKPOINT_NAME, how)
+    before = snapshot(run_copy)
+    commands = [["eval", run_copy, *FAST_EVAL],
+                ["sample", run_copy, "--tokens", 2, "--backend", "reference"],
+                ["pretrain", "--out", run_copy, "--resume", "--steps", 6, "--backend",
+                 "reference", "--no-progress"]]
+    if how in ("meta", "config"):  # info reads the config, not the weights
+        commands.append(["info", run_copy])
+    for args in commands:
+        result = invoke(*args)
+        assert_user_error(result)
+        assert says in result.stderr, (args[0], result.stderr)
+    assert snapshot(run_copy) == before
+
+
+def test_resume_on_data_tokenized_differently_is_refused_untouched(text_file, tmp_path):
+    """Two BPE stores of the same vocab size, trained on different text: the model fits
+    either, but the token ids mean other things."""
+    upper = tmp_path / "upper.txt"
+    upper.write_text(text_file.read_text(encoding="utf-8").upper(), encoding="utf-8")
+    for name, source in (("a", text_file), ("b", upper)):
+        prepared = invoke("data", "prepare", source, "--out", tmp_path / f"{name}.zarr",
+                          "--tokenizer", "bpe:260")
+        assert prepared.exit_code == 0 and "vocab 260" in prepared.output, prepared.output
+    out = tmp_path / "run"
+    assert invoke("pretrain", *TINY, "--data", tmp_path / "a.zarr", "--steps", 1,
+                  "--out", out).exit_code == 0
+    before = snapshot(out)
+    result = invoke("pretrain", "--steps", 2, "--out", out, "--resume", "--data",
+                    tmp_path / "b.zarr", "--backend", "reference", "--no-progress")
+    assert_user_error(result)
+    assert "the data is tokenized differently" in result.stderr
+    assert snapshot(out) == before
 
 
 def test_corrupted_checkpoint_is_one_line(run_copy):
@@ -351,7 +429,9 @@ def test_missing_checkpoint_is_one_line(tmp_path):
         assert_user_error(invoke(command, tmp_path / "nothing"))
 
 
-def test_main_maps_outcomes_to_exit_codes(monkeypatch, capsys):
+def test_main_maps_outcomes_to_exit_codes(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # where a run without --out would go (runs/...)
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -380,6 +460,7 @@ def test_main_maps_outcomes_to_exit_codes(monkeypatch, capsys):
     with pytest.raises(SystemExit) as quiet:
         main(["pretrain", "--steps", "1"])
     assert quiet.value.code == 130 and capsys.readouterr().err == ""
+    assert not Path("runs").exists()
 
 
 def test_a_command_whose_dependency_is_missing_reports_it(monkeypatch, tmp_path):
@@ -393,14 +474,16 @@ def test_a_command_whose_dependency_is_missing_reports_it(monkeypatch, tmp_path)
     assert invoke("info", "--help").exit_code == 0
 
 
-def test_errors_raised_in_commands_are_caught_by_the_group(monkeypatch):
+def test_errors_raised_in_commands_are_caught_by_the_group(monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise DataError("the corpus is gone")
 
+    monkeypatch.chdir(tmp_path)  # where a run without --out would go (runs/...)
     monkeypatch.setattr(PRETRAIN_MODULE, "load_corpus", fail)
     result = invoke("pretrain", "--steps", 1)
     assert_user_error(result)
     assert result.stderr.strip() == "error: the corpus is gone"
+    assert not Path("runs").exists()
 
 
 def console_script() -> str | None:

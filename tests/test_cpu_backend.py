@@ -970,11 +970,19 @@ def test_es_steps_match_reference(seed, model, pairs, rank, sigma, fitness, data
         same(cpu.params[name], ref.params[name])
 
 
-@pytest.mark.parametrize(("env", "want"), [({"INTES_CPU_THREADS": "3"}, 3),
-                                           ({"LOCAL_WORLD_SIZE": "64"}, 1)])
+@pytest.mark.parametrize(("env", "want"), [({}, 8), ({"INTES_CPU_THREADS": "3"}, 3),
+                                           ({"INTES_CPU_THREADS": "3", "LOCAL_WORLD_SIZE": "4"}, 3),
+                                           ({"LOCAL_WORLD_SIZE": "4"}, 2),
+                                           ({"LOCAL_WORLD_SIZE": "3"}, 2),
+                                           ({"LOCAL_WORLD_SIZE": "64"}, 1),
+                                           ({"LOCAL_WORLD_SIZE": "x"}, 8),
+                                           ({"LOCAL_WORLD_SIZE": "0"}, 8)])
 def test_default_threads_follow_the_environment(monkeypatch, env, want):
-    """An explicit count wins; torchrun's local workers share the cores (at least one each)."""
-    monkeypatch.delenv("INTES_CPU_THREADS", raising=False)
+    """An explicit count wins; torchrun's local workers share the usable cores (8 here), at
+    least one each; a LOCAL_WORLD_SIZE that is not a positive count is ignored."""
+    monkeypatch.setattr("intes.kernels.cpu.usable_cores", lambda: 8)
+    for name in ("INTES_CPU_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert CpuBackend().threads == want

@@ -1,24 +1,37 @@
 """The GPU lease's scripts (``benchmarks/bench_gpu.py``, ``benchmarks/profile_gpu.py``) run in
 their CPU dry runs (Triton's interpreter, the CUDA C built by g++), so a change that breaks
-them shows here, not in the first minutes of a short lease on a GPU."""
+them shows here, not in the first minutes of a short lease on a GPU; and the g++ build they
+share with the tests' emulated kernels survives builders that run at once."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("triton")
-if shutil.which("g++") is None:
-    pytest.skip("no g++ to build the CPU emulation of the CUDA kernels", allow_module_level=True)
+import intes.kernels.cupy as ck
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dry_run_missing() -> str | None:
+    for module in ("torch", "triton"):
+        if importlib.util.find_spec(module) is None:
+            return f"no {module}"
+    if shutil.which("g++") is None:
+        return "no g++ to build the CPU emulation of the CUDA kernels"
+    return None
+
+
+needs_dry_run = pytest.mark.skipif(_dry_run_missing() is not None,
+                                   reason=_dry_run_missing() or "")
 
 
 def dry_run(script: str, *args: str) -> str:
@@ -30,6 +43,7 @@ def dry_run(script: str, *args: str) -> str:
     return done.stdout
 
 
+@needs_dry_run
 def test_bench_gpu_dry_run_checks_parity_and_times_every_figure(tmp_path):
     out = tmp_path / "sweep.json"
     dry_run("bench_gpu.py", "--out", str(out))
@@ -42,6 +56,7 @@ def test_bench_gpu_dry_run_checks_parity_and_times_every_figure(tmp_path):
         record["es_tokens_per_s"] / record["inference_tokens_per_s"])
 
 
+@needs_dry_run
 def test_profile_gpu_dry_run_splits_the_whole_es_extra():
     """The split's shares cover the ES step's extra time over inference, and the predicted
     ratio is the totals' own."""
@@ -51,3 +66,42 @@ def test_profile_gpu_dry_run_splits_the_whole_es_extra():
         es = result[f"es_{mode}"]
         assert sum(es["extra_share"].values()) == pytest.approx(1.0)
         assert es["predicted_ratio"] == pytest.approx(result["inference_step_ms"] / es["step_ms"])
+
+
+def test_emulation_builders_at_once_never_share_a_file(tmp_path, monkeypatch):
+    """A second build that starts while the first compiles (another process; a thread here)
+    writes its own source and library: the first one's half-written library is left alone,
+    and the two end as one source and one library under the content's name. A failed build
+    leaves nothing."""
+    compiles = []  # (source, output) of each compile, in order
+
+    def compile_(cmd, **kwargs):
+        source, out = Path(cmd[-3]), Path(cmd[-1])
+        compiles.append((source, out))
+        text = source.read_text()
+        out.write_bytes(b"half ")
+        if len(compiles) == 1:  # another builder runs while this one writes its library
+            with ThreadPoolExecutor(1) as other:
+                other.submit(ck._build_emulation, tmp_path).result()
+        assert out.read_bytes() == b"half " and source.read_text() == text
+        with out.open("ab") as f:
+            f.write(f"of {out.name}".encode())
+
+    monkeypatch.setattr(ck.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(ck.subprocess, "run", compile_)
+    lib = ck._build_emulation(tmp_path)
+    (first, first_out), (second, second_out) = compiles
+    assert first != second and first_out != second_out
+    assert lib.read_bytes() == f"half of {first_out.name}".encode()  # whole, the last renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lib.stem + ".cpp", lib.name]
+
+    def failing(cmd, **kwargs):
+        Path(cmd[-1]).write_bytes(b"half ")
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(ck.subprocess, "run", failing)
+    empty = tmp_path / "failed"
+    empty.mkdir()
+    with pytest.raises(subprocess.CalledProcessError):
+        ck._build_emulation(empty)
+    assert list(empty.iterdir()) == []

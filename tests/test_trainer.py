@@ -6,6 +6,7 @@ Tiny configs on a small generated text keep every run well under a second of tra
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import replace
 from functools import cache
@@ -14,14 +15,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import intes.trainer as trainer
 import intes.validation as validation
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from intes.data import load_corpus
-from intes.engine import Engine, ModelConfig, TrainConfig
+from intes.engine import MAX_SEQ_LEN, Engine, ModelConfig, TrainConfig
 from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.es import ESConfig
 from intes.ngram import ngram_bits_per_byte
@@ -42,15 +43,33 @@ def small_text() -> str:
 
 
 @cache
+def scratch() -> tempfile.TemporaryDirectory:
+    """Where the cached corpus and reference runs live; removed when this module's tests end
+    (or, failing that, when the interpreter exits)."""
+    return tempfile.TemporaryDirectory(prefix="intes-trainer-")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_scratch():
+    yield
+    if scratch.cache_info().currsize:
+        scratch().cleanup()
+    for cached in (scratch, corpus, _straight_run):
+        cached.cache_clear()
+
+
+@cache
 def corpus():
-    path = Path(tempfile.mkdtemp(prefix="intes-trainer-")) / "small.txt"
+    path = Path(scratch().name) / "small.txt"
     path.write_text(small_text(), encoding="utf-8")
     return load_corpus(str(path))
 
 
-def tiny_config(seed: int = 3) -> TrainConfig:
-    return TrainConfig(model=ModelConfig(kind="rwkv", vocab_size=256, dim=16, layers=1),
-                       es=ESConfig(population=8, group_size=2), seq_len=8, seed=seed)
+def tiny_config(seed: int = 3, kind: str = "rwkv", group_size: int = 2,
+                noise_reuse: int = 1) -> TrainConfig:
+    return TrainConfig(model=ModelConfig(kind=kind, vocab_size=256, dim=16, layers=1),
+                       es=ESConfig(population=8, group_size=group_size, noise_reuse=noise_reuse),
+                       seq_len=8, seed=seed)
 
 
 def options(out: Path, steps: int, **kw) -> RunOptions:
@@ -70,22 +89,45 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def straight_run(config: TrainConfig | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+    """The uninterrupted K-step run of ``config`` (default ``tiny_config()``), made once."""
+    return _straight_run(config or tiny_config())
+
+
 @cache
-def straight_run() -> tuple[Path, dict[str, np.ndarray]]:
-    out = Path(tempfile.mkdtemp(prefix="intes-straight-")) / "run"
-    run(out, K)
+def _straight_run(config: TrainConfig) -> tuple[Path, dict[str, np.ndarray]]:
+    out = Path(tempfile.mkdtemp(prefix="straight-", dir=scratch().name)) / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        if config != tiny_config():  # only the default run's plot is looked at
+            patch.setattr(trainer._Run, "plot", no_plot)
+        run(out, K, config=config)
     return out, weights(out)
 
 
+def no_plot(run: trainer._Run) -> None:
+    """Stands in for the plot (most of a tiny run's time) where a test does not look at it."""
+
+
 @settings(max_examples=4, deadline=None)
-@given(split=st.integers(1, K - 1), chunk=st.sampled_from([None, 1, 3]))
-def test_resume_at_any_step_is_bit_exact(split, chunk):
-    _, expected = straight_run()
-    with tempfile.TemporaryDirectory() as tmp:
+@example(kind="egg", seed=11, noise_reuse=3, group_size=4, splits=[1, 2], chunk=None)
+@given(kind=st.sampled_from(["rwkv", "egg"]), seed=st.integers(0, 2**31 - 1),
+       noise_reuse=st.integers(1, 3), group_size=st.sampled_from([2, 4]),
+       splits=st.lists(st.integers(1, K - 1), min_size=1, max_size=3, unique=True),
+       chunk=st.sampled_from([None, 1, 3]))
+def test_resume_at_any_step_is_bit_exact(kind, seed, noise_reuse, group_size, splits, chunk):
+    """Stopped at any steps (one or several, mid-way through a noise reuse or not) and
+    resumed each time, a run ends with the weights of the same run done in one go. The
+    explicit example resumes twice inside one noise draw."""
+    config = tiny_config(seed, kind, group_size, noise_reuse)
+    _, expected = straight_run(config)
+    first, *later = sorted(splits)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer._Run, "plot", no_plot)
         out = Path(tmp) / "run"
-        run(out, split)
-        summary = run(out, K, resume=True, chunk_pairs=chunk)
-        assert summary["step"] == K and summary["steps_run"] == K - split
+        run(out, first, config=config)
+        for stop in [*later, K]:
+            summary = run(out, stop, config=config, resume=True, chunk_pairs=chunk)
+        assert summary["step"] == K and summary["steps_run"] == K - max(splits)
         assert same_weights(weights(out), expected)
 
 
@@ -157,6 +199,34 @@ def test_resume_keeps_one_uninterrupted_log(tmp_path):
     assert elapsed == sorted(elapsed)
 
 
+def test_a_crash_past_the_checkpoint_leaves_a_log_that_resumes_as_one_run(tmp_path):
+    """A run that dies (not Ctrl-C: nothing saved at the end) has logged steps past its last
+    checkpoint and may have cut its last line; the resume drops both and logs each step once,
+    and ends where an uninterrupted run does."""
+    def crashing(engine: Engine, windows: np.ndarray) -> np.ndarray:
+        if engine.step_index == 3:
+            raise RuntimeError("the machine went away")
+        return engine.population_fitness(windows)
+
+    with pytest.raises(RuntimeError):
+        pretrain(tiny_config(), corpus(), options(tmp_path, K, checkpoint_every=2,
+                                                  eval_every=100),
+                 backend="reference", fitness_fn=crashing)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 2
+    log = tmp_path / METRICS_NAME
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in logged if r["event"] == "step"] == [1, 2, 3]  # 3: past it
+    with log.open("a") as f:
+        f.write('{"event": "st')  # cut by the crash
+    run(tmp_path, K, resume=True, checkpoint_every=2, eval_every=100)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "step"] == list(range(1, K + 1))
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, 2, K]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)
+    assert same_weights(weights(tmp_path), straight_run()[1])
+
+
 def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, capsys):
     def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
         if engine.step_index == 3:
@@ -211,6 +281,29 @@ def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys
                                   "--time-limit 4.5 --eval-every 3 --chunk-pairs 1"), hint
 
 
+def test_checkpoints_come_every_n_steps_or_at_each_evaluation(tmp_path, monkeypatch):
+    """--checkpoint-every N saves at multiples of N and at the end; without it, each
+    evaluation saves (the first one at step 0 too), and a resume does not save again the
+    step it loaded."""
+    saved = []
+    save = trainer.save_checkpoint
+
+    def recording(path, arrays, meta):
+        saved.append(meta["step"])
+        save(path, arrays, meta)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", recording)
+    monkeypatch.setattr(trainer._Run, "plot", no_plot)
+    run(tmp_path / "every", K, checkpoint_every=2, eval_every=100)
+    assert saved == [2, 4, 5]
+    saved.clear()
+    run(tmp_path / "evals", K, eval_every=2)
+    assert saved == [0, 2, 4, 5]
+    saved.clear()
+    run(tmp_path / "evals", K + 2, resume=True, eval_every=2)
+    assert saved == [6, 7]
+
+
 def test_time_limit_stops_and_checkpoints(tmp_path):
     summary = pretrain(tiny_config(), corpus(),
                        replace(options(tmp_path, 1000), time_limit=1e-9), backend="reference")
@@ -257,7 +350,10 @@ def test_resume_refuses_another_validation_sample(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(eval_every=0), dict(eval_streams=0),
-                                dict(steps=None), dict(time_limit=-1.0)])
+                                dict(steps=None), dict(time_limit=-1.0), dict(chunk_pairs=0),
+                                dict(checkpoint_every=0), dict(eval_len=0),
+                                dict(eval_len=MAX_SEQ_LEN + 1), dict(time_limit=math.inf),
+                                dict(time_limit=math.nan)])
 def test_bad_options_are_refused_before_writing(tmp_path, kw):
     opts = replace(options(tmp_path / "run", 2), **kw)
     with pytest.raises(ConfigError):
@@ -307,13 +403,36 @@ def test_greedy_follows_the_argmax():
     assert first == int(np.argmax(logits[0]))
 
 
+def expected_weight(logit: int, top: int, shift: int) -> int:
+    """2^16 * 2^(-d/16) rounded, d = (top - logit) / 2^shift rounded down (times 2^-shift
+    when the shift is negative); 0 where d is past the table's 254."""
+    d = (top - logit) // 2**shift if shift >= 0 else (top - logit) * 2**-shift
+    return math.floor(2**16 * 2 ** (-d / 16) + 0.5) if d < 255 else 0
+
+
 @settings(max_examples=20, deadline=None)
 @given(logits=st.lists(st.integers(-127, 127), min_size=2, max_size=40),
-       shift=st.integers(-3, 3), seed=st.integers(0, 2**32 - 1), position=st.integers(0, 999))
+       shift=st.integers(-8, 8), seed=st.integers(0, 2**32 - 1), position=st.integers(0, 999))
 def test_draws_only_tokens_with_weight(logits, shift, seed, position):
     w = token_weights(np.array(logits, dtype=np.int8), shift)
+    assert w.dtype == np.int64
+    assert w.tolist() == [expected_weight(x, max(logits), shift) for x in logits]
     assert w.max() == 1 << 16 and w.min() >= 0
     assert w[draw(w, seed, position)] > 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(logits=st.lists(st.integers(-127, 127), min_size=2, max_size=40),
+       shifts=st.lists(st.integers(-8, 8), min_size=2, max_size=2, unique=True))
+def test_a_larger_temperature_shift_is_flatter(logits, shifts):
+    """Every token's weight grows (or stays) with the shift while the top token's stays 2^16,
+    so each token's share relative to the top grows; shift 8 is uniform, -8 keeps only the
+    top logits."""
+    x = np.array(logits, dtype=np.int8)
+    low, high = (token_weights(x, s) for s in sorted(shifts))
+    assert np.all(high >= low) and low.max() == high.max() == 1 << 16
+    assert np.all(token_weights(x, 8) == 1 << 16)
+    assert np.array_equal(token_weights(x, -8) > 0, x == x.max())
 
 
 def test_draws_follow_the_weights():

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -491,19 +493,31 @@ def emulated_kernels(build_dir: Path | None = None) -> Kernels:
 
 
 def _build_emulation(build_dir: Path) -> Path:
-    """Compile SOURCE with the shim into a shared library (cached by content)."""
+    """Compile SOURCE with the shim into a shared library (cached by content).
+
+    Builders that run at once (two test sessions sharing the temporary directory, say) each
+    write and compile files of their own, named by process and a random tag, then rename them
+    onto the content-named ones; a rename is atomic, so none compiles from, or loads,
+    another's half-written file.
+    """
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
     text = _SHIM + SOURCE
     flags = ["-O2", "-shared", "-fPIC", "-fwrapv", "-std=c++17", *compile_options()]
     digest = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16]
-    lib = build_dir / f"intes-cuda-emulation-{digest}.so"
+    name = f"intes-cuda-emulation-{digest}"
+    lib = build_dir / f"{name}.so"
     if not lib.exists():
-        src = build_dir / f"intes-cuda-emulation-{digest}.cpp"
-        src.write_text(text)
-        tmp = lib.with_suffix(".tmp.so")
-        subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], check=True,
-                       capture_output=True, text=True)
-        tmp.replace(lib)
+        own = f"{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        src, tmp = build_dir / f"{own}.cpp", build_dir / f"{own}.tmp.so"
+        try:
+            src.write_text(text)
+            subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], check=True,
+                           capture_output=True, text=True)
+            src.replace(build_dir / f"{name}.cpp")
+            tmp.replace(lib)
+        finally:  # a failed build leaves nothing behind
+            src.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
     return lib
