@@ -51,6 +51,7 @@ from intes.kernels.cpu_scalar import (
 from intes.kernels.gemm import (
     EXACT_K,
     MAX_LEVELS,
+    check_float_blas,
     gemm_summary,
     int8_dot_instructions,
     int8_gemm_unavailable,
@@ -558,6 +559,23 @@ def test_one_float32_chunk_past_the_bound_would_be_inexact():
     """Why the chunks exist: 1041 * 127^2 is odd and above 2^24, so float32 cannot hold it."""
     ones = np.full((1, EXACT_K + 1), 127, dtype=np.float32)
     assert int((ones @ ones.T)[0, 0]) != (EXACT_K + 1) * 127 * 127
+
+
+def _accumulating_in(dtype):
+    """A BLAS stand-in that sums in ``dtype``: what the float engines must refuse."""
+    def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # float16 overflows to inf: inexact all the same
+            return (a.astype(dtype) @ b.astype(dtype)).astype(a.dtype)
+    return matmul
+
+
+def test_float_engines_refuse_a_blas_that_does_not_sum_exactly():
+    """The float32 and avx2 engines' exactness rests on float BLAS summing integers exactly
+    (float32 below 2^24, float64 below 2^53); one that sums in less precision is refused."""
+    check_float_blas()  # numpy's own
+    for lossy in (np.float16, np.float32):  # float32 sums are too short for the float64 path
+        with pytest.raises(RuntimeError, match="does not sum integers exactly"):
+            check_float_blas(_accumulating_in(lossy))
 
 
 @given(fan_in=st.integers(1, 20000))

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -189,6 +190,22 @@ def float_lowrank_sum(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np
     return af.reshape(pairs * rank, rows).T @ bt.reshape(pairs * rank, -1).astype(dtype)
 
 
+def check_float_blas(matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul
+                     ) -> None:
+    """RuntimeError unless float BLAS sums int8 products exactly up to the bounds the float
+    paths rely on (float32 below 2^24, float64 below 2^53): any IEEE BLAS does, in any
+    summation order, but one that accumulates in reduced precision would not, and the
+    engines' exactness rests on it. Costs microseconds, once per engine."""
+    for dtype, k, top in ((np.float32, EXACT_K, 127), (np.float64, 1 << 16, 127 << 12)):
+        x = np.full((3, k), 127, dtype=dtype)
+        w = np.full((k, 2), top, dtype=dtype)
+        x[:, -1] = w[-1] = 1  # the least significant bit counts too
+        want = (k - 1) * 127 * top + 1
+        if not np.array_equal(matmul(x, w), np.full((3, 2), want, dtype=dtype)):
+            raise RuntimeError(f"numpy's {np.dtype(dtype).name} BLAS does not sum integers "
+                               "exactly; the float32 and avx2 engines need it to")
+
+
 class FloatUpdate:
     """The update's sums for engines without an int8 product of their own to make them
     with: Z by ``float_lowrank_sum`` (exact), vectors by ``vector_sum``."""
@@ -208,6 +225,7 @@ class Float32Gemm(FloatUpdate):
 
     def __init__(self) -> None:
         pin_blas_threads(1)
+        check_float_blas()
         self._scratch = Scratch()
 
     def prepare(self, w: np.ndarray) -> np.ndarray:
@@ -250,6 +268,7 @@ class Avx2Gemm(FloatUpdate):
         if reason is not None:
             raise RuntimeError(reason)
         pin_blas_threads(1)
+        check_float_blas()
         self._scratch = Scratch()
 
     def prepare(self, w: np.ndarray) -> Avx2Weight:
