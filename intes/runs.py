@@ -126,9 +126,11 @@ def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path
                               "in the checkpoint; keep the checkpoint's setting or use another "
                               "--out")
     if corpus.tokenizer != meta.get("tokenizer") or corpus.vocab_size != meta.get("vocab_size"):
-        raise CheckpointError(f"cannot resume {store}: the data is tokenized differently (vocab "
-                              f"{corpus.vocab_size}, checkpoint {meta.get('vocab_size')}); "
-                              "resume on the checkpoint's data")
+        how = (f"vocab {corpus.vocab_size}, checkpoint {meta.get('vocab_size')}"
+               if corpus.vocab_size != meta.get("vocab_size") else
+               f"another tokenizer of the same vocab, {corpus.vocab_size}")
+        raise CheckpointError(f"cannot resume {store}: the data is tokenized differently "
+                              f"({how}); resume on the checkpoint's data")
     if meta.get("data_digest") not in (None, corpus.digest):  # older checkpoints lack it
         then = meta.get("data_tokens")
         counts = f"; {then[0]:,} / {then[1]:,} then" if then else ""

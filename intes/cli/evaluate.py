@@ -13,11 +13,11 @@ import click
 import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
-from intes.engine import MAX_SEQ_LEN
+from intes.engine import MAX_SEQ_LEN, Engine
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
-from intes.runs import checkpoint_config, load_engine, load_run
+from intes.runs import check_params, checkpoint_config, load_engine, load_run
 from intes.sampling import stream
 from intes.tokenizer import BYTE_VOCAB, decode, encode
 from intes.trainer import counted
@@ -117,6 +117,8 @@ def info(checkpoint: str) -> None:
     store = resolve_checkpoint(checkpoint)
     arrays, meta = load_checkpoint(store)
     config = checkpoint_config(meta, store)
+    config.validate()
+    check_params(Engine(config, "reference", params=arrays), arrays, store)  # as eval would
     m = config.model
     n_params = sum(int(a.size) for a in arrays.values())
     n_bytes = sum(int(a.nbytes) for a in arrays.values())
