@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,3 +106,26 @@ def test_emulation_builders_at_once_never_share_a_file(tmp_path, monkeypatch):
     with pytest.raises(subprocess.CalledProcessError):
         ck._build_emulation(empty)
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the CUDA emulation")
+def test_the_emulation_stops_at_undefined_signed_arithmetic(tmp_path):
+    """Signed overflow is undefined on the device as in C++: the emulation aborts on it
+    instead of wrapping, so the CUDA kernels' tests passing shows none of them relies on it."""
+    script = textwrap.dedent(f"""
+        import ctypes
+        from pathlib import Path
+        import intes.kernels.cupy as ck
+        ck.SOURCE += 'extern "C" __global__ void plus_one(int* x) {{ x[0] = x[0] + 1; }}'
+        lib = ctypes.CDLL(str(ck._build_emulation(Path({str(tmp_path)!r}))))
+        value = (ctypes.c_int * 1)(2**31 - 2)
+        lib.plus_one(value)
+        print("fine", value[0], flush=True)
+        value[0] = 2**31 - 1
+        lib.plus_one(value)
+        print("wrapped", value[0], flush=True)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert run.stdout == f"fine {2**31 - 1}\n", (run.stdout, run.stderr)
+    assert run.returncode != 0 and "signed integer overflow" in run.stderr, run.stderr

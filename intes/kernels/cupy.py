@@ -504,7 +504,11 @@ def _build_emulation(build_dir: Path) -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
     text = _SHIM + SOURCE
-    flags = ["-O2", "-shared", "-fPIC", "-fwrapv", "-std=c++17", *compile_options()]
+    # signed overflow and out-of-range shifts are undefined in CUDA C++ too, where NVRTC may
+    # compile them into anything: the emulation aborts on them (UBSan) rather than wrapping
+    # (-fwrapv), so the tests prove the kernels' wrapping is all in unsigned arithmetic
+    flags = ["-O2", "-shared", "-fPIC", "-fsanitize=signed-integer-overflow,shift",
+             "-fno-sanitize-recover=all", "-std=c++17", *compile_options()]
     digest = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16]
     name = f"intes-cuda-emulation-{digest}"
     lib = build_dir / f"{name}.so"
