@@ -8,11 +8,16 @@ Everything else (config, step, checksums) lives in the group's ``zarr.json``.
 Writes go to a temporary sibling directory that is swapped in by renames, so a killed writer
 leaves either the previous checkpoint or the new one, never a half-written store. The swap is:
 ``path -> path.old``, ``tmp -> path``, delete ``path.old``; a reader that finds only
-``path.old`` (killed mid-swap) loads that.
+``path.old`` (killed mid-swap) loads that. Writers of one path take turns under a lock file
+(POSIX ``flock``), so two never delete each other's only complete copy; a reader whose store
+was swapped under it reads the new one. A symlink at ``path`` is replaced by the new directory
+and its target left as it was (nothing is deleted through a link): to keep checkpoints on
+another disk, link the run directory, not the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,10 +33,16 @@ import zarr
 
 from intes.errors import CheckpointError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: writers are not serialized
+    fcntl = None
+
 FORMAT = "intes-ckpt-1"
 CHECKPOINT_NAME = "checkpoint.zarr"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 _RESERVED = {"zarr.json"}  # would collide with the group's own metadata file
+_READ_TRIES = 5  # reads retried when a writer swapped the store in between
 
 
 def old_sibling(path: Path) -> Path:
@@ -68,33 +79,79 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    """Delete ``path`` if present: a symlink or file is unlinked (never what a link points
+    to), a real directory is removed with its contents."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
     """Replace ``path`` by the complete directory ``tmp``; the old copy dies only afterwards."""
     old = old_sibling(path)
-    if path.exists():
-        if old.exists():  # stale: path is complete, so old is a leftover from an earlier crash
-            shutil.rmtree(old)
+    if os.path.lexists(path):  # a symlink is moved aside itself, its target left alone
+        _remove(old)  # stale: path is complete, so old is a leftover from an earlier crash
         path.rename(old)
     # if path was missing, old (when present) is the last good version: keep it until now
     tmp.rename(path)
     _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the new copy is in place; a leftover old is harmless
+        _remove(old)
+
+
+@contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """Hold ``path``'s exclusive writer lock (``.NAME.lock`` beside it; a no-op without
+    fcntl). The lock file is deleted on release so none is left behind: a waiter that then
+    gets the lock on the deleted file sees it is no longer at its path and tries again."""
+    if fcntl is None:
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass  # deleted by the writer this one waited for: lock the next file
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to write ``path`` into; swap it in only if the block succeeds."""
+    """Yield a temporary sibling to write ``path`` into; swap it in only if the block succeeds.
+
+    Under the writer lock no other writer is active, so temporary siblings found on entry are
+    leftovers of killed writers: they are deleted.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_in(tmp, path)
+    with _writer_lock(path):
+        leftover = re.compile(rf"\.{re.escape(path.name)}\.tmp-\d+")
+        for stale in path.parent.iterdir():
+            if leftover.fullmatch(stale.name):
+                with contextlib.suppress(OSError):
+                    _remove(stale)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            _swap_in(tmp, path)
+        finally:  # gone after a swap; after a failure or an interrupt, partial
+            with contextlib.suppress(OSError):
+                _remove(tmp)
 
 
 def array_digest(a: np.ndarray) -> str:
@@ -134,6 +191,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
+def _attrs_digest(attrs: dict) -> str:
+    """sha256 of the metadata a load trusts (format, meta, array records) as canonical JSON:
+    an edited step or a dropped array record fails it."""
+    covered = {key: attrs.get(key) for key in ("format", "meta", "arrays")}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _plain_json(meta: dict) -> dict:
     """``meta`` as plain JSON types (numpy scalars -> Python, tuples -> lists)."""
     try:
@@ -168,6 +233,7 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> No
         for name, a in clean.items()
     }
     attrs = {"format": FORMAT, "meta": _plain_json(meta), "arrays": records}
+    attrs["sha256"] = _attrs_digest(attrs)
     with atomic_directory(Path(path)) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=attrs)
         for name, a in clean.items():
@@ -200,6 +266,8 @@ def _read_store(src: Path) -> tuple[dict[str, np.ndarray], dict]:
             f"{src} is not an intes checkpoint (format {attrs.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
+    if "sha256" in attrs and attrs["sha256"] != _attrs_digest(attrs):  # older saves have none
+        raise CheckpointError(f"checkpoint {src} is corrupted: its metadata fails its checksum")
     arrays = {name: _read_array(group, src, name, rec) for name, rec in attrs["arrays"].items()}
     return arrays, attrs["meta"]
 
@@ -209,11 +277,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Arrays and metadata of the checkpoint at ``path``, verified against their checksums."""
-    src = existing_version(Path(path))
-    if src is None:
-        raise CheckpointError(f"no checkpoint at {path}")
+def _load_once(src: Path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         return _read_store(src)
     except CheckpointError:
@@ -223,6 +287,37 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             f"checkpoint {src} is corrupted or unreadable ({_one_line(err)}); "
             "restore it or start a new run"
         ) from None
+
+
+def _identity(src: Path | None) -> tuple | None:
+    """Which directory ``src`` is now (name and inode): a swap by a writer changes it."""
+    if src is None:
+        return None
+    try:
+        st = os.stat(src)
+    except OSError:
+        return None
+    return src, st.st_dev, st.st_ino
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays and metadata of the checkpoint at ``path``, verified against their checksums.
+
+    A writer may swap in a new version while this reads (``intes eval`` during training):
+    if the read fails and ``path`` now names another directory, it is read again.
+    """
+    tries = 1
+    while True:
+        src = existing_version(Path(path))
+        if src is None:
+            raise CheckpointError(f"no checkpoint at {path}")
+        before = _identity(src)
+        try:
+            return _load_once(src)
+        except CheckpointError:
+            if tries == _READ_TRIES or _identity(existing_version(Path(path))) == before:
+                raise
+        tries += 1
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -9,6 +9,9 @@ files whose crc split leaves a side empty) is split by position instead: the las
 ``1/valid_fraction`` of its bytes, cut at a character boundary, is valid. Bits per byte needs the
 number of raw bytes each split encodes; separators encode none.
 
+A token store records each split's length and sha256; a load checks them (when present: older
+stores have none), that the vocab size is its tokenizer's and the size rules of a text corpus.
+
 Window offsets come from the project's counter-based hash (``intes.noise``), so the batch of a
 step is a pure function of (seed, step) and resuming needs no data-loader state.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from intes.checkpoint import CHECKPOINT_NAME, atomic_directory, existing_version
+from intes.checkpoint import CHECKPOINT_NAME, array_digest, atomic_directory, existing_version
 from intes.errors import DataError
 from intes.noise import hash_u32, stream_key
 from intes.tokenizer import resolve_tokenizer, tokenize, vocab_size
@@ -91,9 +94,9 @@ def _is_text(raw: bytes) -> bool:
 
 def _is_run_output(path: Path) -> bool:
     """A zarr store (a checkpoint or a token store, or one's copy left by a writer killed
-    mid-swap) or an intes run directory: not text to train on, and ``--data .`` would
-    otherwise read earlier runs' weights and metrics."""
-    return (path.name.endswith((".zarr", ".zarr.old"))
+    mid-swap; named ``*.zarr`` or holding a ``zarr.json``) or an intes run directory: not
+    text to train on, and ``--data .`` would otherwise read earlier runs' weights and metrics."""
+    return (path.name.endswith((".zarr", ".zarr.old")) or (path / "zarr.json").is_file()
             or existing_version(path / CHECKPOINT_NAME) is not None)
 
 
@@ -165,18 +168,21 @@ def _glob_base(pattern: str) -> Path:
 
 
 def _skipped_below(path: Path, base: Path) -> bool:
-    """Whether a directory walk from ``base`` would prune ``path`` or a directory above it."""
+    """Whether a directory walk from ``base`` would prune ``path`` or a directory above it
+    (``os.walk`` does not enter symlinked directories; glob's ``**`` would)."""
     prefix = base
     for part in path.relative_to(base).parts:
         prefix = prefix / part
-        if part.startswith(".") or (prefix.is_dir() and _is_run_output(prefix)):
+        if part.startswith(".") or (prefix.is_dir() and (prefix.is_symlink()
+                                                         or _is_run_output(prefix))):
             return True
     return False
 
 
 def _glob_files(pattern: str) -> list[Path]:
     """Files matching ``pattern``, each once; a matched directory contributes the files under
-    it. What a directory walk skips is skipped here too, below the pattern's fixed part."""
+    it. What a directory walk skips (hidden entries, run outputs, symlinked directories) is
+    skipped here too, below the pattern's fixed part."""
     base = _glob_base(pattern)
     files: dict[Path, Path] = {}
     for match in map(Path, sorted(glob.glob(pattern, recursive=True))):
@@ -282,22 +288,66 @@ def _checked_split(name: str, tokens: np.ndarray, vocab_size: int, path: Path) -
     return tokens
 
 
+def _split_record(tokens: np.ndarray) -> dict:
+    """What a store records of a split to detect damage: its length and a sha256 of its
+    little-endian tokens (so the same on any machine)."""
+    tokens = tokens.astype(tokens.dtype.newbyteorder("<"), copy=False)
+    return {"tokens": len(tokens), "sha256": array_digest(tokens)}
+
+
+def _check_record(name: str, tokens: np.ndarray, record: dict, path: Path) -> None:
+    found = _split_record(tokens)
+    if found["tokens"] != record["tokens"]:
+        raise DataError(f"token store {path} is corrupted: '{name}' has {found['tokens']} "
+                        f"tokens, expected {record['tokens']}")
+    if found["sha256"] != record["sha256"]:
+        raise DataError(f"token store {path} is corrupted: '{name}' fails its checksum")
+
+
+def _store_vocab(attrs: dict, path: Path) -> int:
+    """The store's vocab size, which must be its tokenizer's."""
+    try:
+        expected = vocab_size(str(attrs["tokenizer"]))
+    except DataError as err:
+        raise DataError(f"token store {path} is corrupted: its tokenizer is unusable "
+                        f"({str(err).split(';')[0]})") from None
+    if int(attrs["vocab_size"]) != expected:
+        raise DataError(f"token store {path} is corrupted: vocab size {attrs['vocab_size']} but "
+                        f"its tokenizer has {expected} tokens")
+    return expected
+
+
+def _check_bytes(corpus: Corpus, path: Path) -> None:
+    """Byte counts (the bits-per-byte denominators) must be positive, and exact for bytes."""
+    for name in ("train", "valid"):
+        tokens, n_bytes = getattr(corpus, name), getattr(corpus, f"{name}_bytes")
+        exact = len(tokens) - np.count_nonzero(tokens == 0)
+        if n_bytes < 1 or (corpus.tokenizer == "bytes" and n_bytes != exact):
+            raise DataError(f"token store {path} is corrupted: it says '{name}' holds "
+                            f"{n_bytes} bytes of text")
+
+
 def _read_store(path: Path, src: Path) -> Corpus:
     group = zarr.open_group(src, mode="r")
     attrs = dict(group.attrs)
     if attrs.get("format") != STORE_FORMAT:
         raise DataError(f"{path} is not an intes token store; make one with `intes data prepare`")
-    vocab_size = int(attrs["vocab_size"])
-    train, valid = (np.asarray(group[name][...]) for name in ("train", "valid"))
-    return Corpus(
-        train=_checked_split("train", train, vocab_size, path),
-        valid=_checked_split("valid", valid, vocab_size, path),
+    vocab_size = _store_vocab(attrs, path)
+    splits = {name: np.asarray(group[name][...]) for name in ("train", "valid")}
+    for name, record in attrs.get("splits", {}).items():  # stores made before have none
+        _check_record(name, splits[name], record, path)
+    corpus = Corpus(
+        train=_checked_split("train", splits["train"], vocab_size, path),
+        valid=_checked_split("valid", splits["valid"], vocab_size, path),
         vocab_size=vocab_size,
         train_bytes=int(attrs["train_bytes"]),
         valid_bytes=int(attrs["valid_bytes"]),
         tokenizer=str(attrs["tokenizer"]),
         source=str(attrs["source"]),
     )
+    _check_sizes(corpus.train, corpus.valid, f"token store {path}")
+    _check_bytes(corpus, path)
+    return corpus
 
 
 def _load_store(path: Path) -> Corpus:
@@ -370,6 +420,7 @@ def _write_store(corpus: Corpus, out: Path) -> None:
         "train_bytes": corpus.train_bytes,
         "valid_bytes": corpus.valid_bytes,
         "source": corpus.source,
+        "splits": {name: _split_record(getattr(corpus, name)) for name in ("train", "valid")},
     }
     with atomic_directory(out) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=attrs)

@@ -42,9 +42,13 @@ def _bpe(tokenizer_json: str) -> Tokenizer:
         raise DataError(f"tokenizer JSON cannot be parsed ({err}); {_TOKENIZER_HELP}") from None
     if tok.token_to_id(SEPARATOR_TOKEN) != SEPARATOR:
         raise DataError(f"tokenizer has no '{SEPARATOR_TOKEN}' token with id 0; {_TOKENIZER_HELP}")
-    if tok.get_vocab_size() >= MAX_VOCAB:  # the models' int32 log-likelihood sums need less
-        raise DataError(f"tokenizer has {tok.get_vocab_size():,} tokens; the models take fewer "
-                        f"than {MAX_VOCAB:,}")
+    n = tok.get_vocab_size()
+    if n >= MAX_VOCAB:  # the models' int32 log-likelihood sums need less
+        raise DataError(f"tokenizer has {n:,} tokens; the models take fewer than {MAX_VOCAB:,}")
+    ids = set(tok.get_vocab(with_added_tokens=True).values())
+    if len(ids) != n or max(ids) != n - 1:  # a model has n outputs: ids must index them
+        raise DataError(f"tokenizer ids must be exactly 0..{n - 1}, its largest is {max(ids)}; "
+                        f"{_TOKENIZER_HELP}")
     tok.encode_special_tokens = True
     return tok
 

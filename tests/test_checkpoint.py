@@ -228,3 +228,159 @@ def test_resolve_checkpoint(saved, tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CheckpointError, match="run directory"):
         resolve_checkpoint(tmp_path / "empty_run")
+
+
+def test_symlinked_checkpoint_is_replaced_and_its_target_kept(tmp_path):
+    """A symlink at the checkpoint path is moved aside and unlinked, never followed: saves
+    after the first still work and the link's target keeps what it held."""
+    target = tmp_path / "elsewhere.zarr"
+    save_checkpoint(target, _model(), {"step": 1})
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    path.parent.mkdir()
+    path.symlink_to(target, target_is_directory=True)
+    for step in (2, 3):
+        save_checkpoint(path, _model(step), {"step": step})
+    arrays, meta = load_checkpoint(path)
+    _assert_same(arrays, _model(3))
+    assert meta == {"step": 3} and not path.is_symlink()
+    assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_NAME]
+    assert load_checkpoint(target)[1] == {"step": 1}
+
+
+def test_stale_old_beside_a_complete_checkpoint_is_replaced(saved):
+    """Both ``path`` and ``path.old`` exist: old is a leftover, so it goes, not ``path``."""
+    save_checkpoint(old_sibling(saved), _model(2), {"step": 1})
+    save_checkpoint(saved, _model(1), {"step": 4})
+    _assert_same(load_checkpoint(saved)[0], _model(1))
+    assert sorted(p.name for p in saved.parent.iterdir()) == [CHECKPOINT_NAME]
+
+
+def _edit_attrs(store: Path, edit) -> None:
+    import json
+
+    doc = json.loads((store / "zarr.json").read_text())
+    edit(doc["attributes"])
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda a: a["meta"].update(step=999),
+        lambda a: a["arrays"].pop("zeros"),
+    ],
+    ids=["step", "array-record-removed"],
+)
+def test_edited_metadata_fails_its_checksum(saved, edit):
+    _edit_attrs(saved, edit)
+    with pytest.raises(CheckpointError, match="metadata fails its checksum") as info:
+        load_checkpoint(saved)
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_without_metadata_checksum_still_loads(saved):
+    """Checkpoints saved before the metadata checksum have none: what is present is checked."""
+    _edit_attrs(saved, lambda a: a.pop("sha256"))
+    arrays, meta = load_checkpoint(saved)
+    _assert_same(arrays, _model())
+    assert meta == {"step": 3}
+
+
+def test_reader_rereads_a_store_swapped_under_it(saved, monkeypatch):
+    """``intes eval`` while training saves: a save between the group's metadata and its arrays
+    would mix two versions; the reader notices the swap and returns one consistent version."""
+    import intes.checkpoint as ckpt
+
+    read_array, saves = ckpt._read_array, []
+
+    def save_meanwhile(*args):
+        if not saves:
+            saves.append(1)
+            save_checkpoint(saved, _model(1), {"step": 4})
+        return read_array(*args)
+
+    monkeypatch.setattr(ckpt, "_read_array", save_meanwhile)
+    arrays, meta = load_checkpoint(saved)
+    assert saves and meta == {"step": 4}
+    _assert_same(arrays, _model(1))
+
+
+def test_real_damage_is_read_once(saved, monkeypatch):
+    """Only a swapped store is read again: a damaged one fails at once."""
+    import intes.checkpoint as ckpt
+
+    reads = []
+    load_once = ckpt._load_once
+    monkeypatch.setattr(ckpt, "_load_once", lambda src: reads.append(src) or load_once(src))
+    _flip_byte(saved / "emb" / "c" / "0" / "0", 5)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(saved)
+    assert reads == [saved]
+
+
+def test_writers_take_turns(saved, monkeypatch):
+    """A second save waits for the first to swap in (two writers at once could delete each
+    other's only complete copy); the last one wins and nothing is left beside it."""
+    import threading
+
+    import intes.checkpoint as ckpt
+
+    inside, release = threading.Event(), threading.Event()
+    write_array = ckpt._write_array
+
+    def slow_first(*args):
+        if threading.current_thread().name == "first":
+            inside.set()
+            release.wait(10)
+        write_array(*args)
+
+    monkeypatch.setattr(ckpt, "_write_array", slow_first)
+    first = threading.Thread(target=save_checkpoint, args=(saved, _model(1), {"step": 4}),
+                             name="first")
+    second = threading.Thread(target=save_checkpoint, args=(saved, _model(2), {"step": 5}))
+    first.start()
+    assert inside.wait(10)
+    second.start()
+    second.join(0.5)
+    blocked = second.is_alive()
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert blocked and not first.is_alive() and not second.is_alive()
+    arrays, meta = load_checkpoint(saved)
+    _assert_same(arrays, _model(2))
+    assert meta == {"step": 5}
+    assert sorted(p.name for p in saved.parent.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_interrupted_swap_leaves_no_temporary_directory(saved, monkeypatch):
+    """Ctrl-C between the swap's renames: the last good copy waits as .old, the partial
+    temporary directory is gone, and the next save completes."""
+    rename = Path.rename
+
+    def interrupt_second(self, target):
+        if self.name.startswith("."):  # tmp -> path
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(saved, _model(1), {"step": 4})
+    monkeypatch.setattr(Path, "rename", rename)
+    assert [p.name for p in saved.parent.iterdir()] == [old_sibling(saved).name]
+    assert load_checkpoint(saved)[1] == {"step": 3}
+    save_checkpoint(saved, _model(1), {"step": 4})
+    assert sorted(p.name for p in saved.parent.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_killed_writers_temporary_directories_are_removed(saved):
+    """A writer killed outright (another pid) leaves its temporary directory; the next save
+    of that path removes it, and nothing that is not one."""
+    parent = saved.parent
+    for name in (f".{saved.name}.tmp-99999", f".{saved.name}.tmp-1"):
+        (parent / name / "emb").mkdir(parents=True)
+    (parent / f".{saved.name}.tmp-notes").write_text("keep")
+    (parent / ".other.zarr.tmp-5").mkdir()
+    save_checkpoint(saved, _model(1), {"step": 4})
+    assert sorted(p.name for p in parent.iterdir()) == sorted(
+        [CHECKPOINT_NAME, f".{saved.name}.tmp-notes", ".other.zarr.tmp-5"])

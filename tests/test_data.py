@@ -1,6 +1,7 @@
 """Corpora, splits, token stores, batch windows and n-gram reference figures."""
 
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -165,6 +166,34 @@ def test_glob_reads_each_file_once_and_skips_what_a_walk_skips(tmp_path, pattern
     assert f"({len(files)} files," in corpus.source
 
 
+def test_directory_corpus_skips_a_store_without_the_zarr_suffix(tmp_path):
+    """A token store saved as ``tokens`` (no suffix) is still a store: its ``zarr.json``
+    files are not text to train on, whether walked into or matched by a glob."""
+    files = _tree(tmp_path / "d")
+    prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "d" / "pkg" / "tokens")
+    train, valid = _expected_split(files)
+    for data in (tmp_path / "d", str(tmp_path / "d" / "**")):
+        corpus = load_corpus(data)
+        assert _docs(corpus.train) == train and _docs(corpus.valid) == valid
+        assert f"({len(files)} files," in corpus.source
+
+
+@pytest.mark.parametrize("pattern", ["**/*.txt", "*", "**"])
+def test_glob_skips_symlinked_directories_like_a_walk(tmp_path, pattern):
+    """``os.walk`` does not enter a symlinked directory, so a glob below its fixed part does
+    not either; a link named in the fixed part is followed, like a directory given as data."""
+    files = _tree(tmp_path / "d")
+    for i in range(6):
+        _write(tmp_path / "ext" / f"g{i}.txt", f"linked {i}\n")
+    (tmp_path / "d" / "linked").symlink_to(tmp_path / "ext", target_is_directory=True)
+    walked = load_corpus(tmp_path / "d")
+    globbed = load_corpus(str(tmp_path / "d" / pattern))
+    np.testing.assert_array_equal(globbed.train, walked.train)
+    np.testing.assert_array_equal(globbed.valid, walked.valid)
+    assert f"({len(files)} files," in globbed.source
+    assert "(6 files," in load_corpus(str(tmp_path / "d" / "linked" / "*.txt")).source
+
+
 def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
     files = {"m1.txt": b"x" * 300, "pkg/m3.txt": b"y" * 100}  # both crc32 % 20 != 0
     assert not _expected_split(files)[1]
@@ -307,6 +336,91 @@ def test_foreign_zarr_store(tmp_path):
     zarr.open_group(tmp_path / "x.zarr", mode="w", attributes={"format": "something-else"})
     with pytest.raises(DataError, match="not an intes token store"):
         load_corpus(tmp_path / "x.zarr")
+
+
+def _edit_attrs(store: Path, edit) -> None:
+    import json
+
+    doc = json.loads((store / "zarr.json").read_text())
+    edit(doc["attributes"])
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+def _change_token(store: Path) -> None:
+    """One train token changed in place, the chunk re-encoded validly: only a checksum sees it."""
+    import zarr
+
+    train = zarr.open_array(store / "train", mode="r+")
+    train[7] = (int(train[7]) + 1) % 256
+
+
+def _flip_bit(chunk: Path) -> None:
+    """One bit of the compressed chunk flipped (zstd here keeps no checksum of its own)."""
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    chunk.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_change_token, "'train' fails its checksum"),
+        (lambda s: _flip_bit(s / "train" / "c" / "0"), "'train' fails its checksum"),
+        (lambda s: next((s / "train" / "c").iterdir()).unlink(), "'train' fails its checksum"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(vocab_size=1000)),
+         "vocab size 1000 but its tokenizer has 256 tokens"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(tokenizer="garbage")),
+         "its tokenizer is unusable"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(valid_bytes=0)), "'valid' holds 0 bytes"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(train_bytes=a["train_bytes"] + 1)),
+         "'train' holds"),
+        (lambda s: _edit_attrs(s, lambda a: a["splits"]["valid"].update(tokens=5)),
+         "'valid' has 420 tokens, expected 5"),
+    ],
+    ids=["token-changed", "bit-flip", "chunk-missing", "vocab", "tokenizer", "valid-bytes",
+         "train-bytes", "length"],
+)
+def test_damaged_store_is_refused(store, damage, message):
+    damage(store)
+    pattern = f"token store {re.escape(str(store))} is corrupted: .*{message}"
+    with pytest.raises(DataError, match=pattern) as info:
+        load_corpus(store)
+    assert "\n" not in str(info.value)
+
+
+def test_store_with_an_empty_split_is_refused(tmp_path):
+    """Checked like a text corpus: a split needs at least two tokens."""
+    import zarr
+
+    attrs = {"format": "intes-tokens-1", "tokenizer": "bytes", "vocab_size": 256,
+             "train_bytes": 48, "valid_bytes": 1, "source": "x"}
+    group = zarr.open_group(tmp_path / "e.zarr", mode="w", zarr_format=3, attributes=attrs)
+    group.create_array("train", data=np.arange(49, dtype=np.uint8))
+    group.create_array("valid", data=np.zeros(0, np.uint8), chunks=(1,))
+    with pytest.raises(DataError, match="too small: train has 49 tokens and valid 0"):
+        load_corpus(tmp_path / "e.zarr")
+
+
+def test_store_made_before_split_records_still_loads(store):
+    """Stores from before the split checksums have none: what they hold is checked, and
+    their tokens are read as they were."""
+    made = load_corpus(store)
+    _edit_attrs(store, lambda a: a.pop("splits"))
+    old = load_corpus(store)
+    assert old.digest == made.digest and old.train.dtype == made.train.dtype
+
+
+def test_prepare_refuses_an_empty_out(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from intes.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "a.txt", TEXT)
+    result = CliRunner().invoke(cli, ["data", "prepare", "a.txt", "--out", ""])
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        "error: empty --out; give the token store to create, e.g. --out tokens.zarr"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
 # --- tokenizers ---------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def prepare(path: str | None, out: str, tokenizer: str) -> None:
 
     Pass the store to `intes pretrain --data STORE.zarr`: it carries its tokenizer and split.
     """
+    if not out.strip():  # Path("") is the current directory, never a store to create
+        raise DataError("empty --out; give the token store to create, e.g. --out tokens.zarr")
     store = Path(out).expanduser()
     if existing_version(store) is not None:
         raise DataError(f"{store} already exists; remove it or choose another --out")
