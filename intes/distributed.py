@@ -8,27 +8,33 @@ whatever the model size.
 
 A step on worker r of W: score the antithetic pairs of its contiguous shard (``shard_pairs``;
 a pair is never split, shards differ by at most one pair), all-gather the member fitness,
-then ``Engine.apply_fitness`` locally like everyone else. Rank 0 alone evaluates, prints and
-writes; every rank validates its inputs before rank 0 writes anything.
+then ``Engine.apply_fitness`` locally like everyone else, then one all-reduce of two flags
+(``agree_step``): whether any worker is out of time, and whether rank 0 evaluates now (its
+clock sets the automatic interval). An evaluation is sharded too: every worker scores a
+contiguous share of the validation windows and the integer log-likelihood totals are summed
+(``sharded_total``), so the figure is one process's exactly. Rank 0 alone prints and writes;
+every rank validates its inputs before rank 0 writes anything.
 
 Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 ``intes pretrain`` routes here when WORLD_SIZE > 1. torch is imported only on that path.
 
-Failure model: a worker that dies closes its sockets, so the others' next collective fails at
-once; one that hangs is given up on after ``INTES_DIST_TIMEOUT`` seconds. Either way every
-survivor exits with one ``DistributedError`` line, and rank 0's last checkpoint (written
-atomically) stays loadable. The timeout must exceed the longest pause of rank 0 alone
-(evaluation, plot and checkpoint, and the run's last evaluation, on the whole valid split of
-up to 2M tokens); the others wait for it in the next collective.
+The collectives always go over gloo, whatever the compute backend: their payloads are a few
+host bytes, and gloo reports a dead or silent peer as an error in the collective that met it
+(NCCL's watchdog would abort the process instead). Failure model: a worker that dies closes
+its sockets, so the others' next collective fails at once; one that hangs is given up on after
+``INTES_DIST_TIMEOUT`` seconds. Either way every survivor exits with one ``DistributedError``
+line, and rank 0's last checkpoint (written atomically) stays loadable. The timeout must
+exceed the longest pause of rank 0 alone (a plot and a checkpoint; evaluations are shared),
+and the slowest worker's lag behind the others.
 
 Replicas are compared at the start (settings, data and weights) and then every
 ``INTES_DIST_VERIFY_EVERY`` steps and at the end (a 64-bit hash of the weights and step, 8
 bytes per worker), so a divergence (a nondeterministic backend, a bad node) stops the run
 within a few steps instead of silently training W different models.
 
-The free functions (``shard_range``, ``all_gather_fitness``, ``assert_same``, ``any_rank``)
-use torch's default process group and are no-ops without one, so other ES loops (the HF
-adapter) can call them unconditionally.
+The free functions (``shard_range``, ``all_gather_fitness``, ``assert_same``, ``any_rank``,
+``agree_step``, ``sum_ranks``, ``sharded_total``) use torch's default process group and are
+no-ops without one, so other ES loops (the HF adapter) can call them unconditionally.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from intes.errors import ConfigError, IntesError
 from intes.trainer import RunOptions
 from intes.trainer import pretrain as train
 from intes.trainer import start_engine as validated_engine  # the trainer's checks, unwritten
+from intes.validation import log_likelihood_total
 
 TIMEOUT_ENV = "INTES_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
@@ -63,6 +70,11 @@ DEFAULT_VERIFY_EVERY = 10  # steps; a check costs one hash of the weights + 8 by
 
 class DistributedError(IntesError):
     """A worker is gone, stalled or disagrees with the others; the run cannot go on."""
+
+
+class ReplicasDiverged(DistributedError):
+    """The workers' weights differ: which replica is right is unknown, and so is rank 0's
+    checkpoint, so this error does not suggest resuming from it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,9 +163,11 @@ def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
                    engine: Engine) -> dict[str, int]:
     """What must be the same on every worker before the first step, one hash each.
 
-    The time limit may differ (the stop is voted on); a different step count would not be.
+    The time limit may differ (the stop is voted on); a different step count would not be, nor
+    a different replica check interval (workers would call different collectives).
     """
-    settings = {"config": config.to_dict(), "steps": options.steps, "resume": options.resume}
+    settings = {"config": config.to_dict(), "steps": options.steps, "resume": options.resume,
+                VERIFY_ENV: verify_every()}
     text = json.dumps(settings, sort_keys=True).encode()
     return {
         "settings": digest([("settings", np.frombuffer(text, dtype=np.uint8))]),
@@ -190,20 +204,11 @@ def _collective(what: str) -> Iterator[None]:
     """Turn a collective that failed (peer gone) or timed out (peer stalled) into one line."""
     try:
         yield
-    except RuntimeError as err:  # DistBackendError / DistStoreError and gloo/NCCL failures
+    except RuntimeError as err:  # DistBackendError / DistStoreError and gloo failures
         raise DistributedError(
             f"worker {_env_int('RANK', 0)} lost the other workers during {what} ({_gist(err)}): "
             f"another worker died, or stalled for longer than {TIMEOUT_ENV}="
             f"{timeout_seconds():g} s") from None
-
-
-def _device(dist: Any) -> Any:
-    """Where collective tensors live: the current GPU for NCCL, else the CPU."""
-    import torch
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def shard_range(n_members: int) -> tuple[int, int]:
@@ -235,14 +240,12 @@ def all_gather_fitness(local: np.ndarray, n_members: int) -> np.ndarray:
     if len(local) != sizes[dist.get_rank()]:
         raise ValueError(f"worker {dist.get_rank()} has {len(local)} fitness rows, its shard of "
                          f"{n_members} members is {sizes[dist.get_rank()]}")
-    device = _device(dist)
-    send = torch.zeros((max(sizes), *local.shape[1:]), dtype=torch.from_numpy(local).dtype,
-                       device=device)
-    send[:len(local)] = torch.from_numpy(local).to(device)
+    send = torch.zeros((max(sizes), *local.shape[1:]), dtype=torch.from_numpy(local).dtype)
+    send[:len(local)] = torch.from_numpy(local)
     received = [torch.empty_like(send) for _ in range(world)]
     with _collective("the fitness all-gather"):
         dist.all_gather(received, send)
-    return np.concatenate([t[:n].cpu().numpy() for t, n in zip(received, sizes, strict=True)])
+    return np.concatenate([t[:n].numpy() for t, n in zip(received, sizes, strict=True)])
 
 
 def assert_same(value: int, what: str) -> None:
@@ -252,29 +255,63 @@ def assert_same(value: int, what: str) -> None:
         return
     import torch
 
-    device = _device(dist)
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    mine = torch.tensor([value], dtype=torch.int64)
     values = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     with _collective(f"the check of {what}"):
         dist.all_gather(values, mine)
     differ = [r for r, v in enumerate(values) if int(v.item()) != int(values[0].item())]
     if differ:
-        raise DistributedError(f"workers diverged: {what} on rank(s) "
+        raise ReplicasDiverged(f"workers diverged: {what} on rank(s) "
                                f"{', '.join(map(str, differ))} differ from rank 0's; stopping "
                                "(a nondeterministic backend or a faulty machine)")
 
 
 def any_rank(flag: bool) -> bool:
     """True on every worker if it is true on any (all-reduce MAX): a stop all agree on."""
+    return _all_reduce([int(flag)], "the stop vote", "MAX")[0] > 0
+
+
+def agree_step(stop: bool, evaluate: bool) -> tuple[bool, bool]:
+    """(any worker's ``stop``, rank 0's ``evaluate``) on every worker, in one all-reduce: the
+    trainer's ``sync_step``, called by every worker after every step whatever its time limit."""
+    dist = _dist()
+    mine = evaluate if dist is None or dist.get_rank() == 0 else False
+    any_stop, main_evaluates = _all_reduce([int(stop), int(mine)], "the step's vote", "MAX")
+    return any_stop > 0, main_evaluates > 0
+
+
+def sum_ranks(value: int) -> int:
+    """The sum of every worker's integer ``value`` (int64, exact)."""
+    return _all_reduce([value], "the evaluation", "SUM")[0]
+
+
+def _all_reduce(values: list[int], what: str, op: str) -> list[int]:
+    """``values`` combined element-wise over the workers by torch's ReduceOp ``op``."""
     dist = _dist()
     if dist is None:
-        return flag
+        return values
     import torch
 
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=_device(dist))
-    with _collective("the stop vote"):
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    t = torch.tensor(values, dtype=torch.int64)
+    with _collective(what):
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return [int(v) for v in t.tolist()]
+
+
+def shard_total(engine: Engine, windows: np.ndarray, rank: int, world: int) -> int:
+    """Worker ``rank``'s part of ``log_likelihood_total``: a contiguous share of the windows
+    (split as ``shard_pairs`` splits pairs; empty when there are fewer windows than workers)."""
+    start, stop = shard_pairs(len(windows), rank, world)
+    return log_likelihood_total(engine, windows[start:stop])
+
+
+def sharded_total(engine: Engine, windows: np.ndarray) -> int:
+    """``log_likelihood_total`` shared by the workers (the trainer's ``total``): each scores
+    its shard and the integers are summed, equal to one process's total for any world size."""
+    dist = _dist()
+    if dist is None:
+        return log_likelihood_total(engine, windows)
+    return sum_ranks(shard_total(engine, windows, dist.get_rank(), dist.get_world_size()))
 
 
 def _gather_objects(obj: Any, what: str) -> list[Any]:
@@ -306,6 +343,11 @@ def _bind_gpu(local_rank: int) -> None:
     """One GPU per worker on a machine: torch's current device and CuPy's, before any use."""
     import torch
 
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank >= gpus:
+        raise ConfigError(f"worker {_env_int('RANK', 0)} (local rank {local_rank}) has no GPU of "
+                          f"its own for the cuda backend: torch sees {gpus} on this machine; "
+                          "start at most that many workers per machine, or compute on the CPU")
     torch.cuda.set_device(local_rank)
     try:
         import cupy
@@ -315,7 +357,8 @@ def _bind_gpu(local_rank: int) -> None:
 
 
 def init_from_env(backend: str = "auto") -> None:
-    """Join the workers torchrun started: NCCL for the cuda backend, else gloo.
+    """Join the workers torchrun started, over gloo whatever the compute backend (the cuda one
+    gets a GPU per worker for its work only): see the module's failure model.
 
     The timeout also bounds the wait for workers that never show up.
     """
@@ -323,14 +366,12 @@ def init_from_env(backend: str = "auto") -> None:
         import torch.distributed as dist
     except ImportError:
         raise ConfigError("running under torchrun needs torch: pip install torch") from None
-    use_cuda = _uses_cuda(backend)
-    if use_cuda:
+    if _uses_cuda(backend):
         _bind_gpu(_env_int("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_seconds())
     try:
         with _collective("start-up, waiting for every worker to join"):
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
-                                    rank=_env_int("RANK", 0),
+            dist.init_process_group("gloo", timeout=timeout, rank=_env_int("RANK", 0),
                                     world_size=_env_int("WORLD_SIZE", 1))
     except ValueError as err:  # WORLD_SIZE set by hand without torchrun's other variables
         raise ConfigError(f"cannot join the other workers ({_gist(err)}); start intes with "
@@ -346,9 +387,12 @@ def shutdown(finished: bool = False) -> None:
     """
     dist = _dist()
     if dist is not None:
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
+        try:
+            if finished:
+                with _collective("the end of the run"):
+                    dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +423,8 @@ def _agree_on_start(config: TrainConfig, corpus: Corpus, options: RunOptions,
         differ = [key for key in digests if theirs[key] != reports[0][1][key]]
         if differ:
             raise DistributedError(f"worker {other}'s {' and '.join(differ)} differ from worker "
-                                   "0's: every worker needs the same flags, data and checkpoint")
+                                   f"0's: every worker needs the same flags, {VERIFY_ENV}, data "
+                                   "and checkpoint")
 
 
 class ShardFitness:
@@ -440,7 +485,7 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
     """``trainer.pretrain`` as one of the workers torchrun started; same result as one process.
 
     Every worker loads the data and, on --resume, the checkpoint (read-only); rank 0 alone
-    writes. Returns the trainer's summary (complete on rank 0).
+    writes. Returns the trainer's summary (the same validation figures on every worker).
     """
     init_from_env(backend)
     try:
@@ -455,14 +500,16 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
 
 def _train(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str) -> dict:
     """Train with the shard's fitness hook and check the final weights; a failure names the
-    checkpoint to resume from, if rank 0 has written one."""
+    checkpoint to resume from, if rank 0 has written one and the replicas did not diverge."""
     shard = ShardFitness(config.es.population, options.chunk_pairs)
     try:
         summary = train(config, corpus, options, backend, fitness_fn=shard,
-                        is_main=_dist().get_rank() == 0, sync_stop=any_rank)
+                        is_main=_dist().get_rank() == 0, sync_step=agree_step,
+                        total=sharded_total)
         shard.verify()  # the final weights, which rank 0 has just saved
     except DistributedError as err:
-        if existing_version(options.out / CHECKPOINT_NAME) is None:
+        if isinstance(err, ReplicasDiverged) or existing_version(
+                options.out / CHECKPOINT_NAME) is None:
             raise
         raise DistributedError(f"{err}; the last checkpoint in {options.out} is intact: "
                                "continue with --resume") from None

@@ -26,14 +26,15 @@ from intes.engine import MAX_SEQ_LEN, Engine, TrainConfig, member_windows
 from intes.errors import CheckpointError, ConfigError, Interrupted
 from intes.intmath import LL_FRAC_BITS
 from intes.runs import check_params, check_resumable, run_meta
-from intes.validation import EVAL_LEN, EVAL_STREAMS, Validation, validation_bpb
+from intes.validation import EVAL_LEN, EVAL_STREAMS, TotalFn, Validation, validation_bpb
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 EVAL_TIME_SHARE = 0.05  # automatic evaluation keeps eval (+ plot + checkpoint) under ~5% of time
 
 FitnessFn = Callable[[Engine, np.ndarray], np.ndarray]
-StopSync = Callable[[bool], bool]
+# (this worker is out of time, this worker would evaluate now) -> what every worker does
+StepSync = Callable[[bool, bool], tuple[bool, bool]]
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,15 @@ class _Run:
     """One invocation of pretraining; owns the clock, the log and the last consistent state."""
 
     def __init__(self, engine: Engine, corpus: Corpus, options: RunOptions, fitness_fn: FitnessFn,
-                 is_main: bool, sync_stop: StopSync | None):
+                 is_main: bool, sync_step: StepSync | None, total: TotalFn | None):
         self.engine, self.corpus, self.options = engine, corpus, options
-        self.fitness_fn, self.is_main, self.sync_stop = fitness_fn, is_main, sync_stop
+        self.fitness_fn, self.is_main = fitness_fn, is_main
+        self.sync_step, self.total = sync_step, total
         self.out = Path(options.out)
         self.start_step = engine.step_index
         self.snapshot = (engine.params, engine.step_index)  # consistent (weights, step) pair
         self.val_bpb: float | None = None
+        self.evaluated_step: int | None = None
         self.start_bpb: float | None = None
         self.saved_step = engine.step_index if options.resume else -1  # already on disk
         self.eval_cost = 0.0
@@ -166,7 +169,7 @@ class _Run:
         self.step_rate: list[float] = []
         self.log: MetricsLog | None = None
         self.bar: tqdm | None = None
-        self.sample: Validation | None = None  # the periodic evaluations' (main rank only)
+        self.sample: Validation | None = None  # the periodic evaluations'
         self.whole: Validation | None = None  # the whole split, scored at the end ...
         self.final_bpb: float | None = None  # ... to this figure
         self.t0 = time.monotonic()
@@ -185,9 +188,8 @@ class _Run:
     # -- phases --------------------------------------------------------------------------------
 
     def announce(self) -> None:
-        """The validation sample and the run's header; nothing written yet."""
-        if not self.is_main:
-            return
+        """The validation sample (every worker scores a shard of it) and the run's header;
+        nothing written yet."""
         self.sample = Validation.of(self.corpus, self.options.eval_streams, self.options.eval_len)
         cfg, c = self.engine.config, self.corpus
         n_params = sum(int(p.size) for p in self.engine.params.values())
@@ -212,15 +214,16 @@ class _Run:
                               self.start_step if self.options.resume else None)
 
     def evaluate(self) -> None:
-        """Validation bpb + metrics line + plot (+ checkpoint when none is scheduled)."""
-        if not self.is_main:
-            return
+        """Validation bpb (on every worker) + metrics line + plot (+ checkpoint when none is
+        scheduled) by the main one."""
         began = time.monotonic()
-        self.val_bpb = validation_bpb(self.engine, self.corpus, self.sample.windows)
-        step = self.engine.step_index
+        self.val_bpb = validation_bpb(self.engine, self.corpus, self.sample.windows, self.total)
+        step = self.evaluated_step = self.engine.step_index
         if self.start_bpb is None:
             self.start_bpb = self.val_bpb
             self.say(f"step {step}: validation {self.val_bpb:.4f} bpb")
+        if not self.is_main:
+            return
         self.log.write({"event": "eval", "step": step, "val_bpb": self.val_bpb,
                         "elapsed_s": round(self.elapsed(), 3)})
         self.plot()
@@ -231,11 +234,11 @@ class _Run:
 
     def evaluate_whole_split(self) -> None:
         """The run's final figure: the valid split's every window (up to FINAL_EVAL_TOKENS
-        tokens), not a sample of it."""
+        tokens), not a sample of it; every worker scores a shard of it."""
+        whole = self.whole = Validation.whole_split(self.corpus, self.sample.shape[1])
+        self.final_bpb = validation_bpb(self.engine, self.corpus, whole.windows, self.total)
         if not self.is_main:
             return
-        whole = self.whole = Validation.whole_split(self.corpus, self.sample.shape[1])
-        self.final_bpb = validation_bpb(self.engine, self.corpus, whole.windows)
         streams, length = whole.shape
         self.log.write({"event": "final", "step": self.engine.step_index,
                         "val_bpb": self.final_bpb, "streams": streams, "length": length,
@@ -249,11 +252,9 @@ class _Run:
         interval. Every worker compiles its own; no weight changes."""
         windows = self.step_windows()
         self.engine.warm_up(windows)
-        if not self.is_main:
-            return
-        from intes import plot  # noqa: F401
-
         validation_bpb(self.engine, self.corpus, windows[:1, :2])  # any windows compile it
+        if self.is_main:
+            from intes import plot  # noqa: F401
 
     def step_windows(self) -> np.ndarray:
         """The members' windows of the engine's current step: a pure function of (seed, step)."""
@@ -322,10 +323,13 @@ class _Run:
 
     def out_of_time(self, began: float) -> bool:
         limit = self.options.time_limit
-        if limit is None:
-            return False
-        over = time.monotonic() - began >= limit * 60
-        return self.sync_stop(over) if self.sync_stop is not None else over
+        return limit is not None and time.monotonic() - began >= limit * 60
+
+    def agree(self, stop: bool, evaluate: bool) -> tuple[bool, bool]:
+        """Whether to stop and whether to evaluate after this step. Under a distributed runner
+        every worker stops if any is out of time (their limits may differ) and evaluates when
+        the main one would: the automatic interval follows its clock, and all must score."""
+        return self.sync_step(stop, evaluate) if self.sync_step is not None else (stop, evaluate)
 
     def loop(self) -> str:
         """Train until the step count or the time limit; returns which one stopped it."""
@@ -335,11 +339,12 @@ class _Run:
         while steps is None or self.engine.step_index < steps:
             self.train_step()
             step = self.engine.step_index
-            if (steps is None or step < steps) and self.eval_due(step):
+            stop, evaluate = self.agree(self.out_of_time(began), self.eval_due(step))
+            if (steps is None or step < steps) and evaluate:
                 self.evaluate()
             if every_ckpt is not None and step % every_ckpt == 0:
                 self.checkpoint()
-            if self.out_of_time(began):
+            if stop:
                 return "time limit"
         return "steps"
 
@@ -357,7 +362,7 @@ class _Run:
             self.bar = self._progress_bar()
             stopped = self.loop()
             self.close_bar()
-            if not self.log or self.log.evals[-1]["step"] != self.engine.step_index:
+            if self.evaluated_step != self.engine.step_index:
                 self.evaluate()
             self.checkpoint()
             self.evaluate_whole_split()
@@ -430,18 +435,19 @@ def gemm_note(backend) -> str:
 
 def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str = "auto",
              fitness_fn: FitnessFn | None = None, is_main: bool = True,
-             sync_stop: StopSync | None = None) -> dict:
+             sync_step: StepSync | None = None, total: TotalFn | None = None) -> dict:
     """Train ``config`` on ``corpus`` into ``options.out``; returns a summary dict.
 
     Every check that can fail runs before anything is written. ``fitness_fn(engine, windows)``
-    returns every member's int32 fitness (default: the engine's own chunked evaluation); a
-    distributed runner evaluates its shard there and all-gathers, passes ``is_main`` only on
-    rank 0 (the only one that evaluates, prints and writes) and ``sync_stop`` to combine the
-    ranks' time-limit flags so that all stop after the same step.
+    returns every member's int32 fitness (default: the engine's own chunked evaluation). A
+    distributed runner scores its shard there and all-gathers, passes ``is_main`` only on
+    rank 0 (the only one that prints and writes), ``sync_step`` to settle after every step
+    whether all stop and evaluate (see ``_Run.agree``), and ``total`` to score a shard of the
+    validation windows and sum over the workers.
     """
     options.validate()
     engine = start_engine(config, corpus, options, backend, is_main)
     if fitness_fn is None:
         def fitness_fn(eng: Engine, windows: np.ndarray) -> np.ndarray:
             return eng.population_fitness(windows, options.chunk_pairs)
-    return _Run(engine, corpus, options, fitness_fn, is_main, sync_stop).run()
+    return _Run(engine, corpus, options, fitness_fn, is_main, sync_step, total).run()

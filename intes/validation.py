@@ -7,6 +7,7 @@ byte, for reporting, is in floats.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,13 +62,24 @@ class Validation:
         return f"{streams:,} x {length} tokens"
 
 
-def validation_bpb(engine: Engine, corpus: Corpus, windows: np.ndarray) -> float:
-    """Unperturbed bits per byte of the targets of valid ``windows`` (floats for reporting only),
-    EVAL_CHUNK_ROWS windows at a time.
+TotalFn = Callable[[Engine, np.ndarray], int]
 
+
+def log_likelihood_total(engine: Engine, windows: np.ndarray) -> int:
+    """The summed integer log-likelihood of the targets of ``windows``, EVAL_CHUNK_ROWS windows
+    at a time; an exact integer, so any split of the windows adds up to the same total."""
+    return sum(int(engine.log_likelihood(windows[i:i + EVAL_CHUNK_ROWS]).astype(np.int64).sum())
+               for i in range(0, len(windows), EVAL_CHUNK_ROWS))
+
+
+def validation_bpb(engine: Engine, corpus: Corpus, windows: np.ndarray,
+                   total: TotalFn | None = None) -> float:
+    """Unperturbed bits per byte of the targets of valid ``windows`` (floats for reporting only).
+
+    ``total`` replaces ``log_likelihood_total``: distributed workers each score a shard of the
+    windows and add up the integers, so the figure is one process's whatever their number.
     Each token stands for the valid split's mean bytes per token, the same conversion the
     n-gram reference figures use.
     """
-    total = sum(int(engine.log_likelihood(windows[i:i + EVAL_CHUNK_ROWS]).astype(np.int64).sum())
-                for i in range(0, len(windows), EVAL_CHUNK_ROWS))
-    return -total / (1 << LL_FRAC_BITS) / (windows[:, 1:].size * corpus.bytes_per_token("valid"))
+    ll = (total or log_likelihood_total)(engine, windows)
+    return -ll / (1 << LL_FRAC_BITS) / (windows[:, 1:].size * corpus.bytes_per_token("valid"))

@@ -26,10 +26,15 @@ import pytest
 
 pytest.importorskip("torch")
 
+from click.testing import CliRunner  # noqa: E402
+
 from intes import distributed  # noqa: E402
 from intes.cli import cli  # noqa: E402
+from intes.engine import Engine, ModelConfig, TrainConfig  # noqa: E402
 from intes.errors import ConfigError  # noqa: E402
+from intes.es import ESConfig  # noqa: E402
 from intes.runs import load_engine  # noqa: E402
+from intes.validation import log_likelihood_total  # noqa: E402
 
 BIN = Path(sys.executable).parent
 INTES = str(BIN / "intes") if (BIN / "intes").exists() else shutil.which("intes")
@@ -102,12 +107,21 @@ def checkpoint_digest(run: Path) -> str:
     return h.hexdigest()
 
 
-def steps_logged(run: Path) -> list[int]:
+def records(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [r["step"] for r in records if r["event"] == "step"]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def steps_logged(run: Path) -> list[int]:
+    return [r["step"] for r in records(run) if r["event"] == "step"]
+
+
+def figures(run: Path) -> list[dict]:
+    """The evaluation and final records of a run, less their clock readings."""
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records(run)
+            if r["event"] != "step"]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +165,7 @@ def test_digest_sees_every_byte_dtype_and_name() -> None:
 
 
 @pytest.mark.parametrize("cuda_status", [None, "cuda backend unavailable: no CUDA GPU"])
-def test_nccl_only_for_work_on_cuda(monkeypatch, cuda_status) -> None:
+def test_a_gpu_is_bound_only_for_work_on_cuda(monkeypatch, cuda_status) -> None:
     """A named backend is taken as named ("cuda" is also the HF adapter's torch device, whose
     run needs no triton or cupy); 'auto' as the compute backends resolve it (the cpu one)."""
     from intes import kernels
@@ -188,7 +202,51 @@ def test_collectives_are_no_ops_in_one_process() -> None:
     assert distributed.shard_range(6) == (0, 6)
     assert (distributed.all_gather_fitness(local, 6) == local).all()
     assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.agree_step(True, False) == (True, False)
+    assert distributed.agree_step(False, True) == (False, True)
+    assert distributed.sum_ranks(-7) == -7
     distributed.assert_same(3, "anything")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_sharded_evaluation_adds_up_to_one_process_s(world: int) -> None:
+    """Each worker scores a contiguous share of the validation windows (none if there are
+    fewer windows than workers); their integer totals sum to one process's exactly."""
+    cfg = TrainConfig(model=ModelConfig(vocab_size=16, dim=8), es=ESConfig(population=8),
+                      seq_len=4, seed=3)
+    engine = Engine(cfg, "reference")
+    windows = np.random.default_rng(0).integers(0, 16, (5, 9)).astype(np.int32)
+    parts = [distributed.shard_total(engine, windows, r, world) for r in range(world)]
+    assert sum(parts) == log_likelihood_total(engine, windows)
+    assert parts.count(0) == max(world - len(windows), 0)  # each window scored once
+
+
+@pytest.mark.parametrize("gpus, local_rank", [(0, 0), (1, 1)])
+def test_cuda_workers_without_a_gpu_of_their_own_are_refused(monkeypatch, gpus: int,
+                                                            local_rank: int) -> None:
+    """No usable GPU, or more workers on a machine than GPUs: one line, before torch is asked
+    to use a GPU it does not have."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=rf"local rank {local_rank}\) has no GPU .* sees {gpus}"):
+        distributed.init_from_env("cuda")
+
+
+def test_torchrun_needs_an_explicit_out(monkeypatch, text: Path) -> None:
+    """The default run directory is named from each worker's own clock, so workers could
+    disagree on it: under torchrun --out is required, in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, ["pretrain", *TINY, "--data", str(text), "--steps", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == ("error: under torchrun give --out RUN, the run directory "
+                                     "every worker uses")
 
 
 def start_together(procs: list[subprocess.Popen]) -> list[str]:
@@ -217,7 +275,9 @@ COLLECTIVES = textwrap.dedent("""
     from intes import distributed as d
     print("ready", flush=True)
     sys.stdin.readline()  # the test starts both workers together
-    d.init_from_env("reference")
+    d._bind_gpu = lambda local_rank: None  # no GPU here: the cuda backend's compute is not run
+    d.init_from_env("cuda")
+    assert torch.distributed.get_backend() == "gloo"  # whatever the compute backend
     r = int(os.environ["RANK"])
     a, b = d.shard_range(10)
     assert (a, b) == [(0, 6), (6, 10)][r], (a, b)
@@ -228,6 +288,9 @@ COLLECTIVES = textwrap.dedent("""
     a, b = d.shard_range(2)  # fewer pairs than workers: rank 1 scores nothing
     assert (d.all_gather_fitness(np.arange(a, b, dtype=np.int32), 2) == [0, 1]).all()
     assert d.any_rank(r == 1) and not d.any_rank(False)
+    assert d.agree_step(r == 1, r == 1) == (True, False)  # anyone's stop, rank 0's evaluation
+    assert d.agree_step(False, r == 0) == (False, True)
+    assert d.sum_ranks([-5, 2**40][r]) == 2**40 - 5  # int64, exact
     d.assert_same(42, "the answer")
     try:
         d.assert_same(r, "the rank")
@@ -243,6 +306,13 @@ COLLECTIVES = textwrap.dedent("""
         assert r == 1 or "Timed out" in str(err), err
     else:
         raise SystemExit("a stalled worker went unnoticed")
+    if r == 0:  # a finished run's closing barrier, its peer still silent: one error line too
+        try:
+            d.shutdown(finished=True)
+        except d.DistributedError as err:
+            assert "during the end of the run" in str(err), err
+        else:
+            raise SystemExit("the closing barrier passed without its peer")
     d.shutdown()  # leave the group as the trainer does on an error path
 """)
 
@@ -312,20 +382,26 @@ def test_a_replica_that_diverges_stops_every_worker(port: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_steps(text: Path, runs: Path) -> tuple[Path, Path]:
-    """The same 2 steps by one process and by 2 torchrun workers."""
+    """The same 2 steps, evaluated after each, by one process and by 2 torchrun workers."""
     one, two = runs / "one", runs / "two"
-    single([*TINY, "--data", str(text), "--steps", "2", "--out", str(one)])
-    ok(torchrun([*TINY, "--data", str(text), "--steps", "2", "--out", str(two)]))
+    args = [*TINY, "--data", str(text), "--steps", "2", "--eval-every", "1"]
+    single([*args, "--out", str(one)])
+    ok(torchrun([*args, "--out", str(two)]))
     return one, two
 
 
 @slow
 @needs_cli
-def test_two_workers_give_the_weights_of_one(two_steps: tuple[Path, Path]) -> None:
+def test_two_workers_give_the_weights_and_figures_of_one(two_steps: tuple[Path, Path]) -> None:
+    """Same checkpoint, and the same validation figures to the bit: the workers score shares
+    of the windows and sum integers, the whole valid split's at the end too."""
     one, two = two_steps
     assert checkpoint_digest(two) == checkpoint_digest(one)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert steps_logged(two) == [1, 2]  # rank 0 alone writes the metrics
+    assert [(r["event"], r["step"]) for r in figures(two)] == [
+        ("eval", 0), ("eval", 1), ("eval", 2), ("final", 2)]
+    assert figures(two) == figures(one)
 
 
 @slow
@@ -402,17 +478,83 @@ def test_dead_worker_stops_the_other_with_one_line(text: Path, tmp_path: Path, p
     assert engine.step_index == 2
 
 
+# ``intes pretrain`` (argv after -c) whose rank 1 flips a weight before it scores step 3: a
+# replica that silently diverges
+DIVERGES_AFTER_2_STEPS = textwrap.dedent("""
+    import os, sys
+    from intes import distributed
+    from intes.cli import main
+    score = distributed.ShardFitness.__call__
+    def faulty(self, engine, windows):
+        if engine.step_index == 2 and os.environ["RANK"] == "1":
+            engine.params["head"][0, 0] ^= 1
+        return score(self, engine, windows)
+    distributed.ShardFitness.__call__ = faulty
+    main(sys.argv[1:])
+""")
+
+
 @slow
 @needs_cli
-def test_workers_refuse_to_start_on_different_data(text: Path, tmp_path: Path,
-                                                   port: int) -> None:
+def test_diverged_workers_do_not_offer_their_checkpoint(text: Path, tmp_path: Path,
+                                                        port: int) -> None:
+    """Rank 0's checkpoint may hold the diverged weights, so the error names no --resume."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", DIVERGES_AFTER_2_STEPS, "pretrain", *TINY, "--data", str(text),
+           "--steps", "100000", "--checkpoint-every", "1", "--eval-every", "100000", "--out",
+           str(out)]
+    procs = launch([cmd, cmd], port, tmp_path, INTES_DIST_VERIFY_EVERY="1",
+                   INTES_DIST_TIMEOUT="30")
+    assert finish(procs) == [1, 1], last_line(tmp_path / "rank0.log")
+    for r in range(2):
+        line = last_line(tmp_path / f"rank{r}.log")
+        assert line.startswith("error: workers diverged: the weights at step 2 on rank(s) 1"), (
+            line)
+        assert "--resume" not in line, line
+    assert load_engine(out)[0].step_index == 2  # there was a checkpoint it could have named
+
+
+@slow
+@needs_cli
+def test_workers_with_different_time_limits_stop_together(text: Path, tmp_path: Path,
+                                                          port: int) -> None:
+    """Only rank 1 has a time limit, spent after its first step: every worker votes after
+    every step whatever its own limit, so both stop after step 1 and finish the run."""
+    out = tmp_path / "run"
+    cmd = [INTES, "pretrain", *TINY, "--data", str(text), "--steps", "50", "--out", str(out)]
+    procs = launch([cmd, [*cmd, "--time-limit", "1e-9"]], port, tmp_path,
+                   INTES_DIST_TIMEOUT="30")
+    assert finish(procs) == [0, 0], last_line(tmp_path / "rank0.log")
+    assert steps_logged(out) == [1]
+    assert figures(out)[-1]["event"] == "final" and figures(out)[-1]["step"] == 1
+
+
+# ``intes pretrain`` (argv after -c) with a replica check interval of its own
+VERIFIES_EVERY_3_STEPS = textwrap.dedent("""
+    import os, sys
+    os.environ["INTES_DIST_VERIFY_EVERY"] = "3"
+    from intes.cli import main
+    main(sys.argv[1:])
+""")
+
+
+@slow
+@needs_cli
+@pytest.mark.parametrize("differ", ["data", "settings"])
+def test_workers_refuse_to_start_on_different_data_or_settings(differ: str, text: Path,
+                                                               tmp_path: Path,
+                                                               port: int) -> None:
+    """Other data, or another INTES_DIST_VERIFY_EVERY (it decides when a worker joins the
+    replica check, so workers would call different collectives): refused before any step."""
     other = tmp_path / "other.txt"
     other.write_text(text.read_text().replace("fox", "cat"), encoding="utf-8")
     out = tmp_path / "run"
-    cmds = [[INTES, "pretrain", *TINY, "--data", str(data), "--steps", "2", "--out", str(out)]
-            for data in (text, other)]
+    args = ["pretrain", *TINY, "--steps", "2", "--out", str(out)]
+    cmds = [[INTES, *args, "--data", str(text)],
+            [INTES, *args, "--data", str(other)] if differ == "data" else
+            [sys.executable, "-c", VERIFIES_EVERY_3_STEPS, *args, "--data", str(text)]]
     assert finish(launch(cmds, port, tmp_path)) == [1, 1]
     for r in range(2):
         line = last_line(tmp_path / f"rank{r}.log")
-        assert line.startswith("error: worker 1's data differ from worker 0's"), line
+        assert line.startswith(f"error: worker 1's {differ} differ from worker 0's"), line
     assert not out.exists()  # every worker checked before rank 0 wrote anything

@@ -311,17 +311,28 @@ def test_time_limit_stops_and_checkpoints(tmp_path):
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 1
 
 
-def test_workers_other_than_main_write_nothing_and_agree_on_stopping(tmp_path):
-    votes = []
+def test_workers_other_than_main_write_nothing_but_vote_and_score_every_evaluation(tmp_path):
+    """A distributed worker other than the main one writes nothing, votes after every step
+    even without a time limit of its own, stops when any worker's vote says so, and scores
+    (its shard of) every evaluation the main worker's clock calls for, the final one too:
+    each is a collective every worker must join."""
+    votes, scored = [], []
 
-    def sync_stop(over: bool) -> bool:
-        votes.append(over)
-        return len(votes) == 2  # another worker ran out of time
+    def sync_step(stop: bool, evaluate: bool) -> tuple[bool, bool]:
+        votes.append((stop, evaluate))
+        return len(votes) == 3, len(votes) == 1  # main evaluates after step 1; out of time at 3
+
+    def total(engine: Engine, windows: np.ndarray) -> int:
+        scored.append((engine.step_index, len(windows)))
+        return validation.log_likelihood_total(engine, windows)
 
     out = tmp_path / "run"
-    summary = pretrain(tiny_config(), corpus(), replace(options(out, K), time_limit=60.0),
-                       backend="reference", is_main=False, sync_stop=sync_stop)
-    assert summary["step"] == 2 and not out.exists()
+    summary = pretrain(tiny_config(), corpus(), options(out, K, eval_every=100),
+                       backend="reference", is_main=False, sync_step=sync_step, total=total)
+    assert summary["step"] == 3 and not out.exists()
+    assert votes == [(False, False)] * 3  # no time limit here, no evaluation due by its count
+    whole = len(Validation.whole_split(corpus(), 32).windows)
+    assert scored == [(0, 4), (1, 4), (3, 4), (3, whole)]  # start, main's call, end, whole split
 
 
 def test_fresh_run_refuses_an_existing_run_and_touches_nothing(tmp_path):

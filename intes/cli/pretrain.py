@@ -144,6 +144,8 @@ def pretrain(ctx: click.Context, **flags) -> None:
     runs); a setting given that differs from it is refused.
     """
     given = {n for n in flags if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+    if distributed.launched() and flags["out"] is None:  # the default is named by each clock
+        raise ConfigError("under torchrun give --out RUN, the run directory every worker uses")
     data, meta = flags["data"], None
     if flags["resume"]:
         base, meta = _resume_base(flags["out"])
