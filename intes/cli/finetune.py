@@ -262,6 +262,7 @@ def _agree(prompts: list[str], reward: str, dtype: str, steps: int, es_args: dic
     from intes import distributed
 
     settings = json.dumps({"prompts": prompts, "reward": reward, "dtype": dtype, "steps": steps,
+                           distributed.VERIFY_ENV: distributed.verify_every(),  # checks in step
                            **es_args}, sort_keys=True).encode()
     distributed.assert_same(distributed.digest([("settings", np.frombuffer(settings, np.uint8))]),
                             "the settings and prompts")
