@@ -32,7 +32,7 @@ Replicas are compared at the start (settings, data and weights) and then every
 bytes per worker), so a divergence (a nondeterministic backend, a bad node) stops the run
 within a few steps instead of silently training W different models.
 
-The free functions (``shard_range``, ``all_gather_fitness``, ``assert_same``, ``any_rank``,
+The free functions (``shard_range``, ``all_gather_fitness``, ``assert_same``,
 ``agree_step``, ``sum_ranks``, ``sharded_total``) use torch's default process group and are
 no-ops without one, so other ES loops (the HF adapter) can call them unconditionally.
 """
@@ -164,10 +164,12 @@ def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
     """What must be the same on every worker before the first step, one hash each.
 
     The time limit may differ (the stop is voted on); a different step count would not be, nor
-    a different replica check interval (workers would call different collectives).
+    a different replica check interval (workers would call different collectives), nor another
+    validation sample (each worker scores a shard of its own).
     """
     settings = {"config": config.to_dict(), "steps": options.steps, "resume": options.resume,
-                VERIFY_ENV: verify_every()}
+                VERIFY_ENV: verify_every(),
+                "eval_sample": [options.eval_streams, options.eval_len]}
     text = json.dumps(settings, sort_keys=True).encode()
     return {
         "settings": digest([("settings", np.frombuffer(text, dtype=np.uint8))]),
@@ -248,8 +250,9 @@ def all_gather_fitness(local: np.ndarray, n_members: int) -> np.ndarray:
     return np.concatenate([t[:n].numpy() for t, n in zip(received, sizes, strict=True)])
 
 
-def assert_same(value: int, what: str) -> None:
-    """Stop every worker (one line each) unless all hold the same 64-bit ``value``."""
+def assert_same(value: int, what: str, diverged: bool = True) -> None:
+    """Stop every worker (one line each) unless all hold the same 64-bit ``value``: replicas
+    that ``diverged`` (ReplicasDiverged), or else workers given different inputs."""
     dist = _dist()
     if dist is None:
         return
@@ -260,15 +263,13 @@ def assert_same(value: int, what: str) -> None:
     with _collective(f"the check of {what}"):
         dist.all_gather(values, mine)
     differ = [r for r, v in enumerate(values) if int(v.item()) != int(values[0].item())]
+    ranks = ", ".join(map(str, differ))
+    if differ and diverged:
+        raise ReplicasDiverged(f"workers diverged: {what} on rank(s) {ranks} differ from rank "
+                               "0's; stopping (a nondeterministic backend or a faulty machine)")
     if differ:
-        raise ReplicasDiverged(f"workers diverged: {what} on rank(s) "
-                               f"{', '.join(map(str, differ))} differ from rank 0's; stopping "
-                               "(a nondeterministic backend or a faulty machine)")
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every worker if it is true on any (all-reduce MAX): a stop all agree on."""
-    return _all_reduce([int(flag)], "the stop vote", "MAX")[0] > 0
+        raise DistributedError(f"{what} on rank(s) {ranks} differ from rank 0's: every worker "
+                               "needs the same")
 
 
 def agree_step(stop: bool, evaluate: bool) -> tuple[bool, bool]:

@@ -165,7 +165,7 @@ def test_digest_sees_every_byte_dtype_and_name() -> None:
 
 
 @pytest.mark.parametrize("cuda_status", [None, "cuda backend unavailable: no CUDA GPU"])
-def test_a_gpu_is_bound_only_for_work_on_cuda(monkeypatch, cuda_status) -> None:
+def test_only_work_on_cuda_counts_as_using_a_gpu(monkeypatch, cuda_status) -> None:
     """A named backend is taken as named ("cuda" is also the HF adapter's torch device, whose
     run needs no triton or cupy); 'auto' as the compute backends resolve it (the cpu one)."""
     from intes import kernels
@@ -201,7 +201,6 @@ def test_collectives_are_no_ops_in_one_process() -> None:
     local = np.arange(6, dtype=np.int32)
     assert distributed.shard_range(6) == (0, 6)
     assert (distributed.all_gather_fitness(local, 6) == local).all()
-    assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.agree_step(True, False) == (True, False)
     assert distributed.agree_step(False, True) == (False, True)
     assert distributed.sum_ranks(-7) == -7
@@ -287,7 +286,6 @@ COLLECTIVES = textwrap.dedent("""
     assert rewards.shape == (10, 2) and (rewards[:, 1] == np.arange(10) * 1.5).all()
     a, b = d.shard_range(2)  # fewer pairs than workers: rank 1 scores nothing
     assert (d.all_gather_fitness(np.arange(a, b, dtype=np.int32), 2) == [0, 1]).all()
-    assert d.any_rank(r == 1) and not d.any_rank(False)
     assert d.agree_step(r == 1, r == 1) == (True, False)  # anyone's stop, rank 0's evaluation
     assert d.agree_step(False, r == 0) == (False, True)
     assert d.sum_ranks([-5, 2**40][r]) == 2**40 - 5  # int64, exact
@@ -301,7 +299,7 @@ COLLECTIVES = textwrap.dedent("""
     if r == 1:  # stalls until the test closes its stdin, which it does once rank 0 has
         sys.stdin.read()  # exited: rank 0 must give up after INTES_DIST_TIMEOUT, not hang
     try:
-        d.any_rank(False)
+        d.agree_step(False, False)
     except d.DistributedError as err:  # rank 1 finds rank 0 gone, or times out itself
         assert r == 1 or "Timed out" in str(err), err
     else:
@@ -540,21 +538,25 @@ VERIFIES_EVERY_3_STEPS = textwrap.dedent("""
 
 @slow
 @needs_cli
-@pytest.mark.parametrize("differ", ["data", "settings"])
+@pytest.mark.parametrize("differ", ["data", "verify every", "eval sample"])
 def test_workers_refuse_to_start_on_different_data_or_settings(differ: str, text: Path,
                                                                tmp_path: Path,
                                                                port: int) -> None:
-    """Other data, or another INTES_DIST_VERIFY_EVERY (it decides when a worker joins the
-    replica check, so workers would call different collectives): refused before any step."""
+    """Other data, another INTES_DIST_VERIFY_EVERY (it decides when a worker joins the
+    replica check, so workers would call different collectives) or another validation sample
+    (each worker scores a shard of its own, so the sum would mix two samples): refused before
+    any step."""
     other = tmp_path / "other.txt"
     other.write_text(text.read_text().replace("fox", "cat"), encoding="utf-8")
     out = tmp_path / "run"
     args = ["pretrain", *TINY, "--steps", "2", "--out", str(out)]
-    cmds = [[INTES, *args, "--data", str(text)],
-            [INTES, *args, "--data", str(other)] if differ == "data" else
-            [sys.executable, "-c", VERIFIES_EVERY_3_STEPS, *args, "--data", str(text)]]
-    assert finish(launch(cmds, port, tmp_path)) == [1, 1]
+    second = {"data": [INTES, *args, "--data", str(other)],
+              "verify every": [sys.executable, "-c", VERIFIES_EVERY_3_STEPS, *args, "--data",
+                               str(text)],
+              "eval sample": [INTES, *args, "--data", str(text), "--eval-len", "8"]}[differ]
+    assert finish(launch([[INTES, *args, "--data", str(text)], second], port, tmp_path)) == [1, 1]
+    what = "data" if differ == "data" else "settings"
     for r in range(2):
         line = last_line(tmp_path / f"rank{r}.log")
-        assert line.startswith(f"error: worker 1's {differ} differ from worker 0's"), line
+        assert line.startswith(f"error: worker 1's {what} differ from worker 0's"), line
     assert not out.exists()  # every worker checked before rank 0 wrote anything

@@ -6,7 +6,7 @@ interrupted or failed run never leaves a half-written model. torch and transform
 imported inside the functions that need them, so `intes --help` stays fast.
 
 Under torchrun (``torchrun --nproc-per-node N intes finetune ...``) every process is one
-worker: it joins the process group (NCCL when CUDA is available, else gloo), generates for its
+worker: it joins the process group (gloo, for its small host-side collectives), generates for its
 shard of the population, and all apply the same update (see ``intes.adapters.hf``): the
 replicas stay bit-identical (and equal one process's model where the float forward does not
 depend on the batch size). Rank 0 alone shows progress and writes --out.
@@ -265,7 +265,7 @@ def _agree(prompts: list[str], reward: str, dtype: str, steps: int, es_args: dic
                            distributed.VERIFY_ENV: distributed.verify_every(),  # checks in step
                            **es_args}, sort_keys=True).encode()
     distributed.assert_same(distributed.digest([("settings", np.frombuffer(settings, np.uint8))]),
-                            "the settings and prompts")
+                            "the settings and prompts", diverged=False)
     return torch.distributed.get_rank() == 0
 
 
