@@ -308,9 +308,9 @@ def _store_vocab(attrs: dict, path: Path) -> int:
     """The store's vocab size, which must be its tokenizer's."""
     try:
         expected = vocab_size(str(attrs["tokenizer"]))
-    except DataError as err:
-        raise DataError(f"token store {path} is corrupted: its tokenizer is unusable "
-                        f"({str(err).split(';')[0]})") from None
+    except DataError as err:  # damaged, or made before such tokenizers were refused
+        raise DataError(f"token store {path} cannot be used: {err}; prepare it again with a "
+                        "tokenizer the models take") from None
     if int(attrs["vocab_size"]) != expected:
         raise DataError(f"token store {path} is corrupted: vocab size {attrs['vocab_size']} but "
                         f"its tokenizer has {expected} tokens")

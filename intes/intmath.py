@@ -24,6 +24,7 @@ from decimal import (
     localcontext,
 )
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 
@@ -115,6 +116,7 @@ QUANTILE_PREC = 50  # decimal digits of normal_quantile's arithmetic
 _PI = Decimal("3.14159265358979323846264338327950288419716939937510")
 
 
+@lru_cache(maxsize=64)  # one per step of the schedule, then the same one every step
 def normal_quantile(p: Fraction) -> Decimal:
     """The z with Phi(z) = p, for 1/2 <= p < 1, in decimal software arithmetic, so that the same
     p gives the same digits on every machine (the update's thresholds rest on it; libm's
@@ -129,13 +131,14 @@ def normal_quantile(p: Fraction) -> Decimal:
     with localcontext(exact_context(QUANTILE_PREC)):
         target = Decimal(p.numerator) / p.denominator - Decimal("0.5")
         root_2pi = (2 * _PI).sqrt()
-        tolerance = Decimal(10) ** (10 - QUANTILE_PREC)
+        tolerance = Decimal(10) ** (10 - QUANTILE_PREC)  # Newton's: 40 digits of z
+        precision = Decimal(10) ** -QUANTILE_PREC  # the series': terms past it change nothing
         z = Decimal(0)
         for _ in range(1000):
             density = (-z * z / 2).exp() / root_2pi
             term = total = z
             n = 0
-            while term > total * tolerance * tolerance:
+            while term > total * precision:
                 n += 1
                 term = term * z * z / (2 * n + 1)
                 total += term

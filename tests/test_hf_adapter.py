@@ -475,9 +475,9 @@ def test_countdown_never_raises_and_stays_in_range(text):
 def test_repeated_prompts_merge_or_are_refused():
     prompts, reward = conciseness(["a\tRed", "b", "a\tTan"])  # the same length: merged
     assert prompts == ["a", "b"] and reward("a", "xyz") == 0
-    with pytest.raises(DataError, match="line 3 repeats the prompt of line 1 .*'a'"):
+    with pytest.raises(DataError, match="prompt 3 repeats prompt 1 .*'a'"):
         conciseness(["a\tRed", "b", "a\tBlue"])
-    with pytest.raises(DataError, match="line 2 repeats the prompt of line 1"):
+    with pytest.raises(DataError, match="prompt 2 repeats prompt 1"):
         conciseness(["b", "b\tRed"])  # no tab: DEFAULT_TARGET_CHARS
     assert countdown(["Using 3 5 reach 8"] * 2)[0] == ["Using 3 5 reach 8"]
 

@@ -16,8 +16,8 @@ by zero).
 
 Each prompt is scored once per step: a repeated countdown line, or a repeated conciseness
 prompt asking for the same length, is merged; a conciseness prompt repeated with another
-target length is a DataError naming its line (counted in the lines given; ``intes finetune``
-drops blank lines first).
+target length is a DataError naming both by their place among the prompts (blank lines of a
+prompts file are not counted).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ def conciseness(lines: list[str]) -> tuple[list[str], RewardFn]:
     for the same length, else refused (one target per prompt).
     """
     targets: dict[str, int] = {}
-    first_line: dict[str, int] = {}
+    first: dict[str, int] = {}
     for i, line in enumerate(lines, 1):
         prompt, tab, target = line.partition("\t")
         chars = len(target.strip()) if tab else DEFAULT_TARGET_CHARS
         if targets.setdefault(prompt, chars) != chars:
-            raise DataError(f"conciseness line {i} repeats the prompt of line "
-                            f"{first_line[prompt]} with another target length: {prompt[:60]!r}")
-        first_line.setdefault(prompt, i)
+            raise DataError(f"conciseness prompt {i} repeats prompt {first[prompt]} with "
+                            f"another target length: {prompt[:60]!r}")
+        first.setdefault(prompt, i)
 
     def reward(prompt: str, completion: str) -> float:
         return -abs(len(completion.strip()) - targets.get(prompt, DEFAULT_TARGET_CHARS))

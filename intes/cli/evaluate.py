@@ -12,12 +12,12 @@ from collections.abc import Iterable, Iterator
 import click
 import numpy as np
 
-from intes.checkpoint import load_checkpoint, resolve_checkpoint
-from intes.engine import MAX_SEQ_LEN, Engine
+from intes.checkpoint import resolve_checkpoint
+from intes.engine import MAX_SEQ_LEN
 from intes.errors import DataError
 from intes.kernels import BACKENDS, available
 from intes.kernels.gemm import gemm_summary
-from intes.runs import check_params, checkpoint_config, load_engine, load_run
+from intes.runs import load_engine, load_run
 from intes.sampling import stream
 from intes.tokenizer import BYTE_VOCAB, decode, encode
 from intes.trainer import counted
@@ -115,10 +115,8 @@ def printable(tokens: Iterable[int], tokenizer: str, hold: int = 64) -> Iterator
 def info(checkpoint: str) -> None:
     """What a checkpoint holds: config, step, size, data, last validation bpb, backends."""
     store = resolve_checkpoint(checkpoint)
-    arrays, meta = load_checkpoint(store)
-    config = checkpoint_config(meta, store)
-    config.validate()
-    check_params(Engine(config, "reference", params=arrays), arrays, store)  # as eval would
+    engine, meta = load_engine(store, "reference")  # refused as eval would refuse it
+    config, arrays = engine.config, engine.params
     m = config.model
     n_params = sum(int(a.size) for a in arrays.values())
     n_bytes = sum(int(a.nbytes) for a in arrays.values())

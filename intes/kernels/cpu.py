@@ -30,7 +30,8 @@ sigma_shift, which needs that much headroom (``linear_bound``), and the update's
 |Z| >= 2^31, which ``ESConfig.validate`` rules out). Inputs follow ``intes.intmath``'s
 conventions: int8 values in [-127, 127], never -128. Shapes and dtypes are checked before a
 kernel indexes by them (ValueError): the kernels check no bounds, so a mismatch would read or
-write outside the arrays.
+write outside the arrays. Token and target ids are not checked here (a pass over them per
+call): ``Engine`` checks the windows they come from once per step.
 
 The per-step forms (``prepare``) are shared and read-only but for their ES-plan cache (dict
 writes, atomic under the GIL); per-call scratch buffers are per thread, so one backend serves
@@ -406,7 +407,7 @@ class CpuBackend:
         if rank1:  # projected before the GEMM, while x is in cache
             xb = np.empty(len(rows), dtype=np.int32)
             _project_rank1(rows, factors[1], xb)
-        acc = self.base_product(rows, w)
+        acc = self.gemm.product(rows, w.wt)  # rows were checked by linear
         out = np.empty(acc.shape, dtype=np.int8)
         if factors is None:
             _linear_plain(acc, half, shift, out)

@@ -193,9 +193,9 @@ def float_lowrank_sum(at: np.ndarray, bt: np.ndarray, fitness: np.ndarray) -> np
 def check_float_blas(matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul
                      ) -> None:
     """RuntimeError unless float BLAS sums int8 products exactly up to the bounds the float
-    paths rely on (float32 below 2^24, float64 below 2^53): any IEEE BLAS does, in any
-    summation order, but one that accumulates in reduced precision would not, and the
-    engines' exactness rests on it. Costs microseconds, once per engine."""
+    paths rely on (float32 up to 2^24, float64 well past the update's 2^31): any IEEE BLAS
+    does, in any summation order, but one that accumulates in reduced precision would not,
+    and the engines' exactness rests on it. About a millisecond, once per engine."""
     for dtype, k, top in ((np.float32, EXACT_K, 127), (np.float64, 1 << 16, 127 << 12)):
         x = np.full((3, k), 127, dtype=dtype)
         w = np.full((k, 2), top, dtype=dtype)
