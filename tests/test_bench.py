@@ -17,6 +17,7 @@ from intes import intmath as im
 from intes import noise as nz
 from intes.bench import (
     ISA_FLAGS,
+    BaseProductTimer,
     _measure,
     bench_runs,
     bench_windows,
@@ -72,7 +73,19 @@ def test_bench_prints_one_json_object():
         assert ("avx512_vnni" in machine["isa"]) == (VNNI_MISSING is None)
     forced = json.loads(CliRunner().invoke(bench, [*args, "--gemm", "float32"]).stdout)
     assert forced["gemm"] == F32.gemm.description
+    assert forced["base_product_gflops"] > 0  # timed on the unfused engines' path too
     assert result["code"] == code_info()
+
+
+def test_the_base_product_timer_leaves_the_backend_as_it_found_it():
+    """The naive baseline runs after the timed rounds: it must not pay the timer's wrapper."""
+    backend = CpuBackend(threads=1, gemm="float32")
+    originals = {name: getattr(backend, name) for name in BaseProductTimer.KERNELS}
+    timer = BaseProductTimer(backend)
+    assert all(getattr(backend, name) != originals[name] for name in originals)
+    timer.close()
+    assert all(getattr(backend, name) == originals[name] for name in originals)
+    assert not vars(backend).keys() & set(BaseProductTimer.KERNELS)
 
 
 def test_code_info_names_this_checkouts_commit():

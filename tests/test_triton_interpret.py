@@ -262,6 +262,25 @@ def cuda_backend_two_es_steps_match_reference(mode: str, kind: str, pairs: int, 
     assert np.array_equal(gpu.log_likelihood(windows), ref.log_likelihood(windows))
 
 
+@check
+def bench_naive_baselines_run_on_the_cuda_backend() -> None:
+    """``intes bench --backend cuda`` times both naive baselines: their pairs' noise is made
+    on the host (the backend's own is keys for its kernels) and members are scored by the
+    backend's own loop, as ES and inference are."""
+    if shutil.which("g++") is None:
+        raise _Skip("no g++ to build the CPU emulation of the CUDA kernels")
+    from intes import bench
+    from intes.kernels.cuda import CudaBackend
+    from intes.kernels.cupy import emulated_kernels
+
+    engine = bench.make_engine("rwkv", 8, 1, 4, 2, 1,
+                               CudaBackend(device="cpu", kernels=emulated_kernels()))
+    windows = bench.bench_windows(engine)
+    for make_pair in (bench.full_rank_pair_params, bench.low_rank_pair_params):
+        wall, cpu = bench.naive_member_seconds(engine, windows, 1, 1, make_pair)
+        assert wall > 0 and cpu > 0
+
+
 class _Skip(Exception):
     """A check that cannot run here (reported as a pytest skip)."""
 
