@@ -239,23 +239,29 @@ class GemmSuite:
 
 
 class BaseProductTimer:
-    """Wraps a backend's ``base_product`` (and ``fused_linear``, where the product runs
-    fused with its epilogue) to add up their seconds and FLOPs over all threads."""
-
-    KERNELS = ("base_product", "fused_linear")
+    """Wraps the cpu backend's GEMM engine's ``product`` (every separate base product, as
+    the float32, AVX2 and int8 engines' layers make it) and the backend's ``fused_linear``
+    (the VNNI engine's layers, the product fused with its epilogue) to add up their seconds
+    and FLOPs over all threads."""
 
     def __init__(self, backend) -> None:
         self.seconds, self.flops = 0.0, 0.0
         self._lock = threading.Lock()
-        self._backend, self._wrapped = backend, [n for n in self.KERNELS if hasattr(backend, n)]
-        for name in self._wrapped:
-            setattr(backend, name, self._timed(getattr(backend, name)))
+        self._wrapped = [(owner, name) for owner, name in self.targets(backend)
+                         if hasattr(owner, name)]
+        for owner, name in self._wrapped:
+            setattr(owner, name, self._timed(getattr(owner, name)))
+
+    @staticmethod
+    def targets(backend) -> list[tuple[object, str]]:
+        """(object, method name) of what the timer wraps."""
+        return [(backend, "fused_linear"), (getattr(backend, "gemm", None), "product")]
 
     def close(self) -> None:
-        """Unwrap the backend: the naive baseline's many batch-1 calls must not pay the
-        timer's clock reads and lock (14% of a narrow naive member)."""
-        for name in self._wrapped:
-            delattr(self._backend, name)  # the instance's wrapper; the class's method shows
+        """Unwrap: the naive baseline's many batch-1 calls must not pay the timer's clock
+        reads and lock (14% of a narrow naive member)."""
+        for owner, name in self._wrapped:
+            delattr(owner, name)  # the instance's wrapper; the class's method shows again
         self._wrapped = []
 
     def _timed(self, inner: Callable) -> Callable:
@@ -482,7 +488,7 @@ def _measure(engine: Engine, windows: np.ndarray, repeats: int, naive: bool, tic
     engine.step(windows)
     engine.log_likelihood(windows)
     tick()
-    timer = (BaseProductTimer(engine.backend) if hasattr(engine.backend, "base_product")
+    timer = (BaseProductTimer(engine.backend) if hasattr(engine.backend, "gemm")
              else None)
     tokens, load_before = population * seq_len, os.getloadavg()[0]
     try:

@@ -504,6 +504,19 @@ def saved(tmp_path_factory, tokenizer):
     return root
 
 
+def test_workers_must_share_the_replica_check_interval(monkeypatch):
+    """Under torchrun the settings every worker must share include INTES_DIST_VERIFY_EVERY:
+    workers with different values would run the weight check at different steps."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    checked = []
+    monkeypatch.setattr(distributed, "assert_same", lambda value, *a, **kw: checked.append(value))
+    for every in ("10", "3"):
+        monkeypatch.setenv(distributed.VERIFY_ENV, every)
+        assert finetune_module._agree(["p"], "conciseness", "auto", 2, {"population": 4})
+    assert checked[0] != checked[1]
+
+
 def test_prompts_file_drops_blank_lines_and_trailing_whitespace(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes(b"the quick  \r\n\n \t\n lazy dog\t\nover\tthe target \n")

@@ -407,7 +407,7 @@ class CpuBackend:
         if rank1:  # projected before the GEMM, while x is in cache
             xb = np.empty(len(rows), dtype=np.int32)
             _project_rank1(rows, factors[1], xb)
-        acc = self.base_product(rows, w)  # the method intes bench times
+        acc = self.gemm.product(rows, w.wt)  # rows were checked by linear
         out = np.empty(acc.shape, dtype=np.int8)
         if factors is None:
             _linear_plain(acc, half, shift, out)
