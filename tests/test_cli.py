@@ -473,6 +473,20 @@ def test_a_command_whose_dependency_is_missing_reports_it(monkeypatch, tmp_path)
     assert invoke("info", "--help").exit_code == 0
 
 
+@pytest.mark.parametrize("absent", [("torch",), ("transformers",), ("torch", "transformers")])
+def test_finetune_without_its_optional_dependencies_says_what_to_install(monkeypatch, tmp_path,
+                                                                         absent):
+    for name in absent:  # as if not installed: find_spec gives None, import fails
+        monkeypatch.setitem(sys.modules, name, None)
+    (tmp_path / "prompts.txt").write_text("2 3 5\n")
+    result = invoke("finetune", "--model", tmp_path, "--task", "countdown", "--prompts",
+                    tmp_path / "prompts.txt", "--out", tmp_path / "out")
+    assert_user_error(result)
+    assert f"needs {' and '.join(absent)}, not installed" in result.stderr
+    assert "pip install torch transformers" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_errors_raised_in_commands_are_caught_by_the_group(monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise DataError("the corpus is gone")

@@ -77,6 +77,15 @@ def _import_reward(spec: str):
     return fn
 
 
+def _require_hf() -> None:
+    """Refuse in one line where torch or transformers is not installed: they are optional
+    (the package's ``hf`` extra), and the command imports them only when it runs."""
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"intes finetune needs {' and '.join(missing)}, not installed here: "
+                          "pip install torch transformers")
+
+
 def _resolve_device(device: str | None) -> str:
     """The torch device to use, refused in one line if it does not exist or is not here.
 
@@ -212,6 +221,7 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
              max_new_tokens: int, seed: int, target_modules: str | None,
              member_chunk: int | None, dtype: str, device: str | None, out: Path) -> None:
     """Fine-tune a Hugging Face causal LM with low-rank evolution strategies."""
+    _require_hf()
     if (task is None) == (reward_spec is None):
         raise ConfigError("give exactly one of --task NAME or --reward module:function")
     check_settings(as_flags=True, population=population, sigma=sigma, lr=lr, rank=rank,
