@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from intes.checkpoint import CHECKPOINT_NAME, array_digest, atomic_directory, existing_version
-from intes.errors import DataError
+from intes.errors import ConfigError, DataError, check_integers
 from intes.noise import hash_u32, stream_key
 from intes.tokenizer import resolve_tokenizer, tokenize, vocab_size
 
@@ -207,6 +207,9 @@ def _gather(data: str | os.PathLike | None) -> tuple[list[Document], str]:
         docs = _single_file(path)
         return docs, f"{path} ({_size(len(docs[0][1]))})"
     if path.is_dir():
+        if existing_version(path / CHECKPOINT_NAME) is not None:
+            raise DataError(f"{path} is an intes run (it holds {CHECKPOINT_NAME}), not a corpus; "
+                            "give the text it was trained on")
         docs = _read_documents(_walk(path), path)
         if not docs:
             raise DataError(f"{path} holds no non-empty UTF-8 text files")
@@ -388,6 +391,9 @@ def load_corpus(
     ``tokenizer`` is "bytes", "bpe:VOCAB" (trained here on the train split), a tokenizers JSON
     string or a path to one. A store keeps its own tokenizer and split.
     """
+    if data is not None and not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"data must be a path, a glob or None (the default corpus), got "
+                        f"{type(data).__name__}")
     if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, int):
         raise DataError(f"valid_fraction must be an integer >= 2, not {valid_fraction!r}")
     if valid_fraction < 2:
@@ -446,6 +452,13 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
 
 def sample_windows(tokens: np.ndarray, seed: int, step: int, n_seq: int, length: int) -> np.ndarray:
     """(n_seq, length + 1) int32 windows at offsets hashed from (seed, step, i): no loader state."""
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or not np.issubdtype(
+            tokens.dtype, np.integer):
+        raise ConfigError("tokens must be a 1-D numpy integer array (a corpus split)")
+    check_integers(seed=seed, step=step, n_seq=n_seq, length=length)
+    if not (0 <= seed < 1 << 32 and 0 <= step < 1 << 32 and n_seq >= 0 and length >= 0):
+        raise ConfigError(f"want 0 <= seed, step < 2^32, n_seq >= 0 and length >= 0, got seed "
+                          f"{seed}, step {step}, n_seq {n_seq}, length {length}")
     n_positions = len(tokens) - length
     if n_positions < 1:
         raise DataError(

@@ -7,15 +7,16 @@ needs is (weights, step, config), which is exactly what a checkpoint holds.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from types import MappingProxyType
 from typing import TypeVar
 
 import numpy as np
 
 from intes import es
-from intes.errors import ConfigError
+from intes.errors import ConfigError, check_integers, plain_integers
 from intes.intmath import MAX_VOCAB
 from intes.kernels import get_backend
 from intes.kernels.base import Backend
@@ -25,6 +26,7 @@ from intes.models.base import INIT_STEP, Ops, ParamSpec, init_params, make_noise
 
 MAX_STEPS = INIT_STEP  # the noise hash's step field is 32 bits; its last value is the init's
 MAX_SEQ_LEN = 1 << 16  # per-token |log-likelihood| < 2^15 (1/256 bit), so T * 2^15 < 2^31
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -39,9 +41,13 @@ class ModelConfig:
     # weights from the same population and fits 1.8x the steps; in 20 minutes still 0.095.
     layers: int = 1
 
+    def __post_init__(self) -> None:
+        plain_integers(self)
+
     def validate(self) -> None:
-        if self.kind not in MODELS:
+        if not isinstance(self.kind, str) or self.kind not in MODELS:
             raise ConfigError(f"unknown model {self.kind!r}; choose one of {sorted(MODELS)}")
+        check_integers(vocab_size=self.vocab_size, dim=self.dim, layers=self.layers)
         if not 8 <= self.dim <= 4096 or self.dim % 8:
             raise ConfigError(f"dim must be a multiple of 8 in 8..4096, got {self.dim}")
         if not 1 <= self.layers <= 64:
@@ -59,9 +65,17 @@ class TrainConfig:
     seq_len: int = 64  # tokens scored per member per step
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        plain_integers(self)
+
     def validate(self) -> None:
+        for name, kind in (("model", ModelConfig), ("es", es.ESConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got "
+                                  f"{type(getattr(self, name)).__name__}")
         self.model.validate()
         self.es.validate()
+        check_integers(seq_len=self.seq_len, seed=self.seed)
         if not 1 <= self.seq_len <= MAX_SEQ_LEN:
             raise ConfigError(f"seq len must be in 1..{MAX_SEQ_LEN}, got {self.seq_len}")
         if not 0 <= self.seed < 2**32:
@@ -78,14 +92,38 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        return cls(model=ModelConfig(**d["model"]), es=es.ESConfig(**d["es"]),
-                   seq_len=d["seq_len"], seed=d["seed"])
+        """The config ``to_dict`` gave; one ConfigError line for a key missing or unknown."""
+        try:
+            unknown = sorted(set(d) - {f.name for f in fields(cls)})
+            if unknown:
+                raise TypeError(f"unknown key {unknown[0]!r}")
+            return cls(model=ModelConfig(**d["model"]), es=es.ESConfig(**d["es"]),
+                       seq_len=d["seq_len"], seed=d["seed"])
+        except KeyError as err:
+            raise ConfigError(f"bad config: it lacks {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"bad config: {err}") from None
+
+
+def params_mismatch(specs: list[ParamSpec], arrays: Mapping[str, np.ndarray]) -> str | None:
+    """What keeps ``arrays`` from being the weights of a model with ``specs`` (each an int8
+    array of its spec's shape, no other names), or None."""
+    for spec in specs:
+        a = arrays.get(spec.name)
+        if not isinstance(a, np.ndarray) or a.shape != spec.shape or a.dtype != np.int8:
+            found = ("missing" if a is None else f"{a.dtype}{list(a.shape)}"
+                     if isinstance(a, np.ndarray) else type(a).__name__)
+            return f"{spec.name!r} is {found}, expected int8{list(spec.shape)}"
+    unknown = sorted(set(arrays) - {s.name for s in specs}, key=str)
+    return f"{unknown[0]!r} is not a weight of this model" if unknown else None
 
 
 def check_windows(windows: np.ndarray, vocab_size: int, rows: int | None = None) -> None:
     """Refuse windows a forward would misread rather than score: not (rows, tokens + 1)
     integers, token ids outside the vocabulary, a row count other than the population's (one
     window per member), or more tokens than an int32 sum per row holds."""
+    if not isinstance(windows, np.ndarray):
+        raise ConfigError(f"windows must be a numpy integer array, got {type(windows).__name__}")
     if windows.ndim != 2 or windows.shape[1] < 2 or not np.issubdtype(windows.dtype, np.integer):
         raise ConfigError(f"windows must be integer (rows, tokens + 1) with tokens >= 1, got "
                           f"{windows.dtype}{list(windows.shape)}")
@@ -98,6 +136,19 @@ def check_windows(windows: np.ndarray, vocab_size: int, rows: int | None = None)
     if windows.size and not 0 <= windows.min() <= windows.max() < vocab_size:
         raise ConfigError(f"token ids must be in 0..{vocab_size - 1}, got "
                           f"{windows.min()}..{windows.max()}")
+
+
+def check_fitness(raw: np.ndarray, population: int) -> None:
+    """Refuse member fitness the shaping would misread: one int32-range integer per member
+    (a float would be truncated, a wrong length shape pairs never evaluated)."""
+    if (not isinstance(raw, np.ndarray) or raw.shape != (population,)
+            or not np.issubdtype(raw.dtype, np.integer)):
+        found = (f"{raw.dtype}{list(raw.shape)}" if isinstance(raw, np.ndarray)
+                 else type(raw).__name__)
+        raise ConfigError(f"fitness must be an integer array of one value per member, "
+                          f"[{population}], got {found}")
+    if raw.size and not INT32_MIN <= int(raw.min()) <= int(raw.max()) <= INT32_MAX:
+        raise ConfigError(f"fitness must be in the int32 range, got {raw.min()}..{raw.max()}")
 
 
 def score(model, ops: Ops, windows: np.ndarray, state: dict | None = None) -> np.ndarray:
@@ -158,6 +209,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix=f"intes-{threads}")
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def split(count: int, parts: int) -> list[tuple[int, int]]:
     """[0, count) as at most ``parts`` contiguous spans of near-equal size, none empty."""
     parts = min(parts, count)
@@ -178,22 +235,48 @@ class Engine:
     """
 
     def __init__(self, config: TrainConfig, backend: str | Backend = "auto",
-                 params: dict[str, np.ndarray] | None = None, step: int = 0):
+                 params: Mapping[str, np.ndarray] | None = None, step: int = 0):
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         config.validate()
+        check_integers(step=step)
+        if not 0 <= step <= MAX_STEPS:
+            raise ConfigError(f"step must be in 0..{MAX_STEPS}, got {step}")
+        if not isinstance(backend, str) and not hasattr(backend, "linear"):
+            raise ConfigError("backend must be a name (auto, reference, cpu, cuda) or a backend "
+                              f"object, got {backend!r}")
         self.config = config
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         m = config.model
         self.model = build_model(m.kind, m.vocab_size, m.dim, m.layers)
         self.specs = self.model.specs
         self.params = params if params is not None else init_params(self.specs, config.seed)
-        if not 0 <= step <= MAX_STEPS:
-            raise ConfigError(f"step must be in 0..{MAX_STEPS}, got {step}")
         self.step_index = step
         self.threads = max(1, int(getattr(self.backend, "threads", 1)))
         self.update_threads = update_threads(self.specs, config.es, self.threads)
         # a backend that keeps activations in its own memory scores with its own loop
         self.score: Callable[..., np.ndarray] = getattr(self.backend, "score", score)
-        self._prepared = None
+
+    @property
+    def params(self) -> Mapping[str, np.ndarray]:
+        """The weights, read-only: the backend computes with forms of them made once per set
+        of weights (``prepared``), so an edit in place would go unseen. Assign new weights
+        instead (``engine.params = {...}``), which checks them and makes those forms anew."""
+        return MappingProxyType({name: _read_only(a) for name, a in self._params.items()})
+
+    @params.setter
+    def params(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if not isinstance(arrays, Mapping):
+            raise ConfigError(f"params must be a mapping of names to arrays, got "
+                              f"{type(arrays).__name__}")
+        wrong = params_mismatch(self.specs, arrays)
+        if wrong:
+            raise ConfigError(f"params do not fit the model: {wrong}")
+        # copies: the caller's arrays stay theirs to change
+        self._set_params({s.name: np.array(arrays[s.name], order="C") for s in self.specs})
+
+    def _set_params(self, arrays: dict[str, np.ndarray], prepared: dict | None = None) -> None:
+        self._params, self._prepared = arrays, prepared
 
     @property
     def prepared(self) -> dict:
@@ -204,7 +287,7 @@ class Engine:
             matrices = [s for s in self.specs if s.kind == "matrix"]
             groups = es.balanced_groups([int(np.prod(s.shape)) for s in matrices], self.threads)
             parts = self.map(lambda ids: prepare(self.backend, [matrices[i] for i in ids],
-                                                 self.params), groups)
+                                                 self._params), groups)
             self._prepared = {name: form for part in parts for name, form in part.items()}
         return self._prepared
 
@@ -214,7 +297,7 @@ class Engine:
         noise = make_noise(self.specs, cfg.seed, self.step_index,
                            np.arange(pair_start, pair_stop), cfg.es.rank, cfg.es.noise_reuse,
                            self.backend)
-        return Ops(self.backend, self.specs, self.params, noise, cfg.es.sigma_shift,
+        return Ops(self.backend, self.specs, self._params, noise, cfg.es.sigma_shift,
                    self.prepared)
 
     def evaluate_members(self, windows: np.ndarray, pair_start: int, pair_stop: int) -> np.ndarray:
@@ -245,7 +328,15 @@ class Engine:
         ``chunks``, near-equal, one or more per thread), chunks run on the backend's threads;
         same bits for any chunking."""
         check_windows(windows, self.config.model.vocab_size, self.config.es.population)
-        if stop <= start:
+        pairs = self.config.es.pairs
+        check_integers(start=start, stop=stop)
+        if not 0 <= start <= stop <= pairs:
+            raise ConfigError(f"pairs {start}..{stop} are not a span of 0..{pairs}")
+        if chunk_pairs is not None:
+            check_integers(chunk_pairs=chunk_pairs)
+            if chunk_pairs < 1:
+                raise ConfigError(f"chunk pairs must be >= 1, got {chunk_pairs}")
+        if stop == start:
             return np.zeros(0, dtype=np.int32)
         if chunk_pairs:
             spans = [(p, min(p + chunk_pairs, stop)) for p in range(start, stop, chunk_pairs)]
@@ -263,6 +354,7 @@ class Engine:
         if self.step_index >= MAX_STEPS:  # its noise would be the init's
             raise ConfigError(f"step {self.step_index} is past the noise hash's last step")
         cfg = self.config
+        check_fitness(raw, cfg.es.population)
         shaped = es.shape_fitness(raw, cfg.es.fitness)
         prepared = {}
 
@@ -270,9 +362,9 @@ class Engine:
             if spec.kind == "matrix":  # the next forward's form, made where the update ran
                 prepared[spec.name] = self.backend.prepare(new)
 
-        self.params = es.tell(self.backend, self.specs, self.params, cfg.seed, self.step_index,
-                              shaped, cfg.es, self.map, self.update_threads, prepare_matrix)
-        self._prepared = prepared
+        self._set_params(es.tell(self.backend, self.specs, self._params, cfg.seed,
+                                 self.step_index, shaped, cfg.es, self.map, self.update_threads,
+                                 prepare_matrix), prepared)
         self.step_index += 1
         return shaped
 
@@ -282,7 +374,7 @@ class Engine:
         step stay as they are (the packed forms made are the ones the step would make): the
         next step's bits do not change."""
         self.evaluate_members(windows[:2, :3], 0, 1)
-        es.tell(self.backend, self.specs, self.params, self.config.seed, self.step_index,
+        es.tell(self.backend, self.specs, self._params, self.config.seed, self.step_index,
                 np.ones(1, dtype=np.int32), self.config.es)
 
     def step(self, windows: np.ndarray, chunk_pairs: int | None = None) -> np.ndarray:
@@ -292,7 +384,7 @@ class Engine:
         return raw
 
     def inference_ops(self) -> Ops:
-        return Ops(self.backend, self.specs, self.params, None, self.config.es.sigma_shift,
+        return Ops(self.backend, self.specs, self._params, None, self.config.es.sigma_shift,
                    self.prepared)
 
     def log_likelihood(self, windows: np.ndarray) -> np.ndarray:
@@ -309,4 +401,7 @@ class Engine:
 
 def member_windows(sequences: np.ndarray, group_size: int) -> np.ndarray:
     """Repeat each sequence for the group of members that reads it."""
+    check_integers(group_size=group_size)
+    if group_size < 1:
+        raise ConfigError(f"group size must be >= 1, got {group_size}")
     return np.repeat(sequences, group_size, axis=0)

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from intes.errors import ConfigError
+from intes.errors import ConfigError, check_integers, plain_integers
 from intes.intmath import QUANTILE_PREC, exact_context, normal_quantile
 from intes.kernels.base import Backend
 from intes.models.base import ParamSpec, make_noise
@@ -37,7 +37,13 @@ class ESConfig:
     alpha_final_log2: int = 4  # update fraction decays from 1 to 2^-this ...
     alpha_steps: int = 4000  # ... over this many steps
 
+    def __post_init__(self) -> None:
+        plain_integers(self)
+
     def validate(self) -> None:
+        check_integers(population=self.population, group_size=self.group_size, rank=self.rank,
+                       sigma_shift=self.sigma_shift, noise_reuse=self.noise_reuse,
+                       alpha_final_log2=self.alpha_final_log2, alpha_steps=self.alpha_steps)
         n, g = self.population, self.group_size
         if n < 2 or n % 2:
             raise ConfigError(f"population must be a positive even number, got {n}")
@@ -53,7 +59,7 @@ class ESConfig:
             raise ConfigError(f"alpha steps must be >= 1, got {self.alpha_steps}")
         if not 0 <= self.alpha_final_log2 <= 16:
             raise ConfigError(f"alpha final log2 must be in 0..16, got {self.alpha_final_log2}")
-        if self.fitness not in FITNESS_KINDS:
+        if not isinstance(self.fitness, str) or self.fitness not in FITNESS_KINDS:
             raise ConfigError(f"fitness must be one of {FITNESS_KINDS}, got {self.fitness!r}")
         fmax = 1 if self.fitness == "sign" else NORMALIZED_MAX
         # |Z| <= (N/2) * fmax * r * NOISE_MAX^2 must fit int32.

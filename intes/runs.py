@@ -10,8 +10,9 @@ import numpy as np
 
 from intes.checkpoint import load_checkpoint, resolve_checkpoint
 from intes.data import Corpus, load_corpus
-from intes.engine import Engine, TrainConfig
-from intes.errors import CheckpointError, DataError
+from intes.engine import Engine, TrainConfig, params_mismatch
+from intes.errors import CheckpointError, ConfigError, DataError
+from intes.models import build_model
 
 RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
 
@@ -53,9 +54,8 @@ def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
                               f"lacks {', '.join(missing)})")
     try:
         return TrainConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{where} is not an intes pretraining checkpoint (bad config: "
-                              f"{err})") from None
+    except ConfigError as err:
+        raise CheckpointError(f"{where} is not an intes pretraining checkpoint ({err})") from None
 
 
 def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
@@ -64,9 +64,8 @@ def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
     arrays, meta = load_checkpoint(store)
     config = checkpoint_config(meta, store)
     config.validate()
-    engine = Engine(config, backend, params=arrays, step=int(meta.get("step", 0)))
-    check_params(engine, arrays, store)
-    return engine, meta
+    check_params(config, arrays, store)
+    return Engine(config, backend, params=arrays, step=int(meta.get("step", 0))), meta
 
 
 def load_run(path: str | Path, backend: str = "auto", data: str | None = None
@@ -92,14 +91,12 @@ def run_corpus(meta: dict, tokenizer: str = "bytes") -> Corpus:
                         "--data") from None
 
 
-def check_params(engine: Engine, arrays: dict[str, np.ndarray], store: Path) -> None:
+def check_params(config: TrainConfig, arrays: dict[str, np.ndarray], store: Path) -> None:
     """Refuse weights that do not fit the model the config describes."""
-    for spec in engine.specs:
-        a = arrays.get(spec.name)
-        if a is None or a.shape != spec.shape or a.dtype != np.int8:
-            found = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
-            raise CheckpointError(f"checkpoint {store} does not match its config: {spec.name!r} "
-                                  f"is {found}, expected int8{list(spec.shape)}")
+    m = config.model
+    wrong = params_mismatch(build_model(m.kind, m.vocab_size, m.dim, m.layers).specs, arrays)
+    if wrong:
+        raise CheckpointError(f"checkpoint {store} does not match its config: {wrong}")
 
 
 def _first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, object, object]:

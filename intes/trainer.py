@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint, save_checkpoint
 from intes.data import Corpus, sample_windows
 from intes.engine import MAX_SEQ_LEN, Engine, TrainConfig, member_windows
-from intes.errors import CheckpointError, ConfigError, Interrupted
+from intes.errors import CheckpointError, ConfigError, Interrupted, check_integers
 from intes.intmath import LL_FRAC_BITS
 from intes.runs import check_params, check_resumable, run_meta
 from intes.validation import EVAL_LEN, EVAL_STREAMS, TotalFn, Validation, validation_bpb
@@ -54,6 +55,18 @@ class RunOptions:
     data: str | None = None  # where the corpus came from (None: the default corpus)
 
     def validate(self) -> None:
+        if not isinstance(self.out, (str, os.PathLike)):
+            raise ConfigError(f"out must be a path, got {self.out!r}")
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_integers(eval_streams=self.eval_streams, eval_len=self.eval_len,
+                       **{name: getattr(self, name) for name in
+                          ("steps", "eval_every", "checkpoint_every", "chunk_pairs")
+                          if getattr(self, name) is not None})
+        if self.time_limit is not None and (isinstance(self.time_limit, bool)
+                                            or not isinstance(self.time_limit, Real)):
+            raise ConfigError(f"time limit must be a number of minutes, got {self.time_limit!r}")
         if self.steps is None and self.time_limit is None:
             raise ConfigError("give a step count or a time limit (or both)")
         if self.steps is not None and self.steps < 1:
@@ -94,9 +107,8 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
         raise CheckpointError(f"no checkpoint at {store} to resume; drop --resume to start")
     arrays, meta = load_checkpoint(store)
     check_resumable(config, corpus, meta, store, (options.eval_streams, options.eval_len))
-    engine = Engine(config, backend, params=arrays, step=int(meta["step"]))
-    check_params(engine, arrays, store)
-    return engine
+    check_params(config, arrays, store)
+    return Engine(config, backend, params=arrays, step=int(meta["step"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +457,12 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: 
     whether all stop and evaluate (see ``_Run.agree``), and ``total`` to score a shard of the
     validation windows and sum over the workers.
     """
+    for name, value, kind in (("config", config, TrainConfig), ("corpus", corpus, Corpus),
+                              ("options", options, RunOptions)):
+        if not isinstance(value, kind):
+            hint = " (load_corpus makes one)" if kind is Corpus else ""
+            raise ConfigError(f"{name} must be a {kind.__name__}{hint}, got "
+                              f"{type(value).__name__}")
     options.validate()
     engine = start_engine(config, corpus, options, backend, is_main)
     if fitness_fn is None:

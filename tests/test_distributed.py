@@ -348,7 +348,7 @@ DIVERGE = textwrap.dedent("""
     try:
         for step in range(6):
             if step == 2 and r == 1:  # a silent fault on one replica
-                engine.params["head"][0, 0] ^= 1
+                engine._params["head"][0, 0] ^= 1  # the fault: a flipped bit in memory
             engine.apply_fitness(fitness(engine, member_windows(rng.integers(0, 16, (4, 5)), 2)))
     except d.DistributedError as err:
         print(f"stopped before step {engine.step_index}: {err}")
@@ -485,7 +485,7 @@ DIVERGES_AFTER_2_STEPS = textwrap.dedent("""
     score = distributed.ShardFitness.__call__
     def faulty(self, engine, windows):
         if engine.step_index == 2 and os.environ["RANK"] == "1":
-            engine.params["head"][0, 0] ^= 1
+            engine._params["head"][0, 0] ^= 1  # the fault: a flipped bit in memory
         return score(self, engine, windows)
     distributed.ShardFitness.__call__ = faulty
     main(sys.argv[1:])

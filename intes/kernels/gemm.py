@@ -305,8 +305,10 @@ class Int8Gemm:
             raise RuntimeError("torch._int_mm gave a wrong int8 product")
 
     def prepare(self, w: np.ndarray) -> Any:
-        """W (out, in) as an int8 tensor, passed transposed: oneDNN's preferred layout."""
-        return self._torch.from_numpy(np.ascontiguousarray(w, dtype=np.int8)).t()
+        """W (out, in) as an int8 tensor, passed transposed: oneDNN's preferred layout. A
+        read-only W (an Engine's ``params``) is copied, as torch expects writable memory."""
+        w = np.ascontiguousarray(w, dtype=np.int8)
+        return self._torch.from_numpy(w if w.flags.writeable else w.copy()).t()
 
     def product(self, x: np.ndarray, wt: Any) -> np.ndarray:
         """(N, out) int32 X @ W^T, written into a per-thread buffer (numpy view of it)."""
