@@ -370,7 +370,7 @@ def test_shaping_is_centred_tie_aware_and_antithetic(rewards):
 # ---------------------------------------------------------------- bad input through the API
 
 
-@pytest.mark.parametrize("value", ["abc", None, math.nan, math.inf, [1.0]])
+@pytest.mark.parametrize("value", ["abc", None, math.nan, math.inf, [1.0], 10**400])
 def test_reward_returning_a_non_number_is_one_clear_error(tokenizer, value):
     tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, lambda p, c: value, population=2,
                         max_new_tokens=2)
@@ -430,6 +430,36 @@ def test_no_prompts(tokenizer):
     tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2)
     with pytest.raises(DataError):
         tuner.step([])
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ("Write a haiku", "a list of strings, got one string"),
+    (b"Write a haiku", "a list of strings, got one string"),
+    (["a prompt", ""], "every prompt must be a non-empty string, got ''"),
+    (["a prompt", b"bytes"], "non-empty string, got b'bytes'"),
+    ([1], "non-empty string, got 1"),
+])
+def test_prompts_that_are_not_strings_are_refused(tokenizer, prompts, match):
+    """A single string was read as one prompt per character."""
+    seen = []
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer,
+                        lambda p, c: seen.append(p) or 0.0, population=2, max_new_tokens=2)
+    before = weights(tuner.model)
+    with pytest.raises(ConfigError, match=match):
+        tuner.step(prompts)
+    assert seen == [] and weights(tuner.model) == before
+
+
+def test_rewards_too_large_to_shape_are_refused_before_the_update(tokenizer):
+    """Finite rewards near float64's limit averaged or shaped to inf / NaN, and the update
+    turned the weights into NaN."""
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=4,
+                        max_new_tokens=2)
+    tuner.evaluate = lambda prompts: np.array([[1e308, 1e308], [-1e308, -1e308]] * 2)
+    before = weights(tuner.model)
+    with pytest.raises(ConfigError, match="too large to average and shape"):
+        tuner.step(PROMPTS)
+    assert weights(tuner.model) == before
 
 
 # ---------------------------------------------------------------- tasks

@@ -243,7 +243,11 @@ def _check_reward(value: object, prompt: str, name: str) -> float:
     """A reward must be a finite real number; anything else is the user's bug, named once."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
         raise ConfigError(f"reward function {name} returned {value!r} for prompt "
                           f"{prompt[:40]!r}; it must return a finite number")
     return float(value)
@@ -325,9 +329,14 @@ class ESFineTuner:
         go through generate() member_chunk at a time; on CUDA out-of-memory the chunk is
         halved (and kept halved) until it fits.
         """
+        if isinstance(prompts, (str, bytes)):  # would be read as one prompt per character
+            raise ConfigError("prompts must be a list of strings, got one string")
         prompts = list(prompts)
         if not prompts:
             raise DataError("no prompts to evaluate")
+        bad = next((p for p in prompts if not isinstance(p, str) or not p), None)
+        if bad is not None:
+            raise ConfigError(f"every prompt must be a non-empty string, got {bad!r}")
         first, stop = distributed.shard_range(self.population)
         failure: IntesError | None = None
         try:
@@ -391,7 +400,12 @@ class ESFineTuner:
         if _in_group() and self.step_index % distributed.verify_every() == 0:
             self.verify()
         fitness = self.evaluate(prompts).mean(axis=1)
-        self.adapter.update(self.step_index, shape_rewards(fitness, self.shaping), self.lr)
+        shaped = shape_rewards(fitness, self.shaping)
+        if not (np.isfinite(fitness).all() and np.isfinite(shaped).all()):
+            raise ConfigError("the rewards are too large to average and shape in float64 "
+                              f"(member means {fitness.min():.3g}..{fitness.max():.3g}); "
+                              "scale the reward down")
+        self.adapter.update(self.step_index, shaped, self.lr)
         metrics = {"step": self.step_index, "reward_mean": float(fitness.mean()),
                    "reward_max": float(fitness.max()), "reward_min": float(fitness.min()),
                    "time_s": time.perf_counter() - t0}
