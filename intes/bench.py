@@ -394,9 +394,9 @@ def low_rank_pair_params(engine: Engine, pair: int) -> PairParams:
     noise = make_noise(engine.specs, cfg.seed, engine.step_index, np.array([pair]),
                        cfg.es.rank, cfg.es.noise_reuse, host)
     shift = np.int32(FRAC_BITS + cfg.es.sigma_shift)
-    plus, minus = {}, {}
+    plus, minus, params = {}, {}, engine.params
     for s in engine.specs:
-        w = engine.params[s.name]
+        w = params[s.name]
         plus[s.name], minus[s.name] = np.empty_like(w), np.empty_like(w)
         if s.kind == "vector":
             _vector_pair(w, noise[s.name][0], np.int32(cfg.es.sigma_shift), plus[s.name],
@@ -418,9 +418,9 @@ def full_rank_pair_params(engine: Engine, pair: int) -> PairParams:
     step = nz.effective_step(engine.step_index, cfg.es.noise_reuse)
     # every tensor's key in one call: a numpy call per tensor cost as much as its hashing
     keys = nz.tensor_keys(cfg.seed, step, pair, list(range(len(engine.specs))))
-    plus, minus = {}, {}
+    plus, minus, params = {}, {}, engine.params
     for key, s in zip(keys, engine.specs, strict=True):
-        w = engine.params[s.name]
+        w = params[s.name]
         plus[s.name], minus[s.name] = np.empty_like(w), np.empty_like(w)
         _full_rank_pair(w.reshape(-1), key, _stream_indices(w.size),
                         np.int32(cfg.es.sigma_shift), plus[s.name].reshape(-1),
