@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -115,6 +116,17 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
 # metrics
 
 
+def _is_record(record: object) -> bool:
+    """A line as ``MetricsLog`` writes it: an event, its step and the run's elapsed seconds,
+    and an evaluation's figure (the plot reads it)."""
+    def number(key: str) -> bool:
+        return type(record.get(key)) in (int, float) and math.isfinite(record[key])
+
+    return (isinstance(record, dict) and isinstance(record.get("event"), str)
+            and type(record.get("step")) is int and number("elapsed_s")
+            and (record["event"] != "eval" or number("val_bpb")))
+
+
 class MetricsLog:
     """metrics.jsonl, plus the evaluations so far for the plot.
 
@@ -134,13 +146,15 @@ class MetricsLog:
         if not self.path.exists():
             return []
         records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a crash: drop it
                 continue
-        return [r for r in records if r.get("step", step + 1) < step
-                or (r.get("event") == "step" and r["step"] == step)]
+            if _is_record(record):  # and whatever else a hand or a tool put there
+                records.append(record)
+        return [r for r in records if r["step"] < step
+                or (r["event"] == "step" and r["step"] == step)]
 
     def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -186,6 +200,7 @@ class _Run:
         self.final_bpb: float | None = None  # ... to this figure
         self.t0 = time.monotonic()
         self.loop_began: float | None = None  # when the time limit's clock started
+        self.finishing = False  # past the last step: the final evaluations
 
     # -- output --------------------------------------------------------------------------------
 
@@ -319,9 +334,12 @@ class _Run:
     def continue_command(self) -> str:
         """The command that resumes this run as it was going: what is left of its budget (the
         same step target, or the minutes of the time limit not yet spent) and the flags that
-        shaped it without being saved with it."""
+        shaped it without being saved with it; once the steps are done, the command that gives
+        the final figure."""
+        if self.finishing:  # the training is done; what is left is the final figure
+            return f"intes eval {shlex.quote(str(self.out))}"
         o = self.options
-        flags = [f"--out {self.out}", "--resume"]
+        flags = [f"--out {shlex.quote(str(self.out))}", "--resume"]
         if o.steps is not None:
             flags.append(f"--steps {o.steps}")
         elif o.time_limit is not None:
@@ -373,6 +391,7 @@ class _Run:
             self.evaluate()
             self.bar = self._progress_bar()
             stopped = self.loop()
+            self.finishing = True
             self.close_bar()
             if self.evaluated_step != self.engine.step_index:
                 self.evaluate()

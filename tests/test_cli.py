@@ -505,6 +505,18 @@ def console_script() -> str | None:
 
 
 @pytest.mark.skipif(console_script() is None, reason="the intes console script is not installed")
+def test_output_the_terminal_cannot_encode_is_replaced_not_fatal(run_dir):
+    """On a stdout that is not UTF-8 (a legacy locale, a redirected Windows console) a sample's
+    U+FFFD or a non-ASCII path used to end the command in a UnicodeEncodeError."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONIOENCODING": "latin-1"}
+    done = subprocess.run([console_script(), "sample", str(run_dir), "--prompt", "d\u0436f",
+                           "--tokens", "40", "--seed", "1"], capture_output=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(b"d?f")
+
+
+@pytest.mark.skipif(console_script() is None, reason="the intes console script is not installed")
 def test_console_script_smoke(tmp_path):
     exe = console_script()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

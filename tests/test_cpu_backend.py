@@ -994,6 +994,7 @@ def test_es_steps_match_reference(seed, model, pairs, rank, sigma, fitness, data
                                            ({"LOCAL_WORLD_SIZE": "3"}, 2),
                                            ({"LOCAL_WORLD_SIZE": "64"}, 1),
                                            ({"LOCAL_WORLD_SIZE": "x"}, 8),
+                                           ({"LOCAL_WORLD_SIZE": "\u00b2"}, 8),
                                            ({"LOCAL_WORLD_SIZE": "0"}, 8)])
 def test_default_threads_follow_the_environment(monkeypatch, env, want):
     """An explicit count wins; torchrun's local workers share the usable cores (8 here), at
@@ -1006,10 +1007,11 @@ def test_default_threads_follow_the_environment(monkeypatch, env, want):
     assert CpuBackend().threads == want
 
 
-@pytest.mark.parametrize("value", ["0", "two", "-1"])
-def test_bad_thread_count_is_a_config_error(monkeypatch, value):
-    monkeypatch.setenv("INTES_CPU_THREADS", value)
-    with pytest.raises(ConfigError, match="INTES_CPU_THREADS"):
+@pytest.mark.parametrize("value", ["0", "two", "-1", "\u00b2"])  # "²" passes str.isdigit
+@pytest.mark.parametrize("name", ["INTES_CPU_THREADS", "INTES_CPU_TOKEN_BLOCK"])
+def test_bad_thread_count_or_token_block_is_a_config_error(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name} must be a positive integer"):
         CpuBackend()
 
 

@@ -227,6 +227,24 @@ def test_a_crash_past_the_checkpoint_leaves_a_log_that_resumes_as_one_run(tmp_pa
     assert same_weights(weights(tmp_path), straight_run()[1])
 
 
+@pytest.mark.parametrize("junk", [b"[1]\n", b'{"event": "eval", "step": 1}\n',
+                                  b'{"event": "eval", "step": 1, "elapsed_s": 1.0}\n',
+                                  b'{"event": "step", "step": "1", "elapsed_s": 1.0}\n',
+                                  b'{"event": "step", "step": 1, "elapsed_s": NaN}\n',
+                                  b"\xff\xfe not utf-8\n", b"null\n"])
+def test_a_resume_drops_log_lines_it_did_not_write(tmp_path, junk):
+    """Lines that are not the log's records (edited in, or from another tool) are dropped like
+    a line cut by a crash; they used to stop the resume with a traceback."""
+    run(tmp_path, 2, eval_every=1)
+    log = tmp_path / METRICS_NAME
+    with log.open("ab") as f:
+        f.write(junk)
+    run(tmp_path, 3, resume=True, eval_every=1)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, 1, 2, 3]
+    assert all(type(r["step"]) is int and "elapsed_s" in r for r in records)
+
+
 def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, capsys):
     def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
         if engine.step_index == 3:
@@ -279,6 +297,35 @@ def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys
     hint = capsys.readouterr().out
     assert hint.rstrip().endswith(f"continue with: intes pretrain --out {tmp_path} --resume "
                                   "--time-limit 4.5 --eval-every 3 --chunk-pairs 1"), hint
+
+
+def test_the_hint_quotes_a_run_directory_with_spaces(tmp_path, capsys):
+    def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
+        if engine.step_index == 1:
+            raise KeyboardInterrupt
+        return engine.population_fitness(windows)
+
+    out = tmp_path / "my run"
+    with pytest.raises(Interrupted):
+        pretrain(tiny_config(), corpus(), options(out, 3), backend="reference",
+                 fitness_fn=interrupted)
+    hint = capsys.readouterr().out.rstrip()
+    assert hint.endswith(f"continue with: intes pretrain --out '{out}' --resume --steps 3"), hint
+
+
+def test_an_interrupt_in_the_final_evaluation_hints_intes_eval(tmp_path, capsys, monkeypatch):
+    """The steps are done and saved: a resume would have nothing to do (it says so and stops),
+    so the hint is the command that gives the final figure."""
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer._Run, "evaluate_whole_split", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        pretrain(tiny_config(), corpus(), options(out, 2), backend="reference")
+    hint = capsys.readouterr().out.rstrip()
+    assert hint.endswith(f"checkpoint at step 2 in {out}; continue with: intes eval {out}"), hint
+    assert load_checkpoint(out / CHECKPOINT_NAME)[1]["step"] == 2
 
 
 def test_checkpoints_come_every_n_steps_or_at_each_evaluation(tmp_path, monkeypatch):

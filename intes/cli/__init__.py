@@ -107,6 +107,8 @@ cli.add_command(data)
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run ``cli`` and map its outcome to an exit status."""
+    if hasattr(sys.stdout, "reconfigure"):  # a character the terminal cannot show is a "?",
+        sys.stdout.reconfigure(errors="replace")  # not a UnicodeEncodeError ending the run
     try:
         result = cli.main(args=argv, prog_name="intes", standalone_mode=False)
     except click.ClickException as err:

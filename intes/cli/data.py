@@ -38,7 +38,7 @@ def prepare(path: str | None, out: str, tokenizer: str) -> None:
     corpus = prepare_store(path, store, tokenizer)
     kind = "bytes" if corpus.tokenizer == "bytes" else "BPE"
     asked = tokenizer.strip().removeprefix("bpe:")
-    if asked.isdigit() and int(asked) > corpus.vocab_size:
+    if asked.isascii() and asked.isdigit() and int(asked) > corpus.vocab_size:
         kind += f"; {asked} asked, the text allowed no more merges"
     click.echo(f"wrote {store}: {len(corpus.train):,} train + {len(corpus.valid):,} valid "
                f"tokens ({corpus.train_bytes:,} + {corpus.valid_bytes:,} bytes of text), "

@@ -145,12 +145,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _digits(text: str) -> bool:
+    """Plain decimal digits: str.isdigit alone passes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def default_token_block() -> int | None:
     """INTES_CPU_TOKEN_BLOCK, else None (the measured rule, see ``BLOCK_ROWS``)."""
     value = os.environ.get("INTES_CPU_TOKEN_BLOCK")
     if value is None:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not _digits(value) or int(value) < 1:
         raise ConfigError(f"INTES_CPU_TOKEN_BLOCK must be a positive integer, got {value!r}")
     return int(value)
 
@@ -160,9 +165,9 @@ def default_threads() -> int:
     value = os.environ.get("INTES_CPU_THREADS")
     if value is None:
         workers = os.environ.get("LOCAL_WORLD_SIZE", "")
-        share = int(workers) if workers.isdigit() and int(workers) > 0 else 1
+        share = int(workers) if _digits(workers) and int(workers) > 0 else 1
         return max(1, usable_cores() // share)
-    if not value.isdigit() or int(value) < 1:
+    if not _digits(value) or int(value) < 1:
         raise ConfigError(f"INTES_CPU_THREADS must be a positive integer, got {value!r}")
     return int(value)
 
