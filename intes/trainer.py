@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs go unlocked
+    fcntl = None
+
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint, save_checkpoint
 from intes.data import Corpus, sample_windows
 from intes.engine import MAX_SEQ_LEN, Engine, TrainConfig, member_windows
@@ -32,6 +37,7 @@ from intes.validation import EVAL_LEN, EVAL_STREAMS, TotalFn, Validation, valida
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
+RUN_LOCK = ".intes-run.lock"  # held by the process writing a run directory while it runs
 EVAL_TIME_SHARE = 0.05  # automatic evaluation keeps eval (+ plot + checkpoint) under ~5% of time
 
 FitnessFn = Callable[[Engine, np.ndarray], np.ndarray]
@@ -99,17 +105,69 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
     sample_windows(corpus.train, config.seed, 0, 1, config.seq_len)  # raises if T does not fit
     out = Path(options.out)
     store = out / CHECKPOINT_NAME
+    if is_main and run_in_progress(out):
+        raise CheckpointError(f"another intes run is writing to {out}; wait for it to end or "
+                              "use another --out")
     if not options.resume:
-        if is_main and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if is_main and out.exists() and not (out.is_dir() and stopped_before_a_checkpoint(out)):
             raise CheckpointError(f"{out} already exists and is not an empty directory; use "
                                   "--resume to continue its run, or another --out")
         return Engine(config, backend)
     if existing_version(store) is None:
-        raise CheckpointError(f"no checkpoint at {store} to resume; drop --resume to start")
+        raise no_checkpoint_to_resume(out)
     arrays, meta = load_checkpoint(store)
     check_resumable(config, corpus, meta, store, (options.eval_streams, options.eval_len))
     check_params(config, arrays, store)
     return Engine(config, backend, params=arrays, step=int(meta["step"]))
+
+
+def stopped_before_a_checkpoint(out: Path) -> bool:
+    """Whether the directory ``out`` holds nothing, or only what a run writes before its first
+    checkpoint (its log, plot and lock): a run killed then can only start over."""
+    return existing_version(out / CHECKPOINT_NAME) is None and all(
+        p.name in (METRICS_NAME, PLOT_NAME, RUN_LOCK) for p in out.iterdir())
+
+
+def no_checkpoint_to_resume(out: Path) -> CheckpointError:
+    """The error of a resume that finds no checkpoint, with what to do instead."""
+    if out.is_dir() and any(out.iterdir()) and stopped_before_a_checkpoint(out):
+        return CheckpointError(f"no checkpoint in {out} to resume: its run stopped before its "
+                               "first checkpoint; drop --resume to start it over there")
+    return CheckpointError(f"no checkpoint at {out / CHECKPOINT_NAME} to resume; drop --resume "
+                           "to start")
+
+
+def run_in_progress(out: Path) -> bool:
+    """Whether a live process holds ``out``'s run lock (see ``lock_run``); creates nothing."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(out / RUN_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def lock_run(out: Path) -> int | None:
+    """Take ``out``'s run lock (POSIX flock on RUN_LOCK, released when the returned descriptor
+    is closed or the process dies), so that two runs never write one directory; None without
+    fcntl."""
+    if fcntl is None:
+        return None
+    fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(f"another intes run started writing to {out}; use another --out "
+                              "for this one") from None
+    return fd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +252,7 @@ class _Run:
         self.last_eval_end = 0.0
         self.step_rate: list[float] = []
         self.log: MetricsLog | None = None
+        self.lock: int | None = None  # the run directory's lock, held while this runs
         self.bar: tqdm | None = None
         self.sample: Validation | None = None  # the periodic evaluations'
         self.whole: Validation | None = None  # the whole split, scored at the end ...
@@ -230,6 +289,8 @@ class _Run:
         self.say(f"validation sample: {self.sample.describe()} of the valid split; on them "
                  f"unigram {self.sample.unigram:.4f} bpb, bigram {self.sample.bigram:.4f} bpb")
         verb = "resuming" if self.options.resume else "starting"
+        if not self.options.resume and (self.out / METRICS_NAME).exists():
+            verb = "starting over (the run here stopped before its first checkpoint)"
         self.say(f"{verb} at step {self.start_step} -> {self.out}")
 
     def open(self) -> None:
@@ -237,6 +298,7 @@ class _Run:
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = lock_run(self.out)
         self.log = MetricsLog(self.out / METRICS_NAME,
                               self.start_step if self.options.resume else None)
 
@@ -386,8 +448,8 @@ class _Run:
             return self.summary("steps")
         self.announce()
         self.warm_up()
-        self.open()
         try:
+            self.open()
             self.evaluate()
             self.bar = self._progress_bar()
             stopped = self.loop()
@@ -407,6 +469,8 @@ class _Run:
             self.close_bar()
             if self.log:
                 self.log.close()
+            if self.lock is not None:
+                os.close(self.lock)
         return self.report(stopped)
 
     def report(self, stopped: str) -> dict:

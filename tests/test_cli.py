@@ -352,6 +352,33 @@ def test_resume_needs_a_checkpoint(tmp_path, run_copy, monkeypatch):
     assert not Path("runs").exists()
 
 
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, text_file,
+                                                                      monkeypatch):
+    """The default --out is named by the second; a seed sweep started in parallel wrote all
+    its runs into one directory, each reporting success."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PRETRAIN_MODULE.time, "strftime", lambda fmt: "20261205-120000")
+    for seed in (1, 2, 3):
+        result = invoke("pretrain", *TINY, "--data", text_file, "--steps", 1, "--seed", seed)
+        assert result.exit_code == 0, result.output
+    base = "rwkv-d16-l1-20261205-120000"
+    assert sorted(p.name for p in Path("runs").iterdir()) == [base, f"{base}-2", f"{base}-3"]
+    seeds = [load_checkpoint(Path("runs", name, CHECKPOINT_NAME))[1]["config"]["seed"]
+             for name in (base, f"{base}-2", f"{base}-3")]
+    assert seeds == [1, 2, 3]
+
+
+def test_a_default_run_that_fails_leaves_no_directory(tmp_path, text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(invoke("pretrain", *TINY, "--data", text_file, "--steps", 1,
+                             "--seq-len", 50_000))  # longer than the text: refused in the run
+    assert not Path("runs").exists()
+    Path("runs").mkdir()
+    assert_user_error(invoke("pretrain", *TINY, "--data", text_file, "--steps", 1,
+                             "--seq-len", 50_000))
+    assert list(Path("runs").iterdir()) == []
+
+
 def damage(store: Path, how: str) -> None:
     """Rewrite a checkpoint, checksums and all, as one that loads but is not a run's."""
     arrays, meta = load_checkpoint(store)

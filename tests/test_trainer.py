@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 from dataclasses import replace
 from functools import cache
@@ -297,6 +299,51 @@ def test_an_interrupted_time_limited_run_hints_the_minutes_left(tmp_path, capsys
     hint = capsys.readouterr().out
     assert hint.rstrip().endswith(f"continue with: intes pretrain --out {tmp_path} --resume "
                                   "--time-limit 4.5 --eval-every 3 --chunk-pairs 1"), hint
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
+    """Killed then (SIGTERM, a full disk), a run left only its log and plot: a resume has no
+    checkpoint and a new run found the directory not empty, each pointing to the other."""
+    out = tmp_path / "run"
+    run(out, 2, checkpoint_every=100, eval_every=100)
+    shutil.rmtree(out / CHECKPOINT_NAME)  # as if killed before the checkpoint at the end
+    assert {p.name for p in out.iterdir()} <= {METRICS_NAME, PLOT_NAME, trainer.RUN_LOCK}
+    with pytest.raises(CheckpointError, match="its run stopped before its first checkpoint; "
+                                              "drop --resume to start it over there"):
+        run(out, 3, resume=True)
+    capsys.readouterr()
+    run(out, 2)
+    assert "starting over (the run here stopped before its first checkpoint)" in \
+        capsys.readouterr().out
+    run(tmp_path / "fresh", 2)
+    assert same_weights(weights(out), weights(tmp_path / "fresh"))
+    records = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2]  # the old log is gone
+    (out / "notes.txt").write_text("mine")
+    shutil.rmtree(out / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match="already exists and is not an empty directory"):
+        run(out, 2)  # a file the run did not write: not its leftovers
+
+
+def test_two_runs_never_write_one_directory(tmp_path):
+    """A run holds its directory's lock while it runs: another run (fresh or resumed) is
+    refused before it writes anything, and the lock goes with the process that held it."""
+    out = tmp_path / "run"
+    run(out, 2)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    held = trainer.lock_run(out)  # a live run, as far as the lock tells
+    try:
+        with pytest.raises(CheckpointError, match=f"another intes run is writing to {out}"):
+            run(out, 3, resume=True)
+        with pytest.raises(CheckpointError, match="another intes run is writing to"):
+            run(tmp_path / "run", 2)
+        with pytest.raises(CheckpointError, match="another intes run started writing to"):
+            trainer.lock_run(out)
+    finally:
+        os.close(held)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    run(out, 3, resume=True)
+    assert load_checkpoint(out / CHECKPOINT_NAME)[1]["step"] == 3
 
 
 def test_the_hint_quotes_a_run_directory_with_spaces(tmp_path, capsys):

@@ -7,6 +7,8 @@ override it, and the trainer refuses any override that changes the run.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import time
 from dataclasses import replace
@@ -19,12 +21,12 @@ from intes import distributed
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint
 from intes.data import load_corpus
 from intes.engine import MAX_SEQ_LEN, ModelConfig, TrainConfig
-from intes.errors import CheckpointError, ConfigError
+from intes.errors import ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
 from intes.kernels import BACKENDS
 from intes.models import MODELS
 from intes.runs import checkpoint_config, run_corpus
-from intes.trainer import RunOptions
+from intes.trainer import RunOptions, no_checkpoint_to_resume
 from intes.trainer import pretrain as run_pretraining
 from intes.validation import EVAL_LEN, EVAL_STREAMS, FINAL_EVAL_TOKENS
 
@@ -74,6 +76,20 @@ def default_out(config: TrainConfig) -> Path:
     return Path("runs") / f"{m.kind}-d{m.dim}-l{m.layers}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def claim_default_out(config: TrainConfig) -> Path:
+    """A new directory of ``default_out``'s name, made here so that runs started in the same
+    second (a seed sweep in parallel) each get one of their own: -2, -3, ... once taken."""
+    base = default_out(config)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+
+
 def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
     """The checkpoint config and metadata a --resume continues."""
     if out is None:
@@ -83,7 +99,7 @@ def _resume_base(out: str | None) -> tuple[TrainConfig, dict]:
                           f"{Path(out).parent}, which the resumed run writes to")
     store = Path(out).expanduser() / CHECKPOINT_NAME
     if existing_version(store) is None:
-        raise CheckpointError(f"no checkpoint at {store} to resume; drop --resume to start")
+        raise no_checkpoint_to_resume(Path(out).expanduser())
     _, meta = load_checkpoint(store)
     return checkpoint_config(meta, store), meta
 
@@ -176,7 +192,18 @@ def pretrain(ctx: click.Context, **flags) -> None:
     corpus = run_corpus(meta) if from_run else load_corpus(options.data)
     if not flags["resume"]:
         config = replace(config, model=replace(config.model, vocab_size=corpus.vocab_size))
-    out = Path(flags["out"]).expanduser() if flags["out"] else default_out(config)
     # under torchrun (WORLD_SIZE > 1) each process is one worker of a sharded population
     train = distributed.pretrain if distributed.launched() else run_pretraining
-    train(config, corpus, replace(options, out=out), backend=flags["backend"])
+    if flags["out"]:
+        train(config, corpus, replace(options, out=Path(flags["out"]).expanduser()),
+              backend=flags["backend"])
+        return
+    runs_existed = default_out(config).parent.exists()
+    out = claim_default_out(config)
+    try:
+        train(config, corpus, replace(options, out=out), backend=flags["backend"])
+    except BaseException:  # a run that wrote nothing leaves no empty directories behind
+        for made in (out, out.parent) if not runs_existed else (out,):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
