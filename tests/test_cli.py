@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -541,6 +542,29 @@ def test_output_the_terminal_cannot_encode_is_replaced_not_fatal(run_dir):
                           timeout=120)
     assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
     assert done.stdout.startswith(b"d?f")
+
+
+@pytest.mark.skipif(console_script() is None, reason="the intes console script is not installed")
+def test_sigterm_saves_the_run_as_ctrl_c_does(tmp_path, text_file):
+    """A scheduler's SIGTERM ended a run with nothing saved past its last checkpoint and no
+    word; now it saves the last finished step and prints how to continue, as Ctrl-C does."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = [console_script(), "pretrain", *TINY, "--data", str(text_file), "--steps", "100000",
+            "--checkpoint-every", "100000", "--eval-every", "100000", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        for line in proc.stdout:  # the first evaluation is past: steps are running
+            if line.startswith("step 0: validation"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted: checkpoint at step" in stdout and "--resume" in stdout, stdout
+    assert load_checkpoint(out / CHECKPOINT_NAME)[1]["step"] >= 0
 
 
 @pytest.mark.skipif(console_script() is None, reason="the intes console script is not installed")
