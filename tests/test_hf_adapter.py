@@ -432,6 +432,41 @@ def test_no_prompts(tokenizer):
         tuner.step([])
 
 
+def test_a_tokenizer_with_ids_past_the_embedding_is_refused(tokenizer):
+    """Generation failed deep in torch (IndexError: index out of range in self)."""
+    torch.manual_seed(0)
+    small = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ConfigError, match=r"the tokenizer has \d+ tokens and the model's "
+                                          "embedding 50 rows"):
+        ESFineTuner(small, tokenizer, zero_reward, population=2)
+
+
+def test_a_prompt_that_encodes_to_nothing_is_refused(tokenizer):
+    """A folder saved without its tokenizer loads one transformers makes up, which encodes
+    every prompt to no tokens; generation then failed with an IndexError."""
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2,
+                        max_new_tokens=2)
+    tuner.tokenizer = lambda prompts, **kw: {
+        "input_ids": torch.zeros((len(prompts), 0), dtype=torch.long),
+        "attention_mask": torch.zeros((len(prompts), 0), dtype=torch.long)}
+    tuner.tokenizer.padding_side = "right"
+    with pytest.raises(ConfigError, match="encodes to no tokens: is the tokenizer the model's"):
+        tuner.step(PROMPTS)
+
+
+def test_prompts_past_the_models_positions_are_refused(tokenizer):
+    """GPT-2's learned positions end at n_positions: generating past them was an IndexError."""
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2,
+                        max_new_tokens=125)  # n_positions 128
+    before = weights(tuner.model)
+    with pytest.raises(ConfigError, match=r"plus 125 new tokens is past the model's 128 "
+                                          "positions"):
+        tuner.step(["the quick brown fox jumps over the lazy dog"])
+    assert weights(tuner.model) == before
+    ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2,
+                max_new_tokens=2).step(["the quick"])
+
+
 @pytest.mark.parametrize("prompts, match", [
     ("Write a haiku", "a list of strings, got one string"),
     (b"Write a haiku", "a list of strings, got one string"),

@@ -239,6 +239,28 @@ class LowRankAdapter:
                 w.copy_(master)  # round to nearest into bf16 / fp16
 
 
+def _check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
+    """Refuse a tokenizer with ids past the model's embedding: generation would fail deep
+    inside torch (index out of range), usually because the folder's tokenizer is another
+    model's, or missing and made up by transformers."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens and the model's embedding "
+                          f"{rows} rows: the tokenizer is not this model's")
+
+
+def _positions(model: nn.Module) -> int | None:
+    """How many positions the model was made for (GPT-2's n_positions, else
+    max_position_embeddings), if its config says."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _check_reward(value: object, prompt: str, name: str) -> float:
     """A reward must be a finite real number; anything else is the user's bug, named once."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -274,6 +296,7 @@ class ESFineTuner:
             raise ConfigError(f"shaping must be one of {SHAPINGS}, got {shaping!r}")
         self.model = model.eval()  # dropout off: a member's reward must depend on its weights
         self.tokenizer = tokenizer
+        _check_tokenizer_fits(model, tokenizer)
         self.reward_fn = reward_fn
         self.population = population
         self.lr = lr
@@ -310,6 +333,15 @@ class ESFineTuner:
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
         finally:
             self.tokenizer.padding_side = side
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        if 0 in lengths:
+            raise ConfigError(f"prompt {prompts[lengths.index(0)][:40]!r} encodes to no tokens: "
+                              "is the tokenizer the model's own (saved beside it)?")
+        limit = _positions(self.model)
+        if limit is not None and max(lengths) + self.generation.max_new_tokens > limit:
+            raise ConfigError(f"a prompt of {max(lengths)} tokens plus "
+                              f"{self.generation.max_new_tokens} new tokens is past the model's "
+                              f"{limit} positions; shorten the prompts or generate fewer tokens")
         dev = self.model.get_input_embeddings().weight.device
         return {key: enc[key].to(dev) for key in ("input_ids", "attention_mask")}
 
