@@ -223,6 +223,9 @@ def _gather(data: str | os.PathLike | None) -> tuple[list[Document], str]:
         if not docs:
             raise DataError(f"no non-empty UTF-8 text file matches {text!r}")
         return docs, _describe(repr(text), docs)
+    if os.path.lexists(path):  # a device, a FIFO, a socket, a dangling or looping link
+        raise DataError(f"{path} is not a regular file or a directory; give a text file, a "
+                        "directory, a glob or a .zarr store")
     raise DataError(
         f"{path} does not exist; give a text file, a directory, a glob or a .zarr store"
     )

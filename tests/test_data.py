@@ -1,6 +1,7 @@
 """Corpora, splits, token stores, batch windows and n-gram reference figures."""
 
 import math
+import os
 import re
 import zlib
 from pathlib import Path
@@ -203,6 +204,16 @@ def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
     assert _docs(corpus.train) == [b"x" * 300, b"y" * 80] and _docs(corpus.valid) == [b"y" * 20]
 
 
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -216,6 +227,10 @@ def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
         (lambda p: _write(p / "t.txt", "a"), "too small"),
         (lambda p: _write(p / "d" / "b.bin", b"\0\1").parent, "no non-empty UTF-8 text"),
         (lambda p: _write(p / "g" / "b.bin", b"\0\1").parent / "*.bin", "no non-empty UTF-8"),
+        (lambda p: Path(os.devnull), "is not a regular file or a directory"),
+        (lambda p: _fifo(p / "pipe"), "is not a regular file or a directory"),
+        (lambda p: _link(p / "loop", p / "loop"), "is not a regular file or a directory"),
+        (lambda p: _link(p / "dangling", p / "gone.txt"), "is not a regular file or a direc"),
     ],
     ids=[
         "blank",
@@ -228,6 +243,10 @@ def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
         "tiny",
         "dir",
         "glob-bin",
+        "device",
+        "fifo",
+        "symlink-loop",
+        "dangling-link",
     ],
 )
 def test_bad_data_gives_one_line_error(tmp_path, make, message):
