@@ -142,7 +142,7 @@ def _size(n_bytes: int) -> str:
 
 
 def _describe(name: str, docs: list[Document]) -> str:
-    files = f"{len(docs)} file{'' if len(docs) == 1 else 's'}"
+    files = f"{len(docs):,} file{'' if len(docs) == 1 else 's'}"
     return f"{name} ({files}, {_size(sum(len(raw) for _, raw in docs))})"
 
 

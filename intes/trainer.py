@@ -519,7 +519,7 @@ class _Run:
 
 def counted(count: int, noun: str) -> str:
     """'1 layer', '2 layers': a count with its noun."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def gemm_note(backend) -> str:

@@ -59,7 +59,7 @@ class Validation:
 
     def describe(self) -> str:
         streams, length = self.shape
-        return f"{streams:,} x {length} tokens"
+        return f"{streams:,} x {length:,} tokens"
 
 
 TotalFn = Callable[[Engine, np.ndarray], int]
