@@ -4,10 +4,11 @@ A corpus is a list of UTF-8 documents. Each document becomes ``[SEPARATOR] + tok
 split is one flat token array that starts with a separator (``intes.tokenizer``).
 
 Train/valid split: by file, ``crc32(relative posix path) % valid_fraction == 0`` goes to valid,
-so the split is the same on every machine and no file leaks into both. A single file (or a set of
-files whose crc split leaves a side empty) is split by position instead: the last
-``1/valid_fraction`` of its bytes, cut at a character boundary, is valid. Bits per byte needs the
-number of raw bytes each split encodes; separators encode none.
+so the split is the same on every machine and no file leaks into both. A single file, or files
+whose crc split gives valid less than a quarter or more than four times its ``1/valid_fraction``
+share of the bytes (a big file and its README), is split by position instead: the last
+``1/valid_fraction`` of the bytes, cut at a character boundary, is valid. Bits per byte needs
+the number of raw bytes each split encodes; separators encode none.
 
 A token store records each split's length and sha256; a load checks them (when present: older
 stores have none), that the vocab size is its tokenizer's and the size rules of a text corpus.
@@ -25,6 +26,7 @@ import re
 import sysconfig
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 
@@ -101,15 +103,21 @@ def _is_run_output(path: Path) -> bool:
 
 
 def _walk(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
-    """Regular files under ``root``, sorted by relative path; hidden entries, ``skip_dirs``
-    and run outputs (``_is_run_output``) below ``root`` pruned."""
+    """Regular files under ``root``, sorted by relative path, each once (a file linked twice
+    would land in both splits); hidden entries, ``skip_dirs`` and run outputs
+    (``_is_run_output``) below ``root`` pruned."""
     found = []
     for dirpath, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in skip_dirs and not d.startswith(".")
                    and not _is_run_output(Path(dirpath, d))]
         found += [Path(dirpath, f) for f in files if not f.startswith(".")]
-    found = [p for p in found if p.is_file()]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    seen: set[Path] = set()
+    unique = []  # a file linked under several names is read once, under its first
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        if path.is_file() and path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique
 
 
 def _stdlib_root() -> Path:
@@ -268,10 +276,14 @@ def _split_by_position(docs: list[bytes], valid_fraction: int) -> tuple[list[byt
     return [d for d in train if d], [d for d in valid if d]
 
 
+SPLIT_SHARE_SLACK = 4  # a by-file split stands while valid holds 1/4 .. 4x its share of bytes
+
+
 def _split(docs: list[Document], valid_fraction: int) -> tuple[list[bytes], list[bytes]]:
     if len(docs) > 1:
         train, valid = _split_by_file(docs, valid_fraction)
-        if train and valid:
+        share = Fraction(sum(map(len, valid)), sum(len(raw) for _, raw in docs))
+        if Fraction(1, SPLIT_SHARE_SLACK) <= share * valid_fraction <= SPLIT_SHARE_SLACK:
             return train, valid
     return _split_by_position([raw for _, raw in docs], valid_fraction)
 
@@ -317,7 +329,7 @@ def _store_vocab(attrs: dict, path: Path) -> int:
     except DataError as err:  # damaged, or made before such tokenizers were refused
         raise DataError(f"token store {path} cannot be used: {err}; prepare it again with a "
                         "tokenizer the models take") from None
-    if int(attrs["vocab_size"]) != expected:
+    if type(attrs["vocab_size"]) is not int or attrs["vocab_size"] != expected:
         raise DataError(f"token store {path} is corrupted: vocab size {attrs['vocab_size']} but "
                         f"its tokenizer has {expected} tokens")
     return expected
@@ -339,6 +351,9 @@ def _read_store(path: Path, src: Path) -> Corpus:
     if attrs.get("format") != STORE_FORMAT:
         raise DataError(f"{path} is not an intes token store; make one with `intes data prepare`")
     vocab_size = _store_vocab(attrs, path)
+    for key in ("train_bytes", "valid_bytes"):
+        if type(attrs[key]) is not int:  # not 2.5, not true: a count as prepare wrote it
+            raise DataError(f"token store {path} is corrupted: {key} is {attrs[key]!r}")
     splits = {name: np.asarray(group[name][...]) for name in ("train", "valid")}
     for name, record in attrs.get("splits", {}).items():  # stores made before have none
         _check_record(name, splits[name], record, path)
@@ -373,8 +388,9 @@ def _load_store(path: Path) -> Corpus:
 
 def _store_corpus(path: Path, tokenizer: str) -> Corpus:
     corpus = _load_store(path)
-    if tokenizer not in ("bytes", corpus.tokenizer):
-        raise DataError(f"{path} is already tokenized; drop the tokenizer option to use it")
+    if tokenizer not in ("bytes", corpus.tokenizer):  # "bytes" is the default: none asked for
+        raise DataError(f"{path} is tokenized with another tokenizer than the one asked for "
+                        "(a store keeps its own): give text, or a store of that tokenizer")
     return corpus
 
 

@@ -75,6 +75,9 @@ def load_run(path: str | Path, backend: str = "auto", data: str | None = None
     engine, meta = load_engine(path, backend)
     corpus = (load_corpus(data, tokenizer=meta["tokenizer"]) if data is not None
               else run_corpus(meta, tokenizer=meta["tokenizer"]))
+    if corpus.tokenizer != meta["tokenizer"]:  # a store of another tokenizer, same vocab or not
+        raise DataError("the data is tokenized with another tokenizer than the run's (a store "
+                        "keeps its own): give text, or a store of the run's tokenizer")
     if corpus.vocab_size != engine.config.model.vocab_size:
         raise DataError(f"the data has vocab {corpus.vocab_size}, the model "
                         f"{engine.config.model.vocab_size}; give data with the run's tokenizer")

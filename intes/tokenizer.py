@@ -49,7 +49,13 @@ def _bpe(tokenizer_json: str) -> Tokenizer:
     if len(ids) != n or max(ids) != n - 1:  # a model has n outputs: ids must index them
         raise DataError(f"tokenizer ids must be exactly 0..{n - 1}, its largest is {max(ids)}; "
                         f"{_TOKENIZER_HELP}")
+    separator = tok.get_added_tokens_decoder().get(SEPARATOR)
+    if separator is None or not separator.special:  # else "<sep>" in text would split documents
+        raise DataError(f"the tokenizer's '{SEPARATOR_TOKEN}' must be a special token; "
+                        f"{_TOKENIZER_HELP}")
     tok.encode_special_tokens = True
+    tok.no_truncation()  # a document or prompt is encoded whole: every token holds its bytes
+    tok.no_padding()
     return tok
 
 
@@ -69,7 +75,8 @@ def encode(text: str, tokenizer: str) -> np.ndarray:
     if tokenizer == "bytes":
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
     tok = _bpe(tokenizer)
-    return np.asarray(tok.encode(text).ids, dtype=_token_dtype(tok.get_vocab_size()))
+    ids = tok.encode(text, add_special_tokens=False).ids  # no post-processor's [CLS] / [SEP]
+    return np.asarray(ids, dtype=_token_dtype(tok.get_vocab_size()))
 
 
 def decode(tokens: np.ndarray | list[int], tokenizer: str) -> str:
@@ -130,6 +137,20 @@ def resolve_tokenizer(spec: str, train_docs: list[bytes]) -> str:
     raise DataError(f"bad tokenizer {spec!r}; {_TOKENIZER_HELP}")
 
 
+def _check_lossless(tok: Tokenizer, texts: list[str], ids: list[list[int]]) -> None:
+    """Refuse a tokenizer whose tokens do not give back the text (a normalizer, an unknown
+    token, dropped characters): bits per byte divides by the text's bytes, so the tokens must
+    hold every one of them."""
+    for text, back in zip(texts, tok.decode_batch(ids, skip_special_tokens=False), strict=True):
+        if back != text:
+            at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
+                      min(len(text), len(back)))
+            raise DataError(f"the tokenizer does not encode the text losslessly: "
+                            f"{text[at:at + 20]!r} decodes as {back[at:at + 20]!r}, so bits per "
+                            "byte would count bytes its tokens do not hold; use a lossless "
+                            "(byte-level) tokenizer, such as the one bpe:VOCAB trains")
+
+
 def tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:
     """One flat array: a separator before every document."""
     if not docs:
@@ -138,7 +159,9 @@ def tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:
         joined = b"\0" + b"\0".join(docs)
         return np.frombuffer(joined, dtype=np.uint8).copy()
     tok = _bpe(tokenizer)
-    encoded = tok.encode_batch([d.decode("utf-8") for d in docs])
+    texts = [d.decode("utf-8") for d in docs]
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    _check_lossless(tok, texts, [e.ids for e in encoded])
     out = np.empty(sum(len(e.ids) + 1 for e in encoded), dtype=_token_dtype(tok.get_vocab_size()))
     pos = 0
     for e in encoded:

@@ -243,6 +243,29 @@ def test_data_prepare_makes_a_store_pretrain_can_use(text_file, tmp_path):
     assert snapshot(store) == before
 
 
+def test_eval_refuses_a_store_of_another_tokenizer_with_the_same_vocab(text_file, tmp_path):
+    """Only the vocab sizes were compared: a run was scored on tokens that mean other text."""
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"while n{i} > {i}: n{i} -= {i * 7 % 13}\n" for i in range(400)),
+                     encoding="utf-8")
+    stores = [tmp_path / "a.zarr", tmp_path / "b.zarr"]
+    for text, store in zip((text_file, other), stores, strict=True):
+        made = invoke("data", "prepare", text, "--out", store, "--tokenizer", "bpe:300")
+        assert made.exit_code == 0 and "vocab 300" in made.output, made.output
+    run = invoke("pretrain", *TINY, "--data", stores[0], "--steps", 1, "--out", tmp_path / "r")
+    assert run.exit_code == 0, run.output
+    assert invoke("eval", tmp_path / "r", *FAST_EVAL, "--data", stores[0]).exit_code == 0
+    result = invoke("eval", tmp_path / "r", *FAST_EVAL, "--data", stores[1])
+    assert_user_error(result)
+    assert "is tokenized with another tokenizer than the one asked for" in result.stderr
+    bytes_run = invoke("pretrain", *TINY, "--data", text_file, "--steps", 1, "--out",
+                       tmp_path / "rb")
+    assert bytes_run.exit_code == 0, bytes_run.output
+    result = invoke("eval", tmp_path / "rb", *FAST_EVAL, "--data", stores[1])  # vocab 300
+    assert_user_error(result)
+    assert "tokenized with another tokenizer than the run's" in result.stderr
+
+
 @pytest.mark.parametrize("bad", [["--population", "15"], ["--dim", "-4"], ["--group-size", "3"],
                                  ["--steps", "0"], ["--data", "MISSING"], ["--data", "EMPTY"],
                                  ["--data", "BINARY"], ["--data", ""], ["--seq-len", "60000"]])

@@ -204,6 +204,44 @@ def test_files_all_on_one_side_fall_back_to_positional(tmp_path):
     assert _docs(corpus.train) == [b"x" * 300, b"y" * 80] and _docs(corpus.valid) == [b"y" * 20]
 
 
+def _named(valid: bool, start: int = 0) -> str:
+    """A file name the crc split puts in valid (or in train)."""
+    return next(f"f{i}.txt" for i in range(start, 10**6)
+                if (zlib.crc32(f"f{i}.txt".encode()) % 20 == 0) == valid)
+
+
+@pytest.mark.parametrize("valid_bytes, train_bytes", [
+    (30_000, 7),  # a big file that lands in valid and its README: train had 8 tokens
+    (1, 30_000),  # a 1-byte file as the whole validation
+    (12_000, 30_000),  # valid with 29% of the text
+])
+def test_a_lopsided_file_split_falls_back_to_positional(tmp_path, valid_bytes, train_bytes):
+    _write(tmp_path / _named(True), b"v" * valid_bytes)
+    _write(tmp_path / _named(False), b"t" * train_bytes)
+    corpus = load_corpus(tmp_path)
+    total = valid_bytes + train_bytes
+    assert corpus.valid_bytes == total // 20 and corpus.train_bytes == total - total // 20
+
+
+@pytest.mark.parametrize("valid_bytes", [400, 1_900, 5_000])  # 1.3%, 6%, 14% of the text
+def test_a_file_split_within_four_times_its_share_stands(tmp_path, valid_bytes):
+    _write(tmp_path / _named(True), b"v" * valid_bytes)
+    _write(tmp_path / _named(False), b"t" * 30_000)
+    corpus = load_corpus(tmp_path)
+    assert _docs(corpus.valid) == [b"v" * valid_bytes] and _docs(corpus.train) == [b"t" * 30_000]
+
+
+def test_a_file_linked_under_two_names_is_read_once(tmp_path):
+    """Linked under a name the split sends to valid, the same text was in both splits."""
+    train_name, valid_name = _named(False), _named(True)
+    _write(tmp_path / "d" / train_name, TEXT)
+    (tmp_path / "d" / valid_name).symlink_to(train_name)
+    for data in (tmp_path / "d", str(tmp_path / "d" / "*.txt")):
+        corpus = load_corpus(data)
+        assert corpus.train_bytes + corpus.valid_bytes == len(TEXT.encode())
+        assert "(1 file," in corpus.source
+
+
 def _fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
@@ -323,7 +361,7 @@ def test_store_is_found_without_suffix_and_replaced_atomically(tmp_path):
 
 def test_store_keeps_its_tokenizer(tmp_path):
     prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "t.zarr")
-    with pytest.raises(DataError, match="already tokenized"):
+    with pytest.raises(DataError, match="is tokenized with another tokenizer than the one asked for"):
         load_corpus(tmp_path / "t.zarr", tokenizer="bpe:300")
 
 
@@ -399,9 +437,15 @@ CHECKSUM = "is corrupted: .*'train' fails its checksum"
          "is corrupted: .*'train' holds"),
         (lambda s: _edit_attrs(s, lambda a: a["splits"]["valid"].update(tokens=5)),
          "is corrupted: .*'valid' has 420 tokens, expected 5"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(vocab_size=256.5)),
+         "is corrupted: .*vocab size 256.5"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(valid_bytes=a["valid_bytes"] + 0.5)),
+         r"is corrupted: valid_bytes is \d+\.5"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(train_bytes=True)),
+         "is corrupted: train_bytes is True"),
     ],
     ids=["token-changed", "bit-flip", "chunk-missing", "vocab", "tokenizer", "valid-bytes",
-         "train-bytes", "length"],
+         "train-bytes", "length", "vocab-float", "valid-bytes-float", "train-bytes-bool"],
 )
 def test_damaged_store_is_refused(store, damage, message):
     damage(store)
