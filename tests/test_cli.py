@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import intes.cli
@@ -175,6 +175,33 @@ def test_sample_prints_bpe_tokens_as_decode_would(text_file):
     pieces = list(printable(iter(tokens), tokenizer))
     assert "".join(pieces) == decode(tokens, tokenizer) == text
     assert len(pieces) > len(text) // 8  # printed as it goes, not at the end
+
+
+@pytest.fixture(scope="module")
+def word_start_tokenizer() -> str:
+    """A tokenizer whose decoder marks word starts (Metaspace, "▁"), as SentencePiece models
+    do: decoding tokens one piece at a time loses the spaces between words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Metaspace()])
+    special = ["<sep>"] + [f"<0x{i:02X}>" for i in range(256)]
+    text = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(100)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=special,
+                                                      show_progress=False))
+    return tok.to_str()
+
+
+@settings(max_examples=25, deadline=None)
+@given(prompt=st.text(max_size=20), text=st.text(max_size=40))
+def test_sample_prints_word_start_tokens_as_decode_would(word_start_tokenizer, prompt, text):
+    tokenizer = word_start_tokenizer
+    context = encode(prompt, tokenizer).tolist()
+    tokens = encode(text, tokenizer).tolist()
+    pieces = list(printable(iter(tokens), tokenizer, context=context))
+    assert decode(context, tokenizer) + "".join(pieces) == decode(context + tokens, tokenizer)
 
 
 def test_info_describes_the_checkpoint(run_dir):

@@ -84,30 +84,35 @@ def sample(checkpoint: str, prompt: str, n_tokens: int, greedy: bool, seed: int,
     click.echo(decode(prompt_tokens, tokenizer).replace("\0", "\n"), nl=False)
     tokens = stream(engine, prompt_tokens, n_tokens, greedy=greedy, seed=seed,
                     temperature_shift=temperature_shift)
-    for text in printable(tokens, tokenizer):
+    for text in printable(tokens, tokenizer, context=prompt_tokens.tolist()):
         click.echo(text.replace("\0", "\n"), nl=False)
     click.echo()
 
 
-def printable(tokens: Iterable[int], tokenizer: str, hold: int = 64) -> Iterator[str]:
-    """The text of ``tokens`` in pieces, each as soon as it is whole; joined, ``decode`` of all
-    of them. Bytes go through an incremental UTF-8 decoder; a BPE token whose text ends inside
-    a character (in U+FFFD) waits for the next, up to ``hold`` tokens (past that, a character
-    split there prints as U+FFFD)."""
+def printable(tokens: Iterable[int], tokenizer: str, hold: int = 64,
+              context: Iterable[int] = ()) -> Iterator[str]:
+    """The text of ``tokens`` in pieces, each as soon as it is whole; joined after ``decode``
+    of ``context`` (the prompt), ``decode`` of all of them. Bytes go through an incremental
+    UTF-8 decoder. A BPE piece is what its tokens add to the decoded text of everything before
+    them, as decoders that join tokens with spaces, mark word starts or fuse byte tokens need
+    (each decode is of the whole text: fine for a sample's length); a piece that ends inside a
+    character (in U+FFFD) waits for the next token, up to ``hold`` tokens (past that, a
+    character split there prints as U+FFFD)."""
     if tokenizer == "bytes":
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token in tokens:
             yield utf8.decode(bytes([token if 0 <= token < BYTE_VOCAB else 0xFF]))
         yield utf8.decode(b"", final=True)
         return
-    pending: list[int] = []
+    ids = list(context)
+    shown, waited = decode(ids, tokenizer), 0
     for token in tokens:
-        pending.append(token)
-        text = decode(pending, tokenizer)
-        if not text.endswith("\ufffd") or len(pending) >= hold:
-            yield text
-            pending = []
-    yield decode(pending, tokenizer)
+        ids.append(token)
+        text, waited = decode(ids, tokenizer), waited + 1
+        if text.startswith(shown) and (not text.endswith("\ufffd") or waited >= hold):
+            yield text[len(shown):]
+            shown, waited = text, 0
+    yield decode(ids, tokenizer)[len(shown):]
 
 
 @click.command()
