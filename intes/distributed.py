@@ -96,6 +96,9 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
+MAX_TIMEOUT_S = 30 * 24 * 3600  # torch's stores overflow on timeouts of 10^10 s and more
+
+
 def timeout_seconds() -> float:
     """How long a collective waits for a silent peer (INTES_DIST_TIMEOUT, seconds)."""
     raw = os.environ.get(TIMEOUT_ENV, "")
@@ -103,8 +106,9 @@ def timeout_seconds() -> float:
         value = float(raw) if raw else DEFAULT_TIMEOUT_S
     except ValueError:
         value = -1.0
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a positive number of seconds, at most "
+                          f"{MAX_TIMEOUT_S:,} (30 days), got {raw!r}")
     return value
 
 
@@ -345,6 +349,9 @@ def _bind_gpu(local_rank: int) -> None:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise ConfigError("--backend cuda: torch sees no GPU on this machine; compute on the "
+                          "CPU (--backend cpu)")
     if local_rank >= gpus:
         raise ConfigError(f"worker {_env_int('RANK', 0)} (local rank {local_rank}) has no GPU of "
                           f"its own for the cuda backend: torch sees {gpus} on this machine; "
@@ -460,6 +467,26 @@ class ShardFitness:
 
 
 @contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption, `timeout`, `docker stop`, or torchrun stopping the
+    other workers when one fails) ends a pretraining run as Ctrl-C does: the last finished
+    step is saved (by rank 0, whose weights every worker shares) and the command that
+    continues it printed."""
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def sigterm_as_error() -> Iterator[None]:
     """SIGTERM becomes a DistributedError, so a stopped worker still says why in one line.
 
@@ -490,7 +517,7 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
     """
     init_from_env(backend)
     try:
-        with sigterm_as_error():
+        with sigterm_as_interrupt():
             _agree_on_start(config, corpus, options, backend)
             summary = _train(config, corpus, options, backend)
             shutdown(finished=True)

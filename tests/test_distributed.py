@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def test_only_work_on_cuda_counts_as_using_a_gpu(monkeypatch, cuda_status) -> No
     ("INTES_DIST_TIMEOUT", "", 60.0), ("INTES_DIST_TIMEOUT", "2.5", 2.5),
     ("INTES_DIST_TIMEOUT", "0", None), ("INTES_DIST_TIMEOUT", "-3", None),
     ("INTES_DIST_TIMEOUT", "inf", None), ("INTES_DIST_TIMEOUT", "nan", None),
-    ("INTES_DIST_TIMEOUT", "soon", None),
+    ("INTES_DIST_TIMEOUT", "soon", None), ("INTES_DIST_TIMEOUT", "2592000", 2592000.0),
+    ("INTES_DIST_TIMEOUT", "1e10", None), ("INTES_DIST_TIMEOUT", "1e15", None),
     ("INTES_DIST_VERIFY_EVERY", "", 10), ("INTES_DIST_VERIFY_EVERY", "3", 3),
     ("INTES_DIST_VERIFY_EVERY", "0", None), ("INTES_DIST_VERIFY_EVERY", "2.5", None),
 ])
@@ -234,7 +236,9 @@ def test_cuda_workers_without_a_gpu_of_their_own_are_refused(monkeypatch, gpus: 
     for name in ("RANK", "LOCAL_RANK"):
         monkeypatch.setenv(name, str(local_rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=rf"local rank {local_rank}\) has no GPU .* sees {gpus}"):
+    want = (r"torch sees no GPU on this machine; compute on the CPU" if gpus == 0 else
+            rf"local rank {local_rank}\) has no GPU .* sees {gpus}")
+    with pytest.raises(ConfigError, match=want):
         distributed.init_from_env("cuda")
 
 
@@ -560,3 +564,30 @@ def test_workers_refuse_to_start_on_different_data_or_settings(differ: str, text
         line = last_line(tmp_path / f"rank{r}.log")
         assert line.startswith(f"error: worker 1's {what} differ from worker 0's"), line
     assert not out.exists()  # every worker checked before rank 0 wrote anything
+
+
+@slow
+@needs_cli
+def test_sigterm_to_torchrun_saves_the_last_finished_step(text: Path, tmp_path: Path) -> None:
+    """A scheduler stops a torchrun job with SIGTERM, which torchrun passes to its workers:
+    they ended with nothing saved past the last checkpoint and a line blaming a worker that
+    had not failed. Now rank 0 saves the last finished step, as on Ctrl-C."""
+    out = tmp_path / "run"
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", INTES, "pretrain", *TINY,
+           "--data", str(text), "--steps", "100000", "--eval-every", "100000",
+           "--checkpoint-every", "100000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["event"] == "step" and r["step"] >= 3 for r in records(out)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no steps"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    saved = load_engine(out)[1]["step"]
+    assert saved >= 3, output
+    assert f"interrupted: checkpoint at step {saved} in {out}; continue with" in output, output
+    assert "was stopped (SIGTERM)" not in output

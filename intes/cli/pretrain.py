@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,24 +74,6 @@ def _absolute(data: str | None) -> str | None:
 def default_out(config: TrainConfig) -> Path:
     m = config.model
     return Path("runs") / f"{m.kind}-d{m.dim}-l{m.layers}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's preemption, `timeout`, `docker stop`) ends a run as Ctrl-C does:
-    the last finished step is saved and the command that continues it printed."""
-    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def claim_default_out(config: TrainConfig) -> Path:
@@ -218,7 +197,7 @@ def pretrain(ctx: click.Context, **flags) -> None:
         train = distributed.pretrain
     else:
         def train(*args, **kwargs) -> dict:
-            with sigterm_as_interrupt():
+            with distributed.sigterm_as_interrupt():
                 return run_pretraining(*args, **kwargs)
     if flags["out"]:
         train(config, corpus, replace(options, out=Path(flags["out"]).expanduser()),
