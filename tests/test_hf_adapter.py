@@ -41,7 +41,7 @@ from transformers import (  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from intes import distributed  # noqa: E402
-from intes.adapters import check_settings  # noqa: E402
+from intes.adapters import check_settings, hf  # noqa: E402
 from intes.adapters.hf import (  # noqa: E402
     ESFineTuner,
     LowRankAdapter,
@@ -567,6 +567,21 @@ def saved(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(root / "model")
     (root / "prompts.txt").write_text("the quick brown\nlazy dog\n")
     return root
+
+
+def test_workers_given_different_models_are_told_so_not_that_they_diverged(tokenizer,
+                                                                          monkeypatch):
+    """Before the first update the weights can differ only by what each worker was given: that
+    was reported as replicas that diverged (a faulty machine)."""
+    checks = []
+    monkeypatch.setattr(hf, "_in_group", lambda: True)
+    monkeypatch.setattr(hf.distributed, "assert_same",
+                        lambda value, what, diverged=True: checks.append((what, diverged)))
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward, population=2)
+    tuner.verify()
+    tuner.step_index = 3
+    tuner.verify()
+    assert checks == [("the model's weights (--model)", False), ("the weights at step 3", True)]
 
 
 def test_workers_must_share_the_replica_check_interval(monkeypatch):

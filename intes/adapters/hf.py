@@ -448,11 +448,16 @@ class ESFineTuner:
         """Stop every worker unless all hold the same weights (a no-op in one process).
 
         One 64-bit hash of the state dict and step per worker; call it after the last step.
+        Before the first update a difference is in what the workers were given (another
+        model folder), not replicas that diverged.
         """
         if not _in_group():
             return
         named = [("step", np.int64(self.step_index)), *self.model.state_dict().items()]
-        distributed.assert_same(distributed.digest(named), f"the weights at step {self.step_index}")
+        given = self.step_index == 0
+        distributed.assert_same(distributed.digest(named),
+                                "the model's weights (--model)" if given else
+                                f"the weights at step {self.step_index}", diverged=not given)
 
     def save(self, path: str | Path) -> None:
         """save_pretrained of the model and tokenizer: a plain HF checkpoint, no intes needed."""
