@@ -112,13 +112,27 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
         if is_main and out.exists() and not (out.is_dir() and stopped_before_a_checkpoint(out)):
             raise CheckpointError(f"{out} already exists and is not an empty directory; use "
                                   "--resume to continue its run, or another --out")
+        if is_main:
+            check_writable(out)
         return Engine(config, backend)
     if existing_version(store) is None:
         raise no_checkpoint_to_resume(out)
+    if is_main:
+        check_writable(out)
     arrays, meta = load_checkpoint(store)
     check_resumable(config, corpus, meta, store, (options.eval_streams, options.eval_len))
     check_params(config, arrays, store)
     return Engine(config, backend, params=arrays, step=int(meta["step"]))
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a run directory this process could not create or write, before the run starts
+    (under torchrun, before the workers' first collective) and creating nothing."""
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot make the run directory {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write the run to {out}: {existing} is read-only here")
 
 
 def stopped_before_a_checkpoint(out: Path) -> bool:
@@ -402,6 +416,7 @@ class _Run:
             return f"intes eval {shlex.quote(str(self.out))}"
         o = self.options
         flags = [f"--out {shlex.quote(str(self.out))}", "--resume"]
+        launcher = "torchrun [its options] " if self.sync_step is not None else ""
         if o.steps is not None:
             flags.append(f"--steps {o.steps}")
         elif o.time_limit is not None:
@@ -411,7 +426,7 @@ class _Run:
         for name in ("eval_every", "checkpoint_every", "chunk_pairs"):
             if getattr(o, name) is not None:
                 flags.append(f"--{name.replace('_', '-')} {getattr(o, name)}")
-        return "intes pretrain " + " ".join(flags)
+        return f"{launcher}intes pretrain " + " ".join(flags)
 
     def out_of_time(self, began: float) -> bool:
         limit = self.options.time_limit

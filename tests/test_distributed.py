@@ -589,5 +589,6 @@ def test_sigterm_to_torchrun_saves_the_last_finished_step(text: Path, tmp_path: 
         proc.kill()
     saved = load_engine(out)[1]["step"]
     assert saved >= 3, output
-    assert f"interrupted: checkpoint at step {saved} in {out}; continue with" in output, output
+    assert (f"interrupted: checkpoint at step {saved} in {out}; continue with: torchrun [its "
+            f"options] intes pretrain --out {out} --resume") in output, output
     assert "was stopped (SIGTERM)" not in output

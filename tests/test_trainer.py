@@ -325,6 +325,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
         run(out, 2)  # a file the run did not write: not its leftovers
 
 
+def test_a_run_directory_that_cannot_be_written_is_refused_before_the_run(tmp_path,
+                                                                           monkeypatch):
+    """Found only when the directory was made, after compilation and, under torchrun, after
+    the other workers had started: they reported a lost worker and advised a resume."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot make the run directory .*file/run: "
+                                              r".*file is a file"):
+        run(tmp_path / "file" / "run", 1)
+    monkeypatch.setattr(trainer.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(CheckpointError, match=f"cannot write the run to {tmp_path}/new/run: "
+                                              f"{tmp_path} is read-only here"):
+        run(tmp_path / "new" / "run", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_two_runs_never_write_one_directory(tmp_path):
     """A run holds its directory's lock while it runs: another run (fresh or resumed) is
     refused before it writes anything, and the lock goes with the process that held it."""
