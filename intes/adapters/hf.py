@@ -431,8 +431,10 @@ class ESFineTuner:
         t0 = time.perf_counter()
         if _in_group() and self.step_index % distributed.verify_every() == 0:
             self.verify()
-        fitness = self.evaluate(prompts).mean(axis=1)
-        shaped = shape_rewards(fitness, self.shaping)
+        rewards = self.evaluate(prompts)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+            fitness = rewards.mean(axis=1)
+            shaped = shape_rewards(fitness, self.shaping)
         if not (np.isfinite(fitness).all() and np.isfinite(shaped).all()):
             raise ConfigError("the rewards are too large to average and shape in float64 "
                               f"(member means {fitness.min():.3g}..{fitness.max():.3g}); "
