@@ -57,6 +57,7 @@ from intes.checkpoint import CHECKPOINT_NAME, existing_version
 from intes.data import Corpus
 from intes.engine import Engine, TrainConfig
 from intes.errors import ConfigError, IntesError
+from intes.runs import first_difference
 from intes.trainer import RunOptions
 from intes.trainer import pretrain as train
 from intes.trainer import start_engine as validated_engine  # the trainer's checks, unwritten
@@ -163,6 +164,12 @@ def _weights_digest(engine: Engine) -> int:
     return digest([("step", np.int64(engine.step_index)), *sorted(engine.params.items())])
 
 
+def start_settings(config: TrainConfig, options: RunOptions) -> dict:
+    """The settings every worker must share (see ``_start_digests``), by name."""
+    return {"config": config.to_dict(), "steps": options.steps, "resume": options.resume,
+            VERIFY_ENV: verify_every(), "eval_sample": [options.eval_streams, options.eval_len]}
+
+
 def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
                    engine: Engine) -> dict[str, int]:
     """What must be the same on every worker before the first step, one hash each.
@@ -171,10 +178,7 @@ def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
     a different replica check interval (workers would call different collectives), nor another
     validation sample (each worker scores a shard of its own).
     """
-    settings = {"config": config.to_dict(), "steps": options.steps, "resume": options.resume,
-                VERIFY_ENV: verify_every(),
-                "eval_sample": [options.eval_streams, options.eval_len]}
-    text = json.dumps(settings, sort_keys=True).encode()
+    text = json.dumps(start_settings(config, options), sort_keys=True).encode()
     return {
         "settings": digest([("settings", np.frombuffer(text, dtype=np.uint8))]),
         "data": digest([("train", corpus.train), ("valid", corpus.valid)]),
@@ -422,13 +426,21 @@ def _agree_on_start(config: TrainConfig, corpus: Corpus, options: RunOptions,
         digests = _start_digests(config, corpus, options, engine)
     except IntesError as err:
         error = err
-    reports = _gather_objects((str(error) if error else None, digests), "the start check")
+    settings = start_settings(config, options)
+    reports = _gather_objects((str(error) if error else None, digests, settings),
+                              "the start check")
     if error is not None:
         raise error
-    for other, (message, theirs) in enumerate(reports):
+    for other, (message, theirs, their_settings) in enumerate(reports):
         if message is not None:
             raise DistributedError(f"worker {other} cannot start: {message}")
         differ = [key for key in digests if theirs[key] != reports[0][1][key]]
+        found = first_difference(their_settings, reports[0][2])
+        if found:  # name the setting: "config.seed is 7 on worker 1, 0 on worker 0"
+            name, theirs_value, first_value = found
+            raise DistributedError(f"{name} is {theirs_value!r} on worker {other} but "
+                                   f"{first_value!r} on worker 0: every worker needs the same "
+                                   "flags and environment")
         if differ:
             raise DistributedError(f"worker {other}'s {' and '.join(differ)} differ from worker "
                                    f"0's: every worker needs the same flags, {VERIFY_ENV}, data "

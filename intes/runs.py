@@ -102,12 +102,12 @@ def check_params(config: TrainConfig, arrays: dict[str, np.ndarray], store: Path
         raise CheckpointError(f"checkpoint {store} does not match its config: {wrong}")
 
 
-def _first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, object, object]:
+def first_difference(ours: dict, theirs: dict, prefix: str = "") -> tuple[str, object, object]:
     """The first (dotted field, ours, theirs) where two nested config dicts differ, else ()."""
     for key in sorted(set(ours) | set(theirs)):
         a, b = ours.get(key), theirs.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
+            found = first_difference(a, b, f"{prefix}{key}.")
             if found:
                 return found
         elif a != b:
@@ -119,7 +119,7 @@ def check_resumable(config: TrainConfig, corpus: Corpus, meta: dict, store: Path
                     eval_sample: tuple[int, int]) -> None:
     """A resume must continue the same run: same config, same tokens, the same validation
     sample for its log. One line if not."""
-    found = _first_difference(config.to_dict(), meta.get("config", {}))
+    found = first_difference(config.to_dict(), meta.get("config", {}))
     if found:
         field, ours, theirs = found
         raise CheckpointError(f"cannot resume {store}: {field} is {ours!r} here but {theirs!r} "

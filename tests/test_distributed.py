@@ -542,14 +542,14 @@ VERIFIES_EVERY_3_STEPS = textwrap.dedent("""
 
 @slow
 @needs_cli
-@pytest.mark.parametrize("differ", ["data", "verify every", "eval sample"])
+@pytest.mark.parametrize("differ", ["data", "verify every", "eval sample", "seed"])
 def test_workers_refuse_to_start_on_different_data_or_settings(differ: str, text: Path,
                                                                tmp_path: Path,
                                                                port: int) -> None:
     """Other data, another INTES_DIST_VERIFY_EVERY (it decides when a worker joins the
-    replica check, so workers would call different collectives) or another validation sample
-    (each worker scores a shard of its own, so the sum would mix two samples): refused before
-    any step."""
+    replica check, so workers would call different collectives), another validation sample
+    (each worker scores a shard of its own, so the sum would mix two samples) or another
+    seed: refused before any step, naming the setting that differs."""
     other = tmp_path / "other.txt"
     other.write_text(text.read_text().replace("fox", "cat"), encoding="utf-8")
     out = tmp_path / "run"
@@ -557,12 +557,16 @@ def test_workers_refuse_to_start_on_different_data_or_settings(differ: str, text
     second = {"data": [INTES, *args, "--data", str(other)],
               "verify every": [sys.executable, "-c", VERIFIES_EVERY_3_STEPS, *args, "--data",
                                str(text)],
-              "eval sample": [INTES, *args, "--data", str(text), "--eval-len", "8"]}[differ]
+              "eval sample": [INTES, *args, "--data", str(text), "--eval-len", "8"],
+              "seed": [INTES, *args, "--data", str(text), "--seed", "7"]}[differ]
     assert finish(launch([[INTES, *args, "--data", str(text)], second], port, tmp_path)) == [1, 1]
-    what = "data" if differ == "data" else "settings"
+    want = {"data": "error: worker 1's data differ from worker 0's",
+            "verify every": "error: INTES_DIST_VERIFY_EVERY is 3 on worker 1 but 10 on worker 0",
+            "eval sample": "error: eval_sample is [2, 8] on worker 1 but [2, 16] on worker 0",
+            "seed": "error: config.seed is 7 on worker 1 but 5 on worker 0"}[differ]
     for r in range(2):
         line = last_line(tmp_path / f"rank{r}.log")
-        assert line.startswith(f"error: worker 1's {what} differ from worker 0's"), line
+        assert line.startswith(want), line
     assert not out.exists()  # every worker checked before rank 0 wrote anything
 
 
