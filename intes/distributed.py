@@ -47,7 +47,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -527,15 +527,43 @@ def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
     Every worker loads the data and, on --resume, the checkpoint (read-only); rank 0 alone
     writes. Returns the trainer's summary (the same validation figures on every worker).
     """
+    return pretrain_from(lambda: (config, corpus, options), backend)
+
+
+def pretrain_from(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]],
+                  backend: str = "auto") -> dict:
+    """``pretrain`` on what ``inputs()`` reads (flags, data, a checkpoint), read after the
+    workers have joined: where it fails on one machine only (data or a checkpoint missing
+    there), every worker stops at once naming it, where the others waited out the timeout
+    to join."""
     init_from_env(backend)
     try:
         with sigterm_as_interrupt():
+            config, corpus, options = _read_together(inputs)
             _agree_on_start(config, corpus, options, backend)
             summary = _train(config, corpus, options, backend)
             shutdown(finished=True)
             return summary
     finally:
         shutdown()
+
+
+def _read_together(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]]
+                   ) -> tuple[TrainConfig, Corpus, RunOptions]:
+    """``inputs()`` on every worker; if it failed on any, all stop, each naming the first."""
+    error: IntesError | None = None
+    read = None
+    try:
+        read = inputs()
+    except IntesError as err:
+        error = err
+    reports = _gather_objects(str(error) if error else None, "reading the run's inputs")
+    if error is not None:
+        raise error
+    for other, message in enumerate(reports):
+        if message is not None:
+            raise DistributedError(f"worker {other} cannot start: {message}")
+    return read
 
 
 def _train(config: TrainConfig, corpus: Corpus, options: RunOptions, backend: str) -> dict:

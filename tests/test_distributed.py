@@ -572,6 +572,34 @@ def test_workers_refuse_to_start_on_different_data_or_settings(differ: str, text
 
 @slow
 @needs_cli
+@pytest.mark.parametrize("missing", ["data", "checkpoint"])
+def test_inputs_missing_on_one_machine_stop_every_worker_at_once(missing: str, text: Path,
+                                                                  tmp_path: Path,
+                                                                  port: int) -> None:
+    """On several machines each reads its own copy of the data (and, on --resume, of the run
+    directory): one whose copy is missing failed before joining, and the others waited out
+    INTES_DIST_TIMEOUT, then reported only that a worker was lost."""
+    args = ["pretrain", *TINY, "--steps", "2"]
+    if missing == "data":
+        commands = [[INTES, *args, "--data", str(text), "--out", str(tmp_path / "run")],
+                    [INTES, *args, "--data", str(tmp_path / "absent.txt"), "--out",
+                     str(tmp_path / "run")]]
+        reason = "does not exist"
+    else:
+        single([*TINY, "--data", str(text), "--steps", "1", "--out", str(tmp_path / "a")])
+        commands = [[INTES, *args, "--resume", "--out", str(tmp_path / "a")],
+                    [INTES, *args, "--resume", "--out", str(tmp_path / "b")]]
+        reason = "no checkpoint at"
+    codes = finish(launch(commands, port, tmp_path, INTES_DIST_TIMEOUT="20"))
+    assert codes == [1, 1]
+    first, second = (last_line(tmp_path / f"rank{r}.log") for r in range(2))
+    assert first.startswith("error: worker 1 cannot start: ") and reason in first, first
+    assert second.startswith("error: ") and reason in second, second
+    assert not (tmp_path / "run").exists()
+
+
+@slow
+@needs_cli
 def test_sigterm_to_torchrun_saves_the_last_finished_step(text: Path, tmp_path: Path) -> None:
     """A scheduler stops a torchrun job with SIGTERM, which torchrun passes to its workers:
     they ended with nothing saved past the last checkpoint and a line blaming a worker that

@@ -19,7 +19,7 @@ from click.core import ParameterSource
 
 from intes import distributed
 from intes.checkpoint import CHECKPOINT_NAME, existing_version, load_checkpoint
-from intes.data import load_corpus
+from intes.data import Corpus, load_corpus
 from intes.engine import MAX_SEQ_LEN, ModelConfig, TrainConfig
 from intes.errors import ConfigError
 from intes.es import FITNESS_KINDS, ESConfig
@@ -160,8 +160,35 @@ def pretrain(ctx: click.Context, **flags) -> None:
     runs); a setting given that differs from it is refused.
     """
     given = {n for n in flags if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
-    if distributed.launched() and flags["out"] is None:  # the default is named by each clock
-        raise ConfigError("under torchrun give --out RUN, the run directory every worker uses")
+    if distributed.launched():  # each process is one worker of a sharded population
+        if flags["out"] is None:  # the default is named by each worker's clock
+            raise ConfigError("under torchrun give --out RUN, the run directory every worker "
+                              "uses")
+        distributed.pretrain_from(lambda: _inputs(flags, given), backend=flags["backend"])
+        return
+    config, corpus, options = _inputs(flags, given)
+
+    def train(out: Path) -> None:
+        with distributed.sigterm_as_interrupt():
+            run_pretraining(config, corpus, replace(options, out=out), backend=flags["backend"])
+
+    if flags["out"]:
+        train(options.out)
+        return
+    runs_existed = default_out(config).parent.exists()
+    out = claim_default_out(config)
+    try:
+        train(out)
+    except BaseException:  # a run that wrote nothing leaves no empty directories behind
+        for made in (out, out.parent) if not runs_existed else (out,):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+
+
+def _inputs(flags: dict, given: set[str]) -> tuple[TrainConfig, Corpus, RunOptions]:
+    """The run's config, corpus and options from the flags (and, on --resume, the checkpoint);
+    --out's default is left to the caller."""
     data, meta = flags["data"], None
     if flags["resume"]:
         base, meta = _resume_base(flags["out"])
@@ -174,7 +201,7 @@ def pretrain(ctx: click.Context, **flags) -> None:
         config = build_config(TrainConfig(), flags, set(CONFIG_FLAGS))
     no_budget = flags["steps"] is None and flags["time_limit"] is None
     options = RunOptions(
-        out=Path(flags["out"] or "."),
+        out=Path(flags["out"]).expanduser() if flags["out"] else Path("."),
         steps=flags["steps"],
         time_limit=DEFAULT_TIME_LIMIT if no_budget else flags["time_limit"],
         eval_every=flags["eval_every"],
@@ -192,23 +219,4 @@ def pretrain(ctx: click.Context, **flags) -> None:
     corpus = run_corpus(meta) if from_run else load_corpus(options.data)
     if not flags["resume"]:
         config = replace(config, model=replace(config.model, vocab_size=corpus.vocab_size))
-    # under torchrun (WORLD_SIZE > 1) each process is one worker of a sharded population
-    if distributed.launched():
-        train = distributed.pretrain
-    else:
-        def train(*args, **kwargs) -> dict:
-            with distributed.sigterm_as_interrupt():
-                return run_pretraining(*args, **kwargs)
-    if flags["out"]:
-        train(config, corpus, replace(options, out=Path(flags["out"]).expanduser()),
-              backend=flags["backend"])
-        return
-    runs_existed = default_out(config).parent.exists()
-    out = claim_default_out(config)
-    try:
-        train(config, corpus, replace(options, out=out), backend=flags["backend"])
-    except BaseException:  # a run that wrote nothing leaves no empty directories behind
-        for made in (out, out.parent) if not runs_existed else (out,):
-            with contextlib.suppress(OSError):
-                made.rmdir()
-        raise
+    return config, corpus, options
