@@ -480,6 +480,9 @@ class _Run:
             self.say(f"interrupted: checkpoint at step {self.snapshot[1]} in {self.out}; "
                      f"continue with: {self.continue_command()}")
             raise Interrupted from None
+        except BrokenPipeError:  # the output's reader left (`| head`): keep the steps, end
+            self.checkpoint()
+            raise
         finally:
             self.close_bar()
             if self.log:

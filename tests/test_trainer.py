@@ -361,6 +361,21 @@ def test_two_runs_never_write_one_directory(tmp_path):
     assert load_checkpoint(out / CHECKPOINT_NAME)[1]["step"] == 3
 
 
+def test_a_closed_output_pipe_ends_the_run_with_its_steps_saved(tmp_path):
+    """`intes pretrain | head` ended the run at the first line past the reader's, with the
+    steps since the last checkpoint lost."""
+    def closed(engine: Engine, windows: np.ndarray) -> np.ndarray:
+        if engine.step_index == 3:
+            raise BrokenPipeError  # as a print to the closed pipe raises it
+        return engine.population_fitness(windows)
+
+    with pytest.raises(BrokenPipeError):
+        pretrain(tiny_config(), corpus(), options(tmp_path, K, checkpoint_every=100,
+                                                  eval_every=100),
+                 backend="reference", fitness_fn=closed)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 3
+
+
 def test_the_hint_quotes_a_run_directory_with_spaces(tmp_path, capsys):
     def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
         if engine.step_index == 1:
