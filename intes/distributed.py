@@ -49,7 +49,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -184,6 +184,9 @@ def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
         "data": digest([("train", corpus.train), ("valid", corpus.valid)]),
         "weights": _weights_digest(engine),
     }
+
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +542,7 @@ def pretrain_from(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]],
     init_from_env(backend)
     try:
         with sigterm_as_interrupt():
-            config, corpus, options = _read_together(inputs)
+            config, corpus, options = read_together(inputs)
             _agree_on_start(config, corpus, options, backend)
             summary = _train(config, corpus, options, backend)
             shutdown(finished=True)
@@ -548,9 +551,9 @@ def pretrain_from(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]],
         shutdown()
 
 
-def _read_together(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]]
-                   ) -> tuple[TrainConfig, Corpus, RunOptions]:
-    """``inputs()`` on every worker; if it failed on any, all stop, each naming the first."""
+def read_together(inputs: Callable[[], T]) -> T:
+    """``inputs()`` (what each machine reads for itself: flags, files, a checkpoint) on every
+    worker of the group; if it failed on any, all stop at once, each naming the first."""
     error: IntesError | None = None
     read = None
     try:

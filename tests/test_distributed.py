@@ -624,3 +624,35 @@ def test_sigterm_to_torchrun_saves_the_last_finished_step(text: Path, tmp_path: 
     assert (f"interrupted: checkpoint at step {saved} in {out}; continue with: torchrun [its "
             f"options] intes pretrain --out {out} --resume") in output, output
     assert "was stopped (SIGTERM)" not in output
+
+
+@slow
+@needs_cli
+def test_finetune_inputs_missing_on_one_machine_stop_every_worker_at_once(tmp_path: Path,
+                                                                          port: int) -> None:
+    """As for pretraining: a machine whose prompts file is missing failed before joining,
+    and the others waited out INTES_DIST_TIMEOUT to learn only that a worker was lost."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                        eos_token="<eos>")
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                       vocab_size=tokenizer.vocab_size))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("the quick\n")
+    args = [INTES, "finetune", "--model", str(tmp_path / "model"), "--task", "conciseness",
+            "--population", "2", "--steps", "1", "--max-new-tokens", "2", "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--prompts"]
+    commands = [[*args, str(tmp_path / "prompts.txt")], [*args, str(tmp_path / "absent.txt")]]
+    assert finish(launch(commands, port, tmp_path, INTES_DIST_TIMEOUT="20")) == [1, 1]
+    first, second = (last_line(tmp_path / f"rank{r}.log") for r in range(2))
+    assert first.startswith("error: worker 1 cannot start: cannot read prompts file"), first
+    assert second.startswith("error: cannot read prompts file"), second
+    assert not (tmp_path / "out").exists()

@@ -228,29 +228,35 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
                    steps=steps, max_new_tokens=max_new_tokens, seed=seed,
                    member_chunk=member_chunk)  # before anything slow is loaded
     target_pattern(target_modules, as_flag=True)
-    device = _resolve_device(device)
-    _check_out(out)
-    lines = _read_prompts(prompts_path)
-    if task is not None:
-        prompts, reward_fn = load_task(task, lines)
-    else:
-        prompts, reward_fn = lines, _import_reward(reward_spec)
     es_args = dict(population=population, sigma=sigma, lr=lr, rank=rank, seed=seed,
                    shaping=shaping, max_new_tokens=max_new_tokens,
                    target_modules=target_modules, member_chunk=member_chunk)
     from intes import distributed
+
+    def inputs() -> tuple[str, list[str], object]:
+        """What each machine reads for itself: its device, the prompts, the reward."""
+        resolved = _resolve_device(device)
+        _check_out(out)
+        lines = _read_prompts(prompts_path)
+        if task is not None:
+            return resolved, *load_task(task, lines)
+        return resolved, lines, _import_reward(reward_spec)
 
     launched = distributed.launched()  # one of several torchrun workers
     if launched:
         import torch
 
         distributed.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        torch_device, prompts, reward_fn = inputs()
     try:
         # torchrun stops the other workers when one fails: say so in one line and clean up
         with distributed.sigterm_as_error() if launched else contextlib.nullcontext():
+            if launched:  # read after joining: one machine's missing file stops all at once
+                torch_device, prompts, reward_fn = distributed.read_together(inputs)
             is_main = _agree(prompts, task or reward_spec, dtype, steps, es_args)
-            history = _train(model_path, prompts, reward_fn, dtype, device, steps, out, es_args,
-                             is_main)
+            history = _train(model_path, prompts, reward_fn, dtype, torch_device, steps, out,
+                             es_args, is_main)
             distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
