@@ -424,12 +424,13 @@ def _agree_on_start(config: TrainConfig, corpus: Corpus, options: RunOptions,
     rank = _env_int("RANK", 0)
     error: IntesError | None = None
     digests: dict[str, int] = {}
+    settings: dict = {}
     try:
         engine = validated_engine(config, corpus, options, backend, is_main=rank == 0)
         digests = _start_digests(config, corpus, options, engine)
+        settings = start_settings(config, options)
     except IntesError as err:
         error = err
-    settings = start_settings(config, options)
     reports = _gather_objects((str(error) if error else None, digests, settings),
                               "the start check")
     if error is not None:
