@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--populations", default="64,256,512,1024,2048,4096")
     p.add_argument("--rounds", type=int, default=100)
     args = p.parse_args()
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2: rounds alternate between one thread and all")
     load = os.getloadavg()[0]
     cells = [tuple(map(int, c.split("x"))) for c in args.cells.split(",")]
     rows = [cell(args.model, dim, layers, int(n), args.rounds)
