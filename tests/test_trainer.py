@@ -83,6 +83,17 @@ def run(out: Path, steps: int, config: TrainConfig | None = None, **kw) -> dict:
                     backend="reference")
 
 
+def fails_at(step: int, error: BaseException):
+    """A fitness function that raises ``error`` when the engine reaches ``step``, as a crash,
+    Ctrl-C or a print to a closed pipe would in the middle of a run."""
+    def fitness(engine: Engine, windows: np.ndarray) -> np.ndarray:
+        if engine.step_index == step:
+            raise error
+        return engine.population_fitness(windows)
+
+    return fitness
+
+
 def weights(out: Path) -> dict[str, np.ndarray]:
     return load_checkpoint(out / CHECKPOINT_NAME)[0]
 
@@ -205,15 +216,11 @@ def test_a_crash_past_the_checkpoint_leaves_a_log_that_resumes_as_one_run(tmp_pa
     """A run that dies (not Ctrl-C: nothing saved at the end) has logged steps past its last
     checkpoint and may have cut its last line; the resume drops both and logs each step once,
     and ends where an uninterrupted run does."""
-    def crashing(engine: Engine, windows: np.ndarray) -> np.ndarray:
-        if engine.step_index == 3:
-            raise RuntimeError("the machine went away")
-        return engine.population_fitness(windows)
-
     with pytest.raises(RuntimeError):
         pretrain(tiny_config(), corpus(), options(tmp_path, K, checkpoint_every=2,
                                                   eval_every=100),
-                 backend="reference", fitness_fn=crashing)
+                 backend="reference",
+                 fitness_fn=fails_at(3, RuntimeError("the machine went away")))
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 2
     log = tmp_path / METRICS_NAME
     logged = [json.loads(line) for line in log.read_text().splitlines()]
@@ -248,14 +255,9 @@ def test_a_resume_drops_log_lines_it_did_not_write(tmp_path, junk):
 
 
 def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, capsys):
-    def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
-        if engine.step_index == 3:
-            raise KeyboardInterrupt
-        return engine.population_fitness(windows)
-
     with pytest.raises(Interrupted):  # reported: the CLI adds nothing
         pretrain(tiny_config(), corpus(), options(tmp_path, K), backend="reference",
-                 fitness_fn=interrupted)
+                 fitness_fn=fails_at(3, KeyboardInterrupt()))
     assert f"--resume --steps {K}" in capsys.readouterr().out  # the same target
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 3
     run(tmp_path, K, resume=True)
@@ -364,28 +366,18 @@ def test_two_runs_never_write_one_directory(tmp_path):
 def test_a_closed_output_pipe_ends_the_run_with_its_steps_saved(tmp_path):
     """`intes pretrain | head` ended the run at the first line past the reader's, with the
     steps since the last checkpoint lost."""
-    def closed(engine: Engine, windows: np.ndarray) -> np.ndarray:
-        if engine.step_index == 3:
-            raise BrokenPipeError  # as a print to the closed pipe raises it
-        return engine.population_fitness(windows)
-
     with pytest.raises(BrokenPipeError):
         pretrain(tiny_config(), corpus(), options(tmp_path, K, checkpoint_every=100,
                                                   eval_every=100),
-                 backend="reference", fitness_fn=closed)
+                 backend="reference", fitness_fn=fails_at(3, BrokenPipeError()))
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["step"] == 3
 
 
 def test_the_hint_quotes_a_run_directory_with_spaces(tmp_path, capsys):
-    def interrupted(engine: Engine, windows: np.ndarray) -> np.ndarray:
-        if engine.step_index == 1:
-            raise KeyboardInterrupt
-        return engine.population_fitness(windows)
-
     out = tmp_path / "my run"
     with pytest.raises(Interrupted):
         pretrain(tiny_config(), corpus(), options(out, 3), backend="reference",
-                 fitness_fn=interrupted)
+                 fitness_fn=fails_at(1, KeyboardInterrupt()))
     hint = capsys.readouterr().out.rstrip()
     assert hint.endswith(f"continue with: intes pretrain --out '{out}' --resume --steps 3"), hint
 
