@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -628,10 +629,13 @@ def test_sigterm_to_torchrun_saves_the_last_finished_step(text: Path, tmp_path: 
 
 @slow
 @needs_cli
-def test_finetune_inputs_missing_on_one_machine_stop_every_worker_at_once(tmp_path: Path,
+@pytest.mark.parametrize("missing", ["prompts", "model"])
+def test_finetune_inputs_missing_on_one_machine_stop_every_worker_at_once(missing: str,
+                                                                          tmp_path: Path,
                                                                           port: int) -> None:
     """As for pretraining: a machine whose prompts file is missing failed before joining,
-    and the others waited out INTES_DIST_TIMEOUT to learn only that a worker was lost."""
+    and the others waited out INTES_DIST_TIMEOUT to learn only that a worker was lost; one
+    without the model folder was found only after the start check."""
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -650,9 +654,13 @@ def test_finetune_inputs_missing_on_one_machine_stop_every_worker_at_once(tmp_pa
     args = [INTES, "finetune", "--model", str(tmp_path / "model"), "--task", "conciseness",
             "--population", "2", "--steps", "1", "--max-new-tokens", "2", "--device", "cpu",
             "--out", str(tmp_path / "out"), "--prompts"]
-    commands = [[*args, str(tmp_path / "prompts.txt")], [*args, str(tmp_path / "absent.txt")]]
-    assert finish(launch(commands, port, tmp_path, INTES_DIST_TIMEOUT="20")) == [1, 1]
+    good = [*args, str(tmp_path / "prompts.txt")]
+    bad, reason = {
+        "prompts": ([*args, str(tmp_path / "absent.txt")], "cannot read prompts file"),
+        "model": ([a.replace("/model", "/absent") for a in good],
+                  "model path .*absent is not a folder made by save_pretrained")}[missing]
+    assert finish(launch([good, bad], port, tmp_path, INTES_DIST_TIMEOUT="20")) == [1, 1]
     first, second = (last_line(tmp_path / f"rank{r}.log") for r in range(2))
-    assert first.startswith("error: worker 1 cannot start: cannot read prompts file"), first
-    assert second.startswith("error: cannot read prompts file"), second
+    assert re.match(f"error: worker 1 cannot start: {reason}", first), first
+    assert re.match(f"error: {reason}", second), second
     assert not (tmp_path / "out").exists()

@@ -120,13 +120,17 @@ def _resolve_device(device: str | None) -> str:
     return device
 
 
+def _check_model_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise DataError(f"model path {path} is not a folder made by save_pretrained")
+
+
 def _load_model(path: Path, dtype: str, device: str):
     """Tokenizer and causal LM from a save_pretrained folder, offline."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not path.is_dir():
-        raise DataError(f"model path {path} is not a folder made by save_pretrained")
+    _check_model_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -234,8 +238,10 @@ def finetune(model_path: Path, task: str | None, reward_spec: str | None, prompt
     from intes import distributed
 
     def inputs() -> tuple[str, list[str], object]:
-        """What each machine reads for itself: its device, the prompts, the reward."""
+        """What each machine reads for itself: its device, the prompts, the reward (and it
+        checks its copy of the model folder is there)."""
         resolved = _resolve_device(device)
+        _check_model_folder(model_path)
         _check_out(out)
         lines = _read_prompts(prompts_path)
         if task is not None:
