@@ -565,6 +565,20 @@ def test_finetune_without_its_optional_dependencies_says_what_to_install(monkeyp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["sample", "RUN"], ["info", "RUN"],
+                                     ["data", "prepare", "--out", "s.zarr"], ["bench"]])
+def test_single_process_commands_refuse_torchrun(monkeypatch, tmp_path, command):
+    """Under torchrun each worker ran the whole command: N evaluations printed N times, or N
+    writers of one store. Only pretrain and finetune share their work among workers."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke(*command)
+    assert_user_error(result)
+    assert result.stderr.strip() == (f"error: intes {command[0]} runs in one process: start it "
+                                     "without torchrun (under torchrun: pretrain, finetune)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_errors_raised_in_commands_are_caught_by_the_group(monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise DataError("the corpus is gone")

@@ -18,6 +18,7 @@ import sys
 
 import click
 
+from intes import distributed
 from intes.cli.data import data
 from intes.cli.evaluate import evaluate, info, sample
 from intes.cli.pretrain import pretrain
@@ -25,6 +26,7 @@ from intes.errors import Interrupted, IntesError
 from intes.runs import intes_version
 
 LAZY_COMMANDS = {"bench": "intes.cli.bench", "finetune": "intes.cli.finetune"}
+DISTRIBUTED_COMMANDS = ("pretrain", "finetune")  # the others would run once per worker
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
@@ -66,6 +68,13 @@ class IntesGroup(click.Group):
             return getattr(importlib.import_module(module), name)
         except ImportError as err:
             return _unavailable(name, err)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name not in DISTRIBUTED_COMMANDS and distributed.launched():
+            raise UserError(f"intes {name} runs in one process: start it without torchrun "
+                            f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+        return name, command, rest
 
     def invoke(self, ctx: click.Context):
         try:
