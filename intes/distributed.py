@@ -524,22 +524,16 @@ def sigterm_as_error() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def pretrain(config: TrainConfig, corpus: Corpus, options: RunOptions,
-             backend: str = "auto") -> dict:
-    """``trainer.pretrain`` as one of the workers torchrun started; same result as one process.
-
-    Every worker loads the data and, on --resume, the checkpoint (read-only); rank 0 alone
-    writes. Returns the trainer's summary (the same validation figures on every worker).
-    """
-    return pretrain_from(lambda: (config, corpus, options), backend)
-
-
 def pretrain_from(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]],
                   backend: str = "auto") -> dict:
-    """``pretrain`` on what ``inputs()`` reads (flags, data, a checkpoint), read after the
-    workers have joined: where it fails on one machine only (data or a checkpoint missing
-    there), every worker stops at once naming it, where the others waited out the timeout
-    to join."""
+    """``trainer.pretrain`` as one of the workers torchrun started; same result as one process.
+
+    Every worker reads its ``inputs()`` (flags, data and, on --resume, the checkpoint,
+    read-only) after the workers have joined: where that fails on one machine only (a file
+    missing there), every worker stops at once naming it, where the others waited out the
+    timeout to join. Rank 0 alone writes. Returns the trainer's summary (the same validation
+    figures on every worker).
+    """
     init_from_env(backend)
     try:
         with sigterm_as_interrupt():
