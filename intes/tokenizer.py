@@ -8,7 +8,9 @@ A BPE's special token ``<sep>`` has id 0 for the same role.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +25,12 @@ SEPARATOR_TOKEN = "<sep>"
 BYTE_VOCAB = 256
 MIN_BPE_VOCAB = BYTE_VOCAB + 1  # the byte alphabet plus <sep>
 _BPE_SPEC = re.compile(r"bpe:(\d+)")
+# Long documents are encoded and trained on in pieces of about this many characters, cut where
+# a byte-level pre-tokenizer splits anyway (``_pieces``): the ids and the trained merges are the
+# whole document's, and memory stays proportional to a piece (one 23 MB file took 4.8 GB whole).
+PIECE_CHARS = 1 << 16
+ENCODE_BATCH_CHARS = 1 << 22  # characters per encode_batch call; their encodings are dropped
+_PIECE_CUT = re.compile(r"(?<=[!-~])[\n ]")  # a newline or space after printable ASCII
 _TOKENIZER_HELP = (f"use 'bytes', 'bpe:VOCAB' ({MIN_BPE_VOCAB} <= VOCAB < {MAX_VOCAB}) or a "
                    "tokenizer .json file")
 
@@ -95,8 +103,31 @@ def decode(tokens: np.ndarray | list[int], tokenizer: str) -> str:
     return tok.decode(ids.tolist(), skip_special_tokens=False)
 
 
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of ``size`` characters or more, each cut before a newline
+    or space that follows a printable ASCII character (a text without one stays whole).
+
+    GPT-2's byte-level split (contractions, `` ?\\p{L}+``, `` ?\\p{N}+``,
+    `` ?[^\\s\\p{L}\\p{N}]+``, ``\\s+(?!\\S)``, ``\\s+``) never puts a non-space character
+    and the space after it in one word (a space only leads a word), and a word's match reads
+    nothing before its start: the pieces split into the whole text's words.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = _PIECE_CUT.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
 def _train_bpe(docs: list[bytes], vocab_size: int) -> str:
-    """Train a byte-level BPE on ``docs``; returns its JSON. May stop below ``vocab_size``."""
+    """Train a byte-level BPE on ``docs``; returns its JSON. May stop below ``vocab_size``.
+
+    The trainer counts pre-tokenized words, so feeding long documents in ``_pieces`` gives the
+    same counts, hence the same merges.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,7 +137,8 @@ def _train_bpe(docs: list[bytes], vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator((d.decode("utf-8") for d in docs), trainer, length=len(docs))
+    texts = (piece for d in docs for piece in _pieces(d.decode("utf-8"), PIECE_CHARS))
+    tok.train_from_iterator(texts, trainer)
     return tok.to_str()
 
 
@@ -151,21 +183,52 @@ def _check_lossless(tok: Tokenizer, texts: list[str], ids: list[list[int]]) -> N
                             "(byte-level) tokenizer, such as the one bpe:VOCAB trains")
 
 
+@lru_cache(maxsize=4)
+def _splits_like_gpt2(tokenizer_json: str) -> bool:
+    """Whether ``tokenizer_json`` encodes a text as the concatenation of its ``_pieces``: no
+    normalizer, GPT-2's byte-level split without a prefix space, a byte-level decoder, and only
+    special added tokens (encoded as text here; a plain added token could span a cut)."""
+    spec = json.loads(tokenizer_json)
+    pre, dec = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    return (spec.get("normalizer") is None
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", True) and dec.get("type") == "ByteLevel"
+            and all(t.get("special") for t in spec.get("added_tokens") or []))
+
+
+def _encoded(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each text's ids, ENCODE_BATCH_CHARS characters per ``encode_batch`` call (whose
+    encodings weigh some 200 bytes per character), each batch checked to be lossless."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and (end == start or chars < ENCODE_BATCH_CHARS):
+            chars += len(texts[end])
+            end += 1
+        ids = [e.ids for e in tok.encode_batch(texts[start:end], add_special_tokens=False)]
+        _check_lossless(tok, texts[start:end], ids)
+        yield from (np.asarray(i, dtype=dtype) for i in ids)
+        start = end
+
+
 def tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:
     """One flat array: a separator before every document."""
+    dtype = _token_dtype(vocab_size(tokenizer))
     if not docs:
-        return np.zeros(0, dtype=_token_dtype(vocab_size(tokenizer)))
+        return np.zeros(0, dtype=dtype)
     if tokenizer == "bytes":
         joined = b"\0" + b"\0".join(docs)
         return np.frombuffer(joined, dtype=np.uint8).copy()
-    tok = _bpe(tokenizer)
-    texts = [d.decode("utf-8") for d in docs]
-    encoded = tok.encode_batch(texts, add_special_tokens=False)
-    _check_lossless(tok, texts, [e.ids for e in encoded])
-    out = np.empty(sum(len(e.ids) + 1 for e in encoded), dtype=_token_dtype(tok.get_vocab_size()))
-    pos = 0
-    for e in encoded:
-        out[pos] = SEPARATOR
-        out[pos + 1 : pos + 1 + len(e.ids)] = e.ids
-        pos += len(e.ids) + 1
-    return out
+    in_pieces = _splits_like_gpt2(tokenizer)
+    texts: list[str] = []
+    starts_document: list[bool] = []
+    for raw in docs:
+        text = raw.decode("utf-8")
+        pieces = list(_pieces(text, PIECE_CHARS)) if in_pieces else [text]
+        texts += pieces
+        starts_document += [True] + [False] * (len(pieces) - 1)
+    separator = np.array([SEPARATOR], dtype=dtype)
+    parts = []
+    for first, ids in zip(starts_document, _encoded(_bpe(tokenizer), texts, dtype), strict=True):
+        parts += [separator, ids] if first else [ids]
+    return np.concatenate(parts)

@@ -7,10 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import intes.tokenizer as tokenizer_module
 from intes.errors import DataError
 from intes.tokenizer import (
     SEPARATOR,
     _token_dtype,
+    _train_bpe,
     decode,
     encode,
     resolve_tokenizer,
@@ -129,3 +131,65 @@ def test_a_separator_that_is_not_special_is_refused():
             added["special"] = False
     with pytest.raises(DataError, match="'<sep>' must be a special token"):
         vocab_size(json.dumps(d))
+
+
+# Text that meets every branch of the byte-level split: letters, digits, contractions,
+# punctuation and spaces of several kinds, some of them outside ASCII.
+SPLIT_CHARS = "defrtunx 'sS0179=*+:(é✓\n\n\n\t\r\x0b\x85\xa0\u2028"
+SPLIT_TEXT = st.text(alphabet=st.sampled_from(list(SPLIT_CHARS)), max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("xs1'( \n\t\xa0\u2028é")), max_size=60),
+       st.integers(1, 12))
+def test_pieces_split_into_the_whole_texts_words(text, piece_chars):
+    """What encoding and training in pieces rests on: GPT-2's byte-level split of the pieces,
+    one after another, is that of the whole text."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str
+    pieces = list(tokenizer_module._pieces(text, piece_chars))
+    assert "".join(pieces) == text
+    assert [w for piece in pieces for w, _ in split(piece)] == [w for w, _ in split(text)]
+
+
+def _whole(text: str, spec: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return [SEPARATOR] + Tokenizer.from_str(spec).encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(SPLIT_TEXT, min_size=1, max_size=4), st.integers(1, 30), st.integers(1, 80))
+def test_long_documents_are_encoded_in_pieces_as_whole(texts, piece_chars, batch_chars):
+    """Encoding a document in pieces, in several batches, gives the whole document's ids."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
+        patch.setattr(tokenizer_module, "ENCODE_BATCH_CHARS", batch_chars)
+        tokens = tokenize([t.encode() for t in texts], BPE)
+    assert tokens.tolist() == [i for t in texts for i in _whole(t, BPE)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(SPLIT_TEXT, min_size=1, max_size=4), st.integers(1, 30))
+def test_a_bpe_trained_on_pieces_is_the_whole_documents_bpe(texts, piece_chars):
+    """The trainer counts words, and pieces hold the whole documents' words."""
+    docs = [t.encode() for t in texts]
+    whole = _train_bpe(docs, 300)  # PIECE_CHARS is larger than any of these documents
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
+        assert _train_bpe(docs, 300) == whole
+
+
+def test_a_tokenizer_that_splits_otherwise_encodes_documents_whole():
+    """An added token can span a piece's cut (here one holding a newline): such a tokenizer's
+    documents are encoded whole."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(BPE)
+    tok.add_tokens(["1\ny"])
+    spec, text = tok.to_str(), "x = 1\ny = 2\n"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer_module, "PIECE_CHARS", 1)
+        tokens = tokenize([text.encode()], spec)
+    assert tokens.tolist() == _whole(text, spec) and tok.token_to_id("1\ny") in tokens
