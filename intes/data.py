@@ -36,7 +36,7 @@ import zarr
 from intes.checkpoint import CHECKPOINT_NAME, array_digest, atomic_directory, existing_version
 from intes.errors import ConfigError, DataError, check_integers
 from intes.noise import hash_u32, stream_key
-from intes.tokenizer import resolve_tokenizer, tokenize, vocab_size
+from intes.tokenizer import resolve_tokenizer, token_bytes, tokenize, vocab_size
 
 STORE_FORMAT = "intes-tokens-1"
 STORE_CHUNK = 1 << 20
@@ -67,6 +67,29 @@ class Corpus:
             (self.train, self.train_bytes) if split == "train" else (self.valid, self.valid_bytes)
         )
         return n_bytes / max(1, len(tokens))
+
+    @cached_property
+    def _token_bytes(self) -> np.ndarray | None:
+        """Each token id's bytes (``intes.tokenizer.token_bytes``) where they add up to both
+        splits' bytes, else None."""
+        table = token_bytes(self.tokenizer)
+        if table is None or len(table) < self.vocab_size:
+            return None
+        for tokens, n_bytes in ((self.train, self.train_bytes), (self.valid, self.valid_bytes)):
+            if int(np.bincount(tokens, minlength=len(table)) @ table) != n_bytes:
+                return None
+        return table
+
+    def target_bytes(self, targets: np.ndarray) -> float:
+        """The bytes of valid text that ``targets``, tokens of the valid split, hold: bits per
+        byte's divisor (for reporting only). Their own bytes where the tokenizer tells each
+        token's; else, or when they hold none (separators alone), valid's mean bytes per token
+        for each."""
+        if self._token_bytes is not None:
+            n_bytes = int(self._token_bytes[np.asarray(targets, dtype=np.int64)].sum())
+            if n_bytes:
+                return float(n_bytes)
+        return np.size(targets) * self.bytes_per_token("valid")
 
     @cached_property
     def digest(self) -> str:

@@ -28,8 +28,8 @@ def ngram_bits_per_byte(corpus: Corpus, windows: np.ndarray | None = None) -> tu
     previous token) when given: the same tokens a model evaluated on those windows scores, so
     the two compare token for token.
 
-    Reporting only (floats). Bits per token are converted with the valid split's bytes per
-    token, as the model's are. Large vocabularies use a sort-based sparse bigram count.
+    Reporting only (floats). Bits are divided by the targets' bytes (``Corpus.target_bytes``),
+    as the model's are. Large vocabularies use a sort-based sparse bigram count.
     """
     vocab, train = corpus.vocab_size, corpus.train
     if windows is None:
@@ -44,5 +44,5 @@ def ngram_bits_per_byte(corpus: Corpus, windows: np.ndarray | None = None) -> tu
     ctx[train[-1]] -= 1  # contexts are train[:-1]
     pairs = _pair_counts(train, prev, nxt, vocab)
     bi_bits = -(np.log2(pairs + 1.0) - np.log2(ctx[prev] + float(vocab))).sum()
-    per_token = 1.0 / (len(nxt) * corpus.bytes_per_token("valid"))
-    return float(uni_bits * per_token), float(bi_bits * per_token)
+    n_bytes = corpus.target_bytes(nxt)
+    return float(uni_bits / n_bytes), float(bi_bits / n_bytes)

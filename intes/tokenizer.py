@@ -103,6 +103,27 @@ def decode(tokens: np.ndarray | list[int], tokenizer: str) -> str:
     return tok.decode(ids.tolist(), skip_special_tokens=False)
 
 
+@lru_cache(maxsize=4)
+def token_bytes(tokenizer: str) -> np.ndarray | None:
+    """How many bytes of text each token id holds, where a token's bytes are its own: one per
+    byte token and none for the separator; for a byte-level decoder, one per character of a
+    token's byte-level string (its UTF-8 where it has other characters, as the decoder reads
+    it) and none for special tokens, which intes never reads from text. None for other
+    decoders, whose tokens' bytes can depend on their neighbours."""
+    if tokenizer == "bytes":
+        table = np.ones(BYTE_VOCAB, dtype=np.int64)
+        table[SEPARATOR] = 0
+        return table
+    spec = json.loads(tokenizer)
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    tok, alphabet = _bpe(tokenizer), set(pre_tokenizers.ByteLevel.alphabet())
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    words = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    return np.array([0 if i in special else len(w) if set(w) <= alphabet else len(w.encode())
+                     for i, w in enumerate(words)], dtype=np.int64)
+
+
 def _pieces(text: str, size: int) -> Iterator[str]:
     """``text`` in consecutive pieces of ``size`` characters or more, each cut before a newline
     or space that follows a printable ASCII character (a text without one stays whole).

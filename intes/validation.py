@@ -78,8 +78,8 @@ def validation_bpb(engine: Engine, corpus: Corpus, windows: np.ndarray,
 
     ``total`` replaces ``log_likelihood_total``: distributed workers each score a shard of the
     windows and add up the integers, so the figure is one process's whatever their number.
-    Each token stands for the valid split's mean bytes per token, the same conversion the
-    n-gram reference figures use.
+    The bytes are those the targets hold (``Corpus.target_bytes``), as for the n-gram
+    reference figures.
     """
     ll = (total or log_likelihood_total)(engine, windows)
-    return -ll / (1 << LL_FRAC_BITS) / (windows[:, 1:].size * corpus.bytes_per_token("valid"))
+    return -ll / (1 << LL_FRAC_BITS) / corpus.target_bytes(windows[:, 1:])

@@ -503,6 +503,9 @@ def test_bpe_store_round_trip(tmp_path):
         tokens = encode(text, corpus.tokenizer)
         assert 0 not in tokens and decode(tokens, corpus.tokenizer) == text
     assert TEXT.endswith(decode(corpus.valid[1:], corpus.tokenizer))
+    # each token's bytes add up to each split's: samples are scored over their own bytes
+    head = corpus.valid[1:len(corpus.valid) // 2]
+    assert corpus.target_bytes(head) == len(decode(head, corpus.tokenizer).encode())
 
 
 def test_bpe_training_is_deterministic(tmp_path):

@@ -16,6 +16,7 @@ from intes.tokenizer import (
     decode,
     encode,
     resolve_tokenizer,
+    token_bytes,
     tokenize,
     vocab_size,
 )
@@ -193,3 +194,33 @@ def test_a_tokenizer_that_splits_otherwise_encodes_documents_whole():
         patch.setattr(tokenizer_module, "PIECE_CHARS", 1)
         tokens = tokenize([text.encode()], spec)
     assert tokens.tolist() == _whole(text, spec) and tok.token_to_id("1\ny") in tokens
+
+
+def _with_added_tokens() -> str:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(BPE)
+    tok.add_tokens(["1\ny", "é✓é"])
+    return tok.to_str()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("defrtunx 1y'\n✓é😀")), max_size=60),
+       st.booleans())
+def test_token_bytes_are_the_bytes_a_prefix_decodes_to(text, added):
+    """At every cut where a document's tokens decode to the text on either side, the tokens
+    before it hold that prefix's bytes: bits per byte can divide by any window's own bytes.
+    Byte-level tokens holding part of a character (the emoji's four bytes) count their part."""
+    spec, text = (_with_added_tokens(), text + "1\ny é✓é") if added else (BPE, text)
+    ids = encode(text, spec)
+    table = token_bytes(spec)
+    assert table[ids].sum() == len(text.encode())
+    for cut in range(len(ids) + 1):
+        head = decode(ids[:cut], spec)
+        if head + decode(ids[cut:], spec) == text:
+            assert table[ids[:cut]].sum() == len(head.encode())
+
+
+def test_token_bytes_of_the_separator_and_byte_tokens():
+    assert token_bytes("bytes").tolist() == [0] + [1] * 255
+    assert token_bytes(BPE)[SEPARATOR] == 0
