@@ -22,6 +22,9 @@ class ConfigError(IntesError):
     """A configuration value out of its valid range."""
 
 
+INTERRUPTED = 130  # the exit status after Ctrl-C: 128 + SIGINT, what shells report
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C that was already reported (a run says where its checkpoint is): the CLI exits
     130 without a second message."""

@@ -540,6 +540,32 @@ def test_main_maps_outcomes_to_exit_codes(monkeypatch, capsys, tmp_path):
     assert not Path("runs").exists()
 
 
+def test_ctrl_c_while_the_cli_is_imported_exits_130_without_a_traceback(monkeypatch, capsys):
+    """The command's imports take a few tenths of a second; Ctrl-C there was a traceback."""
+    import intes.__main__
+
+    class CtrlC:  # a finder standing for Ctrl-C pressed while intes.cli is being imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "intes.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "intes.cli")
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stop:
+        intes.__main__.main()
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_console_script_catches_ctrl_c_before_the_heavy_imports():
+    """What the ``intes`` command imports before its Ctrl-C handler: none of the libraries."""
+    code = ("import sys, intes.__main__; print(sorted({'numpy', 'numba', 'zarr', 'click', "
+            "'tokenizers', 'intes.cli'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 def test_a_command_whose_dependency_is_missing_reports_it(monkeypatch, tmp_path):
     (tmp_path / "intes_broken_cmd.py").write_text("import intes_no_such_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))

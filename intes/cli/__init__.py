@@ -22,12 +22,11 @@ from intes import distributed
 from intes.cli.data import data
 from intes.cli.evaluate import evaluate, info, sample
 from intes.cli.pretrain import pretrain
-from intes.errors import Interrupted, IntesError
+from intes.errors import INTERRUPTED, Interrupted, IntesError
 from intes.runs import intes_version
 
 LAZY_COMMANDS = {"bench": "intes.cli.bench", "finetune": "intes.cli.finetune"}
 DISTRIBUTED_COMMANDS = ("pretrain", "finetune")  # the others would run once per worker
-INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class UserError(click.ClickException):
