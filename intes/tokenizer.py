@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from intes.errors import DataError
 from intes.intmath import MAX_VOCAB
@@ -30,6 +31,7 @@ _BPE_SPEC = re.compile(r"bpe:(\d+)")
 # whole document's, and memory stays proportional to a piece (one 23 MB file took 4.8 GB whole).
 PIECE_CHARS = 1 << 16
 ENCODE_BATCH_CHARS = 1 << 22  # characters per encode_batch call; their encodings are dropped
+PROGRESS_MIN_CHARS = 1 << 24  # training or encoding this much text shows progress (seconds)
 _PIECE_CUT = re.compile(r"(?<=[!-~])[\n ]")  # a newline or space after printable ASCII
 _TOKENIZER_HELP = (f"use 'bytes', 'bpe:VOCAB' ({MIN_BPE_VOCAB} <= VOCAB < {MAX_VOCAB}) or a "
                    "tokenizer .json file")
@@ -152,14 +154,14 @@ def _train_bpe(docs: list[bytes], vocab_size: int) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    texts = [piece for d in docs for piece in _pieces(d.decode("utf-8"), PIECE_CHARS)]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[SEPARATOR_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sum(map(len, texts)) >= PROGRESS_MIN_CHARS,  # on a terminal only
     )
-    texts = (piece for d in docs for piece in _pieces(d.decode("utf-8"), PIECE_CHARS))
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts, trainer, length=len(texts))
     return tok.to_str()
 
 
@@ -250,6 +252,11 @@ def tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:
         starts_document += [True] + [False] * (len(pieces) - 1)
     separator = np.array([SEPARATOR], dtype=dtype)
     parts = []
-    for first, ids in zip(starts_document, _encoded(_bpe(tokenizer), texts, dtype), strict=True):
-        parts += [separator, ids] if first else [ids]
+    chars = sum(map(len, texts))
+    with tqdm(total=chars, desc="tokenizing", unit="char", unit_scale=True, leave=False,
+              disable=None if chars >= PROGRESS_MIN_CHARS else True) as bar:  # None: on a tty
+        encoded = _encoded(_bpe(tokenizer), texts, dtype)
+        for first, text, ids in zip(starts_document, texts, encoded, strict=True):
+            parts += [separator, ids] if first else [ids]
+            bar.update(len(text))
     return np.concatenate(parts)
