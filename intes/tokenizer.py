@@ -32,7 +32,7 @@ _BPE_SPEC = re.compile(r"bpe:(\d+)")
 PIECE_CHARS = 1 << 16
 ENCODE_BATCH_CHARS = 1 << 22  # characters per encode_batch call; their encodings are dropped
 PROGRESS_MIN_CHARS = 1 << 24  # training or encoding this much text shows progress (seconds)
-_PIECE_CUT = re.compile(r"(?<=[!-~])[\n ]")  # a newline or space after printable ASCII
+_PIECE_CUT = re.compile(r"(?<=\S)[\n ]")  # a newline or space after a non-space character
 _TOKENIZER_HELP = (f"use 'bytes', 'bpe:VOCAB' ({MIN_BPE_VOCAB} <= VOCAB < {MAX_VOCAB}) or a "
                    "tokenizer .json file")
 
@@ -86,6 +86,7 @@ def encode(text: str, tokenizer: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
     tok = _bpe(tokenizer)
     ids = tok.encode(text, add_special_tokens=False).ids  # no post-processor's [CLS] / [SEP]
+    _check_no_separator([text], [ids])
     return np.asarray(ids, dtype=_token_dtype(tok.get_vocab_size()))
 
 
@@ -110,7 +111,8 @@ def token_bytes(tokenizer: str) -> np.ndarray | None:
     """How many bytes of text each token id holds, where a token's bytes are its own: one per
     byte token and none for the separator; for a byte-level decoder, one per character of a
     token's byte-level string (its UTF-8 where it has other characters, as the decoder reads
-    it) and none for special tokens, which intes never reads from text. None for other
+    it) and none for special tokens (which text encodes to only through a tokenizer's merges;
+    then the bytes do not add up and ``Corpus.target_bytes`` takes the mean). None for other
     decoders, whose tokens' bytes can depend on their neighbours."""
     if tokenizer == "bytes":
         table = np.ones(BYTE_VOCAB, dtype=np.int64)
@@ -128,12 +130,13 @@ def token_bytes(tokenizer: str) -> np.ndarray | None:
 
 def _pieces(text: str, size: int) -> Iterator[str]:
     """``text`` in consecutive pieces of ``size`` characters or more, each cut before a newline
-    or space that follows a printable ASCII character (a text without one stays whole).
+    or space that follows a non-space character (a text without one stays whole).
 
     GPT-2's byte-level split (contractions, `` ?\\p{L}+``, `` ?\\p{N}+``,
     `` ?[^\\s\\p{L}\\p{N}]+``, ``\\s+(?!\\S)``, ``\\s+``) never puts a non-space character
     and the space after it in one word (a space only leads a word), and a word's match reads
-    nothing before its start: the pieces split into the whole text's words.
+    nothing before its start: the pieces split into the whole text's words. (Python's ``\\S``
+    holds no character that split's ``\\s`` has: it was checked over every code point.)
     """
     start = 0
     while len(text) - start > size:
@@ -230,8 +233,22 @@ def _encoded(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> Iterator[np.n
             end += 1
         ids = [e.ids for e in tok.encode_batch(texts[start:end], add_special_tokens=False)]
         _check_lossless(tok, texts[start:end], ids)
+        _check_no_separator(texts[start:end], ids)
         yield from (np.asarray(i, dtype=dtype) for i in ids)
         start = end
+
+
+def _check_no_separator(texts: list[str], ids: list[list[int]]) -> None:
+    """Refuse text that encodes to the separator: a tokenizer whose split keeps "<sep>" in one
+    word can rebuild the special token by its merges, and that would end a document there (the
+    models' state resets) and count no bytes for the text."""
+    for text, text_ids in zip(texts, ids, strict=True):
+        if SEPARATOR in text_ids:
+            at = text.find(SEPARATOR_TOKEN)
+            raise DataError(f"the tokenizer encodes text as the separator {SEPARATOR_TOKEN!r} "
+                            f"(in {text[max(0, at - 10):at + 15]!r}), which would cut a document "
+                            "in two; use a tokenizer whose pre-tokenizer splits '<' from "
+                            "letters, such as the one bpe:VOCAB trains")
 
 
 def tokenize(docs: list[bytes], tokenizer: str) -> np.ndarray:

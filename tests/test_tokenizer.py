@@ -141,7 +141,8 @@ SPLIT_TEXT = st.text(alphabet=st.sampled_from(list(SPLIT_CHARS)), max_size=120)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("xs1'( \n\t\xa0\u2028é")), max_size=60),
+@given(st.text(alphabet=st.sampled_from(list("xs1'( \n\t\xa0\u2028é中。\u3000\x1c\u200b")),
+               max_size=60),
        st.integers(1, 12))
 def test_pieces_split_into_the_whole_texts_words(text, piece_chars):
     """What encoding and training in pieces rests on: GPT-2's byte-level split of the pieces,
@@ -224,3 +225,23 @@ def test_token_bytes_are_the_bytes_a_prefix_decodes_to(text, added):
 def test_token_bytes_of_the_separator_and_byte_tokens():
     assert token_bytes("bytes").tolist() == [0] + [1] * 255
     assert token_bytes(BPE)[SEPARATOR] == 0
+
+
+def test_text_that_encodes_to_the_separator_is_refused():
+    """A split that keeps "<sep>" in one word lets the merges rebuild the special token: the
+    document would be cut in two there. (GPT-2's split, as bpe:VOCAB trains, never does.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["<sep>"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<sep>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = tok.to_str()
+    for refused in (lambda: tokenize([b"hello <sep>", b"world"], spec),
+                    lambda: encode("hello <sep>", spec)):
+        with pytest.raises(DataError, match="encodes text as the separator '<sep>' "
+                                            r"\(in 'hello <sep>'\), which would cut"):
+            refused()
+    assert tokenize([b"hello", b"world"], spec).tolist().count(SEPARATOR) == 2
