@@ -5,10 +5,10 @@ split is one flat token array that starts with a separator (``intes.tokenizer``)
 
 Train/valid split: by file, ``crc32(relative posix path) % valid_fraction == 0`` goes to valid,
 so the split is the same on every machine and no file leaks into both. A single file, or files
-whose crc split gives valid less than a quarter or more than four times its ``1/valid_fraction``
-share of the bytes (a big file and its README), is split by position instead: the last
-``1/valid_fraction`` of the bytes, cut at a character boundary, is valid. Bits per byte needs
-the number of raw bytes each split encodes; separators encode none.
+whose crc split gives a split under a quarter or over four times its share of the bytes
+(``1/valid_fraction`` for valid: a big file and its README), is split by position instead: the
+last ``1/valid_fraction`` of the bytes, cut at a character boundary, is valid. Bits per byte
+needs the number of raw bytes each split encodes; separators encode none.
 
 A token store records each split's length and sha256; a load checks them (when present: older
 stores have none), that the vocab size is its tokenizer's and the size rules of a text corpus.
@@ -299,15 +299,17 @@ def _split_by_position(docs: list[bytes], valid_fraction: int) -> tuple[list[byt
     return [d for d in train if d], [d for d in valid if d]
 
 
-SPLIT_SHARE_SLACK = 4  # a by-file split stands while valid holds 1/4 .. 4x its share of bytes
+SPLIT_SHARE_SLACK = 4  # a by-file split stands while each split holds 1/4 .. 4x its share
 
 
 def _split(docs: list[Document], valid_fraction: int) -> tuple[list[bytes], list[bytes]]:
     if len(docs) > 1:
         train, valid = _split_by_file(docs, valid_fraction)
         share = Fraction(sum(map(len, valid)), sum(len(raw) for _, raw in docs))
-        if Fraction(1, SPLIT_SHARE_SLACK) <= share * valid_fraction <= SPLIT_SHARE_SLACK:
-            return train, valid
+        expected = Fraction(1, valid_fraction)
+        if all(Fraction(1, SPLIT_SHARE_SLACK) <= got / want <= SPLIT_SHARE_SLACK
+               for got, want in ((share, expected), (1 - share, 1 - expected))):
+            return train, valid  # (train's bound matters only for valid_fraction < 5)
     return _split_by_position([raw for _, raw in docs], valid_fraction)
 
 

@@ -223,6 +223,15 @@ def test_a_lopsided_file_split_falls_back_to_positional(tmp_path, valid_bytes, t
     assert corpus.valid_bytes == total // 20 and corpus.train_bytes == total - total // 20
 
 
+def test_a_file_split_that_leaves_train_empty_falls_back_to_positional(tmp_path):
+    """With valid_fraction 2 valid's share may reach 4 x 1/2: every file in valid passed."""
+    names = [n for n in (f"f{i}.txt" for i in range(10)) if zlib.crc32(n.encode()) % 2 == 0][:2]
+    for name in names:
+        _write(tmp_path / name, b"some text here\n" * 50)
+    corpus = load_corpus(tmp_path, valid_fraction=2)
+    assert corpus.valid_bytes == corpus.train_bytes == 750
+
+
 @pytest.mark.parametrize("valid_bytes", [400, 1_900, 5_000])  # 1.3%, 6%, 14% of the text
 def test_a_file_split_within_four_times_its_share_stands(tmp_path, valid_bytes):
     _write(tmp_path / _named(True), b"v" * valid_bytes)
