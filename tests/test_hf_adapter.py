@@ -317,6 +317,72 @@ def test_generation_stops_at_the_models_own_eos_ids(tokenizer):
     assert tuner.generation.eos_token_id == [greedy[stop], tokenizer.eos_token_id]
 
 
+@pytest.mark.parametrize("setting", [
+    dict(repetition_penalty=2.0), dict(num_beams=2), dict(no_repeat_ngram_size=1),
+    dict(num_beams=2, num_return_sequences=2), dict(return_dict_in_generate=True),
+    dict(max_time=1e-9),
+])
+def test_the_models_generation_config_does_not_change_decoding(tokenizer, setting):
+    """A saved folder's generation_config (an instruct model's repetition penalty, beams, a
+    time limit) changed the completions or crashed generate(): decoding is plain greedy."""
+    def completions(model) -> list[str]:
+        seen: list[str] = []
+        ESFineTuner(model, tokenizer, lambda p, c: seen.append(c) or 0.0, population=2,
+                    sigma=0.05, max_new_tokens=6).evaluate(PROMPTS[:2])
+        return seen
+
+    plain, configured = build("llama", tokenizer), build("llama", tokenizer)
+    for name, value in setting.items():
+        setattr(configured.generation_config, name, value)
+    kept = configured.generation_config
+    assert completions(configured) == completions(plain)
+    assert configured.generation_config is kept and kept.to_dict().items() >= setting.items()
+
+
+def test_a_tokenizer_without_a_pad_token_is_left_without_one(tokenizer, tmp_path):
+    """Prompts are padded with eos, but the user's tokenizer, and the folder saved from it,
+    used to keep eos as their pad token."""
+    nopad = copy.deepcopy(tokenizer)
+    nopad.pad_token = None
+    tuner = ESFineTuner(build("llama", tokenizer), nopad, zero_reward, population=2,
+                        max_new_tokens=2)
+    tuner.step(["the quick", "lazy dog over the"])  # two lengths: one prompt is padded
+    tuner.save(tmp_path)
+    assert nopad.pad_token is None and tuner.generation.pad_token_id == nopad.eos_token_id
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()).get("pad_token") is None
+
+
+def test_a_layer_whose_weight_is_used_without_calling_it_is_refused(tokenizer):
+    """Mamba uses dt_proj.weight directly: its noise never reached the rewards, yet the update
+    moved it along that noise."""
+    model = build("llama", tokenizer)
+    model.model.unused_proj = torch.nn.Linear(4, 4)
+    tuner = ESFineTuner(model, tokenizer, zero_reward, population=2, max_new_tokens=2)
+    before = weights(model)
+    with pytest.raises(ConfigError, match="uses the weight of model.unused_proj without calling "
+                                          "the layer.*leave it out with target_modules"):
+        tuner.step(PROMPTS[:1])
+    assert weights(model) == before
+    ESFineTuner(model, tokenizer, zero_reward, population=2, max_new_tokens=2,
+                target_modules=r"layers|lm_head").step(PROMPTS[:1])
+
+
+def test_linear_subclasses_with_a_forward_of_their_own_are_not_perturbed(tokenizer):
+    """A MoE router returns a tuple (the hook crashed on it); a quantized linear does not
+    compute x Wᵀ + b. A subclass that keeps Linear's forward is perturbed as one."""
+    class Router(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x), None
+
+    class Named(torch.nn.Linear):
+        pass
+
+    model = build("llama", tokenizer)
+    model.model.router, model.model.named = Router(4, 4), Named(4, 4)
+    names = LowRankAdapter(model, sigma=0.05, rank=1, seed=0).names
+    assert "model.named" in names and "model.router" not in names
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mean_reward_rises_on_a_toy_reward(tokenizer, arch):
     target = tokenizer.convert_tokens_to_ids("Ġfox")
@@ -449,7 +515,7 @@ def test_a_prompt_that_encodes_to_nothing_is_refused(tokenizer):
     tuner.tokenizer = lambda prompts, **kw: {
         "input_ids": torch.zeros((len(prompts), 0), dtype=torch.long),
         "attention_mask": torch.zeros((len(prompts), 0), dtype=torch.long)}
-    tuner.tokenizer.padding_side = "right"
+    tuner.tokenizer.padding_side, tuner.tokenizer.pad_token = "right", "<pad>"
     with pytest.raises(ConfigError, match="encodes to no tokens: is the tokenizer the model's"):
         tuner.step(PROMPTS)
 
@@ -473,6 +539,7 @@ def test_prompts_past_the_models_positions_are_refused(tokenizer):
     (["a prompt", ""], "every prompt must be a non-empty string, got ''"),
     (["a prompt", b"bytes"], "non-empty string, got b'bytes'"),
     ([1], "non-empty string, got 1"),
+    (["a prompt", None], "non-empty string, got None"),
 ])
 def test_prompts_that_are_not_strings_are_refused(tokenizer, prompts, match):
     """A single string was read as one prompt per character."""

@@ -1,7 +1,7 @@
 """Float Hugging Face causal LMs fine-tuned by the same low-rank ES core as the integer engine.
 
-Every selected linear layer (``nn.Linear``, and GPT-2's ``Conv1D`` whose weight is stored
-transposed) gets a member-aware side path during evaluation::
+Every selected linear layer (``nn.Linear`` with Linear's own forward, and GPT-2's ``Conv1D``
+whose weight is stored transposed) gets a member-aware side path during evaluation::
 
     y = x W^T + sigma * s_m * (x B_p) A_p^T        member m = 2p or 2p+1, s_m = +1 / -1
 
@@ -89,14 +89,17 @@ def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[st
     """The perturbed layers, sorted by name (the order defines each layer's tensor_id).
 
     A tied weight (GPT-2's lm_head shares the input embedding) is skipped: the side path would
-    only perturb its output role, while the update would also move the embedding.
+    only perturb its output role, while the update would also move the embedding. So is a
+    Linear subclass with a forward of its own (a MoE router returning a tuple, a quantized or
+    grouped linear): the side path adds to y = x Wᵀ + b, which such a layer does not compute.
     """
     pattern = target_pattern(target_modules)
     tied = _shared_weights(model)
     layers = [
         (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.Linear | Conv1D) and id(m.weight) not in tied
-        and (pattern is None or pattern.search(name))
+        if (isinstance(m, Conv1D) or isinstance(m, nn.Linear)
+            and type(m).forward is nn.Linear.forward)
+        and id(m.weight) not in tied and (pattern is None or pattern.search(name))
     ]
     if not layers:
         which = f" matching {target_modules!r}" if target_modules else ""
@@ -137,8 +140,9 @@ def pair_coefficients(fitness: np.ndarray) -> np.ndarray:
     return signed.reshape(-1, 2).sum(axis=1)
 
 
-def _side_path(a: torch.Tensor, b: torch.Tensor) -> Callable:
-    """A forward hook adding (x B_m) (sigma s_m A_m)^T to each member's rows, in float32.
+def _side_path(a: torch.Tensor, b: torch.Tensor, called: list[bool], tid: int) -> Callable:
+    """A forward hook adding (x B_m) (sigma s_m A_m)^T to each member's rows, in float32, and
+    setting ``called[tid]``.
 
     a: (M, out, r) already scaled by sigma * s_m; b: (M, in, r). The batch must be
     member-major with the same number of rows per member, so one reshape groups the rows and
@@ -147,6 +151,7 @@ def _side_path(a: torch.Tensor, b: torch.Tensor) -> Callable:
     members = a.shape[0]
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        called[tid] = True
         x = args[0]
         if x.shape[0] % members:
             raise ConfigError(f"batch of {x.shape[0]} rows is not {members} members x prompts")
@@ -193,23 +198,25 @@ class LowRankAdapter:
                 torch.from_numpy(b).to(dev, torch.float32) / NOISE_UNIT)
 
     @contextmanager
-    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
+    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[list[bool]]:
         """Inside, a forward over a member-major batch evaluates each listed member's weights.
 
         Row block i of every batch belongs to ``members[i]``; the hooks are removed on exit, so
-        the model is the plain base model outside this context.
+        the model is the plain base model outside this context. Yields whether each layer's
+        forward ran (a model may use a layer's weight without calling it).
         """
         members = np.asarray(members, dtype=np.int64)
         pairs, inverse = np.unique(members // 2, return_inverse=True)
         signs = torch.from_numpy(member_signs(members).astype(np.float32)) * self.sigma
         handles = []
+        called = [False] * len(self.layers)
         try:
             for tid, (_, module) in enumerate(self.layers):
                 a, b = self.factors(step, pairs, tid)
                 idx = torch.from_numpy(inverse).to(a.device)
                 a_m = a[idx] * signs.to(a.device)[:, None, None]
-                handles.append(module.register_forward_hook(_side_path(a_m, b[idx])))
-            yield
+                handles.append(module.register_forward_hook(_side_path(a_m, b[idx], called, tid)))
+            yield called
         finally:
             for handle in handles:
                 handle.remove()
@@ -307,32 +314,40 @@ class ESFineTuner:
         self.generation = self._generation_config(max_new_tokens)
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
-        """Greedy decoding; a tokenizer without a pad token pads with its eos token.
+        """Plain greedy decoding; a tokenizer without a pad token pads with its eos token
+        (set only while prompts are encoded: the user's tokenizer, and the one ``save``
+        writes, stay as they were).
 
         Generation stops at any of the model's generation_config eos ids (an instruct model's
-        end-of-turn tokens are often there only) and the tokenizer's eos id."""
+        end-of-turn tokens are often there only) and the tokenizer's eos id. Nothing else of
+        the model's generation_config applies: a repetition penalty, beams or a time limit
+        would make a reward depend on more than the weights."""
         tok = self.tokenizer
-        if tok.pad_token is None:
-            if tok.eos_token is None:
-                raise ConfigError("the tokenizer has neither a pad nor an eos token")
-            tok.pad_token = tok.eos_token
+        if tok.pad_token is None and tok.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token")
         eos: list[int] = []
         model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         for ids in (model_eos, tok.eos_token_id):
             for i in [ids] if isinstance(ids, int) else ids or []:
                 if i not in eos:
                     eos.append(i)
+        pad = tok.eos_token_id if tok.pad_token is None else tok.pad_token_id
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id, eos_token_id=eos or None)
+                                pad_token_id=pad, eos_token_id=eos or None)
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded prompt batch (decoder-only generation continues from the right edge)."""
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
+        tok = self.tokenizer
+        side, pad = tok.padding_side, tok.pad_token
+        tok.padding_side = "left"
+        if pad is None:
+            tok.pad_token = tok.eos_token
         try:
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+            enc = tok(prompts, return_tensors="pt", padding=True)
         finally:
-            self.tokenizer.padding_side = side
+            tok.padding_side = side
+            if pad is None:
+                tok.pad_token = None
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         if 0 in lengths:
             raise ConfigError(f"prompt {prompts[lengths.index(0)][:40]!r} encodes to no tokens: "
@@ -348,8 +363,20 @@ class ESFineTuner:
     def _complete(self, enc: dict[str, torch.Tensor], members: np.ndarray) -> list[str]:
         """Completions of every prompt for each member, member-major, in one generate()."""
         batch = {key: value.repeat(len(members), 1) for key, value in enc.items()}
-        with self.adapter.perturbed(self.step_index, members):
-            out = self.model.generate(**batch, generation_config=self.generation)
+        saved = self.model.generation_config  # generate() fills unset fields from it: beams,
+        self.model.generation_config = self.generation  # penalties, extra sequences, stops
+        try:
+            with self.adapter.perturbed(self.step_index, members) as called:
+                out = self.model.generate(**batch, generation_config=self.generation)
+        finally:
+            self.model.generation_config = saved
+        missed = [name for name, hit in zip(self.adapter.names, called, strict=True) if not hit]
+        if missed:  # their noise would move the weights without having touched the rewards
+            raise ConfigError(
+                f"the model uses the weight of {', '.join(missed[:3])}"
+                f"{f' and {len(missed) - 3} more' if len(missed) > 3 else ''} without calling "
+                "the layer, so ES cannot perturb it; leave it out with target_modules "
+                "(--target-modules), a regex of the layer names to train")
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -366,9 +393,9 @@ class ESFineTuner:
         prompts = list(prompts)
         if not prompts:
             raise DataError("no prompts to evaluate")
-        bad = next((p for p in prompts if not isinstance(p, str) or not p), None)
-        if bad is not None:
-            raise ConfigError(f"every prompt must be a non-empty string, got {bad!r}")
+        bad = [p for p in prompts if not isinstance(p, str) or not p]
+        if bad:
+            raise ConfigError(f"every prompt must be a non-empty string, got {bad[0]!r}")
         first, stop = distributed.shard_range(self.population)
         failure: IntesError | None = None
         try:
