@@ -445,6 +445,14 @@ def test_reward_returning_a_non_number_is_one_clear_error(tokenizer, value):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("value", [np.float32(0.5), np.array(0.5), np.array([0.5]),
+                                   torch.tensor(0.5), torch.tensor([0.5]), 0.5])
+def test_a_reward_of_one_number_in_any_form_is_taken(tokenizer, value):
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, lambda p, c: value, population=2,
+                        max_new_tokens=2)
+    assert tuner.step(PROMPTS[:1])["reward_mean"] == 0.5
+
+
 def test_reward_that_raises_is_one_clear_error(tokenizer):
     def broken(prompt: str, completion: str) -> float:
         raise KeyError("no\nsuch key")

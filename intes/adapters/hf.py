@@ -270,7 +270,8 @@ def _positions(model: nn.Module) -> int | None:
 
 def _check_reward(value: object, prompt: str, name: str) -> float:
     """A reward must be a finite real number; anything else is the user's bug, named once."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if (isinstance(value, torch.Tensor) and value.numel() == 1
+            or isinstance(value, np.ndarray) and value.size == 1):  # an array of one number
         value = value.item()
     try:
         finite = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
