@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -38,6 +39,12 @@ from intes.validation import EVAL_LEN, EVAL_STREAMS, TotalFn, Validation, valida
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 RUN_LOCK = ".intes-run.lock"  # held by the process writing a run directory while it runs
+# What a run writes before its first checkpoint is complete: its log, plot and lock, and, when
+# killed mid-write, the half-written log, plot or checkpoint and the checkpoint's writer lock
+_FIRST_FILES = re.compile("|".join(
+    [re.escape(name) for name in (METRICS_NAME, PLOT_NAME, RUN_LOCK, METRICS_NAME + ".tmp",
+                                  f".{CHECKPOINT_NAME}.lock")]
+    + [re.escape(f".{name}.tmp-") + r"\d+" for name in (PLOT_NAME, CHECKPOINT_NAME)]))
 EVAL_TIME_SHARE = 0.05  # automatic evaluation keeps eval (+ plot + checkpoint) under ~5% of time
 
 FitnessFn = Callable[[Engine, np.ndarray], np.ndarray]
@@ -137,9 +144,9 @@ def check_writable(out: Path) -> None:
 
 def stopped_before_a_checkpoint(out: Path) -> bool:
     """Whether the directory ``out`` holds nothing, or only what a run writes before its first
-    checkpoint (its log, plot and lock): a run killed then can only start over."""
+    checkpoint is complete (``_FIRST_FILES``): a run killed then can only start over."""
     return existing_version(out / CHECKPOINT_NAME) is None and all(
-        p.name in (METRICS_NAME, PLOT_NAME, RUN_LOCK) for p in out.iterdir())
+        _FIRST_FILES.fullmatch(p.name) for p in out.iterdir())
 
 
 def no_checkpoint_to_resume(out: Path) -> CheckpointError:
@@ -387,7 +394,6 @@ class _Run:
         began = time.monotonic()
         raw = self.fitness_fn(engine, self.step_windows())
         engine.apply_fitness(raw)
-        self.snapshot = (engine.params, engine.step_index)
         took = max(time.monotonic() - began, 1e-9)
         tokens_per_s = cfg.es.population * cfg.seq_len / took  # ES tokens: every member's
         fitness = float(raw.mean()) / (1 << LL_FRAC_BITS) / cfg.seq_len
@@ -396,6 +402,9 @@ class _Run:
             self.log.write({"event": "step", "step": engine.step_index,
                             "tokens_per_s": round(tokens_per_s, 1), "fitness": round(fitness, 5),
                             "elapsed_s": round(self.elapsed(), 3)})
+        # the step is logged before it counts as done: an interrupt between the two saves the
+        # step before, and the resume drops the line (MetricsLog) and logs the step again
+        self.snapshot = (engine.params, engine.step_index)
         if self.bar is not None:
             val = "-" if self.val_bpb is None else f"{self.val_bpb:.4f}"
             self.bar.set_postfix_str(f"{tokens_per_s:,.0f} tok/s, fitness {fitness:.3f} "

@@ -264,6 +264,27 @@ def test_interrupt_saves_the_last_finished_step_and_resumes_exactly(tmp_path, ca
     assert same_weights(weights(tmp_path), straight_run()[1])
 
 
+def test_an_interrupt_before_a_steps_line_is_written_loses_no_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The step counted as done before its line was written: an interrupt between the two
+    saved that step, and the resume never wrote its line."""
+    write = trainer.MetricsLog.write
+
+    def interrupted_at_step_2(log: trainer.MetricsLog, record: dict) -> None:
+        if record == {**record, "event": "step", "step": 2}:
+            raise KeyboardInterrupt
+        write(log, record)
+
+    monkeypatch.setattr(trainer.MetricsLog, "write", interrupted_at_step_2)
+    with pytest.raises(Interrupted):
+        run(tmp_path, K)
+    monkeypatch.setattr(trainer.MetricsLog, "write", write)
+    run(tmp_path, K, resume=True)
+    steps = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in steps if r["event"] == "step"] == list(range(1, K + 1))
+    assert same_weights(weights(tmp_path), straight_run()[1])
+
+
 def test_an_interrupt_while_compiling_leaves_nothing_on_disk(tmp_path, monkeypatch):
     """Ctrl-C during the warm-up (a first run's compilation, tens of seconds) comes before the
     run directory exists, so the same command simply starts again."""
@@ -310,6 +331,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
     run(out, 2, checkpoint_every=100, eval_every=100)
     shutil.rmtree(out / CHECKPOINT_NAME)  # as if killed before the checkpoint at the end
     assert {p.name for p in out.iterdir()} <= {METRICS_NAME, PLOT_NAME, trainer.RUN_LOCK}
+    # killed mid-write: the checkpoint's copy and writer lock, the log's and plot's copies
+    (out / f".{CHECKPOINT_NAME}.tmp-99999").mkdir()
+    for leftover in (f".{CHECKPOINT_NAME}.lock", f"{METRICS_NAME}.tmp", f".{PLOT_NAME}.tmp-7"):
+        (out / leftover).write_text("")
     with pytest.raises(CheckpointError, match="its run stopped before its first checkpoint; "
                                               "drop --resume to start it over there"):
         run(out, 3, resume=True)
