@@ -25,7 +25,7 @@ import os
 import re
 import sysconfig
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
@@ -58,6 +58,7 @@ class Corpus:
     valid_bytes: int
     tokenizer: str
     source: str
+    origin: str | None = None  # the absolute path or glob read (None: the default corpus)
 
     def bytes_per_token(self, split: str) -> float:
         """Raw UTF-8 bytes per token of ``split`` ("train" or "valid"); for reporting only."""
@@ -442,8 +443,9 @@ def load_corpus(
         raise DataError(f"valid_fraction must be an integer >= 2, not {valid_fraction!r}")
     if valid_fraction < 2:
         raise DataError(f"valid_fraction must be an integer >= 2, not {valid_fraction}")
+    origin = None if data is None else os.path.abspath(os.path.expanduser(os.fspath(data)))
     if data is not None and _is_store(Path(data).expanduser()):
-        return _store_corpus(Path(data).expanduser(), tokenizer)
+        return replace(_store_corpus(Path(data).expanduser(), tokenizer), origin=origin)
     docs, source = _gather(data)
     if not any(raw.strip() for _, raw in docs):
         raise DataError(f"{source} is empty (no text besides whitespace); give a text corpus")
@@ -459,6 +461,7 @@ def load_corpus(
         valid_bytes=sum(map(len, valid_docs)),
         tokenizer=tokenizer,
         source=source,
+        origin=origin,
     )
 
 

@@ -25,8 +25,8 @@ def intes_version() -> str:
         return "unknown"
 
 
-def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
-             val_bpb: float | None, eval_sample: tuple[int, int]) -> dict:
+def run_meta(config: TrainConfig, step: int, corpus: Corpus, val_bpb: float | None,
+             eval_sample: tuple[int, int]) -> dict:
     """Everything besides the weights that a resume, eval or sample needs; ``eval_sample``
     is the (streams, length) the run's evaluations asked for, which a resume keeps so that
     its log's figures stay comparable."""
@@ -36,7 +36,7 @@ def run_meta(config: TrainConfig, step: int, corpus: Corpus, data: str | None,
         "seed": config.seed,
         "tokenizer": corpus.tokenizer,
         "vocab_size": corpus.vocab_size,
-        "data": data,
+        "data": corpus.origin,  # where eval and a resume read the run's data again
         "source": corpus.source,
         "data_digest": corpus.digest,
         "data_tokens": [len(corpus.train), len(corpus.valid)],
@@ -75,6 +75,10 @@ def load_run(path: str | Path, backend: str = "auto", data: str | None = None
     engine, meta = load_engine(path, backend)
     corpus = (load_corpus(data, tokenizer=meta["tokenizer"]) if data is not None
               else run_corpus(meta, tokenizer=meta["tokenizer"]))
+    if data is None and meta.get("data_digest") not in (None, corpus.digest):
+        raise DataError(f"the run's data, {meta.get('data') or 'the default corpus'}, has "
+                        "changed since the checkpoint (its tokens differ); give the run's data "
+                        "with --data")
     if corpus.tokenizer != meta["tokenizer"]:  # a store of another tokenizer, same vocab or not
         raise DataError("the data is tokenized with another tokenizer than the run's (a store "
                         "keeps its own): give text, or a store of the run's tokenizer")

@@ -66,7 +66,6 @@ class RunOptions:
     resume: bool = False
     chunk_pairs: int | None = None  # evaluate the population this many pairs at a time
     progress: bool = True
-    data: str | None = None  # where the corpus came from (None: the default corpus)
 
     def validate(self) -> None:
         if not isinstance(self.out, (str, os.PathLike)):
@@ -384,7 +383,7 @@ class _Run:
         params, step = self.snapshot
         if not self.is_main or step == self.saved_step:
             return
-        meta = run_meta(self.engine.config, step, self.corpus, self.options.data, self.val_bpb,
+        meta = run_meta(self.engine.config, step, self.corpus, self.val_bpb,
                         (self.options.eval_streams, self.options.eval_len))
         save_checkpoint(self.out / CHECKPOINT_NAME, dict(params), meta)
         self.saved_step = step

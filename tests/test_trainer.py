@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import replace
@@ -25,10 +26,10 @@ import intes.validation as validation
 from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from intes.data import load_corpus
 from intes.engine import MAX_SEQ_LEN, Engine, ModelConfig, TrainConfig
-from intes.errors import CheckpointError, ConfigError, Interrupted
+from intes.errors import CheckpointError, ConfigError, DataError, Interrupted
 from intes.es import ESConfig
 from intes.ngram import ngram_bits_per_byte
-from intes.runs import intes_version
+from intes.runs import intes_version, load_run
 from intes.sampling import draw, generate, token_weights
 from intes.trainer import METRICS_NAME, PLOT_NAME, RunOptions, pretrain
 from intes.validation import Validation, eval_shape, validation_bpb
@@ -144,6 +145,21 @@ def test_resume_at_any_step_is_bit_exact(kind, seed, noise_reuse, group_size, sp
         assert same_weights(weights(out), expected)
 
 
+def test_eval_reads_the_runs_own_data_and_refuses_it_changed(tmp_path):
+    """A run started from the Python API recorded no data path, so eval silently scored the
+    default corpus; a file changed since the run is refused, not scored as the run's."""
+    text = tmp_path / "text.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    pretrain(tiny_config(), load_corpus(text), options(out, 1), backend="reference")
+    assert load_run(out, "reference")[1].digest == load_corpus(text).digest
+    text.write_text(small_text() + "more\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"the run's data, {re.escape(str(text))}, has changed "
+                                        "since the checkpoint"):
+        load_run(out, "reference")
+    load_run(out, "reference", data=str(text))  # given: scored as asked
+
+
 def test_checkpoint_holds_weights_and_run_metadata():
     out, params = straight_run()
     arrays, meta = load_checkpoint(out / CHECKPOINT_NAME)
@@ -153,6 +169,7 @@ def test_checkpoint_holds_weights_and_run_metadata():
     assert meta["val_bpb"] > 0 and meta["seed"] == 3
     data = corpus()  # what a resume checks its data against
     assert meta["data_digest"] == data.digest
+    assert meta["data"] == data.origin == os.path.abspath(Path(scratch().name, "small.txt"))
     assert meta["data_tokens"] == [len(data.train), len(data.valid)]
     assert meta["intes_version"] == intes_version()
     assert meta["eval_sample"] == [4, 32]  # what a resume keeps

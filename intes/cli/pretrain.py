@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,14 +60,6 @@ def build_config(base: TrainConfig, flags: dict, names: set[str]) -> TrainConfig
             node = node[parent]
         node[key] = flags[name]
     return TrainConfig.from_dict(tree)
-
-
-def _absolute(data: str | None) -> str | None:
-    """The data path made absolute (the checkpoint records it for --resume); None and a blank
-    path stay as given, for load_corpus to take the default corpus or refuse the blank."""
-    if data is None or not data.strip():
-        return data
-    return os.path.abspath(os.path.expanduser(data))
 
 
 def default_out(config: TrainConfig) -> Path:
@@ -211,12 +202,11 @@ def _inputs(flags: dict, given: set[str]) -> tuple[TrainConfig, Corpus, RunOptio
         resume=flags["resume"],
         chunk_pairs=flags["chunk_pairs"],
         progress=flags["progress"],
-        data=_absolute(data),
     )
     options.validate()
     config.validate()  # fail fast, before reading a corpus; vocab is checked again below
     from_run = meta is not None and flags["data"] is None  # a resume on the run's own data
-    corpus = run_corpus(meta) if from_run else load_corpus(options.data)
+    corpus = run_corpus(meta) if from_run else load_corpus(data)
     if not flags["resume"]:
         config = replace(config, model=replace(config.model, vocab_size=corpus.vocab_size))
     return config, corpus, options
