@@ -415,8 +415,9 @@ def _load_store(path: Path) -> Corpus:
 def _store_corpus(path: Path, tokenizer: str) -> Corpus:
     corpus = _load_store(path)
     if tokenizer not in ("bytes", corpus.tokenizer):  # "bytes" is the default: none asked for
-        raise DataError(f"{path} is tokenized with another tokenizer than the one asked for "
-                        "(a store keeps its own): give text, or a store of that tokenizer")
+        raise DataError(f"{path} is tokenized with another tokenizer than the one to use "
+                        "(--tokenizer, or the run's): a store keeps its own; give text, or a "
+                        "store of that tokenizer")
     return corpus
 
 

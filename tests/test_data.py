@@ -370,7 +370,7 @@ def test_store_is_found_without_suffix_and_replaced_atomically(tmp_path):
 
 def test_store_keeps_its_tokenizer(tmp_path):
     prepare_store(_write(tmp_path / "a.txt", TEXT), tmp_path / "t.zarr")
-    with pytest.raises(DataError, match="tokenized with another tokenizer than the one asked"):
+    with pytest.raises(DataError, match="tokenized with another tokenizer than the one to use"):
         load_corpus(tmp_path / "t.zarr", tokenizer="bpe:300")
 
 
