@@ -37,6 +37,7 @@ TINY = ["--model", "rwkv", "--dim", "16", "--layers", "1", "--population", "8", 
         "--no-progress"]
 FAST_EVAL = ["--streams", "4", "--length", "32", "--backend", "reference"]
 PRETRAIN_MODULE = importlib.import_module("intes.cli.pretrain")  # the attribute is the command
+EVALUATE_MODULE = importlib.import_module("intes.cli.evaluate")
 
 
 def invoke(*args: str):
@@ -142,6 +143,17 @@ def test_sample_continues_the_prompt_reproducibly(run_dir):
         result = invoke(*args, *flags)
         assert result.output == "def " + decode(tokens, "bytes").replace("\0", "\n") + "\n"
     assert invoke(*args[:-3], 4, "--backend", "reference").output != first.output  # seed 4
+
+
+def test_sample_shows_control_characters_escaped_on_a_terminal(run_dir, monkeypatch):
+    """An ESC a model makes would start an escape sequence the terminal obeys; piped, the
+    text stays as made."""
+    monkeypatch.setattr(EVALUATE_MODULE, "stream", lambda *a, **k: iter(b"a\x1b[2Jb\tc\x00d\x7f"))
+    piped = invoke("sample", run_dir, "--prompt", "p\x07")
+    assert piped.exit_code == 0 and piped.output == "p\x07a\x1b[2Jb\tc\nd\x7f\n"
+    monkeypatch.setattr(EVALUATE_MODULE, "on_terminal", lambda: True)
+    shown = invoke("sample", run_dir, "--prompt", "p\x07")
+    assert shown.exit_code == 0 and shown.output == "p\\x07a\\x1b[2Jb\tc\nd\\x7f\n"
 
 
 def test_sample_temperature_shift_sharpens_to_the_argmax(run_dir):

@@ -7,6 +7,7 @@ in ``load_checkpoint`` and is reported in one line.
 from __future__ import annotations
 
 import codecs
+import sys
 from collections.abc import Iterable, Iterator
 
 import click
@@ -81,12 +82,25 @@ def sample(checkpoint: str, prompt: str, n_tokens: int, greedy: bool, seed: int,
     engine, meta = load_engine(checkpoint, backend)
     tokenizer = meta["tokenizer"]
     prompt_tokens = encode(prompt, tokenizer).astype(np.int32)
-    click.echo(decode(prompt_tokens, tokenizer).replace("\0", "\n"), nl=False)
+    shown = CONTROLS_SHOWN if on_terminal() else SEPARATOR_AS_NEWLINE
+    click.echo(decode(prompt_tokens, tokenizer).translate(shown), nl=False)
     tokens = stream(engine, prompt_tokens, n_tokens, greedy=greedy, seed=seed,
                     temperature_shift=temperature_shift)
     for text in printable(tokens, tokenizer, context=prompt_tokens.tolist()):
-        click.echo(text.replace("\0", "\n"), nl=False)
+        click.echo(text.translate(shown), nl=False)
     click.echo()
+
+
+SEPARATOR_AS_NEWLINE = {0: "\n"}  # a document boundary reads as a line break
+# On a terminal a model's control characters are shown escaped (ESC, say, would start an
+# escape sequence the terminal obeys); newlines and tabs stay, piped output stays as made
+CONTROLS_SHOWN = SEPARATOR_AS_NEWLINE | {
+    c: f"\\x{c:02x}" for c in [*range(1, 32), *range(127, 160)] if chr(c) not in "\n\t"}
+
+
+def on_terminal() -> bool:
+    """Whether the sample goes to a terminal (stdout is a tty)."""
+    return sys.stdout.isatty()
 
 
 def printable(tokens: Iterable[int], tokenizer: str, hold: int = 64,
