@@ -205,6 +205,21 @@ def _is_record(record: object) -> bool:
             and (record["event"] != "eval" or number("val_bpb")))
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (none if it is missing)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash: drop it
+            continue
+        if _is_record(record):  # and whatever else a hand or a tool put there
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl, plus the evaluations so far for the plot.
 
@@ -221,17 +236,7 @@ class MetricsLog:
         self.file = path.open("a", encoding="utf-8")
 
     def _kept(self, step: int) -> list[dict]:
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash: drop it
-                continue
-            if _is_record(record):  # and whatever else a hand or a tool put there
-                records.append(record)
-        return [r for r in records if r["step"] < step
+        return [r for r in read_records(self.path) if r["step"] < step
                 or (r["event"] == "step" and r["step"] == step)]
 
     def _rewrite(self, records: list[dict]) -> None:
@@ -418,11 +423,12 @@ class _Run:
     def continue_command(self) -> str:
         """The command that resumes this run as it was going: what is left of its budget (the
         same step target, or the minutes of the time limit not yet spent) and the flags that
-        shaped it without being saved with it; once the steps are done, the command that gives
-        the final figure."""
-        if self.finishing:  # the training is done; what is left is the final figure
-            return f"intes eval {shlex.quote(str(self.out))}"
+        shaped it without being saved with it. Once the steps are done, what is left is the
+        final figure: the same resume gives and records it in one process
+        (``lacks_its_final_figure``); else ``intes eval`` gives it."""
         o = self.options
+        if self.finishing and (o.steps is None or self.sync_step is not None):
+            return f"intes eval {shlex.quote(str(self.out))}"
         flags = [f"--out {shlex.quote(str(self.out))}", "--resume"]
         launcher = "torchrun [its options] " if self.sync_step is not None else ""
         if o.steps is not None:
@@ -463,9 +469,18 @@ class _Run:
                 return "time limit"
         return "steps"
 
+    def lacks_its_final_figure(self) -> bool:
+        """Whether a resume at its target step finds no final figure of that step: the run was
+        stopped while scoring the whole split. One process only (the workers of a group would
+        each have to read the main one's log to agree)."""
+        step = self.start_step
+        return (self.options.resume and step == self.options.steps and self.sync_step is None
+                and not any(r["event"] == "final" and r["step"] == step
+                            for r in read_records(self.out / METRICS_NAME)))
+
     def run(self) -> dict:
         steps = self.options.steps
-        if steps is not None and self.start_step >= steps:
+        if steps is not None and self.start_step >= steps and not self.lacks_its_final_figure():
             self.say(f"already at step {self.start_step} (asked for {steps}); raise --steps to "
                      "train further")
             return self.summary("steps")

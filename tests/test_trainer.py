@@ -302,6 +302,23 @@ def test_an_interrupt_before_a_steps_line_is_written_loses_no_line(tmp_path, mon
     assert same_weights(weights(tmp_path), straight_run()[1])
 
 
+def test_a_resume_at_its_target_scores_a_final_figure_it_lacks(tmp_path, capsys):
+    """Stopped while scoring the whole split, a finished run had no final figure, and a resume
+    only said it was already at its step."""
+    first = run(tmp_path, 2)
+    log = tmp_path / METRICS_NAME
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records if r["event"] != "final"))
+    capsys.readouterr()
+    again = run(tmp_path, 2, resume=True)
+    assert "already at step" not in capsys.readouterr().out
+    assert again["final_val_bpb"] == first["final_val_bpb"] and again["steps_run"] == 0
+    now = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in now] == [(r["event"], r["step"]) for r in records]
+    run(tmp_path, 2, resume=True)
+    assert "already at step 2 (asked for 2)" in capsys.readouterr().out
+
+
 def test_an_interrupt_while_compiling_leaves_nothing_on_disk(tmp_path, monkeypatch):
     """Ctrl-C during the warm-up (a first run's compilation, tens of seconds) comes before the
     run directory exists, so the same command simply starts again."""
@@ -424,19 +441,33 @@ def test_the_hint_quotes_a_run_directory_with_spaces(tmp_path, capsys):
     assert hint.endswith(f"continue with: intes pretrain --out '{out}' --resume --steps 3"), hint
 
 
-def test_an_interrupt_in_the_final_evaluation_hints_intes_eval(tmp_path, capsys, monkeypatch):
-    """The steps are done and saved: a resume would have nothing to do (it says so and stops),
-    so the hint is the command that gives the final figure."""
+@pytest.mark.parametrize("budget", ["steps", "time limit"])
+def test_an_interrupt_in_the_final_evaluation_hints_how_to_get_the_figure(tmp_path, capsys,
+                                                                         monkeypatch, budget):
+    """The steps are done and saved: the same resume scores and records the final figure; a
+    time-limited run's resume would train on, so its hint is intes eval."""
+    whole_split = trainer._Run.evaluate_whole_split
+
     def interrupted(self) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer._Run, "evaluate_whole_split", interrupted)
     out = tmp_path / "run"
+    opts = options(out, 2) if budget == "steps" else replace(options(out, None), time_limit=1e-9)
     with pytest.raises(Interrupted):
-        pretrain(tiny_config(), corpus(), options(out, 2), backend="reference")
+        pretrain(tiny_config(), corpus(), opts, backend="reference")
     hint = capsys.readouterr().out.rstrip()
-    assert hint.endswith(f"checkpoint at step 2 in {out}; continue with: intes eval {out}"), hint
-    assert load_checkpoint(out / CHECKPOINT_NAME)[1]["step"] == 2
+    step = load_checkpoint(out / CHECKPOINT_NAME)[1]["step"]
+    if budget == "time limit":
+        assert hint.endswith(f"checkpoint at step {step} in {out}; continue with: intes eval "
+                             f"{out}"), hint
+        return
+    assert hint.endswith(f"checkpoint at step 2 in {out}; continue with: intes pretrain --out "
+                         f"{out} --resume --steps 2"), hint
+    monkeypatch.setattr(trainer._Run, "evaluate_whole_split", whole_split)
+    assert run(out, 2, resume=True)["final_val_bpb"] is not None
+    records = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "final"] == [2]
 
 
 def test_checkpoints_come_every_n_steps_or_at_each_evaluation(tmp_path, monkeypatch):
