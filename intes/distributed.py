@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import re
 import signal
@@ -164,29 +163,24 @@ def _weights_digest(engine: Engine) -> int:
     return digest([("step", np.int64(engine.step_index)), *sorted(engine.params.items())])
 
 
-def start_settings(config: TrainConfig, options: RunOptions) -> dict:
-    """The settings every worker must share (see ``_start_digests``), by name."""
-    return {"config": config.to_dict(), "steps": options.steps, "resume": options.resume,
-            VERIFY_ENV: verify_every(), "eval_sample": [options.eval_streams, options.eval_len]}
-
-
-def _start_digests(config: TrainConfig, corpus: Corpus, options: RunOptions,
-                   engine: Engine) -> dict[str, int]:
-    """What must be the same on every worker before the first step, one hash each.
+def _start_settings(config: TrainConfig, options: RunOptions) -> dict:
+    """The settings every worker must share, by name (compared as they are, so a difference
+    is named).
 
     The time limit may differ (the stop is voted on); a different step count would not be, nor
     a different replica check interval (workers would call different collectives), nor another
     validation sample (each worker scores a shard of its own).
     """
-    text = json.dumps(start_settings(config, options), sort_keys=True).encode()
+    return {"config": config.to_dict(), "steps": options.steps, "resume": options.resume,
+            VERIFY_ENV: verify_every(), "eval_sample": [options.eval_streams, options.eval_len]}
+
+
+def _start_digests(corpus: Corpus, engine: Engine) -> dict[str, int]:
+    """What else must be the same on every worker before the first step, one hash each."""
     return {
-        "settings": digest([("settings", np.frombuffer(text, dtype=np.uint8))]),
         "data": digest([("train", corpus.train), ("valid", corpus.valid)]),
         "weights": _weights_digest(engine),
     }
-
-
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,8 +421,8 @@ def _agree_on_start(config: TrainConfig, corpus: Corpus, options: RunOptions,
     settings: dict = {}
     try:
         engine = validated_engine(config, corpus, options, backend, is_main=rank == 0)
-        digests = _start_digests(config, corpus, options, engine)
-        settings = start_settings(config, options)
+        digests = _start_digests(corpus, engine)
+        settings = _start_settings(config, options)
     except IntesError as err:
         error = err
     reports = _gather_objects((str(error) if error else None, digests, settings),
@@ -447,8 +441,7 @@ def _agree_on_start(config: TrainConfig, corpus: Corpus, options: RunOptions,
                                    "flags and environment")
         if differ:
             raise DistributedError(f"worker {other}'s {' and '.join(differ)} differ from worker "
-                                   f"0's: every worker needs the same flags, {VERIFY_ENV}, data "
-                                   "and checkpoint")
+                                   "0's: every worker needs the same data and checkpoint")
 
 
 class ShardFitness:
@@ -544,6 +537,9 @@ def pretrain_from(inputs: Callable[[], tuple[TrainConfig, Corpus, RunOptions]],
             return summary
     finally:
         shutdown()
+
+
+T = TypeVar("T")
 
 
 def read_together(inputs: Callable[[], T]) -> T:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import intes
 from intes.data import load_corpus, sample_windows
 from intes.engine import Engine, ModelConfig, TrainConfig, member_windows
 from intes.errors import ConfigError, DataError
@@ -299,3 +300,13 @@ def test_sample_windows_refuses_arguments_out_of_range(args, match):
     call.update(args)
     with pytest.raises(ConfigError, match=match):
         sample_windows(**call)
+
+
+def test_the_public_names_are_the_modules_own():
+    """``import intes`` loads its names on first use (``intes._EXPORTS``); each must be the
+    object its module defines, and ``__all__`` must list exactly them."""
+    assert intes.__all__ == sorted(intes._EXPORTS)
+    for name, module in intes._EXPORTS.items():
+        assert getattr(intes, name) is getattr(__import__(module, fromlist=[name]), name)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        intes.nope  # noqa: B018
