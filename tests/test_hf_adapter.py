@@ -37,11 +37,13 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    RwkvConfig,
+    RwkvForCausalLM,
 )
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from intes import distributed  # noqa: E402
-from intes.adapters import check_settings, hf  # noqa: E402
+from intes.adapters import check_settings, hf, probes  # noqa: E402
 from intes.adapters.hf import (  # noqa: E402
     ESFineTuner,
     LowRankAdapter,
@@ -95,6 +97,10 @@ def build(arch: str, tok: PreTrainedTokenizerFast, dtype=None) -> torch.nn.Modul
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=4, **ids))
+    elif arch == "rwkv":  # recurrent, and its forward ignores the attention mask
+        model = RwkvForCausalLM(RwkvConfig(hidden_size=32, attention_hidden_size=32,
+                                           intermediate_size=64, num_hidden_layers=2,
+                                           context_length=128, **ids))
     else:
         model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128,
                                            **ids))
@@ -267,6 +273,62 @@ def test_member_chunks_give_the_same_completions(tokenizer, arch, population, ch
     whole = completions(None)
     assert len(whole) == population * len(PROMPTS)
     assert completions(chunk) == whole
+
+
+@pytest.mark.parametrize(("arch", "apart", "pads"), [("llama", True, True), ("gpt2", True, True),
+                                                    ("rwkv", False, False)])
+def test_the_probes_find_models_whose_rows_mix_or_that_read_their_pads(tokenizer, arch, apart,
+                                                                       pads):
+    """HF's RWKV reads its pads, and in a batch with its cache mixes its rows (not without)."""
+    model, config = build(arch, tokenizer), hf.ESFineTuner(
+        build(arch, tokenizer), tokenizer, zero_reward).generation
+    ids = tokenizer(["the quick brown"], return_tensors="pt")["input_ids"]
+    assert probes.rows_stay_apart(model, config, ids) is apart
+    assert probes.pads_change_nothing(model, config, ids) is pads
+    config.use_cache = False
+    assert probes.rows_stay_apart(model, config, ids)
+
+
+def test_a_model_whose_rows_mix_without_its_cache_too_is_refused_once(tokenizer, monkeypatch):
+    calls = []
+    monkeypatch.setattr(probes, "rows_stay_apart",
+                        lambda *args: calls.append(args[1].use_cache is not False))
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward)
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel's generate.* cannot fine-tune"):
+        tuner.evaluate(PROMPTS)
+    assert calls == [True, False]  # with the cache, then without
+
+
+def test_the_probes_run_once_per_fine_tuner(tokenizer, monkeypatch):
+    calls = []
+    probe = probes.pads_change_nothing
+    monkeypatch.setattr(probes, "pads_change_nothing", lambda *a: calls.append(1) or probe(*a))
+    tuner = ESFineTuner(build("llama", tokenizer), tokenizer, zero_reward)
+    tuner.evaluate(PROMPTS)
+    tuner.evaluate(PROMPTS[::-1])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("arch", ["rwkv", "llama"])
+def test_a_prompt_completes_alike_alone_and_beside_longer_ones(tokenizer, arch, monkeypatch):
+    """Every member's completion of a prompt is the one it makes of that prompt alone, also
+    for a model that reads its pads (which then gets one generate() per prompt length, where
+    a model that honors the mask gets one for all)."""
+    def completions(prompts: list[str]) -> list[list[str]]:
+        seen: dict[str, list[str]] = {p: [] for p in prompts}
+        tuner = ESFineTuner(build(arch, tokenizer), tokenizer,
+                            lambda p, c: seen[p].append(c) or 0.0, population=4, sigma=0.05,
+                            max_new_tokens=8)
+        calls = []
+        complete = tuner._complete
+        monkeypatch.setattr(tuner, "_complete", lambda enc, m: calls.append(1) or complete(enc, m))
+        tuner.evaluate(prompts)
+        lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
+        assert len(calls) == (len(lengths) if arch == "rwkv" else 1)
+        return [seen[p] for p in prompts]
+
+    together = completions(PROMPTS)
+    assert together == [completions([p])[0] for p in PROMPTS]
 
 
 def test_out_of_memory_halves_the_member_chunk(tokenizer, monkeypatch):

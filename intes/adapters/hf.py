@@ -10,10 +10,11 @@ The factors A_p, B_p come from ``intes.noise.lowrank_factors`` keyed by
 selected layer names; the int8 values are divided by 16, so they are ~N(0, 1). With no
 1/sqrt(r), each weight's perturbation sigma * (A_p B_p^T)_ij has std sigma * sqrt(r) at rank r.
 The batch of one ``generate()`` is members x prompts (member-major), so the whole population
-shares every base matmul and only the rank-r side path differs per member. The side path lives
-in forward hooks that exist only inside ``LowRankAdapter.perturbed``: base weights are never
-written while members are evaluated, so unlike the perturb / generate / restore loop of
-"Evolution Strategies at Scale" nothing drifts, even in bf16.
+shares every base matmul and only the rank-r side path differs per member (a model whose pads
+change its output, such as HF's RWKV, gets one batch per prompt length: see ``probes``). The
+side path lives in forward hooks that exist only inside ``LowRankAdapter.perturbed``: base
+weights are never written while members are evaluated, so unlike the perturb / generate /
+restore loop of "Evolution Strategies at Scale" nothing drifts, even in bf16.
 
 The update is rebuilt from seeds alone (no stored noise, no optimizer state)::
 
@@ -58,9 +59,11 @@ from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from intes import distributed
-from intes.adapters import SHAPINGS, RewardFn, check_settings, target_pattern
+from intes.adapters import SHAPINGS, RewardFn, check_settings, probes, target_pattern
 from intes.errors import ConfigError, DataError, IntesError
 from intes.noise import lowrank_factors, member_signs
+
+Encoding = dict[str, torch.Tensor]  # input_ids and attention_mask, one row per prompt
 
 NOISE_UNIT = 16.0  # int8 noise is N(0, 1) in x16 fixed point; a power of two, so /16 is exact
 
@@ -313,6 +316,7 @@ class ESFineTuner:
         self.adapter = LowRankAdapter(model, sigma, rank, seed, target_modules)
         self.step_index = 0
         self.generation = self._generation_config(max_new_tokens)
+        self._by_length: bool | None = None  # a batch per prompt length? (_plan_generation)
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         """Plain greedy decoding; a tokenizer without a pad token pads with its eos token
@@ -336,7 +340,7 @@ class ESFineTuner:
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=pad, eos_token_id=eos or None)
 
-    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _encode(self, prompts: list[str]) -> Encoding:
         """Left-padded prompt batch (decoder-only generation continues from the right edge)."""
         tok = self.tokenizer
         side, pad = tok.padding_side, tok.pad_token
@@ -361,16 +365,42 @@ class ESFineTuner:
         dev = self.model.get_input_embeddings().weight.device
         return {key: enc[key].to(dev) for key in ("input_ids", "attention_mask")}
 
-    def _complete(self, enc: dict[str, torch.Tensor], members: np.ndarray) -> list[str]:
+    def _prompt_batches(self, prompts: list[str]) -> list[tuple[list[int], Encoding]]:
+        """The prompts' batches for generate(), each with the prompts' places in the list: one
+        left-padded batch, or one per prompt length for a model whose pads change its output."""
+        enc = self._encode(prompts)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        shortest = lengths.index(min(lengths))
+        if self._by_length is None:
+            self._plan_generation(enc["input_ids"][shortest:shortest + 1, -lengths[shortest]:])
+        if len(set(lengths)) == 1 or not self._by_length:
+            return [(list(range(len(prompts))), enc)]
+        batches = []
+        for length in sorted(set(lengths)):
+            places = [i for i, n in enumerate(lengths) if n == length]
+            batches.append((places, {key: value[places, -length:] for key, value in enc.items()}))
+        return batches
+
+    def _plan_generation(self, ids: torch.Tensor) -> None:
+        """Probe once, on a prompt, how the base model's generate() treats a batch
+        (``probes``): a model whose rows mix through its cache generates without it, one
+        whose rows mix anyway is refused, and one whose pads change its output gets a batch
+        per prompt length."""
+        if not probes.rows_stay_apart(self.model, self.generation, ids):
+            self.generation.use_cache = False
+            if not probes.rows_stay_apart(self.model, self.generation, ids):
+                raise ConfigError(f"{type(self.model).__name__}'s generate() decodes a prompt "
+                                  "otherwise in a batch than alone, with or without its cache; "
+                                  "ES generates for all members in one batch and cannot "
+                                  "fine-tune this model")
+        self._by_length = not probes.pads_change_nothing(self.model, self.generation, ids)
+
+    def _complete(self, enc: Encoding, members: np.ndarray) -> list[str]:
         """Completions of every prompt for each member, member-major, in one generate()."""
         batch = {key: value.repeat(len(members), 1) for key, value in enc.items()}
-        saved = self.model.generation_config  # generate() fills unset fields from it: beams,
-        self.model.generation_config = self.generation  # penalties, extra sequences, stops
-        try:
-            with self.adapter.perturbed(self.step_index, members) as called:
-                out = self.model.generate(**batch, generation_config=self.generation)
-        finally:
-            self.model.generation_config = saved
+        with (probes.decoding(self.model, self.generation),
+              self.adapter.perturbed(self.step_index, members) as called):
+            out = self.model.generate(**batch, generation_config=self.generation)
         missed = [name for name, hit in zip(self.adapter.names, called, strict=True) if not hit]
         if missed:  # their noise would move the weights without having touched the rewards
             raise ConfigError(
@@ -419,14 +449,14 @@ class ESFineTuner:
 
     def _evaluate_members(self, prompts: list[str], first: int, stop: int) -> np.ndarray:
         """Rewards (stop - first, prompts) of members first..stop-1."""
-        enc = self._encode(prompts)
+        batches = self._prompt_batches(prompts)
         name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
         rewards = np.empty((stop - first, len(prompts)))
         start = first
         while start < stop:
             members = np.arange(start, min(start + self.member_chunk, stop))
             try:
-                texts = self._complete(enc, members)
+                texts = [self._complete(enc, members) for _, enc in batches]
             except torch.cuda.OutOfMemoryError:
                 if len(members) == 1:
                     raise IntesError("out of memory with one member per generate(); every step "
@@ -435,9 +465,11 @@ class ESFineTuner:
                 self.member_chunk = len(members) // 2
                 torch.cuda.empty_cache()
                 continue
-            for i, text in enumerate(texts):
-                row, col = divmod(i, len(prompts))
-                rewards[start - first + row, col] = self._reward(prompts[col], text, name)
+            for (columns, _), batch_texts in zip(batches, texts, strict=True):
+                for i, text in enumerate(batch_texts):
+                    row, j = divmod(i, len(columns))
+                    col = columns[j]
+                    rewards[start - first + row, col] = self._reward(prompts[col], text, name)
             start += len(members)
         return rewards
 

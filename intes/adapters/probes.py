@@ -1,0 +1,75 @@
+"""How a Hugging Face model's ``generate()`` treats a batch, probed on the base model.
+
+The adapter puts every member's rows in one batch and left-pads prompts of other lengths.
+That is right only where a row's tokens depend on that row alone and a masked pad changes
+nothing. Most causal LMs satisfy both. HF's RWKV breaks both: its forward ignores the attention
+mask, so it reads its pads as tokens, and in transformers 5 its one-token steps with the cache
+broadcast a batch's rows into each other. Each probe is a short greedy ``generate()`` of one
+prompt, compared with itself alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+CLOSE_SHARE = 1e-2  # "about the same" logits: within this share of their largest magnitude
+
+
+@contextmanager
+def decoding(model: nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """generate() fills the fields its config leaves unset from the model's generation_config
+    (beams, penalties, extra sequences, stops): ``config`` stands in for it meanwhile."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+@torch.no_grad()
+def new_token_logits(model: nn.Module, config: GenerationConfig, ids: torch.Tensor,
+                     mask: torch.Tensor | None = None, tokens: int = 1) -> torch.Tensor:
+    """Float32 logits (tokens, rows, vocab) of the first new tokens greedy decoding makes."""
+    probe = copy.deepcopy(config)
+    probe.update(max_new_tokens=tokens, min_new_tokens=tokens, output_logits=True,
+                 return_dict_in_generate=True)
+    mask = torch.ones_like(ids) if mask is None else mask
+    with decoding(model, probe):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=probe)
+    return torch.stack(out.logits).float()
+
+
+def about_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Within CLOSE_SHARE of the larger magnitude: float kernels may sum a batch in another
+    order than one row, which moves the bits, not the meaning."""
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-6)
+    return bool((a - b).abs().max() <= CLOSE_SHARE * scale)
+
+
+def rows_stay_apart(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
+    """Whether a prompt (ids: 1 x length) decodes the same, over the first two new tokens (the
+    second is a step with the cache, where one is used), beside its own reversal as alone."""
+    tokens = min(2, config.max_new_tokens)
+    alone = new_token_logits(model, config, ids, tokens=tokens)
+    beside = new_token_logits(model, config, torch.cat([ids, ids.flip(1)]), tokens=tokens)
+    return about_equal(beside[:, :1], alone)
+
+
+def pads_change_nothing(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
+    """Whether the prompt's first new token gets the same logits, bit for bit, whatever its
+    masked left pad holds, and about those with no pad (positions taken from the mask)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long, device=ids.device)
+    mask[:, 0] = 0
+    padded = [new_token_logits(model, config, torch.cat([torch.full_like(ids[:, :1], fill), ids],
+                                                        dim=1), mask)
+              for fill in (config.pad_token_id, (config.pad_token_id + 1) % vocab)]
+    return (torch.equal(*padded)
+            and about_equal(padded[0], new_token_logits(model, config, ids)))
