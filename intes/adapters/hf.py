@@ -157,7 +157,9 @@ def _side_path(a: torch.Tensor, b: torch.Tensor, called: list[bool], tid: int) -
         called[tid] = True
         x = args[0]
         if x.shape[0] % members:
-            raise ConfigError(f"batch of {x.shape[0]} rows is not {members} members x prompts")
+            raise ConfigError(f"a perturbed layer got activations of shape {tuple(x.shape)}, "
+                              f"whose first dimension is no multiple of the {members} members: "
+                              "ES needs a model that puts the batch (members x prompts) first")
         xs = x.reshape(members, -1, x.shape[-1]).float()
         delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
         return (output.float() + delta.reshape(output.shape)).to(output.dtype)
