@@ -267,14 +267,14 @@ def environment(dry_run: bool) -> tuple[Any, str, str, dict, tuple]:
         from intes.kernels.cupy import emulated_kernels
 
         return emulated_kernels(), "cpu", "cpu (dry run)", {}, ()
+    from intes.kernels.cuda import device_kernels, unavailable_reason
+
+    reason = unavailable_reason()  # before importing cupy, which may not be there
+    if reason is not None:
+        raise SystemExit(reason)
     import cupy
     import torch
 
-    from intes.kernels.cuda import device_kernels, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason is not None:
-        raise SystemExit(reason)
     versions = {lib: importlib.metadata.version(lib) for lib in ("torch", "triton")}
     return (device_kernels(), "cuda", torch.cuda.get_device_name(),
             {**versions, "cupy": cupy.__version__},

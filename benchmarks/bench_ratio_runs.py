@@ -76,6 +76,9 @@ def main() -> None:
                    help="run nothing: summarize the runs of these saved passes together")
     args = p.parse_args()
     if args.pool:
+        missing = [path for path in args.pool if not path.is_file()]
+        if missing:
+            p.error(f"--pool: no file {missing[0]}")
         passes = [json.loads(path.read_text())["models"] for path in args.pool]
         pooled = {m: [r for models in passes for r in models[m]["runs"]] for m in passes[0]}
         print(json.dumps({"passes": [str(path) for path in args.pool],

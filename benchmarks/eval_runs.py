@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from intes.errors import IntesError
 from intes.runs import load_run
 from intes.validation import Validation, validation_bpb
 
@@ -35,10 +36,16 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR")
     parser.add_argument("--sample-streams", type=int, default=32)
     args = parser.parse_args()
+    bad = [spec for spec in args.runs if not all(spec.partition("=")[::2])]
+    if bad:
+        parser.error(f"{bad[0]!r} is not NAME=RUN_DIR")
     result = {}
     for spec in args.runs:
         name, _, run = spec.partition("=")
-        result[name] = score(run, args.sample_streams)
+        try:
+            result[name] = score(run, args.sample_streams)
+        except IntesError as err:  # a missing or unreadable run: one line, as intes eval
+            raise SystemExit(f"error: {name}: {err}") from None
     print(json.dumps(result, indent=2))
 
 

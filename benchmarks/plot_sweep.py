@@ -70,10 +70,11 @@ def markdown(sweep: dict) -> str:
              f"| update share of the step | peak RSS, N = {pops[0]} → {pops[-1]} |",
              "|---|---|---|---|---|"]
     for width, runs in by_width(sweep["results"]).items():
+        full = [r["speedup"] for r in runs if "speedup" in r]  # none in a --no-naive sweep
         low = [r["speedup_low_rank"] for r in runs if "speedup_low_rank" in r]
         lines.append(
             f"| {width} | {span([r['ratio'] for r in runs], '.2f')} | "
-            f"{span([r['speedup'] for r in runs], '.1f')}× "
+            f"{span(full, '.1f') + '×' if full else '-'} "
             f"({span(low, '.1f') + '×' if low else '-'}) | "
             f"{100 * runs[0]['update_fraction']:.0f}% → {100 * runs[-1]['update_fraction']:.0f}% | "
             f"{runs[0]['peak_rss_mb']:,.0f} → {runs[-1]['peak_rss_mb']:,.0f} MB |")

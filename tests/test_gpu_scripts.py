@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import intes.kernels.cupy as ck
+from intes.kernels.cuda import unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,13 +36,28 @@ needs_dry_run = pytest.mark.skipif(_dry_run_missing() is not None,
                                    reason=_dry_run_missing() or "")
 
 
-def dry_run(script: str, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+def _with_root() -> dict[str, str]:
+    """The environment with the project on PYTHONPATH, as the docs run the scripts."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def dry_run(script: str, *args: str) -> str:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--dry-run", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=_with_root(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+@pytest.mark.skipif(unavailable_reason() is None, reason="a GPU is here")
+@pytest.mark.parametrize("script", ["bench_gpu.py", "profile_gpu.py"])
+def test_without_a_gpu_the_scripts_say_why_in_one_line(script, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--repeats", "1",
+                           *(["--out", str(tmp_path / "x.json")] if script == "bench_gpu.py"
+                             else [])],
+                          capture_output=True, text=True, env=_with_root(), timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip() == unavailable_reason()
 
 
 @needs_dry_run
