@@ -32,11 +32,14 @@ from click.testing import CliRunner  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
     RwkvConfig,
     RwkvForCausalLM,
 )
@@ -97,6 +100,9 @@ def build(arch: str, tok: PreTrainedTokenizerFast, dtype=None) -> torch.nn.Modul
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=4, **ids))
+    elif arch == "falcon":  # its linears are FalconLinear, with a forward of their own
+        model = FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, **ids))
     elif arch == "rwkv":  # recurrent, and its forward ignores the attention mask
         model = RwkvForCausalLM(RwkvConfig(hidden_size=32, attention_hidden_size=32,
                                            intermediate_size=64, num_hidden_layers=2,
@@ -161,7 +167,7 @@ def explicitly_perturbed(model, adapter, step: int, member: int) -> torch.nn.Mod
     return twin
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "falcon"])
 @settings(max_examples=6, deadline=None)
 @given(members=st.lists(st.integers(0, 9), min_size=1, max_size=4),
        step=st.integers(0, 2**20), rank=st.integers(1, 3))
@@ -287,6 +293,43 @@ def test_the_probes_find_models_whose_rows_mix_or_that_read_their_pads(tokenizer
     assert probes.pads_change_nothing(model, config, ids) is pads
     config.use_cache = False
     assert probes.rows_stay_apart(model, config, ids)
+
+
+def test_pads_that_move_a_moe_models_logits_by_rounding_only_change_nothing(tokenizer):
+    """Qwen2-MoE groups a batch's tokens per expert, so another pad moves the last bits of
+    the logits (2e-7 of them here): that is float rounding, not a model reading its pads."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2MoeConfig(
+        vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, hidden_size=64,
+        intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2)).eval()
+    config = ESFineTuner(model, tokenizer, zero_reward).generation
+    ids = tokenizer(["jumps"], return_tensors="pt")["input_ids"]
+    assert probes.pads_change_nothing(model, config, ids)
+
+
+def test_pads_are_probed_only_when_prompts_of_two_lengths_meet(tokenizer, monkeypatch):
+    calls = []
+    probe = probes.pads_change_nothing
+    monkeypatch.setattr(probes, "pads_change_nothing", lambda *a: calls.append(1) or probe(*a))
+    tuner = ESFineTuner(build("llama", tokenizer), tokenizer, zero_reward)
+    tuner.evaluate(["lazy dog", "over the"])  # 3 tokens each
+    assert calls == []
+    tuner.evaluate(PROMPTS)
+    assert calls == [1]
+
+
+def test_a_model_that_fails_on_a_padded_batch_gets_no_pads(tokenizer, monkeypatch):
+    def fails(*args):
+        raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)")
+
+    monkeypatch.setattr(probes, "pads_change_nothing", fails)
+    tuner = ESFineTuner(build("llama", tokenizer), tokenizer, zero_reward)
+    batches = tuner._prompt_batches(PROMPTS)
+    assert len(batches) == len({len(tokenizer(p)["input_ids"]) for p in PROMPTS}) > 1
+    assert all(bool(enc["attention_mask"].all()) for _, enc in batches)
 
 
 def test_a_model_whose_rows_mix_without_its_cache_too_is_refused_once(tokenizer, monkeypatch):
@@ -439,10 +482,20 @@ def test_linear_subclasses_with_a_forward_of_their_own_are_not_perturbed(tokeniz
     class Named(torch.nn.Linear):
         pass
 
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Rewritten(torch.nn.Linear):  # Falcon's FalconLinear: x Wᵀ + b in its own forward
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
     model = build("llama", tokenizer)
     model.model.router, model.model.named = Router(4, 4), Named(4, 4)
+    model.model.doubled, model.model.rewritten = Doubled(4, 4), Rewritten(4, 4)
     names = LowRankAdapter(model, sigma=0.05, rank=1, seed=0).names
-    assert "model.named" in names and "model.router" not in names
+    assert "model.named" in names and "model.rewritten" in names
+    assert "model.router" not in names and "model.doubled" not in names
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -93,21 +93,41 @@ def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[st
 
     A tied weight (GPT-2's lm_head shares the input embedding) is skipped: the side path would
     only perturb its output role, while the update would also move the embedding. So is a
-    Linear subclass with a forward of its own (a MoE router returning a tuple, a quantized or
-    grouped linear): the side path adds to y = x Wᵀ + b, which such a layer does not compute.
+    Linear subclass with a forward of its own that does not compute y = x Wᵀ + b, the output
+    the side path adds to (a MoE router returning a tuple, a quantized or grouped linear);
+    Falcon's FalconLinear, which does, is kept.
     """
     pattern = target_pattern(target_modules)
     tied = _shared_weights(model)
+    plain: dict[type, bool] = {nn.Linear: True}  # per Linear class: computes x Wᵀ + b?
     layers = [
         (name, m) for name, m in model.named_modules()
-        if (isinstance(m, Conv1D) or isinstance(m, nn.Linear)
-            and type(m).forward is nn.Linear.forward)
+        if (isinstance(m, Conv1D) or isinstance(m, nn.Linear) and _computes_linear(m, plain))
         and id(m.weight) not in tied and (pattern is None or pattern.search(name))
     ]
     if not layers:
         which = f" matching {target_modules!r}" if target_modules else ""
         raise ConfigError(f"the model has no (untied) Linear layers{which} to perturb")
     return sorted(layers, key=lambda item: item[0])
+
+
+@torch.no_grad()
+def _computes_linear(module: nn.Linear, known: dict[type, bool]) -> bool:
+    """Whether the module's class computes x Wᵀ + b, tried once per class on a small input
+    (Linear's own forward does; a subclass's forward may return a tuple, dequantize, ...)."""
+    cls = type(module)
+    if cls not in known:
+        w = module.weight
+        x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0))
+        x = x.to(w.device, w.dtype) if w.is_floating_point() else x.to(w.device)
+        try:
+            y = module(x)
+            expected = nn.functional.linear(x, w, module.bias)
+            known[cls] = (isinstance(y, torch.Tensor) and y.shape == expected.shape
+                          and probes.about_equal(y.float(), expected.float()))
+        except Exception:  # a forward that needs more than one tensor, or another weight dtype
+            known[cls] = False
+    return known[cls]
 
 
 def shape_rewards(rewards: np.ndarray, kind: str) -> np.ndarray:
@@ -318,7 +338,8 @@ class ESFineTuner:
         self.adapter = LowRankAdapter(model, sigma, rank, seed, target_modules)
         self.step_index = 0
         self.generation = self._generation_config(max_new_tokens)
-        self._by_length: bool | None = None  # a batch per prompt length? (_plan_generation)
+        self._rows_checked = False  # see _check_rows
+        self._by_length: bool | None = None  # a batch per prompt length? (_pads_matter)
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         """Plain greedy decoding; a tokenizer without a pad token pads with its eos token
@@ -373,9 +394,10 @@ class ESFineTuner:
         enc = self._encode(prompts)
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         shortest = lengths.index(min(lengths))
-        if self._by_length is None:
-            self._plan_generation(enc["input_ids"][shortest:shortest + 1, -lengths[shortest]:])
-        if len(set(lengths)) == 1 or not self._by_length:
+        ids = enc["input_ids"][shortest:shortest + 1, -lengths[shortest]:]
+        if not self._rows_checked:
+            self._check_rows(ids)
+        if len(set(lengths)) == 1 or not self._pads_matter(ids):
             return [(list(range(len(prompts))), enc)]
         batches = []
         for length in sorted(set(lengths)):
@@ -383,11 +405,10 @@ class ESFineTuner:
             batches.append((places, {key: value[places, -length:] for key, value in enc.items()}))
         return batches
 
-    def _plan_generation(self, ids: torch.Tensor) -> None:
-        """Probe once, on a prompt, how the base model's generate() treats a batch
-        (``probes``): a model whose rows mix through its cache generates without it, one
-        whose rows mix anyway is refused, and one whose pads change its output gets a batch
-        per prompt length."""
+    def _check_rows(self, ids: torch.Tensor) -> None:
+        """Probe once whether the base model decodes a prompt alike in a batch and alone
+        (``probes``): a model whose rows mix through its cache generates without it, and one
+        whose rows mix anyway is refused."""
         if not probes.rows_stay_apart(self.model, self.generation, ids):
             self.generation.use_cache = False
             if not probes.rows_stay_apart(self.model, self.generation, ids):
@@ -395,7 +416,18 @@ class ESFineTuner:
                                   "otherwise in a batch than alone, with or without its cache; "
                                   "ES generates for all members in one batch and cannot "
                                   "fine-tune this model")
-        self._by_length = not probes.pads_change_nothing(self.model, self.generation, ids)
+        self._rows_checked = True
+
+    def _pads_matter(self, ids: torch.Tensor) -> bool:
+        """Whether masked pads change the base model's output (``probes``), probed once, when
+        prompts of two lengths first meet. A model that fails on a padded batch gets no pads
+        either."""
+        if self._by_length is None:
+            try:
+                self._by_length = not probes.pads_change_nothing(self.model, self.generation, ids)
+            except Exception:  # whatever the model raises on a mask with zeros
+                self._by_length = True
+        return self._by_length
 
     def _complete(self, enc: Encoding, members: np.ndarray) -> list[str]:
         """Completions of every prompt for each member, member-major, in one generate()."""

@@ -19,6 +19,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 CLOSE_SHARE = 1e-2  # "about the same" logits: within this share of their largest magnitude
+PAD_SHARE = 1e-4  # pads read as tokens move logits by percents (HF's RWKV by over 100%); MoE
+# layers that group a batch's tokens per expert move them by float rounding, under 1e-6
 
 
 @contextmanager
@@ -46,11 +48,11 @@ def new_token_logits(model: nn.Module, config: GenerationConfig, ids: torch.Tens
     return torch.stack(out.logits).float()
 
 
-def about_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Within CLOSE_SHARE of the larger magnitude: float kernels may sum a batch in another
+def about_equal(a: torch.Tensor, b: torch.Tensor, share: float = CLOSE_SHARE) -> bool:
+    """Within ``share`` of the larger magnitude: float kernels may sum a batch in another
     order than one row, which moves the bits, not the meaning."""
     scale = max(float(a.abs().max()), float(b.abs().max()), 1e-6)
-    return bool((a - b).abs().max() <= CLOSE_SHARE * scale)
+    return bool((a - b).abs().max() <= share * scale)
 
 
 def rows_stay_apart(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
@@ -63,13 +65,14 @@ def rows_stay_apart(model: nn.Module, config: GenerationConfig, ids: torch.Tenso
 
 
 def pads_change_nothing(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
-    """Whether the prompt's first new token gets the same logits, bit for bit, whatever its
-    masked left pad holds, and about those with no pad (positions taken from the mask)."""
+    """Whether the prompt's first new token gets the same logits, up to float rounding,
+    whatever its masked left pad holds, and about those with no pad (positions taken from the
+    mask)."""
     vocab = model.get_input_embeddings().weight.shape[0]
     mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long, device=ids.device)
     mask[:, 0] = 0
     padded = [new_token_logits(model, config, torch.cat([torch.full_like(ids[:, :1], fill), ids],
                                                         dim=1), mask)
               for fill in (config.pad_token_id, (config.pad_token_id + 1) % vocab)]
-    return (torch.equal(*padded)
+    return (about_equal(*padded, share=PAD_SHARE)
             and about_equal(padded[0], new_token_logits(model, config, ids)))
