@@ -332,14 +332,29 @@ def test_a_model_that_fails_on_a_padded_batch_gets_no_pads(tokenizer, monkeypatc
     assert all(bool(enc["attention_mask"].all()) for _, enc in batches)
 
 
-def test_a_model_whose_rows_mix_without_its_cache_too_is_refused_once(tokenizer, monkeypatch):
-    calls = []
+def test_a_model_whose_rows_mix_without_its_cache_too_runs_one_row_at_a_time(tokenizer,
+                                                                           monkeypatch):
+    """Per-member ES's way: one member and prompt per generate(), the same rewards as the
+    batched way where the rows do not mix."""
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, lambda p, c: len(c), population=4,
+                        sigma=0.05, max_new_tokens=6)
+    batched = tuner.evaluate(PROMPTS)
+    assert tuner.batching() is None
+    tried = []
     monkeypatch.setattr(probes, "rows_stay_apart",
-                        lambda *args: calls.append(args[1].use_cache is not False))
-    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, zero_reward)
-    with pytest.raises(ConfigError, match="GPT2LMHeadModel's generate.* cannot fine-tune"):
-        tuner.evaluate(PROMPTS)
-    assert calls == [True, False]  # with the cache, then without
+                        lambda *args: tried.append(args[1].use_cache is not False) and False)
+    tuner = ESFineTuner(build("gpt2", tokenizer), tokenizer, lambda p, c: len(c), population=4,
+                        sigma=0.05, max_new_tokens=6)
+    rows = []
+    complete = tuner._complete
+    monkeypatch.setattr(tuner, "_complete",
+                        lambda enc, m: rows.append(len(m) * len(enc["input_ids"]))
+                        or complete(enc, m))
+    np.testing.assert_array_equal(tuner.evaluate(PROMPTS), batched)
+    assert tried == [True, False]  # with the cache, then without
+    assert rows == [1] * 4 * len(PROMPTS)
+    assert tuner.generation.use_cache is None
+    assert tuner.batching().startswith("one member and prompt per generate()")
 
 
 def test_the_probes_run_once_per_fine_tuner(tokenizer, monkeypatch):
@@ -368,6 +383,11 @@ def test_a_prompt_completes_alike_alone_and_beside_longer_ones(tokenizer, arch, 
         tuner.evaluate(prompts)
         lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
         assert len(calls) == (len(lengths) if arch == "rwkv" else 1)
+        assert tuner.batching() == ("generating without its cache (which mixes a batch's rows) "
+                                    "and in a batch per prompt length (its pads change its "
+                                    "output)" if arch == "rwkv" and len(lengths) > 1
+                                    else "generating without its cache (which mixes a batch's "
+                                    "rows)" if arch == "rwkv" else None)
         return [seen[p] for p in prompts]
 
     together = completions(PROMPTS)
@@ -821,6 +841,22 @@ def test_finetune_writes_model_metrics_and_plot(saved, tmp_path):
     assert (out / "reward.png").stat().st_size > 0
     AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_finetune_says_once_how_it_generates_for_a_model_that_needs_another_way(saved,
+                                                                                tokenizer,
+                                                                                tmp_path):
+    folder = tmp_path / "rwkv"
+    build("rwkv", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))  # of 3 and 2 tokens
+    result = invoke("--model", folder, "--task", "conciseness", "--prompts",
+                    tmp_path / "prompts.txt", "--population", 2, "--steps", 2,
+                    "--max-new-tokens", 3, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    said = ("RwkvForCausalLM: generating without its cache (which mixes a batch's rows) and in "
+            "a batch per prompt length (its pads change its output)\n")
+    assert result.output.count(said) == 1  # after the progress bar's line (stderr, here mixed)
 
 
 @pytest.mark.parametrize("task", ["countdown", "conciseness"])

@@ -339,6 +339,7 @@ class ESFineTuner:
         self.step_index = 0
         self.generation = self._generation_config(max_new_tokens)
         self._rows_checked = False  # see _check_rows
+        self._one_row = False  # a batch of one row per generate()? (_check_rows)
         self._by_length: bool | None = None  # a batch per prompt length? (_pads_matter)
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
@@ -397,6 +398,9 @@ class ESFineTuner:
         ids = enc["input_ids"][shortest:shortest + 1, -lengths[shortest]:]
         if not self._rows_checked:
             self._check_rows(ids)
+        if self._one_row:
+            return [([i], {key: value[i:i + 1, -n:] for key, value in enc.items()})
+                    for i, n in enumerate(lengths)]
         if len(set(lengths)) == 1 or not self._pads_matter(ids):
             return [(list(range(len(prompts))), enc)]
         batches = []
@@ -406,17 +410,28 @@ class ESFineTuner:
         return batches
 
     def _check_rows(self, ids: torch.Tensor) -> None:
-        """Probe once whether the base model decodes a prompt alike in a batch and alone
-        (``probes``): a model whose rows mix through its cache generates without it, and one
-        whose rows mix anyway is refused."""
+        """Probe once whether the base model keeps a batch's rows apart (``probes``): a model
+        whose rows mix through its cache generates without it, and one whose rows mix anyway
+        generates one member and prompt at a time, as per-member ES would."""
         if not probes.rows_stay_apart(self.model, self.generation, ids):
             self.generation.use_cache = False
             if not probes.rows_stay_apart(self.model, self.generation, ids):
-                raise ConfigError(f"{type(self.model).__name__}'s generate() decodes a prompt "
-                                  "otherwise in a batch than alone, with or without its cache; "
-                                  "ES generates for all members in one batch and cannot "
-                                  "fine-tune this model")
+                self.generation.use_cache = None  # the model's own choice
+                self._one_row = True
+                self.member_chunk = 1
         self._rows_checked = True
+
+    def batching(self) -> str | None:
+        """How this model's generate() calls are made, where it is not the fast way (members
+        x prompts in one batch, with the cache); None before the first step and for that way."""
+        if self._one_row:
+            return "one member and prompt per generate(): the model mixes a batch's rows"
+        parts = []
+        if self.generation.use_cache is False:
+            parts.append("without its cache (which mixes a batch's rows)")
+        if self._by_length:
+            parts.append("in a batch per prompt length (its pads change its output)")
+        return f"generating {' and '.join(parts)}" if parts else None
 
     def _pads_matter(self, ids: torch.Tensor) -> bool:
         """Whether masked pads change the base model's output (``probes``), probed once, when

@@ -5,7 +5,7 @@ That is right only where a row's tokens depend on that row alone and a masked pa
 nothing. Most causal LMs satisfy both. HF's RWKV breaks both: its forward ignores the attention
 mask, so it reads its pads as tokens, and in transformers 5 its one-token steps with the cache
 broadcast a batch's rows into each other. Each probe is a short greedy ``generate()`` of one
-prompt, compared with itself alone.
+prompt beside another row or pad, compared with the same prompt beside another.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ def about_equal(a: torch.Tensor, b: torch.Tensor, share: float = CLOSE_SHARE) ->
 
 def rows_stay_apart(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
     """Whether a prompt (ids: 1 x length) decodes the same, over the first two new tokens (the
-    second is a step with the cache, where one is used), beside its own reversal as alone."""
+    second is a step with the cache, where one is used), beside its reversal as beside itself:
+    batches of one shape, so float kernels sum alike and only a leak between rows shows."""
     tokens = min(2, config.max_new_tokens)
-    alone = new_token_logits(model, config, ids, tokens=tokens)
-    beside = new_token_logits(model, config, torch.cat([ids, ids.flip(1)]), tokens=tokens)
-    return about_equal(beside[:, :1], alone)
+    beside = [new_token_logits(model, config, torch.cat([ids, other]), tokens=tokens)[:, :1]
+              for other in (ids.flip(1), ids)]
+    return about_equal(*beside)
 
 
 def pads_change_nothing(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:

@@ -318,6 +318,8 @@ def _train(model_path: Path, prompts: list[str], reward_fn, dtype: str, device: 
             for _ in bar:
                 history.append(tuner.step(prompts))
                 bar.set_postfix(reward=f"{history[-1]['reward_mean']:.4g}")
+                if len(history) == 1 and tuner.batching():  # known from the first step on
+                    bar.write(f"{type(model).__name__}: {tuner.batching()}")
         tuner.verify()  # the weights every worker ends with (a no-op in one process)
         tuner.save(tmp)
         with open(tmp / "metrics.jsonl", "w") as f:
