@@ -10,11 +10,12 @@ The factors A_p, B_p come from ``intes.noise.lowrank_factors`` keyed by
 selected layer names; the int8 values are divided by 16, so they are ~N(0, 1). With no
 1/sqrt(r), each weight's perturbation sigma * (A_p B_p^T)_ij has std sigma * sqrt(r) at rank r.
 The batch of one ``generate()`` is members x prompts (member-major), so the whole population
-shares every base matmul and only the rank-r side path differs per member (a model whose pads
-change its output, such as HF's RWKV, gets one batch per prompt length: see ``probes``). The
-side path lives in forward hooks that exist only inside ``LowRankAdapter.perturbed``: base
-weights are never written while members are evaluated, so unlike the perturb / generate /
-restore loop of "Evolution Strategies at Scale" nothing drifts, even in bf16.
+shares every base matmul and only the rank-r side path differs per member (HF's RWKV, whose
+cached steps mix a batch's rows and whose pads change its output, generates without its cache
+and in one batch per prompt length: see ``probes``). The side path lives in forward hooks
+that exist only inside ``LowRankAdapter.perturbed``: base weights are never written while
+members are evaluated, so unlike the perturb / generate / restore loop of "Evolution
+Strategies at Scale" nothing drifts, even in bf16.
 
 The update is rebuilt from seeds alone (no stored noise, no optimizer state)::
 
