@@ -286,8 +286,8 @@ def test_member_chunks_give_the_same_completions(tokenizer, arch, population, ch
 def test_the_probes_find_models_whose_rows_mix_or_that_read_their_pads(tokenizer, arch, apart,
                                                                        pads):
     """HF's RWKV reads its pads, and in a batch with its cache mixes its rows (not without)."""
-    model, config = build(arch, tokenizer), hf.ESFineTuner(
-        build(arch, tokenizer), tokenizer, zero_reward).generation
+    model = build(arch, tokenizer)
+    config = ESFineTuner(model, tokenizer, zero_reward).generation
     ids = tokenizer(["the quick brown"], return_tensors="pt")["input_ids"]
     assert probes.rows_stay_apart(model, config, ids) is apart
     assert probes.pads_change_nothing(model, config, ids) is pads
