@@ -3,7 +3,7 @@
 #   1. the machine and library versions                               -> OUT/env.txt
 #   2. the bench_gpu.py sweep (its parity check first), no new configuration after SWEEP_S
 #      seconds and the stage killed at SWEEP_S + 120                 -> OUT/sweep.json
-#   3. the GPU tests (tests/test_cuda_backend.py)                     -> OUT/log.txt
+#   3. the GPU tests (tests/test_cuda_backend.py, then the HF adapter's) -> OUT/log.txt
 #   4. profile_gpu.py: one point's step split by op                   -> OUT/profile.json
 #   5. `intes bench` through the Engine (rwkv), cuda and cpu backends side by side at its
 #      default size, then cuda alone at N 16384, d 1024
@@ -59,6 +59,8 @@ per_test=()  # a hung test must not take the other tests' time
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 100)
 stage tests "${TESTS_S:-200}" env INTES_TRITON_AUTOTUNE=0 python3 -m pytest -o addopts= -q -rfs \
     --tb=short "${per_test[@]}" -k "not emulated" tests/test_cuda_backend.py
+stage hf-tests "${TESTS_S:-200}" python3 -m pytest -o addopts= -q -rfs --tb=short \
+    "${per_test[@]}" -k on_a_gpu tests/test_hf_adapter.py
 stage profile "${PROFILE_S:-120}" sh -c "python3 benchmarks/profile_gpu.py --population 65536 \
     --width 2048 >'$out/profile.json'"
 for backend in cuda cpu; do

@@ -295,6 +295,22 @@ def test_the_probes_find_models_whose_rows_mix_or_that_read_their_pads(tokenizer
     assert probes.rows_stay_apart(model, config, ids)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_a_gpu_a_half_precision_model_generates_in_one_batch(tokenizer, dtype):
+    """cuBLAS picks its kernels per batch size, which moves half-precision logits: the probes
+    compare batches of one shape, so a model that keeps its rows apart keeps the fast way."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=tokenizer.vocab_size,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id)).to("cuda", dtype).eval()
+    tuner = ESFineTuner(model, tokenizer, zero_reward, population=8, max_new_tokens=8)
+    tuner.evaluate(PROMPTS)
+    assert tuner.batching() is None
+
+
 def test_pads_that_move_a_moe_models_logits_by_rounding_only_change_nothing(tokenizer):
     """Qwen2-MoE groups a batch's tokens per expert, so another pad moves the last bits of
     the logits (2e-7 of them here): that is float rounding, not a model reading its pads."""
