@@ -38,7 +38,9 @@ try:
 except ImportError:  # not POSIX: writers are not serialized
     fcntl = None
 
-FORMAT = "intes-ckpt-1"
+FORMAT = "intes-ckpt-2"  # its metadata checksum is required; a missing one is damage
+LEGACY_FORMATS = ("intes-ckpt-1",)  # saved before the metadata checksum: checked where present
+CHECKPOINT_COVERED = ("format", "meta", "arrays")  # what the metadata checksum covers
 CHECKPOINT_NAME = "checkpoint.zarr"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 _RESERVED = {"zarr.json"}  # would collide with the group's own metadata file
@@ -191,10 +193,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
-def _attrs_digest(attrs: dict) -> str:
-    """sha256 of the metadata a load trusts (format, meta, array records) as canonical JSON:
-    an edited step or a dropped array record fails it."""
-    covered = {key: attrs.get(key) for key in ("format", "meta", "arrays")}
+def metadata_digest(attrs: dict, keys: tuple[str, ...]) -> str:
+    """sha256 of the metadata a load trusts (``keys`` of ``attrs``) as canonical JSON: an edited
+    step or byte count, or a dropped record, fails it."""
+    covered = {key: attrs.get(key) for key in keys}
     text = json.dumps(covered, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -233,7 +235,7 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> No
         for name, a in clean.items()
     }
     attrs = {"format": FORMAT, "meta": _plain_json(meta), "arrays": records}
-    attrs["sha256"] = _attrs_digest(attrs)
+    attrs["sha256"] = metadata_digest(attrs, CHECKPOINT_COVERED)
     with atomic_directory(Path(path)) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=attrs)
         for name, a in clean.items():
@@ -261,12 +263,14 @@ def _read_array(group: zarr.Group, src: Path, name: str, record: dict) -> np.nda
 def _read_store(src: Path) -> tuple[dict[str, np.ndarray], dict]:
     group = zarr.open_group(src, mode="r")
     attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
+    if attrs.get("format") not in (FORMAT, *LEGACY_FORMATS):
         raise CheckpointError(
             f"{src} is not an intes checkpoint (format {attrs.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
-    if "sha256" in attrs and attrs["sha256"] != _attrs_digest(attrs):  # older saves have none
+    if attrs["format"] == FORMAT and "sha256" not in attrs:
+        raise CheckpointError(f"checkpoint {src} is corrupted: its metadata checksum is missing")
+    if "sha256" in attrs and attrs["sha256"] != metadata_digest(attrs, CHECKPOINT_COVERED):
         raise CheckpointError(f"checkpoint {src} is corrupted: its metadata fails its checksum")
     arrays = {name: _read_array(group, src, name, rec) for name, rec in attrs["arrays"].items()}
     return arrays, attrs["meta"]

@@ -10,8 +10,9 @@ whose crc split gives a split under a quarter or over four times its share of th
 last ``1/valid_fraction`` of the bytes, cut at a character boundary, is valid. Bits per byte
 needs the number of raw bytes each split encodes; separators encode none.
 
-A token store records each split's length and sha256; a load checks them (when present: older
-stores have none), that the vocab size is its tokenizer's and the size rules of a text corpus.
+A token store records each split's length and sha256, and a checksum of its metadata (byte
+counts included); a load checks them (stores of the legacy format lack some: what is present is
+checked), that the vocab size is its tokenizer's and the size rules of a text corpus.
 
 Window offsets come from the project's counter-based hash (``intes.noise``), so the batch of a
 step is a pure function of (seed, step) and resuming needs no data-loader state.
@@ -33,12 +34,21 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from intes.checkpoint import CHECKPOINT_NAME, array_digest, atomic_directory, existing_version
+from intes.checkpoint import (
+    CHECKPOINT_NAME,
+    array_digest,
+    atomic_directory,
+    existing_version,
+    metadata_digest,
+)
 from intes.errors import ConfigError, DataError, check_integers
 from intes.noise import hash_u32, stream_key
 from intes.tokenizer import resolve_tokenizer, token_bytes, tokenize, vocab_size
 
-STORE_FORMAT = "intes-tokens-1"
+STORE_FORMAT = "intes-tokens-2"  # split records and metadata checksum required
+LEGACY_STORE_FORMATS = ("intes-tokens-1",)  # made before them: checked where present
+STORE_COVERED = ("format", "tokenizer", "vocab_size", "train_bytes", "valid_bytes", "source",
+                 "splits")  # what a store's metadata checksum covers
 STORE_CHUNK = 1 << 20
 WINDOW_TENSOR_ID = 0xDA7A  # keeps window offsets apart from every weight's noise stream
 _MAGIC = re.compile(r"[*?\[]")
@@ -374,14 +384,19 @@ def _check_bytes(corpus: Corpus, path: Path) -> None:
 def _read_store(path: Path, src: Path) -> Corpus:
     group = zarr.open_group(src, mode="r")
     attrs = dict(group.attrs)
-    if attrs.get("format") != STORE_FORMAT:
+    if attrs.get("format") not in (STORE_FORMAT, *LEGACY_STORE_FORMATS):
         raise DataError(f"{path} is not an intes token store; make one with `intes data prepare`")
+    missing = [key for key in ("splits", "sha256") if key not in attrs]
+    if attrs["format"] == STORE_FORMAT and missing:
+        raise DataError(f"token store {path} is corrupted: its {missing[0]} record is missing")
+    if "sha256" in attrs and attrs["sha256"] != metadata_digest(attrs, STORE_COVERED):
+        raise DataError(f"token store {path} is corrupted: its metadata fails its checksum")
     vocab_size = _store_vocab(attrs, path)
     for key in ("train_bytes", "valid_bytes"):
         if type(attrs[key]) is not int:  # not 2.5, not true: a count as prepare wrote it
             raise DataError(f"token store {path} is corrupted: {key} is {attrs[key]!r}")
     splits = {name: np.asarray(group[name][...]) for name in ("train", "valid")}
-    for name, record in attrs.get("splits", {}).items():  # stores made before have none
+    for name, record in attrs.get("splits", {}).items():  # legacy stores may have none
         _check_record(name, splits[name], record, path)
     corpus = Corpus(
         train=_checked_split("train", splits["train"], vocab_size, path),
@@ -476,6 +491,7 @@ def _write_store(corpus: Corpus, out: Path) -> None:
         "source": corpus.source,
         "splits": {name: _split_record(getattr(corpus, name)) for name in ("train", "valid")},
     }
+    attrs["sha256"] = metadata_digest(attrs, STORE_COVERED)
     with atomic_directory(out) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=attrs)
         for name in ("train", "valid"):

@@ -278,12 +278,25 @@ def test_edited_metadata_fails_its_checksum(saved, edit):
     assert "\n" not in str(info.value)
 
 
-def test_checkpoint_without_metadata_checksum_still_loads(saved):
-    """Checkpoints saved before the metadata checksum have none: what is present is checked."""
-    _edit_attrs(saved, lambda a: a.pop("sha256"))
+def test_a_legacy_checkpoint_without_metadata_checksum_still_loads(saved):
+    """Checkpoints saved before the metadata checksum (format 1) have none: what is present
+    is checked."""
+    _edit_attrs(saved, lambda a: a.pop("sha256") and a.update(format="intes-ckpt-1"))
     arrays, meta = load_checkpoint(saved)
     _assert_same(arrays, _model())
     assert meta == {"step": 3}
+
+
+@pytest.mark.parametrize("renamed", [None, "sia256"])  # dropped, or a bit flipped in its name
+def test_a_checkpoint_whose_metadata_checksum_is_gone_is_refused(saved, renamed):
+    """Else dropping one key would let an edited step or config through unchecked."""
+    def edit(attrs: dict) -> None:
+        digest = attrs.pop("sha256")
+        attrs.update({renamed: digest} if renamed else {}, meta={"step": 1})
+
+    _edit_attrs(saved, edit)
+    with pytest.raises(CheckpointError, match="its metadata checksum is missing"):
+        load_checkpoint(saved)
 
 
 def test_reader_rereads_a_store_swapped_under_it(saved, monkeypatch):

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from intes.checkpoint import metadata_digest
 from intes.data import (
+    STORE_COVERED,
     Corpus,
     default_corpus_files,
     eval_streams,
@@ -404,11 +406,16 @@ def test_foreign_zarr_store(tmp_path):
         load_corpus(tmp_path / "x.zarr")
 
 
-def _edit_attrs(store: Path, edit) -> None:
+def _edit_attrs(store: Path, edit, redigest: bool = True) -> None:
+    """Edit a store's metadata; with ``redigest`` its checksum is made again, as a consistent
+    edit would, so the checks behind the checksum are what a test meets."""
     import json
 
     doc = json.loads((store / "zarr.json").read_text())
-    edit(doc["attributes"])
+    attrs = doc["attributes"]
+    edit(attrs)
+    if redigest and "sha256" in attrs:
+        attrs["sha256"] = metadata_digest(attrs, STORE_COVERED)
     (store / "zarr.json").write_text(json.dumps(doc))
 
 
@@ -452,9 +459,17 @@ CHECKSUM = "is corrupted: .*'train' fails its checksum"
          r"is corrupted: valid_bytes is \d+\.5"),
         (lambda s: _edit_attrs(s, lambda a: a.update(train_bytes=True)),
          "is corrupted: train_bytes is True"),
+        (lambda s: _edit_attrs(s, lambda a: a.update(valid_bytes=2 * a["valid_bytes"]),
+                               redigest=False),
+         "is corrupted: its metadata fails its checksum"),
+        (lambda s: _edit_attrs(s, lambda a: a.pop("sha256"), redigest=False),
+         "is corrupted: its sha256 record is missing"),
+        (lambda s: _edit_attrs(s, lambda a: a.pop("splits"), redigest=False),
+         "is corrupted: its splits record is missing"),
     ],
     ids=["token-changed", "bit-flip", "chunk-missing", "vocab", "tokenizer", "valid-bytes",
-         "train-bytes", "length", "vocab-float", "valid-bytes-float", "train-bytes-bool"],
+         "train-bytes", "length", "vocab-float", "valid-bytes-float", "train-bytes-bool",
+         "metadata-edited", "checksum-missing", "splits-missing"],
 )
 def test_damaged_store_is_refused(store, damage, message):
     damage(store)
@@ -477,11 +492,12 @@ def test_store_with_an_empty_split_is_refused(tmp_path):
         load_corpus(tmp_path / "e.zarr")
 
 
-def test_store_made_before_split_records_still_loads(store):
-    """Stores from before the split checksums have none: what they hold is checked, and
-    their tokens are read as they were."""
+def test_a_legacy_store_without_split_records_still_loads(store):
+    """Stores from before the split and metadata checksums (format 1) have neither: what
+    they hold is checked, and their tokens are read as they were."""
     made = load_corpus(store)
-    _edit_attrs(store, lambda a: a.pop("splits"))
+    _edit_attrs(store, lambda a: [a.pop("splits"), a.pop("sha256"),
+                                  a.update(format="intes-tokens-1")])
     old = load_corpus(store)
     assert old.digest == made.digest and old.train.dtype == made.train.dtype
 
