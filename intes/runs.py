@@ -17,6 +17,27 @@ from intes.models import build_model
 RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
 
 
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0  # not true, not 3.7, not "3"
+
+
+def _counts(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_count(v) for v in value)
+
+
+# the values a run's metadata holds (None: absent, as in older checkpoints), and their forms
+META_FORMS = {
+    "step": (_count, "a step count"),
+    "tokenizer": (lambda v: isinstance(v, str), "a tokenizer spec"),
+    "vocab_size": (_count, "a count"),
+    "data": (lambda v: v is None or isinstance(v, str), "a path"),
+    "data_digest": (lambda v: v is None or isinstance(v, str), "a digest"),
+    "data_tokens": (lambda v: v is None or _counts(v), "two token counts"),
+    "eval_sample": (lambda v: v is None or _counts(v), "streams and length"),
+    "val_bpb": (lambda v: v is None or type(v) in (int, float), "a number"),
+}
+
+
 def intes_version() -> str:
     """The installed package's version, which every checkpoint records."""
     try:
@@ -52,6 +73,10 @@ def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
     if missing:
         raise CheckpointError(f"{where} is not an intes pretraining checkpoint (its metadata "
                               f"lacks {', '.join(missing)})")
+    for key, (fits, form) in META_FORMS.items():
+        if not fits(meta.get(key)):
+            raise CheckpointError(f"checkpoint {where} is corrupted: its {key} is "
+                                  f"{meta.get(key)!r}, not {form}")
     try:
         return TrainConfig.from_dict(meta["config"])
     except ConfigError as err:
@@ -65,7 +90,7 @@ def load_engine(path: str | Path, backend: str = "auto") -> tuple[Engine, dict]:
     config = checkpoint_config(meta, store)
     config.validate()
     check_params(config, arrays, store)
-    return Engine(config, backend, params=arrays, step=int(meta.get("step", 0))), meta
+    return Engine(config, backend, params=arrays, step=meta["step"]), meta
 
 
 def load_run(path: str | Path, backend: str = "auto", data: str | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import intes.cli
-from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from intes.checkpoint import (
+    CHECKPOINT_COVERED,
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    metadata_digest,
+    save_checkpoint,
+)
 from intes.cli import cli, main
 from intes.cli.evaluate import printable
 from intes.data import load_corpus
@@ -353,6 +360,35 @@ def test_resume_with_another_config_is_refused_untouched(run_copy, flag):
     result = invoke("pretrain", "--steps", 6, "--out", run_copy, "--resume", *flag)
     assert_user_error(result)
     assert "checkpoint" in result.stderr
+    assert snapshot(run_copy) == before
+
+
+def _edit_meta(run: Path, **values) -> None:
+    """A consistent edit of a checkpoint's metadata: its checksum made again to match."""
+    path = run / CHECKPOINT_NAME / "zarr.json"
+    doc = json.loads(path.read_text())
+    attrs = doc["attributes"]
+    attrs["meta"].update(values)
+    attrs["sha256"] = metadata_digest(attrs, CHECKPOINT_COVERED)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(("values", "said"), [
+    ({"step": "abc"}, "its step is 'abc', not a step count"),
+    ({"step": True}, "its step is True, not a step count"),
+    ({"tokenizer": 7}, "its tokenizer is 7, not a tokenizer spec"),
+    ({"eval_sample": [8]}, "its eval_sample is [8], not streams and length"),
+    ({"data_tokens": "x"}, "its data_tokens is 'x', not two token counts"),
+])
+@pytest.mark.parametrize("command", ["eval", "sample", "resume"])
+def test_checkpoint_metadata_of_another_form_is_one_line(run_copy, values, said, command):
+    _edit_meta(run_copy, **values)
+    before = snapshot(run_copy)
+    args = {"eval": ["eval", run_copy, "--streams", 2], "sample": ["sample", run_copy],
+            "resume": ["pretrain", "--steps", 6, "--out", run_copy, "--resume"]}[command]
+    result = invoke(*args)
+    assert_user_error(result)
+    assert f"is corrupted: {said}" in result.stderr
     assert snapshot(run_copy) == before
 
 

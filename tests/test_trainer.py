@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import intes.trainer as trainer
 import intes.validation as validation
-from intes.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from intes.checkpoint import CHECKPOINT_COVERED, CHECKPOINT_NAME, load_checkpoint, metadata_digest
 from intes.data import load_corpus
 from intes.engine import MAX_SEQ_LEN, Engine, ModelConfig, TrainConfig
 from intes.errors import CheckpointError, ConfigError, DataError, Interrupted
@@ -217,6 +217,19 @@ def test_summary_reports_the_final_figures(tmp_path):
     assert summary["final_val_bpb"] == final["val_bpb"]
     assert summary["final_bigram_bpb"] == final["bigram_bpb"]
     assert summary["final_tokens"] == final["streams"] * final["length"]
+
+
+def test_a_resume_from_python_refuses_checkpoint_metadata_of_another_form(tmp_path):
+    """The metadata a consistent edit (its checksum made again) left unusable: one line."""
+    run(tmp_path, 2)
+    path = tmp_path / CHECKPOINT_NAME / "zarr.json"
+    doc = json.loads(path.read_text())
+    attrs = doc["attributes"]
+    attrs["meta"]["step"] = "2"
+    attrs["sha256"] = metadata_digest(attrs, CHECKPOINT_COVERED)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="its step is '2', not a step count"):
+        run(tmp_path, 4, resume=True)
 
 
 def test_resume_keeps_one_uninterrupted_log(tmp_path):
