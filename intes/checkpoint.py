@@ -331,6 +331,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = existing_version(store)
         if found is not None and (found / "zarr.json").is_file():
             return store
+    if existing_version(path / CHECKPOINT_NAME) is not None:  # there, but not a zarr group
+        raise CheckpointError(f"checkpoint {path / CHECKPOINT_NAME} is corrupted or unreadable "
+                              "(it holds no zarr.json); restore it or start a new run")
     raise CheckpointError(
         f"no checkpoint at {path}: give a run directory containing {CHECKPOINT_NAME} "
         "or a .zarr checkpoint"

@@ -230,6 +230,18 @@ def test_resolve_checkpoint(saved, tmp_path):
         resolve_checkpoint(tmp_path / "empty_run")
 
 
+@pytest.mark.parametrize("damage", [
+    lambda store: (store / "zarr.json").unlink(),
+    lambda store: [shutil.rmtree(store), store.write_bytes(b"")],
+])
+def test_a_run_whose_checkpoint_is_no_zarr_group_is_told_it_is_damaged(saved, damage):
+    """Not that it has no checkpoint, which is what a resume of it says differently."""
+    damage(saved)
+    with pytest.raises(CheckpointError, match="checkpoint .* is corrupted or unreadable "
+                                              r"\(it holds no zarr.json\)"):
+        resolve_checkpoint(saved.parent)
+
+
 def test_symlinked_checkpoint_is_replaced_and_its_target_kept(tmp_path):
     """A symlink at the checkpoint path is moved aside and unlinked, never followed: saves
     after the first still work and the link's target keeps what it held."""
