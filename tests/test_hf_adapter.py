@@ -1040,10 +1040,19 @@ def tensors(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTES is None or TORCHRUN is None, reason="intes or torchrun not installed")
-def test_finetune_under_torchrun_gives_the_weights_of_one_process(saved, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "rwkv"])  # rwkv: no cache, a batch per length
+def test_finetune_under_torchrun_gives_the_weights_of_one_process(saved, tokenizer, tmp_path,
+                                                                  arch):
     (tmp_path / "r.py").write_text(LOGGED_REWARD)
-    args = ["--model", saved / "model", "--reward", f"{tmp_path / 'r.py'}:chars", "--prompts",
-            saved / "prompts.txt", "--population", 4, "--steps", 2, "--max-new-tokens", 6,
+    model, prompts = saved / "model", saved / "prompts.txt"
+    if arch == "rwkv":
+        model, prompts = tmp_path / "rwkv", tmp_path / "prompts.txt"
+        build("rwkv", tokenizer).save_pretrained(model)
+        tokenizer.save_pretrained(model)
+        prompts.write_text("\n".join(PROMPTS))  # of 3 and 2 tokens
+    n_prompts = len(prompts.read_text().splitlines())
+    args = ["--model", model, "--reward", f"{tmp_path / 'r.py'}:chars", "--prompts",
+            prompts, "--population", 4, "--steps", 2, "--max-new-tokens", 6,
             "--sigma", 0.05, "--lr", 1e-2, "--seed", 3]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -1063,15 +1072,15 @@ def test_finetune_under_torchrun_gives_the_weights_of_one_process(saved, tmp_pat
 
     one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
     assert tensors(two) == tensors(one)  # bit for bit
-    assert tensors(one) != tensors(saved / "model")  # and the steps did move the weights
+    assert tensors(one) != tensors(model)  # and the steps did move the weights
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["out"]  # no staging left behind
     logged = [[{k: v for k, v in json.loads(line).items() if k != "time_s"}
                for line in (folder / "metrics.jsonl").read_text().splitlines()]
               for folder in (one, two)]
     assert logged[0] == logged[1] and [m["step"] for m in logged[0]] == [0, 1]
-    # each worker generated for its own pair only: 2 steps x 2 members x 2 prompts
+    # each worker generated for its own pair only: 2 steps x 2 members x the prompts
     calls = {r: (tmp_path / f"calls-{r}.txt").read_text().splitlines()
              for r in ("alone", "0", "1")}
-    assert len(calls["0"]) == len(calls["1"]) == 8 and len(calls["alone"]) == 16
+    assert len(calls["0"]) == len(calls["1"]) == 4 * n_prompts == len(calls["alone"]) // 2
     assert sorted(calls["0"] + calls["1"]) == sorted(calls["alone"])
