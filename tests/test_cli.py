@@ -392,6 +392,14 @@ def test_checkpoint_metadata_of_another_form_is_one_line(run_copy, values, said,
     assert snapshot(run_copy) == before
 
 
+def test_a_plot_that_cannot_be_written_is_named_in_one_line(run_copy):
+    (run_copy / "loss.png").unlink()
+    (run_copy / "loss.png").mkdir()
+    result = invoke("pretrain", "--steps", 6, "--out", run_copy, "--resume")
+    assert_user_error(result)
+    assert f"{run_copy / 'loss.png'}: Is a directory" in result.stderr
+
+
 def test_resume_on_changed_data_is_refused_untouched(text_file, tmp_path):
     data = tmp_path / "corpus"
     data.mkdir()
