@@ -286,6 +286,9 @@ def _load_once(src: Path) -> tuple[dict[str, np.ndarray], dict]:
         return _read_store(src)
     except CheckpointError:
         raise
+    except PermissionError as err:  # intact, perhaps: nothing to restore
+        raise CheckpointError(f"checkpoint {src} cannot be read: {err.strerror}: "
+                              f"{err.filename}") from None
     except Exception as err:  # zarr/json/numpy failures on damaged files: report, not trace
         raise CheckpointError(
             f"checkpoint {src} is corrupted or unreadable ({_one_line(err)}); "

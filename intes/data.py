@@ -419,6 +419,9 @@ def _load_store(path: Path) -> Corpus:
         return _read_store(path, src)
     except DataError:
         raise
+    except PermissionError as err:  # intact, perhaps: nothing to re-create
+        raise DataError(f"token store {path} cannot be read: {err.strerror}: "
+                        f"{err.filename}") from None
     except Exception as err:  # zarr/json/numpy failures on damaged or foreign stores
         first = (str(err).strip().splitlines() or [""])[0]
         raise DataError(

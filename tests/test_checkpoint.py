@@ -220,6 +220,18 @@ def test_failed_write_keeps_previous_checkpoint(saved, monkeypatch):
     assert sorted(p.name for p in saved.parent.iterdir()) == [CHECKPOINT_NAME]
 
 
+def test_a_checkpoint_that_cannot_be_read_is_not_called_damaged(saved, monkeypatch):
+    """Permissions (tests run as root here, which ignores them: the read fails by hand)."""
+    import intes.checkpoint as ckpt
+
+    def denied(path, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{path}/zarr.json")
+
+    monkeypatch.setattr(ckpt.zarr, "open_group", denied)
+    with pytest.raises(CheckpointError, match="cannot be read: Permission denied: .*zarr.json$"):
+        load_checkpoint(saved)
+
+
 def test_resolve_checkpoint(saved, tmp_path):
     assert resolve_checkpoint(saved.parent) == saved
     assert resolve_checkpoint(str(saved)) == saved

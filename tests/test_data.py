@@ -492,6 +492,19 @@ def test_store_with_an_empty_split_is_refused(tmp_path):
         load_corpus(tmp_path / "e.zarr")
 
 
+def test_a_store_that_cannot_be_read_is_not_called_damaged(store, monkeypatch):
+    """Permissions (tests run as root here, which ignores them: the read fails by hand)."""
+    import intes.data
+
+    def denied(path, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{path}/zarr.json")
+
+    monkeypatch.setattr(intes.data.zarr, "open_group", denied)
+    with pytest.raises(DataError, match=f"^token store {re.escape(str(store))} cannot be read: "
+                                        "Permission denied: .*zarr.json$"):
+        load_corpus(store)
+
+
 def test_a_legacy_store_without_split_records_still_loads(store):
     """Stores from before the split and metadata checksums (format 1) have neither: what
     they hold is checked, and their tokens are read as they were."""
