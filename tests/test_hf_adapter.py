@@ -295,6 +295,43 @@ def test_the_probes_find_models_whose_rows_mix_or_that_read_their_pads(tokenizer
     assert probes.rows_stay_apart(model, config, ids)
 
 
+@pytest.mark.parametrize("ids", [[5], [5, 7, 5]])
+def test_the_rows_probe_sees_a_leak_on_a_prompt_of_one_token_or_a_palindrome(tokenizer, ids):
+    """Its other row differs at every position: a prompt's reversal would be the prompt."""
+    model = build("rwkv", tokenizer)
+    config = ESFineTuner(model, tokenizer, zero_reward).generation
+    assert not probes.rows_stay_apart(model, config, torch.tensor([ids]))
+
+
+def test_pads_change_nothing_needs_both_the_pads_contents_and_presence_to_change_nothing(
+        monkeypatch):
+    """Logits by hand: another pad's contents, or a pad's presence, moving them says no."""
+    def probe(contents: float, presence: float) -> bool:
+        def logits(model, config, ids, mask=None, tokens=1):
+            if mask is None:
+                return torch.tensor([[[1.0, 2.0 + presence]]])
+            return torch.tensor([[[1.0, 2.0 + contents * int(ids[0, 0])]]])
+
+        monkeypatch.setattr(probes, "new_token_logits", logits)
+        model = torch.nn.Module()
+        model.get_input_embeddings = lambda: torch.nn.Embedding(10, 2)
+        config = hf.GenerationConfig(pad_token_id=1)
+        return probes.pads_change_nothing(model, config, torch.tensor([[5, 6]]))
+
+    assert probe(0.0, 0.0)
+    assert probe(1e-7, 1e-3)  # rounding, and a batch shape's float noise
+    assert not probe(1e-3, 0.0)  # what the pad holds shows
+    assert not probe(0.0, 0.1)  # that a pad is there shows (positions, say)
+
+
+def test_about_equal_takes_matching_infinities_and_nans_as_equal():
+    a = torch.tensor([1.0, -math.inf, math.nan])
+    assert probes.about_equal(a, a.clone())
+    assert not probes.about_equal(a, torch.tensor([1.0, 2.0, math.nan]))
+    assert probes.about_equal(a, torch.tensor([1.001, -math.inf, math.nan]))
+    assert not probes.about_equal(a, torch.tensor([1.1, -math.inf, math.nan]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_on_a_gpu_a_half_precision_model_generates_in_one_batch(tokenizer, dtype):
@@ -364,23 +401,26 @@ def test_a_model_whose_rows_mix_without_its_cache_too_runs_one_row_at_a_time(tok
     rows = []
     complete = tuner._complete
     monkeypatch.setattr(tuner, "_complete",
-                        lambda enc, m: rows.append(len(m) * len(enc["input_ids"]))
+                        lambda enc, m: rows.append((len(m) * len(enc["input_ids"]),
+                                                    bool(enc["attention_mask"].all())))
                         or complete(enc, m))
     np.testing.assert_array_equal(tuner.evaluate(PROMPTS), batched)
     assert tried == [True, False]  # with the cache, then without
-    assert rows == [1] * 4 * len(PROMPTS)
+    assert rows == [(1, True)] * 4 * len(PROMPTS)  # one row, and no pads
     assert tuner.generation.use_cache is None
     assert tuner.batching().startswith("one member and prompt per generate()")
 
 
 def test_the_probes_run_once_per_fine_tuner(tokenizer, monkeypatch):
     calls = []
-    probe = probes.pads_change_nothing
-    monkeypatch.setattr(probes, "pads_change_nothing", lambda *a: calls.append(1) or probe(*a))
+    for name in ("rows_stay_apart", "pads_change_nothing"):
+        probe = getattr(probes, name)
+        monkeypatch.setattr(probes, name,
+                            lambda *a, name=name, probe=probe: calls.append(name) or probe(*a))
     tuner = ESFineTuner(build("llama", tokenizer), tokenizer, zero_reward)
     tuner.evaluate(PROMPTS)
     tuner.evaluate(PROMPTS[::-1])
-    assert calls == [1]
+    assert calls == ["rows_stay_apart", "pads_change_nothing"]
 
 
 @pytest.mark.parametrize("arch", ["rwkv", "llama"])
@@ -400,7 +440,7 @@ def test_a_prompt_completes_alike_alone_and_beside_longer_ones(tokenizer, arch, 
         lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
         assert len(calls) == (len(lengths) if arch == "rwkv" else 1)
         if arch == "rwkv":
-            by_length = " and in a batch per prompt length (its pads change its output)"
+            by_length = " and in a batch per prompt length (padding changes its output)"
             assert tuner.batching() == ("generating without its cache (which mixes a batch's "
                                         f"rows){by_length if len(lengths) > 1 else ''}")
         else:
@@ -425,6 +465,25 @@ def test_out_of_memory_halves_the_member_chunk(tokenizer, monkeypatch):
     monkeypatch.setattr(tuner, "_complete", small_memory)
     np.testing.assert_array_equal(tuner.evaluate(PROMPTS), expected)
     assert tuner.member_chunk == 2
+
+
+def test_out_of_memory_halves_the_member_chunk_of_a_batch_per_length_too(tokenizer,
+                                                                          monkeypatch):
+    tuner = ESFineTuner(build("rwkv", tokenizer), tokenizer, lambda p, c: len(c), population=8,
+                        sigma=0.05, max_new_tokens=3)
+    expected = tuner.evaluate(PROMPTS)
+    complete, seen = tuner._complete, []
+
+    def small_memory(enc, members):
+        if len(members) > 2 and len(enc["input_ids"]) == 3:  # the second batch: 3-token prompts
+            raise torch.cuda.OutOfMemoryError("simulated")
+        seen.append(len(enc["input_ids"]))
+        return complete(enc, members)
+
+    monkeypatch.setattr(tuner, "_complete", small_memory)
+    np.testing.assert_array_equal(tuner.evaluate(PROMPTS), expected)
+    assert tuner.member_chunk == 2
+    assert seen == [1, 1] + [1, 3] * 4  # the first batch lost to each failure, then 4 chunks
 
 
 def test_out_of_memory_with_one_member_names_what_to_shrink(tokenizer, monkeypatch):
@@ -530,9 +589,16 @@ def test_linear_subclasses_with_a_forward_of_their_own_are_not_perturbed(tokeniz
     model = build("llama", tokenizer)
     model.model.router, model.model.named = Router(4, 4), Named(4, 4)
     model.model.doubled, model.model.rewritten = Doubled(4, 4), Rewritten(4, 4)
+    fired = []
+    model.model.rewritten.register_forward_hook(lambda *args: fired.append(1))
     names = LowRankAdapter(model, sigma=0.05, rank=1, seed=0).names
     assert "model.named" in names and "model.rewritten" in names
     assert "model.router" not in names and "model.doubled" not in names
+    assert fired == []  # tried without its hooks
+    tried = []
+    model.model.doubled.forward = lambda x: tried.append(1) or 2 * x
+    LowRankAdapter(model, sigma=0.05, rank=1, seed=0, target_modules="q_proj")
+    assert tried == []  # a layer left out is not tried
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -872,7 +938,7 @@ def test_finetune_says_once_how_it_generates_for_a_model_that_needs_another_way(
                     "--max-new-tokens", 3, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     said = ("RwkvForCausalLM: generating without its cache (which mixes a batch's rows) and in "
-            "a batch per prompt length (its pads change its output)\n")
+            "a batch per prompt length (padding changes its output)\n")
     assert result.output.count(said) == 1  # after the progress bar's line (stderr, here mixed)
 
 

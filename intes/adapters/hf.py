@@ -100,11 +100,11 @@ def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[st
     """
     pattern = target_pattern(target_modules)
     tied = _shared_weights(model)
-    plain: dict[type, bool] = {nn.Linear: True}  # per Linear class: computes x Wᵀ + b?
     layers = [
         (name, m) for name, m in model.named_modules()
-        if (isinstance(m, Conv1D) or isinstance(m, nn.Linear) and _computes_linear(m, plain))
-        and id(m.weight) not in tied and (pattern is None or pattern.search(name))
+        if isinstance(m, (Conv1D, nn.Linear)) and id(m.weight) not in tied
+        and (pattern is None or pattern.search(name))
+        and (not isinstance(m, nn.Linear) or _computes_linear(m))
     ]
     if not layers:
         which = f" matching {target_modules!r}" if target_modules else ""
@@ -113,22 +113,24 @@ def select_layers(model: nn.Module, target_modules: str | None) -> list[tuple[st
 
 
 @torch.no_grad()
-def _computes_linear(module: nn.Linear, known: dict[type, bool]) -> bool:
-    """Whether the module's class computes x Wᵀ + b, tried once per class on a small input
-    (Linear's own forward does; a subclass's forward may return a tuple, dequantize, ...)."""
-    cls = type(module)
-    if cls not in known:
-        w = module.weight
-        x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0))
-        x = x.to(w.device, w.dtype) if w.is_floating_point() else x.to(w.device)
-        try:
-            y = module(x)
-            expected = nn.functional.linear(x, w, module.bias)
-            known[cls] = (isinstance(y, torch.Tensor) and y.shape == expected.shape
-                          and probes.about_equal(y.float(), expected.float()))
-        except Exception:  # a forward that needs more than one tensor, or another weight dtype
-            known[cls] = False
-    return known[cls]
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether the layer computes x Wᵀ + b: Linear's own forward does; a subclass's forward is
+    tried on a small input (it may return a tuple, dequantize, ...), hooks left out."""
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
+    w = module.weight
+    if w.device.type == "meta" or not w.is_floating_point():  # offloaded, or quantized
+        return False
+    x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(w.device, w.dtype)
+    try:
+        y = forward(module, x)
+    except Exception:  # a forward that needs more than one tensor
+        return False
+    expected = nn.functional.linear(x, w, module.bias)
+    return (isinstance(y, torch.Tensor) and y.shape == expected.shape
+            and probes.about_equal(y.float(), expected.float()))
 
 
 def shape_rewards(rewards: np.ndarray, kind: str) -> np.ndarray:
@@ -392,7 +394,8 @@ class ESFineTuner:
 
     def _prompt_batches(self, prompts: list[str]) -> list[tuple[list[int], Encoding]]:
         """The prompts' batches for generate(), each with the prompts' places in the list: one
-        left-padded batch, or one per prompt length for a model whose pads change its output."""
+        left-padded batch; one per prompt length for a model whose pads change its output; one
+        per prompt for a model whose rows mix."""
         enc = self._encode(prompts)
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         shortest = lengths.index(min(lengths))
@@ -431,7 +434,7 @@ class ESFineTuner:
         if self.generation.use_cache is False:
             parts.append("without its cache (which mixes a batch's rows)")
         if self._by_length:
-            parts.append("in a batch per prompt length (its pads change its output)")
+            parts.append("in a batch per prompt length (padding changes its output)")
         return f"generating {' and '.join(parts)}" if parts else None
 
     def _pads_matter(self, ids: torch.Tensor) -> bool:
@@ -441,12 +444,13 @@ class ESFineTuner:
         if self._by_length is None:
             try:
                 self._by_length = not probes.pads_change_nothing(self.model, self.generation, ids)
-            except Exception:  # whatever the model raises on a mask with zeros
+            except Exception:  # whatever the model raises on a mask with zeros: no pads
                 self._by_length = True
         return self._by_length
 
     def _complete(self, enc: Encoding, members: np.ndarray) -> list[str]:
-        """Completions of every prompt for each member, member-major, in one generate()."""
+        """Completions of every prompt of the batch for each member, member-major, in one
+        generate()."""
         batch = {key: value.repeat(len(members), 1) for key, value in enc.items()}
         with (probes.decoding(self.model, self.generation),
               self.adapter.perturbed(self.step_index, members) as called):
@@ -466,8 +470,8 @@ class ESFineTuner:
 
         Under torchrun this worker generates for its shard of whole pairs only and the float64
         rows of all workers are all-gathered, so every worker returns the full matrix. Members
-        go through generate() member_chunk at a time; on CUDA out-of-memory the chunk is
-        halved (and kept halved) until it fits.
+        go through generate() member_chunk at a time (one at a time for a model whose rows
+        mix); on CUDA out-of-memory the chunk is halved (and kept halved) until it fits.
         """
         if isinstance(prompts, (str, bytes)):  # would be read as one prompt per character
             raise ConfigError("prompts must be a list of strings, got one string")
@@ -509,8 +513,9 @@ class ESFineTuner:
                 texts = [self._complete(enc, members) for _, enc in batches]
             except torch.cuda.OutOfMemoryError:
                 if len(members) == 1:
+                    fewer = "" if len(batches) == len(prompts) else "fewer or "
                     raise IntesError("out of memory with one member per generate(); every step "
-                                     "scores all its prompts: use fewer or shorter prompts "
+                                     f"scores all its prompts: use {fewer}shorter prompts "
                                      "or fewer new tokens (--max-new-tokens)") from None
                 self.member_chunk = len(members) // 2
                 torch.cuda.empty_cache()

@@ -49,20 +49,33 @@ def new_token_logits(model: nn.Module, config: GenerationConfig, ids: torch.Tens
 
 
 def about_equal(a: torch.Tensor, b: torch.Tensor, share: float = CLOSE_SHARE) -> bool:
-    """Within ``share`` of the larger magnitude: float kernels may sum a batch in another
-    order than one row, which moves the bits, not the meaning."""
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-6)
-    return bool((a - b).abs().max() <= share * scale)
+    """Within ``share`` of the larger finite magnitude: float kernels may sum a batch in another
+    order than one row, which moves the bits, not the meaning. Infinities and NaNs must match
+    (a logit masked to -inf on both sides is the same logit)."""
+    same = (a == b) | (a.isnan() & b.isnan())
+    finite = a.isfinite() & b.isfinite()
+    if not bool((same | finite).all()):
+        return False
+    if bool(same.all()):
+        return True
+    scale = max(float(a[finite].abs().max()), float(b[finite].abs().max()), 1e-6)
+    return bool((a - b)[finite].abs().max() <= share * scale)
 
 
 def rows_stay_apart(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
     """Whether a prompt (ids: 1 x length) decodes the same, over the first two new tokens (the
-    second is a step with the cache, where one is used), beside its reversal as beside itself:
-    batches of one shape, so float kernels sum alike and only a leak between rows shows."""
+    second is a step with the cache, where one is used), beside another prompt as beside
+    itself, in either row: batches of one shape, so float kernels sum alike and only a leak
+    between rows shows. The other prompt differs at every position (every id plus one)."""
     tokens = min(2, config.max_new_tokens)
-    beside = [new_token_logits(model, config, torch.cat([ids, other]), tokens=tokens)[:, :1]
-              for other in (ids.flip(1), ids)]
-    return about_equal(*beside)
+    other = (ids + 1) % model.get_input_embeddings().weight.shape[0]
+
+    def rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return new_token_logits(model, config, torch.cat([first, second]), tokens=tokens)
+
+    alike = rows(ids, ids)
+    return (about_equal(rows(ids, other)[:, :1], alike[:, :1])
+            and about_equal(rows(other, ids)[:, 1:], alike[:, 1:]))
 
 
 def pads_change_nothing(model: nn.Module, config: GenerationConfig, ids: torch.Tensor) -> bool:
