@@ -332,8 +332,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     for store in (path / CHECKPOINT_NAME, path):
         found = existing_version(store)
-        if found is not None and (found / "zarr.json").is_file():
-            return store
+        try:
+            if found is not None and (found / "zarr.json").is_file():
+                return store
+        except PermissionError as err:
+            raise CheckpointError(f"checkpoint {store} cannot be read: {err.strerror}: "
+                                  f"{err.filename}") from None
     if existing_version(path / CHECKPOINT_NAME) is not None:  # there, but not a zarr group
         raise CheckpointError(f"checkpoint {path / CHECKPOINT_NAME} is corrupted or unreadable "
                               "(it holds no zarr.json); restore it or start a new run")

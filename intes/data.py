@@ -386,9 +386,10 @@ def _read_store(path: Path, src: Path) -> Corpus:
     attrs = dict(group.attrs)
     if attrs.get("format") not in (STORE_FORMAT, *LEGACY_STORE_FORMATS):
         raise DataError(f"{path} is not an intes token store; make one with `intes data prepare`")
-    missing = [key for key in ("splits", "sha256") if key not in attrs]
+    missing = [what for key, what in (("splits", "splits record"),
+                                      ("sha256", "metadata checksum")) if key not in attrs]
     if attrs["format"] == STORE_FORMAT and missing:
-        raise DataError(f"token store {path} is corrupted: its {missing[0]} record is missing")
+        raise DataError(f"token store {path} is corrupted: its {missing[0]} is missing")
     if "sha256" in attrs and attrs["sha256"] != metadata_digest(attrs, STORE_COVERED):
         raise DataError(f"token store {path} is corrupted: its metadata fails its checksum")
     vocab_size = _store_vocab(attrs, path)

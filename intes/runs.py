@@ -17,23 +17,23 @@ from intes.models import build_model
 RUN_META_KEYS = ("config", "step", "tokenizer", "vocab_size")
 
 
-def _count(value: object) -> bool:
+def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0  # not true, not 3.7, not "3"
 
 
-def _counts(value: object) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_count(v) for v in value)
+def _are_two_counts(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)
 
 
 # the values a run's metadata holds (None: absent, as in older checkpoints), and their forms
 META_FORMS = {
-    "step": (_count, "a step count"),
+    "step": (_is_count, "a step count"),
     "tokenizer": (lambda v: isinstance(v, str), "a tokenizer spec"),
-    "vocab_size": (_count, "a count"),
+    "vocab_size": (_is_count, "a count"),
     "data": (lambda v: v is None or isinstance(v, str), "a path"),
     "data_digest": (lambda v: v is None or isinstance(v, str), "a digest"),
-    "data_tokens": (lambda v: v is None or _counts(v), "two token counts"),
-    "eval_sample": (lambda v: v is None or _counts(v), "streams and length"),
+    "data_tokens": (lambda v: v is None or _are_two_counts(v), "two token counts"),
+    "eval_sample": (lambda v: v is None or _are_two_counts(v), "streams and length"),
     "val_bpb": (lambda v: v is None or type(v) in (int, float), "a number"),
 }
 
@@ -67,8 +67,8 @@ def run_meta(config: TrainConfig, step: int, corpus: Corpus, val_bpb: float | No
     }
 
 
-def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with; a foreign or damaged one is one line."""
+def check_meta(meta: dict, where: Path) -> None:
+    """Refuse metadata that is not a pretraining run's, or not of the forms a run writes."""
     missing = [key for key in RUN_META_KEYS if key not in meta]
     if missing:
         raise CheckpointError(f"{where} is not an intes pretraining checkpoint (its metadata "
@@ -77,6 +77,11 @@ def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
         if not fits(meta.get(key)):
             raise CheckpointError(f"checkpoint {where} is corrupted: its {key} is "
                                   f"{meta.get(key)!r}, not {form}")
+
+
+def checkpoint_config(meta: dict, where: Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with; a foreign or damaged one is one line."""
+    check_meta(meta, where)
     try:
         return TrainConfig.from_dict(meta["config"])
     except ConfigError as err:

@@ -33,7 +33,7 @@ from intes.data import Corpus, sample_windows
 from intes.engine import MAX_SEQ_LEN, Engine, TrainConfig, member_windows
 from intes.errors import CheckpointError, ConfigError, Interrupted, check_integers
 from intes.intmath import LL_FRAC_BITS
-from intes.runs import check_params, check_resumable, checkpoint_config, run_meta
+from intes.runs import check_meta, check_params, check_resumable, run_meta
 from intes.validation import EVAL_LEN, EVAL_STREAMS, TotalFn, Validation, validation_bpb
 
 METRICS_NAME = "metrics.jsonl"
@@ -126,7 +126,7 @@ def start_engine(config: TrainConfig, corpus: Corpus, options: RunOptions, backe
     if is_main:
         check_writable(out)
     arrays, meta = load_checkpoint(store)
-    checkpoint_config(meta, store)  # a run's checkpoint, its metadata of the forms it writes
+    check_meta(meta, store)
     check_resumable(config, corpus, meta, store, (options.eval_streams, options.eval_len))
     check_params(config, arrays, store)
     return Engine(config, backend, params=arrays, step=meta["step"])

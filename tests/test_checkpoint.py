@@ -1,6 +1,7 @@
 """Checkpoints: exact round trips, deterministic bytes, atomic swaps, one-line corruption errors."""
 
 import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -232,6 +233,16 @@ def test_a_checkpoint_that_cannot_be_read_is_not_called_damaged(saved, monkeypat
         load_checkpoint(saved)
 
 
+def test_a_run_whose_checkpoint_cannot_be_listed_is_one_error(saved, monkeypatch):
+    """Path.is_file raises on a directory without permissions (Python 3.11)."""
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    with pytest.raises(CheckpointError, match="cannot be read: Permission denied: .*zarr.json$"):
+        resolve_checkpoint(saved.parent)
+
+
 def test_resolve_checkpoint(saved, tmp_path):
     assert resolve_checkpoint(saved.parent) == saved
     assert resolve_checkpoint(str(saved)) == saved
@@ -309,6 +320,22 @@ def test_a_legacy_checkpoint_without_metadata_checksum_still_loads(saved):
     arrays, meta = load_checkpoint(saved)
     _assert_same(arrays, _model())
     assert meta == {"step": 3}
+
+
+def test_a_legacy_checkpoint_with_a_metadata_checksum_is_checked_as_it_was_made(saved):
+    """Format 1 checksums cover format, meta and arrays as canonical JSON (spelled out here:
+    checkpoints saved then must keep loading), and an edit still fails them."""
+    def legacy(attrs: dict) -> None:
+        attrs.update(format="intes-ckpt-1")
+        covered = {key: attrs[key] for key in ("format", "meta", "arrays")}
+        text = json.dumps(covered, sort_keys=True, separators=(",", ":"))
+        attrs["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+
+    _edit_attrs(saved, legacy)
+    assert load_checkpoint(saved)[1] == {"step": 3}
+    _edit_attrs(saved, lambda a: a["meta"].update(step=1))
+    with pytest.raises(CheckpointError, match="metadata fails its checksum"):
+        load_checkpoint(saved)
 
 
 @pytest.mark.parametrize("renamed", [None, "sia256"])  # dropped, or a bit flipped in its name

@@ -463,7 +463,7 @@ CHECKSUM = "is corrupted: .*'train' fails its checksum"
                                redigest=False),
          "is corrupted: its metadata fails its checksum"),
         (lambda s: _edit_attrs(s, lambda a: a.pop("sha256"), redigest=False),
-         "is corrupted: its sha256 record is missing"),
+         "is corrupted: its metadata checksum is missing"),
         (lambda s: _edit_attrs(s, lambda a: a.pop("splits"), redigest=False),
          "is corrupted: its splits record is missing"),
     ],
@@ -502,6 +502,15 @@ def test_a_store_that_cannot_be_read_is_not_called_damaged(store, monkeypatch):
     monkeypatch.setattr(intes.data.zarr, "open_group", denied)
     with pytest.raises(DataError, match=f"^token store {re.escape(str(store))} cannot be read: "
                                         "Permission denied: .*zarr.json$"):
+        load_corpus(store)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("tokenizer", "bpe:300"), ("vocab_size", 300), ("train_bytes", 1), ("valid_bytes", 1),
+    ("source", "another corpus"), ("splits", {}), ("format", "intes-tokens-1")])
+def test_every_record_a_store_load_trusts_is_under_its_metadata_checksum(store, key, value):
+    _edit_attrs(store, lambda a: a.update({key: value}), redigest=False)
+    with pytest.raises(DataError, match="its metadata fails its checksum"):
         load_corpus(store)
 
 
