@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the cuda backend in one go, for a short lease on a CUDA machine:
+# Every GPU check in one go (the cuda backend's, and the HF adapter's on a GPU), for a short
+# lease on a CUDA machine:
 #   1. the machine and library versions                               -> OUT/env.txt
 #   2. the bench_gpu.py sweep (its parity check first), no new configuration after SWEEP_S
 #      seconds and the stage killed at SWEEP_S + 120                 -> OUT/sweep.json

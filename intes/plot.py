@@ -40,9 +40,8 @@ def plot_validation(evals: list[dict], references: tuple[float, float], path: Pa
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, format="png", dpi=100)
-        try:
-            os.replace(tmp, path)
-        except OSError as err:  # name the plot, not its temporary copy
-            raise OSError(err.errno, err.strerror, str(path)) from None
+        os.replace(tmp, path)
+    except OSError as err:  # name the plot, not its temporary copy
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -392,6 +392,21 @@ def test_checkpoint_metadata_of_another_form_is_one_line(run_copy, values, said,
     assert snapshot(run_copy) == before
 
 
+def test_a_plot_whose_copy_cannot_be_written_is_named_by_the_plot(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from intes.plot import plot_validation
+
+    def full(self, path, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'loss.png'}'"):
+        plot_validation([{"step": 0, "val_bpb": 8.0, "elapsed_s": 1.0}], (4.7, 3.6),
+                        tmp_path / "loss.png")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_plot_that_cannot_be_written_is_named_in_one_line(run_copy):
     (run_copy / "loss.png").unlink()
     (run_copy / "loss.png").mkdir()
