@@ -383,6 +383,8 @@ def test_a_model_that_fails_on_a_padded_batch_gets_no_pads(tokenizer, monkeypatc
     batches = tuner._prompt_batches(PROMPTS)
     assert len(batches) == len({len(tokenizer(p)["input_ids"]) for p in PROMPTS}) > 1
     assert all(bool(enc["attention_mask"].all()) for _, enc in batches)
+    assert tuner.batching() == ("generating in a batch per prompt length (a padded batch "
+                                "fails: RuntimeError)")
 
 
 def test_a_model_whose_rows_mix_without_its_cache_too_runs_one_row_at_a_time(tokenizer,

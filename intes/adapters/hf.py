@@ -344,6 +344,7 @@ class ESFineTuner:
         self._rows_checked = False  # see _check_rows
         self._one_row = False  # a batch of one row per generate()? (_check_rows)
         self._by_length: bool | None = None  # a batch per prompt length? (_pads_matter)
+        self._pad_failure: str | None = None  # what a padded batch raised, if it did
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         """Plain greedy decoding; a tokenizer without a pad token pads with its eos token
@@ -434,7 +435,9 @@ class ESFineTuner:
         if self.generation.use_cache is False:
             parts.append("without its cache (which mixes a batch's rows)")
         if self._by_length:
-            parts.append("in a batch per prompt length (padding changes its output)")
+            why = (f"a padded batch fails: {self._pad_failure}" if self._pad_failure
+                   else "padding changes its output")
+            parts.append(f"in a batch per prompt length ({why})")
         return f"generating {' and '.join(parts)}" if parts else None
 
     def _pads_matter(self, ids: torch.Tensor) -> bool:
@@ -444,8 +447,8 @@ class ESFineTuner:
         if self._by_length is None:
             try:
                 self._by_length = not probes.pads_change_nothing(self.model, self.generation, ids)
-            except Exception:  # whatever the model raises on a mask with zeros: no pads
-                self._by_length = True
+            except Exception as err:  # whatever the model raises on a mask with zeros: no pads
+                self._by_length, self._pad_failure = True, type(err).__name__
         return self._by_length
 
     def _complete(self, enc: Encoding, members: np.ndarray) -> list[str]:
