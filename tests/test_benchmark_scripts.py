@@ -59,3 +59,17 @@ def test_bench_ratio_runs_names_a_missing_pool_file(tmp_path):
     assert done.returncode == 2
     assert f"--pool: no file {tmp_path / 'none.json'}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_hf_arch_sweep_finds_rwkv_generating_otherwise_and_every_completion_alike(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "sweep.json"
+    done = script("hf_arch_sweep.py", "--archs", "gpt2,rwkv,no_such_arch", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    records = {r["arch"]: r for r in result["records"]}
+    assert records["gpt2"]["batching"] is None and records["gpt2"]["alike_alone"]
+    assert records["rwkv"]["batching"].startswith("generating without its cache")
+    assert records["rwkv"]["alike_alone"]
+    assert records["no_such_arch"]["built"] is False
+    assert result["summary"]["ran"] == result["summary"]["alike_alone"] == 2
