@@ -34,19 +34,20 @@ PROMPTS = ["the quick brown", "lazy dog", "over the", "jumps over the lazy"]
 SIGMA = 1e-3  # the paper's noise scale
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(eos: bool = False) -> PreTrainedTokenizerFast:
     """A 300-token byte-level BPE trained on the spot: the benchmark needs no network.
 
-    It has no eos token, so every member of both methods generates exactly max_new_tokens:
-    the same work whatever the perturbation does to the text.
+    By default it has no eos token, so every member of both methods generates exactly
+    max_new_tokens: the same work whatever the perturbation does to the text.
     """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300,
-                                                      special_tokens=["<unk>", "<pad>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    special = ["<unk>", "<pad>", *(["<eos>"] if eos else [])]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>" if eos else None)
 
 
 def tiny_llama(tok: PreTrainedTokenizerFast, dtype: torch.dtype, device: str) -> LlamaForCausalLM:

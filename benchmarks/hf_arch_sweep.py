@@ -65,23 +65,15 @@ def check(arch: str) -> dict:
 
     warnings.filterwarnings("ignore")
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from bench_hf import tiny_tokenizer  # this script's folder is on the path
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
     from intes.adapters.hf import ESFineTuner
 
     logging.set_verbosity_error()
     torch.set_num_threads(1)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}"
-                             for i in range(200)],
-                            trainers.BpeTrainer(vocab_size=300,
-                                                special_tokens=["<unk>", "<pad>", "<eos>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", pad_token="<pad>",
-                                  eos_token="<eos>")
+    tok = tiny_tokenizer(eos=True)  # generation stops at eos, as a real model's does
     record: dict = {"arch": arch}
     try:
         default = AutoConfig.for_model(arch)

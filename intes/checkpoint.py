@@ -201,6 +201,21 @@ def metadata_digest(attrs: dict, keys: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def metadata_problem(attrs: dict, keys: tuple[str, ...], current_format: str) -> str | None:
+    """What is wrong with the metadata checksum of ``attrs``, if anything: missing in the
+    current format (older formats were saved without one), or not the digest of ``keys``."""
+    if attrs.get("format") == current_format and "sha256" not in attrs:
+        return "its metadata checksum is missing"
+    if "sha256" in attrs and attrs["sha256"] != metadata_digest(attrs, keys):
+        return "its metadata fails its checksum"
+    return None
+
+
+def unreadable(what: str, err: OSError) -> str:
+    """A read refused by permissions: the file may be intact, so nothing to restore."""
+    return f"{what} cannot be read: {err.strerror}: {err.filename}"
+
+
 def _plain_json(meta: dict) -> dict:
     """``meta`` as plain JSON types (numpy scalars -> Python, tuples -> lists)."""
     try:
@@ -268,10 +283,9 @@ def _read_store(src: Path) -> tuple[dict[str, np.ndarray], dict]:
             f"{src} is not an intes checkpoint (format {attrs.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
-    if attrs["format"] == FORMAT and "sha256" not in attrs:
-        raise CheckpointError(f"checkpoint {src} is corrupted: its metadata checksum is missing")
-    if "sha256" in attrs and attrs["sha256"] != metadata_digest(attrs, CHECKPOINT_COVERED):
-        raise CheckpointError(f"checkpoint {src} is corrupted: its metadata fails its checksum")
+    problem = metadata_problem(attrs, CHECKPOINT_COVERED, FORMAT)
+    if problem:
+        raise CheckpointError(f"checkpoint {src} is corrupted: {problem}")
     arrays = {name: _read_array(group, src, name, rec) for name, rec in attrs["arrays"].items()}
     return arrays, attrs["meta"]
 
@@ -286,9 +300,8 @@ def _load_once(src: Path) -> tuple[dict[str, np.ndarray], dict]:
         return _read_store(src)
     except CheckpointError:
         raise
-    except PermissionError as err:  # intact, perhaps: nothing to restore
-        raise CheckpointError(f"checkpoint {src} cannot be read: {err.strerror}: "
-                              f"{err.filename}") from None
+    except PermissionError as err:
+        raise CheckpointError(unreadable(f"checkpoint {src}", err)) from None
     except Exception as err:  # zarr/json/numpy failures on damaged files: report, not trace
         raise CheckpointError(
             f"checkpoint {src} is corrupted or unreadable ({_one_line(err)}); "
@@ -336,8 +349,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if found is not None and (found / "zarr.json").is_file():
                 return store
         except PermissionError as err:
-            raise CheckpointError(f"checkpoint {store} cannot be read: {err.strerror}: "
-                                  f"{err.filename}") from None
+            raise CheckpointError(unreadable(f"checkpoint {store}", err)) from None
     if existing_version(path / CHECKPOINT_NAME) is not None:  # there, but not a zarr group
         raise CheckpointError(f"checkpoint {path / CHECKPOINT_NAME} is corrupted or unreadable "
                               "(it holds no zarr.json); restore it or start a new run")

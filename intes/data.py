@@ -40,6 +40,8 @@ from intes.checkpoint import (
     atomic_directory,
     existing_version,
     metadata_digest,
+    metadata_problem,
+    unreadable,
 )
 from intes.errors import ConfigError, DataError, check_integers
 from intes.noise import hash_u32, stream_key
@@ -386,12 +388,11 @@ def _read_store(path: Path, src: Path) -> Corpus:
     attrs = dict(group.attrs)
     if attrs.get("format") not in (STORE_FORMAT, *LEGACY_STORE_FORMATS):
         raise DataError(f"{path} is not an intes token store; make one with `intes data prepare`")
-    missing = [what for key, what in (("splits", "splits record"),
-                                      ("sha256", "metadata checksum")) if key not in attrs]
-    if attrs["format"] == STORE_FORMAT and missing:
-        raise DataError(f"token store {path} is corrupted: its {missing[0]} is missing")
-    if "sha256" in attrs and attrs["sha256"] != metadata_digest(attrs, STORE_COVERED):
-        raise DataError(f"token store {path} is corrupted: its metadata fails its checksum")
+    problem = ("its splits record is missing"
+               if attrs["format"] == STORE_FORMAT and "splits" not in attrs
+               else metadata_problem(attrs, STORE_COVERED, STORE_FORMAT))
+    if problem:
+        raise DataError(f"token store {path} is corrupted: {problem}")
     vocab_size = _store_vocab(attrs, path)
     for key in ("train_bytes", "valid_bytes"):
         if type(attrs[key]) is not int:  # not 2.5, not true: a count as prepare wrote it
@@ -420,9 +421,8 @@ def _load_store(path: Path) -> Corpus:
         return _read_store(path, src)
     except DataError:
         raise
-    except PermissionError as err:  # intact, perhaps: nothing to re-create
-        raise DataError(f"token store {path} cannot be read: {err.strerror}: "
-                        f"{err.filename}") from None
+    except PermissionError as err:
+        raise DataError(unreadable(f"token store {path}", err)) from None
     except Exception as err:  # zarr/json/numpy failures on damaged or foreign stores
         first = (str(err).strip().splitlines() or [""])[0]
         raise DataError(

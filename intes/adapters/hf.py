@@ -341,8 +341,7 @@ class ESFineTuner:
         self.adapter = LowRankAdapter(model, sigma, rank, seed, target_modules)
         self.step_index = 0
         self.generation = self._generation_config(max_new_tokens)
-        self._rows_checked = False  # see _check_rows
-        self._one_row = False  # a batch of one row per generate()? (_check_rows)
+        self._one_row: bool | None = None  # a batch of one row per generate()? (_check_rows)
         self._by_length: bool | None = None  # a batch per prompt length? (_pads_matter)
         self._pad_failure: str | None = None  # what a padded batch raised, if it did
 
@@ -401,7 +400,7 @@ class ESFineTuner:
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         shortest = lengths.index(min(lengths))
         ids = enc["input_ids"][shortest:shortest + 1, -lengths[shortest]:]
-        if not self._rows_checked:
+        if self._one_row is None:
             self._check_rows(ids)
         if self._one_row:
             return [([i], {key: value[i:i + 1, -n:] for key, value in enc.items()})
@@ -418,13 +417,13 @@ class ESFineTuner:
         """Probe once whether the base model keeps a batch's rows apart (``probes``): a model
         whose rows mix through its cache generates without it, and one whose rows mix anyway
         generates one member and prompt at a time, as per-member ES would."""
+        self._one_row = False
         if not probes.rows_stay_apart(self.model, self.generation, ids):
             self.generation.use_cache = False
             if not probes.rows_stay_apart(self.model, self.generation, ids):
                 self.generation.use_cache = None  # the model's own choice
                 self._one_row = True
                 self.member_chunk = 1
-        self._rows_checked = True
 
     def batching(self) -> str | None:
         """How this model's generate() calls are made, where it is not the fast way (members

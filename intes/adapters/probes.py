@@ -23,6 +23,11 @@ PAD_SHARE = 1e-4  # pads read as tokens move logits by percents (HF's RWKV by ov
 # layers that group a batch's tokens per expert move them by float rounding, under 1e-6
 
 
+def _vocab(model: nn.Module) -> int:
+    """Rows of the input embedding: the ids a probe may feed."""
+    return model.get_input_embeddings().weight.shape[0]
+
+
 @contextmanager
 def decoding(model: nn.Module, config: GenerationConfig) -> Iterator[None]:
     """generate() fills the fields its config leaves unset from the model's generation_config
@@ -68,7 +73,7 @@ def rows_stay_apart(model: nn.Module, config: GenerationConfig, ids: torch.Tenso
     itself, in either row: batches of one shape, so float kernels sum alike and only a leak
     between rows shows. The other prompt differs at every position (every id plus one)."""
     tokens = min(2, config.max_new_tokens)
-    other = (ids + 1) % model.get_input_embeddings().weight.shape[0]
+    other = (ids + 1) % _vocab(model)
 
     def rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return new_token_logits(model, config, torch.cat([first, second]), tokens=tokens)
@@ -82,11 +87,10 @@ def pads_change_nothing(model: nn.Module, config: GenerationConfig, ids: torch.T
     """Whether the prompt's first new token gets the same logits, up to float rounding,
     whatever its masked left pad holds, and about those with no pad (positions taken from the
     mask)."""
-    vocab = model.get_input_embeddings().weight.shape[0]
     mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long, device=ids.device)
     mask[:, 0] = 0
     padded = [new_token_logits(model, config, torch.cat([torch.full_like(ids[:, :1], fill), ids],
                                                         dim=1), mask)
-              for fill in (config.pad_token_id, (config.pad_token_id + 1) % vocab)]
+              for fill in (config.pad_token_id, (config.pad_token_id + 1) % _vocab(model))]
     return (about_equal(*padded, share=PAD_SHARE)
             and about_equal(padded[0], new_token_logits(model, config, ids)))
